@@ -1,0 +1,23 @@
+"""Shared test set-up: deterministic seeds, few threads, and a private model cache per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never write into the user's model cache."""
+    os.environ.setdefault("CCATOOLKIT_CACHE", str(tmp_path_factory.mktemp("ccatoolkit-cache")))
