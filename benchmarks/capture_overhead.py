@@ -1,0 +1,133 @@
+"""What do streaming activation statistics cost? (not a timed test; run by hand)
+
+For each model (ResNet20 width 1 and 2, the MLP 3x512), two randomly initialised copies run over the
+same batches two ways, on the same device and in one run:
+
+* plain: both models' forward passes (eval mode, no grad), the unit of cost;
+* stats: ``collect_statistics`` of both models on every activation space: for ResNet20 the residual
+  stream of each stage (stem/block outputs pooled) and every block's inner ReLU; for the MLP every ReLU.
+
+and prints time(stats) / time(plain). Targets: at most 1.3 on CPU, 1.2 on a GPU. Each time is the best
+of ``--repeats`` interleaved runs (CPU timings on a shared machine are noisy; compare ratios). Inputs
+are random 28x28 images (speed does not depend on the data or on training).
+
+It also checks the memory claim: the float64 sums held by the collector have the same size after
+one batch as after all batches (only one batch's float32 buffers are held besides).
+
+    python benchmarks/capture_overhead.py                         # all three models, 8 batches of 128
+    python benchmarks/capture_overhead.py --models resnet20x1 --batches 4 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ccatoolkit.models import MLP, ResNet20
+from ccatoolkit.stats import StatisticsCollector, collect_statistics
+
+
+def resnet20_spaces(model: ResNet20) -> dict[str, list[str]]:
+    """Residual stream of each stage (pooled capture points) plus each block's inner ReLU."""
+    spaces: dict[str, list[str]] = {"stage1": ["stem.relu"], "stage2": [], "stage3": []}
+    for s in (1, 2, 3):
+        for b in range(len(getattr(model, f"layer{s}"))):
+            spaces[f"stage{s}"].append(f"layer{s}.{b}.relu2")
+            spaces[f"layer{s}.{b}.relu1"] = [f"layer{s}.{b}.relu1"]
+    return spaces
+
+
+def mlp_spaces(model: MLP) -> dict[str, list[str]]:
+    return {name: [name] for name, m in model.named_modules() if isinstance(m, nn.ReLU)}
+
+
+BUILDERS: dict[str, Callable[[], tuple[nn.Module, nn.Module, dict[str, list[str]]]]] = {}
+
+
+def _pair(build: Callable[[], nn.Module], spaces: Callable[[nn.Module], dict[str, list[str]]]):
+    def make() -> tuple[nn.Module, nn.Module, dict[str, list[str]]]:
+        a, b = build(), build()
+        return a, b, spaces(a)
+
+    return make
+
+
+BUILDERS["resnet20x1"] = _pair(lambda: ResNet20(width=1), resnet20_spaces)
+BUILDERS["resnet20x2"] = _pair(lambda: ResNet20(width=2), resnet20_spaces)
+BUILDERS["mlp"] = _pair(lambda: MLP(depth=3, width=512), mlp_spaces)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain(models: list[nn.Module], batches: list[torch.Tensor], device: torch.device) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        for x in batches:
+            x = x.to(device)
+            for m in models:
+                m(x)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def stats(models: list[nn.Module], batches: list[torch.Tensor], spaces: dict[str, list[str]],
+          device: torch.device) -> float:
+    start = time.perf_counter()
+    collect_statistics(models, batches, spaces, progress=False, warn=False)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def memory_check(models: list[nn.Module], batches: list[torch.Tensor], spaces: dict[str, list[str]]) -> str:
+    collector = StatisticsCollector(models, spaces)
+    with collector.attached():
+        collector.update(batches[0])
+        first = collector.nbytes()
+        for x in batches[1:]:
+            collector.update(x)
+        last = collector.nbytes()
+    same = "same" if first["sums"] == last["sums"] else "GREW"
+    return (f"sums {first['sums'] / 2**20:.2f} MiB after 1 batch, {last['sums'] / 2**20:.2f} MiB after "
+            f"{len(batches)} ({same}); one batch's buffers {last['batch'] / 2**20:.1f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet20x1,resnet20x2,mlp")
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    batches = [torch.randn(args.batch_size, 1, 28, 28) for _ in range(args.batches)]
+    print(f"device {device} ({torch.get_num_threads()} CPU threads), {args.batches} batches of {args.batch_size}, "
+          f"best of {args.repeats}")
+    for name in args.models.split(","):
+        a, b, spaces = BUILDERS[name]()
+        models = [a.to(device).eval(), b.to(device).eval()]
+        plain(models, batches[:1], device)  # warm-up
+        stats(models, batches[:1], spaces, device)
+        t_plain, t_stats = [], []
+        for _ in range(args.repeats):
+            t_plain.append(plain(models, batches, device))
+            t_stats.append(stats(models, batches, spaces, device))
+        p, s = min(t_plain), min(t_stats)
+        print(f"{name:11s} plain {p:7.3f} s  stats {s:7.3f} s  ratio {s / p:5.2f}  "
+              f"({len(spaces)} spaces, {sum(map(len, spaces.values()))} capture points)")
+        print(f"{'':11s} memory: {memory_check(models, batches[:3], spaces)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Permutation alignment: activation matching (Hungarian on correlations) and weight matching (Git Re-Basin).
+
+A permutation is an index array ``perm`` with ``perm[i]`` = the model's neuron that goes to the
+reference's position ``i``. As a transform (column convention) it is ``out = P`` with
+``P[i, perm[i]] = 1`` (so ``out @ z = z[perm]``) and ``inp = P^T``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+__all__ = [
+    "match_activations",
+    "permutation_matrix",
+    "permutation_transform",
+    "weight_matching",
+]
+
+
+def match_activations(corr: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Hungarian assignment maximising the summed correlation between reference and model neurons.
+
+    ``corr[i, j]`` is the correlation of the reference's neuron ``i`` with the model's neuron ``j``.
+    NaNs (constant neurons) count as zero correlation. Returns ``perm`` (see module doc).
+    """
+    C = corr.detach().cpu().double().numpy() if isinstance(corr, torch.Tensor) else np.asarray(corr, dtype=np.float64)
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"activation matching needs a square correlation matrix, got shape {C.shape}")
+    C = np.nan_to_num(C, nan=0.0, posinf=0.0, neginf=0.0)
+    rows, cols = linear_sum_assignment(C, maximize=True)
+    perm = np.empty(C.shape[0], dtype=np.int64)
+    perm[rows] = cols
+    return perm
+
+
+def permutation_matrix(perm: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``P`` with ``P[i, perm[i]] = 1`` (float64)."""
+    perm = np.asarray(perm, dtype=np.int64)
+    P = np.zeros((perm.size, perm.size))
+    P[np.arange(perm.size), perm] = 1.0
+    return P
+
+
+def permutation_transform(perm: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(out, inp)`` pair of a permutation: ``(P, P^T)``."""
+    P = permutation_matrix(perm)
+    return P, P.T.copy()
+
+
+# --- weight matching -------------------------------------------------------------------------------
+
+
+def _param_axes(graph: Any, names: set[str]) -> dict[str, list[tuple[str, int, int]]]:
+    """param name -> [(space name, axis, block)] for the graph's weight refs that are in ``names``."""
+    table: dict[str, list[tuple[str, int, int]]] = {}
+    for space in graph.spaces:
+        for ref in list(space.outputs) + list(space.inputs):
+            if ref.name in names:
+                table.setdefault(ref.name, []).append((space.name, int(ref.axis), int(getattr(ref, "block", 1))))
+    return table
+
+
+def _permute_axis(W: torch.Tensor, perm: np.ndarray, axis: int, block: int) -> torch.Tensor:
+    """Index ``W`` along ``axis`` by ``perm`` (a channel permutation; ``block`` entries per channel)."""
+    idx = torch.as_tensor(perm, dtype=torch.long, device=W.device)
+    if block > 1:
+        idx = (idx[:, None] * block + torch.arange(block, device=W.device)[None, :]).reshape(-1)
+    return W.index_select(axis, idx)
+
+
+def _rows(W: torch.Tensor, axis: int, block: int, size: int) -> torch.Tensor:
+    """``W`` as a ``(size, -1)`` matrix whose rows are the space's channels."""
+    W = W.movedim(axis, 0)
+    if block > 1:
+        W = W.reshape(size, block, *W.shape[1:])
+    return W.reshape(size, -1)
+
+
+def weight_matching(
+    reference_state: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor],
+    graph: Any,
+    *,
+    max_iter: int = 100,
+    seed: int = 0,
+    param_names: set[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Git Re-Basin weight matching: per-space permutations of ``model_state`` towards ``reference_state``.
+
+    For a space ``s`` the cost is ``C_s = sum_W rows_s(W_ref) @ rows_s(W_model)^T`` over the weights
+    touching ``s`` (its output-side rows and its input-side columns), with the other spaces' current
+    permutations applied to the model's other axes. Coordinate descent over spaces in random order
+    (Hungarian per space) until a full pass brings no improvement or ``max_iter`` passes.
+    ``param_names`` restricts the weights used (default: every floating tensor the graph names
+    except BatchNorm running statistics). Returns ``{space name: perm}``.
+    """
+    names = set(param_names) if param_names is not None else {
+        n for n, t in reference_state.items()
+        if torch.is_floating_point(t) and not n.endswith(("running_mean", "running_var"))
+    }
+    table = _param_axes(graph, names)
+    sizes = {s.name: int(s.size) for s in graph.spaces}
+    perms = {s: np.arange(n) for s, n in sizes.items()}
+    by_space: dict[str, list[tuple[str, int, int]]] = {s: [] for s in sizes}
+    for pname, entries in table.items():
+        for space, axis, block in entries:
+            by_space[space].append((pname, axis, block))
+    ref = {n: reference_state[n].detach().double().cpu() for n in table}
+    mod = {n: model_state[n].detach().double().cpu() for n in table}
+    rng = np.random.default_rng(seed)
+    order = list(sizes)
+    for _ in range(max_iter):
+        improved = False
+        for i in rng.permutation(len(order)):
+            s = order[i]
+            n = sizes[s]
+            C = torch.zeros(n, n, dtype=torch.float64)
+            for pname, axis, block in by_space[s]:
+                Wb = mod[pname]
+                for other, o_axis, o_block in table[pname]:
+                    if (other, o_axis) != (s, axis):
+                        Wb = _permute_axis(Wb, perms[other], o_axis, o_block)
+                C += _rows(ref[pname], axis, block, n) @ _rows(Wb, axis, block, n).T
+            Cn = C.numpy()
+            new = match_activations(Cn)
+            gain = Cn[np.arange(n), new].sum() - Cn[np.arange(n), perms[s]].sum()
+            if gain > 1e-12 * max(1.0, abs(Cn[np.arange(n), perms[s]].sum())):
+                perms[s] = new
+                improved = True
+        if not improved:
+            break
+    return perms

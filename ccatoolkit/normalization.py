@@ -1,0 +1,291 @@
+"""Repair a merged model's activation statistics: BatchNorm reset and REPAIR (Jordan et al. 2023).
+
+Averaging aligned weights shrinks activation variances ("variance collapse") and leaves BatchNorm
+running statistics that belong to no model. :func:`reset_bn_stats` re-estimates every BatchNorm's
+running mean/variance on data (cumulative averages, ``momentum=None``). :func:`repair` goes
+further: for every activation space it makes the merged model's per-channel pre-activation mean
+and standard deviation equal to the average of the aligned endpoint models' (Jordan et al.'s
+REPAIR), folding the affine correction into BatchNorm weight/bias or Linear/Conv rows and bias.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["reset_bn_stats", "repair", "repair_endpoints", "channel_stats", "has_batchnorm"]
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _inputs(batch: Any) -> torch.Tensor:
+    try:
+        from ccatoolkit.data import batch_inputs
+    except ImportError:  # pragma: no cover - data module always present in the package
+        if isinstance(batch, torch.Tensor):
+            return batch
+        return batch[0]
+    return batch_inputs(batch)
+
+
+def _device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _batches(data: Iterable[Any], max_batches: int | None, progress: bool, desc: str) -> Iterator[torch.Tensor]:
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 (or None for all), got {max_batches}")
+    total: int | None
+    try:
+        total = len(data)  # type: ignore[arg-type]
+        if max_batches is not None:
+            total = min(total, max_batches)
+    except TypeError:
+        total = max_batches
+    it: Iterable[Any] = data
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(data, total=total, desc=desc, leave=False)
+    for i, batch in enumerate(it):
+        if max_batches is not None and i >= max_batches:
+            break
+        yield _inputs(batch)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has any BatchNorm layer."""
+    return any(isinstance(m, _BN) for m in model.modules())
+
+
+def reset_bn_stats(
+    model: nn.Module, data: Iterable[Any], max_batches: int | None = None, progress: bool = True
+) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``data``.
+
+    Every BatchNorm's running statistics are reset and accumulated as a cumulative average over the
+    batches (``momentum=None``); other layers (dropout, ...) stay in eval mode. The copy's training
+    flags and momenta are restored afterwards; ``model`` is not modified.
+    """
+    new = copy.deepcopy(model)
+    bns = [m for m in new.modules() if isinstance(m, _BN)]
+    if not bns:
+        return new
+    flags = {m: m.training for m in new.modules()}
+    momenta = {m: m.momentum for m in bns}
+    device = _device(new)
+    try:
+        new.eval()
+        for m in bns:
+            if m.track_running_stats:
+                m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        seen = 0
+        with torch.no_grad():
+            for x in _batches(data, max_batches, progress, "reset BatchNorm"):
+                new(x.to(device))
+                seen += 1
+        if seen == 0:
+            raise ValueError("the data gave no batches; pass a non-empty DataLoader or iterable of batches")
+    finally:
+        for m, flag in flags.items():
+            m.train(flag)
+        for m, mom in momenta.items():
+            m.momentum = mom
+    return new
+
+
+# --- REPAIR -----------------------------------------------------------------------------------------
+
+
+def repair_endpoints(model: nn.Module, graph: Any) -> dict[str, list[str]]:
+    """``{space: [module names]}`` whose outputs are each space's pre-activations.
+
+    The last output-side module of the space: its BatchNorm layers if it has any, else its
+    Linear/Conv layers (several for a residual stream, one per branch that writes into it).
+    """
+    modules = dict(model.named_modules())
+    result: dict[str, list[str]] = {}
+    for space in graph.spaces:
+        names = list(dict.fromkeys(ref.name.rsplit(".", 1)[0] for ref in space.outputs))
+        mods = [n for n in names if n in modules]
+        bn = [n for n in mods if isinstance(modules[n], _BN)]
+        lin = [n for n in mods if isinstance(modules[n], _LINEAR)]
+        result[space.name] = bn or lin
+    return result
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+def _reduce_channels(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    t = out.detach().to(torch.float64)
+    t = t.movedim(1, -1).reshape(-1, t.shape[1]) if t.dim() > 2 else t
+    return t.sum(0), (t * t).sum(0), t.shape[0]
+
+
+def channel_stats(
+    model: nn.Module,
+    modules: Sequence[str],
+    data: Iterable[Any],
+    max_batches: int | None = None,
+    progress: bool = False,
+    stop_after: str | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and (population) std of the outputs of ``modules`` on ``data``, in eval mode.
+
+    Channels are dim 1; conv outputs count every position as a sample. With ``stop_after`` the
+    forward pass ends after that module (cheaper when only early layers matter).
+    """
+    named = dict(model.named_modules())
+    acc: dict[str, list[Any]] = {n: [0.0, 0.0, 0] for n in modules}
+    handles = []
+
+    def make(name: str):
+        def hook(_m: nn.Module, _a: Any, out: torch.Tensor) -> None:
+            s, ss, c = _reduce_channels(out)
+            a = acc[name]
+            a[0], a[1], a[2] = a[0] + s, a[1] + ss, a[2] + c
+            if name == stop_after:
+                raise _Stop
+
+        return hook
+
+    flags = {m: m.training for m in model.modules()}
+    device = _device(model)
+    try:
+        model.eval()
+        for n in modules:
+            handles.append(named[n].register_forward_hook(make(n)))
+        with torch.no_grad():
+            for x in _batches(data, max_batches, progress, "channel statistics"):
+                try:
+                    model(x.to(device))
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.train(flag)
+    result = {}
+    for n, (s, ss, c) in acc.items():
+        if c == 0:
+            raise ValueError(f"module {n!r} produced no output on the data; is it used in forward()?")
+        mean = s / c
+        var = (ss / c - mean * mean).clamp_min(0.0)
+        result[n] = (mean, var.sqrt())
+    return result
+
+
+def _forward_order(model: nn.Module, modules: Sequence[str], x: torch.Tensor) -> list[str]:
+    named = dict(model.named_modules())
+    order: list[str] = []
+    handles = [
+        named[n].register_forward_hook(lambda _m, _a, _o, n=n: order.append(n) if n not in order else None)
+        for n in modules
+    ]
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x.to(_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.train(flag)
+    return order + [n for n in modules if n not in order]
+
+
+def _fold(module: nn.Module, name: str, scale: torch.Tensor, mean: torch.Tensor, target: torch.Tensor) -> None:
+    """Make ``module``'s output ``(y - mean) * scale + target`` per channel (in place on a private copy)."""
+    with torch.no_grad():
+        if isinstance(module, _BN):
+            if not module.affine:
+                warnings.warn(f"REPAIR skips {name!r}: BatchNorm without affine parameters", RuntimeWarning)
+                return
+            w, b = module.weight, module.bias
+            new_b = (b.double() - mean) * scale + target
+            w.copy_((w.double() * scale).to(w.dtype))
+            b.copy_(new_b.to(b.dtype))
+        else:
+            w = module.weight
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            w.copy_((w.double() * scale.view(shape)).to(w.dtype))
+            if module.bias is not None:
+                b = module.bias
+                b.copy_(((b.double() - mean) * scale + target).to(b.dtype))
+            else:
+                warnings.warn(
+                    f"REPAIR can only rescale {name!r} (it has no bias to shift the channel means)",
+                    RuntimeWarning,
+                )
+
+
+def repair(
+    merged: nn.Module,
+    aligned_models: Sequence[nn.Module] | None,
+    data: Iterable[Any],
+    graph: Any = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    *,
+    targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    eps: float = 1e-5,
+) -> nn.Module:
+    """REPAIR: a copy of ``merged`` whose pre-activation channel means/stds equal the endpoints' average.
+
+    For every space of ``graph`` (default ``merge_graph(merged)``) the pre-activation modules are
+    found by :func:`repair_endpoints`; the target per channel is the average over
+    ``aligned_models`` (the endpoint models after alignment into the merged model's space) of their
+    mean and std, or ``targets[module] = (mean, std)`` when given. Modules are corrected one at a
+    time in forward order, each measured after the earlier corrections, so the merged model's
+    statistics match the targets exactly on ``data`` (in eval mode). Channels whose merged std is
+    below ``eps`` keep their scale. ``merged`` and the endpoints are not modified.
+    """
+    if graph is None:
+        from ccatoolkit.graph import merge_graph
+
+        graph = merge_graph(merged)
+    endpoints = [n for names in repair_endpoints(merged, graph).values() for n in names]
+    new = copy.deepcopy(merged)
+    if not endpoints:
+        return new
+    if targets is None:
+        if not aligned_models:
+            raise ValueError("repair needs the aligned endpoint models (or explicit targets)")
+        per_model = [channel_stats(m, endpoints, data, max_batches) for m in aligned_models]
+        targets = {
+            n: (
+                torch.stack([s[n][0] for s in per_model]).mean(0),
+                torch.stack([s[n][1] for s in per_model]).mean(0),
+            )
+            for n in endpoints
+        }
+    first = next(iter(_batches(data, 1, False, "")))
+    order = _forward_order(new, endpoints, first)
+    named = dict(new.named_modules())
+    it: Iterable[str] = order
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(order, desc="REPAIR", leave=False)
+    for n in it:
+        mean, std = channel_stats(new, [n], data, max_batches, stop_after=n)[n]
+        t_mean, t_std = (t.to(mean.device, torch.float64) for t in targets[n])
+        scale = torch.where(std > eps, t_std / std.clamp_min(eps), torch.ones_like(std))
+        _fold(named[n], n, scale, mean, t_mean)
+    return new

@@ -1,0 +1,244 @@
+"""Settings the notebooks share: one switch between tiny smoke-test sizes and the real ones.
+
+Every notebook's first code cell (tagged ``parameters`` for papermill) holds ``SMOKE = None``,
+``MODEL = None`` and ``DEVICE = None``; the next cell calls :func:`settings`. ``SMOKE = None`` reads
+the environment variable ``CCATOOLKIT_SMOKE`` (``1``/``true``/``yes`` switch it on), so CI shrinks
+the whole sequence with one variable, and a user with a GPU goes bigger by setting ``DEVICE`` and
+``MODEL`` (or any field, e.g. ``settings(epochs=20)``).
+
+Figures: :func:`save_figure` writes a PNG into ``$CCATOOLKIT_FIGURES`` when it is set (the notebook
+runner sets it), and does nothing otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Settings", "settings", "smoke_from_env", "save_figure", "figures_dir", "loaders", "zoo", "accuracy_table",
+    "SMOKE_ENV", "FIGURES_ENV",
+]
+
+SMOKE_ENV = "CCATOOLKIT_SMOKE"
+FIGURES_ENV = "CCATOOLKIT_FIGURES"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+# Model sizes: the default MLP trains a Fashion-MNIST epoch in seconds on a laptop CPU.
+_MODEL_KWARGS: dict[str, dict[str, Any]] = {
+    "mlp": dict(depth=3, width=512),
+    "vgg11": dict(width=0.25),
+    "resnet20": dict(width=1),
+}
+_SMOKE_MODEL_KWARGS: dict[str, dict[str, Any]] = {
+    "mlp": dict(depth=3, width=64),
+    "vgg11": dict(width=0.125),
+    "resnet20": dict(width=1),
+}
+
+
+@dataclass
+class Settings:
+    """The sizes of a notebook run. ``smoke=True`` gives tiny sizes for CI; the defaults are the real ones."""
+
+    smoke: bool = False
+    model: str = "mlp"
+    model_kwargs: dict[str, Any] = field(default_factory=lambda: dict(_MODEL_KWARGS["mlp"]))
+    dataset: str = "fashion_mnist"
+    device: str = "cpu"
+    epochs: int = 5                 # training epochs of each zoo model
+    limit: int | None = None        # training examples used (None: all 60,000)
+    test_limit: int | None = None   # test examples used for evaluation (None: all 10,000)
+    stats_limit: int = 5000         # examples used for activation statistics (alignment, merging)
+    batch_size: int = 256
+    n_models: int = 4               # models per data split (notebooks 1 and 6: merge up to this many)
+    n_seeds: int = 4                # models with different seeds on the full data (notebook 1)
+    alphas: int = 21                # points along an interpolation path
+    plane_resolution: int = 15      # grid points per side of a 2-D loss plane
+    curve_epochs: int = 3           # epochs to train a mode-connectivity curve
+    ridge: float = 0.1              # CCA regularisation
+    seed: int = 0
+    progress: bool = True           # tqdm progress bars in long loops
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with some fields changed (unknown names raise)."""
+        return dataclasses.replace(self, **changes)
+
+    def summary(self) -> str:
+        """One line that says which sizes this run uses (printed by every notebook's first cell)."""
+        mode = "SMOKE (tiny sizes for CI)" if self.smoke else "default"
+        limit = "all" if self.limit is None else self.limit
+        test = "all" if self.test_limit is None else self.test_limit
+        kw = ", ".join(f"{k}={v}" for k, v in self.model_kwargs.items())
+        return (f"[{mode}] model={self.model}({kw}) on {self.dataset}, device={self.device}, "
+                f"epochs={self.epochs}, train examples={limit}, test examples={test}, n_models={self.n_models}")
+
+
+def smoke_from_env(default: bool = False) -> bool:
+    """``$CCATOOLKIT_SMOKE`` as a bool (``1``/``true``/``yes``/``on``; unset gives ``default``)."""
+    raw = os.environ.get(SMOKE_ENV)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{SMOKE_ENV}={raw!r} is not a switch; set it to 1 (smoke mode) or 0 (default sizes)")
+
+
+def _resolve_device(device: str | None) -> str:
+    if device is not None:
+        return str(device)
+    env = os.environ.get("CCATOOLKIT_DEVICE")
+    if env:
+        return env
+    try:
+        from ccatoolkit.device import default_device
+
+        return str(default_device())
+    except ImportError:  # pragma: no cover - the device module ships with the package
+        return "cpu"
+
+
+def settings(smoke: bool | None = None, model: str | None = None, device: str | None = None,
+             **overrides: Any) -> Settings:
+    """The notebook sizes: smoke mode when ``smoke`` is True (None: read ``$CCATOOLKIT_SMOKE``).
+
+    ``model`` picks the zoo model (``"mlp"`` default, ``"vgg11"``, ``"resnet20"``), ``device`` the
+    device (None: ``$CCATOOLKIT_DEVICE`` or CUDA/MPS/CPU, whichever is there); any other field of
+    :class:`Settings` can be overridden by keyword, e.g. ``settings(epochs=20, limit=None)``.
+    """
+    smoke = smoke_from_env() if smoke is None else bool(smoke)
+    name = (model or "mlp").lower()
+    table = _SMOKE_MODEL_KWARGS if smoke else _MODEL_KWARGS
+    if name not in table:
+        raise ValueError(f"unknown model {model!r}; valid names are: {', '.join(table)}")
+    base = Settings(smoke=smoke, model=name, model_kwargs=dict(table[name]), device=_resolve_device(device))
+    if smoke:
+        base = base.replace(
+            epochs=1, limit=1024, test_limit=512, stats_limit=512, batch_size=128, n_models=3, n_seeds=2,
+            alphas=5, plane_resolution=5, curve_epochs=1, progress=False,
+        )
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        valid = ", ".join(f.name for f in dataclasses.fields(Settings))
+        raise TypeError(f"unknown setting(s) {', '.join(sorted(unknown))}; valid settings are: {valid}")
+    return base.replace(**overrides)
+
+
+def figures_dir() -> Path | None:
+    """The folder named by ``$CCATOOLKIT_FIGURES`` (created), or None when it is not set."""
+    raw = os.environ.get(FIGURES_ENV)
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_figure(fig: Any, name: str, dpi: int = 110) -> Path | None:
+    """Save ``fig`` (a matplotlib Figure, or an Axes of one) as ``$CCATOOLKIT_FIGURES/<name>.png``.
+
+    Returns the path written, or None when ``$CCATOOLKIT_FIGURES`` is unset (then nothing is written).
+    """
+    folder = figures_dir()
+    if folder is None:
+        return None
+    fig = getattr(fig, "figure", fig)  # an Axes has .figure
+    if not hasattr(fig, "savefig"):
+        raise TypeError(f"save_figure needs a matplotlib Figure or Axes, got {type(fig).__name__}")
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "figure"
+    path = folder / f"{stem}.png"
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+# --------------------------------------------------------------------------- data and models
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, train: bool) -> Any:
+    from ccatoolkit.data import load_dataset
+
+    return load_dataset(name, train=train)
+
+
+def _subset(n: int, limit: int | None, seed: int) -> Any:
+    import numpy as np
+
+    if limit is None or limit >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(limit), replace=False))
+
+
+def loaders(s: Settings, split: str = "full", n_models: int = 1, model_index: int = 0) -> dict[str, Any]:
+    """The loaders a notebook uses: ``train`` (this model's part of ``split``), ``test`` and ``stats``.
+
+    ``stats`` holds ``s.stats_limit`` training examples (not shuffled, no augmentation): the data on
+    which activation statistics for alignment and merging are measured. ``test`` holds
+    ``s.test_limit`` test examples (all when None). Data sets are loaded once per process.
+    """
+    from ccatoolkit.data import get_loaders, make_loader
+
+    out = get_loaders(s.dataset, batch_size=s.batch_size, split=split, n_models=n_models,
+                      model_index=model_index, seed=s.seed, limit=s.limit, device=s.device)
+    train_set, test_set = _dataset(s.dataset, True), _dataset(s.dataset, False)
+    eval_bs = 2 * s.batch_size
+    out["test"] = make_loader(test_set, eval_bs, indices=_subset(len(test_set), s.test_limit, s.seed), device=s.device)
+    stats_idx = _subset(len(train_set), s.stats_limit, s.seed + 1)
+    out["stats"] = make_loader(train_set, eval_bs, indices=stats_idx, device=s.device)
+    return out
+
+
+def zoo(s: Settings, split: str = "full", n: int | None = None, seeds: Any = None) -> list[Any]:
+    """Trained (cached) models of ``s.model`` on ``split``: ``n`` of them (default ``s.n_models``), in eval mode.
+
+    ``split="full"``: the same data, seeds ``seeds`` (default ``0..n-1``); ``"disjoint"``/``"skewed"``:
+    model ``i`` trains on part ``i`` of ``n`` parts (seed ``i``). A second call loads from the cache.
+    """
+    from ccatoolkit.zoo import trained_model
+
+    n = s.n_models if n is None else int(n)
+    seeds = list(range(n)) if seeds is None else [int(v) for v in seeds]
+    if len(seeds) != n:
+        raise ValueError(f"{n} models need {n} seeds, got {len(seeds)}")
+    models = []
+    for i, seed in enumerate(seeds):
+        kw: dict[str, Any] = dict(model=s.model, model_kwargs=dict(s.model_kwargs), dataset=s.dataset, split=split,
+                                  seed=seed, epochs=s.epochs, limit=s.limit, device=s.device, progress=s.progress)
+        if split != "full":
+            kw.update(n_models=n, model_index=i)
+        models.append(_call(trained_model, kw).eval())
+    return models
+
+
+def _call(fn: Any, kwargs: dict[str, Any]) -> Any:
+    """Call ``fn`` with the keyword arguments it accepts (drops e.g. ``device`` where it has none)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def accuracy_table(models: dict[str, Any], data: Any) -> Any:
+    """A pandas DataFrame (or a list of rows without pandas): name, accuracy, loss of each model on ``data``."""
+    from ccatoolkit.train import evaluate
+
+    rows = []
+    for name, model in models.items():
+        result = evaluate(model, data)
+        rows.append({"model": name, "accuracy": float(result["accuracy"]), "loss": float(result["loss"])})
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - pandas comes with the notebooks extra
+        return rows
+    return pd.DataFrame(rows).set_index("model")

@@ -1,0 +1,199 @@
+"""Analysis plots: correlation heatmaps, canonical-correlation spectra, accuracy bars, accuracy against N, confusion matrices.
+
+Every function draws into the given matplotlib axis (a new figure's axis when ``ax`` is None) and
+returns it, so notebooks and widgets can redraw in place. matplotlib is imported only inside the
+functions; the data arguments are numpy arrays, torch tensors or plain dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "plot_correlation",
+    "plot_cca_spectra",
+    "plot_accuracy_bars",
+    "plot_accuracy_vs_n",
+    "plot_confusion",
+    "confusion_matrix",
+    "FASHION_MNIST_CLASSES",
+]
+
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot",
+)
+
+
+def _axis(ax: Any, figsize: tuple[float, float] = (5, 3.5)) -> Any:
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def _array(x: Any, name: str, ndim: int | None = None) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D array, got shape {arr.shape}")
+    return arr
+
+
+def plot_correlation(matrix: Any, ax: Any = None, title: str | None = None, colorbar: bool = True,
+                     xlabel: str = "model B neuron", ylabel: str = "model A neuron") -> Any:
+    """Heatmap of a neuron-by-neuron correlation matrix (rows: model A, columns: model B), colours fixed to [-1, 1].
+
+    A well-aligned pair shows a bright diagonal; the mean diagonal correlation is added to the title.
+    """
+    corr = _array(matrix, "matrix", ndim=2)
+    ax = _axis(ax, (4.2, 3.6))
+    image = ax.imshow(corr, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest", aspect="auto")
+    n = min(corr.shape)
+    diag = float(np.nanmean(np.diag(corr)[:n])) if n else float("nan")
+    text = f"mean diagonal {diag:.2f}"
+    ax.set_title(f"{title}\n{text}" if title else text, fontsize="medium")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="correlation")
+    return ax
+
+
+def plot_cca_spectra(spectra: Mapping[str, Any], ax: Any = None, title: str | None = None,
+                     normalize: bool = True) -> Any:
+    """Canonical correlations of each layer (a dict layer -> sorted correlations), all layers on one axis.
+
+    ``normalize=True`` puts the x-axis on [0, 1] (index / number of directions), so layers of
+    different widths compare; the legend gives each layer's mean canonical correlation.
+    """
+    if not spectra:
+        raise ValueError("spectra is empty; pass a dict layer name -> canonical correlations")
+    import matplotlib.pyplot as plt
+
+    ax = _axis(ax, (5.5, 3.5))
+    colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(spectra)))
+    for color, (layer, values) in zip(colors, spectra.items()):
+        rho = np.sort(_array(values, f"spectra[{layer!r}]").reshape(-1))[::-1]
+        x = (np.arange(rho.size) + 0.5) / rho.size if normalize else np.arange(1, rho.size + 1)
+        ax.plot(x, rho, color=color, label=f"{layer} (mean {np.mean(rho):.2f})")
+    ax.set_xlabel("canonical direction (fraction of the layer)" if normalize else "canonical direction")
+    ax.set_ylabel("canonical correlation")
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_accuracy_bars(accuracies: Mapping[str, float], ax: Any = None, title: str | None = None,
+                       highlight: str | None = None, reference: Mapping[str, float] | None = None,
+                       ylabel: str = "test accuracy") -> Any:
+    """Bar chart of accuracy per method (a dict name -> accuracy in [0, 1]), each bar labelled with its value.
+
+    ``highlight`` draws one bar in a strong colour (the widget's current choice); ``reference``
+    draws horizontal lines (e.g. the two end models' accuracies).
+    """
+    if not accuracies:
+        raise ValueError("accuracies is empty; pass a dict method name -> accuracy")
+    if highlight is not None and highlight not in accuracies:
+        raise ValueError(f"highlight {highlight!r} is not one of the bars: {', '.join(accuracies)}")
+    ax = _axis(ax, (6, 3.5))
+    names = list(accuracies)
+    values = np.array([float(accuracies[n]) for n in names])
+    colors = ["tab:orange" if n == highlight else ("tab:blue" if highlight is None else "lightsteelblue")
+              for n in names]
+    bars = ax.bar(names, values, color=colors)
+    for bar, v in zip(bars, values):
+        ax.annotate(f"{v:.1%}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+                    fontsize="small", xytext=(0, 2), textcoords="offset points")
+    for i, (label, value) in enumerate((reference or {}).items()):
+        ax.axhline(float(value), color=f"C{i + 2}", linestyle="--", linewidth=1, label=label)
+    if reference:
+        ax.legend(fontsize="small", loc="lower right")
+    ax.set_ylim(0.0, min(1.05, max(1e-3, float(np.nanmax(values))) * 1.15 + 0.02))
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", labelrotation=20)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_accuracy_vs_n(results: Mapping[str, Mapping[int, float]], ax: Any = None, title: str | None = None,
+                       highlight: tuple[str, int] | None = None) -> Any:
+    """Accuracy against the number of merged models, one line per method (a dict method -> {N: accuracy}).
+
+    ``highlight=(method, N)`` circles one point (the widget's current choice).
+    """
+    if not results:
+        raise ValueError("results is empty; pass a dict method -> {number of models: accuracy}")
+    ax = _axis(ax, (5.5, 3.5))
+    for method, curve in results.items():
+        ns = sorted(int(n) for n in curve)
+        ax.plot(ns, [float(curve[n]) for n in ns], marker="o", label=method)
+    if highlight is not None:
+        method, n = highlight
+        if method not in results or n not in results[method]:
+            raise ValueError(f"highlight {highlight!r} is not a point of the plot")
+        ax.plot([n], [float(results[method][n])], marker="o", markersize=14, markerfacecolor="none",
+                markeredgecolor="black", markeredgewidth=2, linestyle="none")
+    all_ns = sorted({int(n) for curve in results.values() for n in curve})
+    ax.set_xticks(all_ns)
+    ax.set_xlabel("number of models merged (N)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def confusion_matrix(targets: Any, predictions: Any, num_classes: int | None = None) -> np.ndarray:
+    """Counts ``C[i, j]`` of examples of true class ``i`` predicted as ``j`` (integer labels)."""
+    t = _array(targets, "targets").astype(np.int64).reshape(-1)
+    p = _array(predictions, "predictions").astype(np.int64).reshape(-1)
+    if t.shape != p.shape:
+        raise ValueError(f"targets and predictions differ in length: {t.size} vs {p.size}")
+    k = int(num_classes) if num_classes is not None else int(max(t.max(initial=-1), p.max(initial=-1)) + 1)
+    if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= k):
+        raise ValueError(f"labels must lie in [0, {k}); got values in [{min(t.min(), p.min())}, {max(t.max(), p.max())}]")
+    return np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+
+
+def plot_confusion(matrix: Any, ax: Any = None, title: str | None = None,
+                   class_names: Sequence[str] | None = None, normalize: bool = True,
+                   annotate: bool = True) -> Any:
+    """Confusion matrix (rows: true class, columns: predicted) as a heatmap; rows normalised to fractions by default."""
+    counts = _array(matrix, "matrix", ndim=2)
+    if counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"a confusion matrix is square, got shape {counts.shape}")
+    k = counts.shape[0]
+    names = list(class_names) if class_names is not None else (
+        list(FASHION_MNIST_CLASSES) if k == len(FASHION_MNIST_CLASSES) else [str(i) for i in range(k)])
+    if len(names) != k:
+        raise ValueError(f"{len(names)} class names for a {k}x{k} confusion matrix")
+    shown = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) if normalize else counts
+    ax = _axis(ax, (4.5, 4))
+    ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None, interpolation="nearest")
+    if annotate:
+        top = shown.max() if shown.size else 1.0
+        for i in range(k):
+            for j in range(k):
+                if shown[i, j] > 0:
+                    text = f"{shown[i, j]:.2f}".lstrip("0") if normalize else f"{int(shown[i, j])}"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=6,
+                            color="white" if shown[i, j] > 0.6 * top else "black")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize="x-small")
+    ax.set_yticklabels(names, fontsize="x-small")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    total = counts.sum()
+    acc = float(np.trace(counts) / total) if total else float("nan")
+    ax.set_title(f"{title} (accuracy {acc:.1%})" if title else f"accuracy {acc:.1%}", fontsize="medium")
+    return ax

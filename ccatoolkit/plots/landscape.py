@@ -1,0 +1,159 @@
+"""Loss-landscape plots: interpolation curves, barrier bars, 2-D planes, simplices and curves along t.
+
+Every function draws into the given matplotlib axis (a new figure's axis when ``ax`` is None) and
+returns it, so notebooks and widgets can redraw in place. matplotlib is imported only here, inside
+the functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["plot_interpolation", "plot_barriers", "plot_plane", "plot_curve_paths", "plot_simplex"]
+
+_YLABEL = {"loss": "test loss", "accuracy": "test accuracy"}
+
+
+def _axis(ax: Any) -> Any:
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(5, 3.5))
+    return ax
+
+
+def _check(metric: str) -> str:
+    if metric not in ("loss", "accuracy"):
+        raise ValueError(f"metric must be 'loss' or 'accuracy', got {metric!r}")
+    return metric
+
+
+def _as_list(results: Any) -> list[Any]:
+    if isinstance(results, dict):
+        return list(results.values())
+    return list(results) if isinstance(results, (list, tuple)) else [results]
+
+
+def plot_interpolation(results: Sequence[Any] | Any, ax: Any = None, metric: str = "loss",
+                       title: str | None = None) -> Any:
+    """Loss or accuracy along alpha for several interpolation results on one axis, with a legend.
+
+    Non-finite points are left out of the line (gaps), so a curve through a diverging region still draws.
+    """
+    metric = _check(metric)
+    ax = _axis(ax)
+    for r in _as_list(results):
+        values = np.asarray(getattr(r, metric), dtype=np.float64)
+        values = np.where(np.isfinite(values), values, np.nan)
+        ax.plot(r.alphas, values, marker="o", markersize=3, label=getattr(r, "label", None))
+    ax.set_xlabel("alpha (0 = model A, 1 = model B)")
+    ax.set_ylabel(_YLABEL[metric])
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return ax
+
+
+def plot_barriers(results: Sequence[Any] | Any, ax: Any = None, metric: str = "loss",
+                  title: str | None = None) -> Any:
+    """A bar chart of the barriers of several results (one bar per method), values written on the bars."""
+    from ccatoolkit.landscape import barrier
+
+    metric = _check(metric)
+    ax = _axis(ax)
+    items = _as_list(results)
+    labels = [getattr(r, "label", str(i)) for i, r in enumerate(items)]
+    values = [barrier(r, metric=metric) for r in items]
+    bars = ax.bar(range(len(values)), [v if np.isfinite(v) else 0.0 for v in values], color="C0")
+    for bar, v in zip(bars, values):
+        ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize="small")
+    ax.set_xticks(range(len(values)))
+    ax.set_xticklabels(labels, rotation=20, ha="right")
+    ax.set_ylabel(f"{metric} barrier")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_plane(plane: Any, ax: Any = None, metric: str = "loss", levels: int | Sequence[float] = 20,
+               title: str | None = None, log: bool | None = None) -> Any:
+    """Filled contours of a :class:`~ccatoolkit.landscape.PlaneResult` with the three models marked and labelled.
+
+    Loss is drawn on a log scale by default (its range spans orders of magnitude on a plane).
+    """
+    import matplotlib.pyplot as plt
+
+    metric = _check(metric)
+    ax = _axis(ax)
+    z = np.asarray(getattr(plane, metric), dtype=np.float64)
+    z = np.where(np.isfinite(z), z, np.nan)
+    log = (metric == "loss") if log is None else log
+    if log:
+        z = np.log10(np.clip(z, 1e-8, None))
+    finite = z[np.isfinite(z)]
+    if isinstance(levels, int) and finite.size and finite.min() == finite.max():
+        levels = np.linspace(finite.min() - 1e-6, finite.max() + 1e-6, 3)
+    contour = ax.contourf(plane.xs, plane.ys, z, levels=levels, cmap="viridis_r" if metric == "loss" else "viridis")
+    ax.contour(plane.xs, plane.ys, z, levels=contour.levels, colors="k", linewidths=0.3, alpha=0.5)
+    colorbar = plt.colorbar(contour, ax=ax)
+    colorbar.set_label(f"log10 {metric}" if log else metric)
+    for (x, y), name in zip(plane.coords, plane.labels):
+        ax.plot(x, y, marker="o", color="white", markeredgecolor="black", markersize=8)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontweight="bold")
+    ax.set_xlabel("u (towards B)")
+    ax.set_ylabel("v (towards C, orthogonalised)")
+    ax.set_aspect("equal", adjustable="box")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_curve_paths(results: Sequence[Any] | Any, ax: Any = None, metric: str = "loss",
+                     title: str | None = None) -> Any:
+    """Loss or accuracy along t for linear paths (dashed) and learned curves (solid), colours paired by alignment."""
+    metric = _check(metric)
+    ax = _axis(ax)
+    colours: dict[str, str] = {}
+    for r in _as_list(results):
+        method = getattr(r, "method", "none")
+        colour = colours.setdefault(method, f"C{len(colours)}")
+        learned = hasattr(r, "kind")
+        values = np.asarray(getattr(r, metric), dtype=np.float64)
+        values = np.where(np.isfinite(values), values, np.nan)
+        ax.plot(r.alphas, values, color=colour, linestyle="-" if learned else "--",
+                marker="o" if learned else None, markersize=3, label=getattr(r, "label", None))
+    ax.set_xlabel("t (0 = model A, 1 = model B)")
+    ax.set_ylabel(_YLABEL[metric])
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return ax
+
+
+def plot_simplex(result: Any, ax: Any = None, metric: str = "loss", levels: int = 20,
+                 title: str | None = None) -> Any:
+    """Filled contours on the triangle of a :class:`~ccatoolkit.landscape.SimplexResult`, corners labelled."""
+    import matplotlib.pyplot as plt
+    import matplotlib.tri as mtri
+
+    metric = _check(metric)
+    ax = _axis(ax)
+    corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
+    xy = np.asarray(result.weights) @ corners
+    z = np.asarray(getattr(result, metric), dtype=np.float64)
+    z = np.where(np.isfinite(z), z, np.nanmax(np.where(np.isfinite(z), z, np.nan)) if np.isfinite(z).any() else 0.0)
+    tri = mtri.Triangulation(xy[:, 0], xy[:, 1])
+    contour = ax.tricontourf(tri, z, levels=levels, cmap="viridis_r" if metric == "loss" else "viridis")
+    plt.colorbar(contour, ax=ax).set_label(metric)
+    for (x, y), name in zip(corners, result.labels):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontweight="bold")
+    ax.set_aspect("equal")
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    return ax

@@ -1,0 +1,698 @@
+"""Streaming activation statistics of one or many models run on the same inputs.
+
+For every activation *space* (one layer, or several layers whose outputs share channels, such as a
+ResNet's residual stream) the models' activations are concatenated channel-wise (model 0's
+channels, then model 1's, ...) and two sums are accumulated batch by batch on the models' device:
+the sum of the samples and the sum of their outer products (a joint Gram matrix), in float64. A
+convolutional output ``(N, C, H, W)`` gives ``N*H*W`` samples of ``C`` channels; a linear output
+``(N, F)`` gives ``N`` samples of ``F`` features. Memory does not grow with the amount of data.
+
+Speed: each batch's Gram matrix is computed in float32 (float64 for float64 models) on activations centred by a fixed per-channel
+shift (the first batch's mean), so float32 loses nothing that matters, and only the upper block
+triangle is computed (about 3/4 of the work for two models); per-batch results are added into the
+float64 totals. A ones row appended to the batch matrix yields the sums in the same matrix product.
+
+Means, covariances, cross-covariances, correlations and canonical correlations come from the sums
+(:class:`JointStats`). With ``torch.distributed`` initialised the sums are all-reduced, so ranks that
+each see part of the data end with the statistics of all of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ccatoolkit.capture import forward_hooks, resolve_layers
+
+__all__ = [
+    "JointStats",
+    "StatisticsCollector",
+    "collect_statistics",
+    "correlation_matrix",
+    "canonical_correlations",
+    "canonical_correlations_from_cov",
+    "inverse_sqrt",
+]
+
+# Eigenvalues below this fraction of the largest one are treated as zero (pseudo-inverse).
+EIG_RTOL = 1e-10
+# A neuron whose variance is below this fraction of (its mean^2 + the largest variance of its model
+# in that space) is constant: it gets correlation 0.
+VAR_RTOL = 1e-10
+# Rows of the batch matrix per Gram chunk: the upper block triangle is computed chunk by chunk.
+_CHUNK_ROWS = 128
+
+
+# --------------------------------------------------------------------------------------------
+# The statistics of one space
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JointStats:
+    """Sums over the samples of one activation space, for all models' channels concatenated.
+
+    ``count`` samples; ``sum`` (float64, length ``sum(sizes)``) and ``gram`` (float64,
+    ``sum(sizes)`` square, the sum of outer products); ``sizes[i]`` channels of model ``i``.
+    Covariances are unbiased (divided by ``count - 1``).
+    """
+
+    count: int
+    sum: torch.Tensor
+    gram: torch.Tensor
+    sizes: list[int]
+    layers: list[str] = field(default_factory=list)
+
+    # ---- layout -------------------------------------------------------------------------
+    @property
+    def num_models(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def offsets(self) -> list[int]:
+        """Start of each model's channels in the joint vector (and one past the end)."""
+        out = [0]
+        for s in self.sizes:
+            out.append(out[-1] + s)
+        return out
+
+    def block(self, i: int) -> slice:
+        """The slice of model ``i``'s channels in the joint vector."""
+        if not -self.num_models <= i < self.num_models:
+            raise IndexError(f"model index {i} out of range for statistics of {self.num_models} models")
+        i %= self.num_models
+        off = self.offsets
+        return slice(off[i], off[i + 1])
+
+    # ---- moments ------------------------------------------------------------------------
+    def mean(self, i: int | None = None) -> torch.Tensor:
+        """Mean activation of model ``i``'s channels (of all models' channels when ``i`` is None)."""
+        if self.count < 1:
+            raise ValueError("no samples were accumulated")
+        m = self.sum / self.count
+        return m if i is None else m[self.block(i)]
+
+    def joint_cov(self) -> torch.Tensor:
+        """Unbiased covariance of all models' channels concatenated (``sum(sizes)`` square)."""
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
+        m = self.sum / self.count
+        cov = (self.gram - self.count * torch.outer(m, m)) / (self.count - 1)
+        return (cov + cov.T) / 2
+
+    def cov(self, i: int, j: int | None = None) -> torch.Tensor:
+        """Unbiased (cross-)covariance between model ``i``'s and model ``j``'s channels (``j`` defaults to ``i``)."""
+        j = i if j is None else j
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
+        bi, bj = self.block(i), self.block(j)
+        m = self.sum / self.count
+        return (self.gram[bi, bj] - self.count * torch.outer(m[bi], m[bj])) / (self.count - 1)
+
+    def var(self, i: int) -> torch.Tensor:
+        """Unbiased variance of model ``i``'s channels (never negative)."""
+        return torch.diagonal(self.cov(i)).clamp_min(0.0)
+
+    def alive(self, i: int) -> torch.Tensor:
+        """Boolean mask of model ``i``'s channels that vary (not dead or constant)."""
+        var, mean = self.var(i), self.mean(i)
+        scale = mean.square() + (var.max() if var.numel() else 0.0)
+        return var > VAR_RTOL * scale
+
+    def corr(self, i: int, j: int) -> torch.Tensor:
+        """Pearson correlations between model ``i``'s and model ``j``'s channels (``sizes[i] x sizes[j]``).
+
+        Constant (e.g. dead ReLU) channels have correlation 0 with everything, never NaN.
+        """
+        c = self.cov(i, j)
+        si = torch.where(self.alive(i), self.var(i).sqrt(), torch.zeros_like(self.var(i)))
+        sj = torch.where(self.alive(j), self.var(j).sqrt(), torch.zeros_like(self.var(j)))
+        denom = torch.outer(si, sj)
+        out = torch.where(denom > 0, c / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(c))
+        return out.clamp(-1.0, 1.0)
+
+    def canonical_correlations(self, i: int = 0, j: int = 1, ridge: float = 0.0) -> torch.Tensor:
+        """Canonical correlations between model ``i``'s and ``j``'s channels (descending, in [0, 1])."""
+        self.warn_if_rank_deficient(ridge)
+        return canonical_correlations_from_cov(self.cov(i), self.cov(j), self.cov(i, j), ridge=ridge)
+
+    def warn_if_rank_deficient(self, ridge: float | None = None, space: str = "") -> bool:
+        """Warn (and return True) when there are fewer samples than channels of all models together."""
+        total = sum(self.sizes)
+        if self.count > total:
+            return False
+        name = space or (self.layers[0] if self.layers else "this space")
+        reg = (
+            f"the regularization applied is ridge={ridge:g} times trace(S)/n on each covariance's diagonal"
+            if ridge is not None
+            else "pass ridge > 0 (added as ridge * trace(S)/n * I)"
+        )
+        warnings.warn(
+            f"statistics of {name!r} are rank-deficient: {self.count} samples for {total} channels over "
+            f"{self.num_models} model(s); eigenvalues below {EIG_RTOL:g} x the largest are dropped "
+            f"(pseudo-inverse) and {reg}; use more data for reliable correlations",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return True
+
+    # ---- combining ------------------------------------------------------------------------
+    def __add__(self, other: JointStats) -> JointStats:
+        """Statistics of the union of two disjoint sample sets (sums add)."""
+        if list(self.sizes) != list(other.sizes):
+            raise ValueError(f"cannot add statistics with channel sizes {self.sizes} and {other.sizes}")
+        return JointStats(self.count + other.count, self.sum + other.sum, self.gram + other.gram, list(self.sizes),
+                          list(self.layers))
+
+    def to(self, device: torch.device | str) -> JointStats:
+        return JointStats(self.count, self.sum.to(device), self.gram.to(device), list(self.sizes), list(self.layers))
+
+    def all_reduce(self) -> JointStats:
+        """Sum ``count``, ``sum`` and ``gram`` over all ``torch.distributed`` ranks (in place; returns self)."""
+        d = self.sum.numel()
+        packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device),
+                            self.sum, self.gram.reshape(-1)])
+        torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
+        self.count = int(round(packed[0].item()))
+        self.sum = packed[1 : 1 + d].clone()
+        self.gram = packed[1 + d :].reshape(d, d).clone()
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Linear algebra shared with the CCA merge
+# --------------------------------------------------------------------------------------------
+
+
+def _ridged(s: torch.Tensor, ridge: float) -> torch.Tensor:
+    s = s.to(torch.float64)
+    s = (s + s.T) / 2
+    if ridge:
+        n = s.shape[0]
+        s = s + ridge * (torch.trace(s) / n).clamp_min(0.0) * torch.eye(n, dtype=s.dtype, device=s.device)
+    return s
+
+
+def inverse_sqrt(s: torch.Tensor, ridge: float = 0.0, rtol: float = EIG_RTOL) -> torch.Tensor:
+    """``(S + ridge * trace(S)/n * I)^(-1/2)`` of a symmetric PSD matrix, in float64.
+
+    Computed by eigendecomposition; eigenvalues at or below ``rtol`` times the largest are treated as
+    zero (their directions are dropped: a pseudo-inverse), so rank-deficient matrices give finite results.
+    """
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if s.dim() != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"expected a square matrix, got shape {tuple(s.shape)}")
+    if not torch.isfinite(s).all():
+        raise ValueError("the covariance matrix has non-finite entries")
+    s = _ridged(s, ridge)
+    evals, evecs = torch.linalg.eigh(s)
+    top = evals.max().clamp_min(0.0) if evals.numel() else torch.tensor(0.0, dtype=s.dtype)
+    keep = evals > rtol * top
+    inv = torch.where(keep, evals.clamp_min(torch.finfo(s.dtype).tiny).rsqrt(), torch.zeros_like(evals))
+    return (evecs * inv) @ evecs.T
+
+
+def canonical_correlations_from_cov(
+    s_aa: torch.Tensor,
+    s_bb: torch.Tensor,
+    s_ab: torch.Tensor,
+    ridge: float = 0.0,
+    return_vectors: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical correlations from covariance blocks (descending, in [0, 1], ``min(n_a, n_b)`` of them).
+
+    ``ridge * trace(S)/n * I`` is added to ``s_aa`` and ``s_bb`` (scale-free regularisation); the
+    canonical correlations are the singular values of ``S_aa^(-1/2) S_ab S_bb^(-1/2)``. With
+    ``return_vectors=True`` also returns the canonical directions ``A`` (``n_a x k``) and ``B``
+    (``n_b x k``): ``A.T @ S_aa @ A = I`` and ``A.T @ S_ab @ B = diag(rho)`` on the non-degenerate part.
+    """
+    if s_ab.shape != (s_aa.shape[0], s_bb.shape[0]):
+        raise ValueError(
+            f"shape mismatch: s_aa {tuple(s_aa.shape)}, s_bb {tuple(s_bb.shape)}, s_ab {tuple(s_ab.shape)}"
+        )
+    w_a = inverse_sqrt(s_aa, ridge)
+    w_b = inverse_sqrt(s_bb, ridge)
+    m = w_a @ s_ab.to(torch.float64) @ w_b
+    if not return_vectors:
+        return torch.linalg.svdvals(m).clamp(0.0, 1.0)
+    u, rho, vh = torch.linalg.svd(m, full_matrices=False)
+    return rho.clamp(0.0, 1.0), w_a @ u, w_b @ vh.T
+
+
+# --------------------------------------------------------------------------------------------
+# Accumulation
+# --------------------------------------------------------------------------------------------
+
+
+def _normalise_layers(layers: Mapping[str, Sequence[str]] | Sequence[str] | str) -> dict[str, list[str]]:
+    if isinstance(layers, str):
+        layers = [layers]
+    if isinstance(layers, Mapping):
+        spaces = {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in layers.items()}
+    else:
+        spaces = {name: [name] for name in layers}
+    if not spaces:
+        raise ValueError("no layers given; pass module names (see capturable_layers(model)) or {space: [names]}")
+    seen: dict[str, str] = {}
+    for space, names in spaces.items():
+        if not names:
+            raise ValueError(f"space {space!r} has no layers")
+        for name in names:
+            if name in seen:
+                raise ValueError(f"layer {name!r} is listed in two spaces ({seen[name]!r} and {space!r})")
+            seen[name] = space
+    return spaces
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _check_same_architecture(models: Sequence[nn.Module]) -> None:
+    ref = {k: tuple(v.shape) for k, v in models[0].state_dict().items()}
+    for idx, model in enumerate(models[1:], start=1):
+        other = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for key, shape in ref.items():
+            if key not in other:
+                raise ValueError(f"models have different architectures: model {idx} has no {key!r} (model 0 does)")
+            if other[key] != shape:
+                raise ValueError(
+                    f"models have different architectures: {key!r} has shape {shape} in model 0 "
+                    f"but {other[key]} in model {idx}"
+                )
+        extra = [k for k in other if k not in ref]
+        if extra:
+            raise ValueError(f"models have different architectures: model {idx} has {extra[0]!r} (model 0 does not)")
+
+
+def _batch_inputs(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(
+        f"a batch must be a tensor of inputs or a tuple/list whose first item is the inputs; got {type(batch).__name__}"
+    )
+
+
+class _Space:
+    """Accumulators of one space: shifted float64 sums, filled chunk by chunk from float32 batch Grams."""
+
+    def __init__(self, name: str, layers: list[str], num_models: int) -> None:
+        self.name, self.layers, self.num_models = name, layers, num_models
+        self.sizes: list[int] | None = None
+        self.shift: torch.Tensor | None = None  # per joint channel, in the batch dtype
+        self.dtype = torch.float32  # dtype of the batch matrices and their Grams
+        self.s1: torch.Tensor | None = None  # float64 sum of (x - shift)
+        self.s2: torch.Tensor | None = None  # float64 sum of outer products of (x - shift), upper block part
+        self.count = 0
+        self.chunks: list[tuple[int, int]] = []
+        self.bad: torch.Tensor | None = None  # per joint channel: a non-finite value was seen
+
+    @property
+    def dim(self) -> int:
+        return sum(self.sizes or [])
+
+    def setup(self, sizes: list[int], first: list[torch.Tensor], device: torch.device) -> None:
+        self.sizes = sizes
+        d = sum(sizes)
+        # float32 batch Grams, unless the models compute in float64 (then everything is float64)
+        self.dtype = torch.float64 if any(t.dtype == torch.float64 for t in first) else torch.float32
+        shift = torch.cat([_channels_mean(t) for t in first]).to(self.dtype)
+        self.shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        self.s1 = torch.zeros(d, dtype=torch.float64, device=device)
+        self.s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.bad = torch.zeros(d, dtype=torch.bool, device=device)
+        # row chunks: split at model boundaries, and large blocks further
+        bounds = [0]
+        for s in sizes:
+            pieces = max(1, round(s / _CHUNK_ROWS))
+            start = bounds[-1]
+            bounds += [start + (s * (p + 1)) // pieces for p in range(pieces)]
+        self.chunks = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def accumulate(self, z: torch.Tensor) -> None:
+        """Add a batch matrix ``z`` (``dim + 1`` rows: centred channels, then ones; one column per sample)."""
+        d = self.dim
+        assert self.s1 is not None and self.s2 is not None and self.bad is not None
+        for r0, r1 in self.chunks:
+            g = torch.mm(z[r0:r1], z[r0:].T)
+            self.s2[r0:r1, r0:] += g[:, : d - r0]
+            self.s1[r0:r1] += g[:, d - r0]
+            self.bad[r0:r1] |= ~torch.isfinite(torch.diagonal(g))
+        self.count += z.shape[1]
+
+    def check_finite(self) -> None:
+        assert self.bad is not None and self.sizes is not None
+        if not bool(self.bad.any()):
+            return
+        first = int(torch.nonzero(self.bad)[0])
+        off = 0
+        for model, size in enumerate(self.sizes):
+            if first < off + size:
+                raise ValueError(
+                    f"non-finite activations (NaN/Inf, or too large for float32) in space {self.name!r} "
+                    f"(layers {', '.join(self.layers)}) of model {model} (channel {first - off}); "
+                    "check the model's weights and inputs"
+                )
+            off += size
+
+    def result(self) -> JointStats:
+        assert self.s1 is not None and self.s2 is not None and self.shift is not None and self.sizes is not None
+        d = self.dim
+        device = self.s2.device
+        rows = torch.arange(d, device=device)
+        start = torch.empty(d, dtype=torch.long, device=device)
+        for r0, r1 in self.chunks:
+            start[r0:r1] = r0
+        computed = rows[None, :] >= start[:, None]
+        s2 = torch.where(computed, self.s2, self.s2.T)
+        k = self.shift.to(torch.float64)
+        n = float(self.count)
+        total = self.s1 + n * k
+        gram = s2 + torch.outer(k, self.s1) + torch.outer(self.s1, k) + n * torch.outer(k, k)
+        gram = (gram + gram.T) / 2
+        return JointStats(self.count, total, gram, list(self.sizes), list(self.layers))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.s1, self.s2, self.shift, self.bad) if t is not None)
+
+
+def _channels_mean(t: torch.Tensor) -> torch.Tensor:
+    dims = [0] + list(range(2, t.dim()))
+    return t.detach().to(torch.float64).mean(dim=dims)
+
+
+class _Point:
+    """One capture point (a module name) of a space: hooks of every model write its batch matrix."""
+
+    def __init__(self, name: str, space: _Space, num_models: int) -> None:
+        self.name, self.space, self.num_models = name, space, num_models
+        self.buffer: torch.Tensor | None = None  # (dim + 1, capacity) in the space's dtype; last row ones
+        self.cols = 0
+        self.ran = [False] * num_models
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def begin(self) -> None:
+        self.cols = 0
+        self.ran = [False] * self.num_models
+        self.pending = {}
+
+    def _ensure(self, cols: int, device: torch.device) -> torch.Tensor:
+        d = self.space.dim
+        if self.buffer is None or self.buffer.shape[1] < cols:
+            self.buffer = torch.empty(d + 1, cols, dtype=self.space.dtype, device=device)
+            self.buffer[d].fill_(1.0)
+        return self.buffer
+
+    def _write(self, model: int, out: torch.Tensor) -> None:
+        space = self.space
+        assert space.sizes is not None and space.shift is not None
+        off = sum(space.sizes[:model])
+        c = out.shape[1]
+        buf = self._ensure(self.cols, out.device)
+        dst = buf[off : off + c, : self.cols].view(c, out.shape[0], *out.shape[2:])
+        shift = space.shift[off : off + c].view(c, *([1] * (out.dim() - 1)))
+        torch.sub(out.transpose(0, 1), shift, out=dst)
+
+    def hook(self, model: int, out: Any) -> None:
+        if not isinstance(out, torch.Tensor) or out.dim() < 2:
+            kind = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"layer {self.name!r} returns {kind}; statistics need a tensor of shape (N, C, ...) "
+                "(channels on dimension 1)"
+            )
+        if self.ran[model]:
+            raise ValueError(
+                f"layer {self.name!r} ran twice in one forward pass of model {model}; "
+                "capture a module that is called once per forward"
+            )
+        self.ran[model] = True
+        cols = out.numel() // max(1, out.shape[1])
+        if self.cols and cols != self.cols:
+            raise ValueError(f"layer {self.name!r} gives {cols} samples in model {model} but {self.cols} in model 0")
+        self.cols = cols
+        space = self.space
+        if space.sizes is None:
+            self.pending[model] = out.detach()
+            return
+        size = space.sizes[model]
+        if out.shape[1] != size:
+            raise ValueError(
+                f"layer {self.name!r} of model {model} has {out.shape[1]} channels but space "
+                f"{space.name!r} has {size} (from layer {space.layers[0]!r}); layers of one space must have "
+                "the same channels"
+            )
+        self._write(model, out.detach())
+
+    def end(self, device: torch.device) -> None:
+        missing = [i for i, ran in enumerate(self.ran) if not ran]
+        if missing:
+            raise ValueError(f"layer {self.name!r} did not run in the forward pass of model {missing[0]}")
+        space = self.space
+        if space.sizes is None:
+            outs = [self.pending[i] for i in range(self.num_models)]
+            space.setup([int(o.shape[1]) for o in outs], outs, device)
+        if self.pending:
+            for i, out in self.pending.items():
+                self.hook_after_setup(i, out)
+            self.pending = {}
+        assert self.buffer is not None
+        space.accumulate(self.buffer[:, : self.cols])
+
+    def hook_after_setup(self, model: int, out: torch.Tensor) -> None:
+        size = self.space.sizes[model]  # type: ignore[index]
+        if out.shape[1] != size:
+            raise ValueError(
+                f"layer {self.name!r} of model {model} has {out.shape[1]} channels but space "
+                f"{self.space.name!r} has {size}; layers of one space must have the same channels"
+            )
+        self._write(model, out)
+
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
+
+
+class StatisticsCollector:
+    """Streaming joint statistics of ``models`` over batches you feed it (what :func:`collect_statistics` runs).
+
+    >>> collector = StatisticsCollector(models, {"stream": ["layer1.0.relu2", "layer1.1.relu2"]})
+    >>> with collector.attached():
+    ...     for x in batches:
+    ...         collector.update(x)
+    >>> stats = collector.result()   # {space: JointStats}
+
+    ``attached()`` puts the models in eval mode and adds hooks; both are undone on exit.
+    """
+
+    def __init__(
+        self, models: Sequence[nn.Module], layers: Mapping[str, Sequence[str]] | Sequence[str] | str
+    ) -> None:
+        models = list(models)
+        if not models:
+            raise ValueError("no models given")
+        for i, m in enumerate(models):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"model {i} is a {type(m).__name__}, not an nn.Module")
+        devices = [_model_device(m) for m in models]
+        for i, dev in enumerate(devices[1:], start=1):
+            if dev != devices[0]:
+                raise ValueError(
+                    f"models are on different devices: model 0 on {devices[0]}, model {i} on {dev}; "
+                    "move them to one device first (model.to(device))"
+                )
+        _check_same_architecture(models)
+        self.models = models
+        self.device = devices[0]
+        self.spaces_layers = _normalise_layers(layers)
+        for names in self.spaces_layers.values():
+            resolve_layers(models[0], names)
+        k = len(models)
+        self.spaces = {name: _Space(name, names, k) for name, names in self.spaces_layers.items()}
+        self.points = [_Point(layer, self.spaces[s], k) for s, names in self.spaces_layers.items() for layer in names]
+        self.batches = 0
+        self._active: int | None = None
+
+    def _callback(self, point: _Point, model: int) -> Any:
+        def fn(_module: nn.Module, _args: Any, output: Any) -> None:
+            if self._active == model:
+                point.hook(model, output)
+
+        return fn
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[StatisticsCollector]:
+        """Eval mode and hooks on all models for the duration of the block (restored afterwards)."""
+        modes = [[(m, m.training) for m in model.modules()] for model in self.models]
+        try:
+            with contextlib.ExitStack() as stack:
+                for i, model in enumerate(self.models):
+                    model.eval()
+                    stack.enter_context(forward_hooks(model, {p.name: self._callback(p, i) for p in self.points}))
+                yield self
+        finally:
+            self._active = None
+            for saved in modes:
+                for module, training in saved:
+                    module.training = training
+
+    @torch.no_grad()
+    def update(self, inputs: torch.Tensor) -> None:
+        """Run every model on ``inputs`` (moved to the models' device) and add the activations to the sums."""
+        x = inputs.to(self.device, non_blocking=True)
+        for p in self.points:
+            p.begin()
+        try:
+            for i, model in enumerate(self.models):
+                self._active = i
+                model(x)
+        finally:
+            self._active = None
+        for p in self.points:
+            p.end(self.device)
+        self.batches += 1
+        if self.device.type == "cpu" or self.batches % 16 == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` naming the space, layers and model if a non-finite activation was seen."""
+        for space in self.spaces.values():
+            if space.bad is not None:
+                space.check_finite()
+
+    def result(self, all_reduce: bool | None = None) -> dict[str, JointStats]:
+        """The statistics so far, per space (all-reduced over ranks when ``torch.distributed`` is initialised)."""
+        if all_reduce is None:
+            all_reduce = torch.distributed.is_available() and torch.distributed.is_initialized()
+        empty = [name for name, s in self.spaces.items() if s.count == 0]
+        if empty:
+            raise ValueError("no samples were collected (the data gave no batches)")
+        self.check_finite()
+        out = {name: space.result() for name, space in self.spaces.items()}
+        if all_reduce:
+            for stats in out.values():
+                stats.all_reduce()
+        return out
+
+    def nbytes(self) -> dict[str, int]:
+        """Memory held: ``sums`` (float64 totals; independent of the amount of data) and ``batch`` (one batch's buffers)."""
+        return {
+            "sums": sum(s.nbytes() for s in self.spaces.values()),
+            "batch": sum(p.nbytes() for p in self.points),
+        }
+
+
+def _limited(data: Iterable[Any], max_batches: int | None, max_samples: int | None) -> Iterator[torch.Tensor]:
+    seen = 0
+    for b, batch in enumerate(data):
+        if max_batches is not None and b >= max_batches:
+            return
+        x = _batch_inputs(batch)
+        if max_samples is not None:
+            if seen >= max_samples:
+                return
+            x = x[: max_samples - seen]
+        seen += x.shape[0]
+        yield x
+
+
+def collect_statistics(
+    models: Sequence[nn.Module],
+    data: Iterable[Any],
+    layers: Mapping[str, Sequence[str]] | Sequence[str],
+    max_batches: int | None = None,
+    progress: bool = True,
+    *,
+    max_samples: int | None = None,
+    warn: bool = True,
+) -> dict[str, JointStats]:
+    """Joint activation statistics of ``models`` on the same inputs, per space.
+
+    ``layers`` maps a space name to the module names whose outputs are samples of that space (their
+    samples are pooled, e.g. a ResNet residual stream), or is a list of module names (each its own
+    space). Every batch of ``data`` (a tensor, or a tuple/list whose first item is the inputs) runs
+    through every model, in eval mode (restored afterwards), on the first model's device. At most
+    ``max_batches`` batches / ``max_samples`` inputs are used. Returns ``{space: JointStats}``.
+    Input models are not changed. With fewer samples than channels (over all models) a
+    ``RuntimeWarning`` says the statistics are rank-deficient (``warn=False`` silences it).
+    """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 (or None for all), got {max_batches}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 (or None for all), got {max_samples}")
+    collector = StatisticsCollector(models, layers)
+    total: int | None = None
+    try:
+        total = len(data)  # type: ignore[arg-type]
+        if max_batches is not None:
+            total = min(total, max_batches)
+    except TypeError:
+        total = max_batches
+    batches: Iterable[torch.Tensor] = _limited(data, max_batches, max_samples)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=total, desc="activation statistics", leave=False)
+    with collector.attached():
+        for x in batches:
+            collector.update(x)
+    if collector.batches == 0:
+        raise ValueError("the data gave no batches; pass a non-empty DataLoader or iterable of batches")
+    stats = collector.result()
+    if warn:
+        for name, s in stats.items():
+            s.warn_if_rank_deficient(space=name)
+    return stats
+
+
+def _layer_spec(layer: str | Sequence[str]) -> dict[str, list[str]]:
+    names = [layer] if isinstance(layer, str) else list(layer)
+    if not names:
+        raise ValueError("no layer given")
+    return {names[0]: names}
+
+
+def correlation_matrix(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable[Any],
+    layer: str | Sequence[str],
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Pearson correlations between ``model_a``'s and ``model_b``'s channels at ``layer`` (CPU, ``n_a x n_b``).
+
+    ``layer`` is a module name, or a list of names whose samples are pooled. Constant channels give 0.
+    """
+    stats = collect_statistics([model_a, model_b], data, _layer_spec(layer), max_batches, progress)
+    return next(iter(stats.values())).corr(0, 1).cpu()
+
+
+def canonical_correlations(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable[Any],
+    layer: str | Sequence[str],
+    ridge: float = 1e-4,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Canonical correlations between two models' activations at ``layer`` (CPU, descending, in [0, 1]).
+
+    ``ridge * trace(S)/n * I`` is added to each model's covariance (scale-free regularisation).
+    """
+    stats = collect_statistics([model_a, model_b], data, _layer_spec(layer), max_batches, progress, warn=False)
+    s = next(iter(stats.values()))
+    s.warn_if_rank_deficient(ridge, space=next(iter(stats)))
+    return canonical_correlations_from_cov(s.cov(0), s.cov(1), s.cov(0, 1), ridge=ridge).cpu()

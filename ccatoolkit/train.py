@@ -1,0 +1,193 @@
+"""Train a classifier (SGD with momentum and a learning-rate schedule) and evaluate it.
+
+``train`` is the one function in the package that changes its model in place: it is meant for
+the caller's own freshly built model (see :func:`ccatoolkit.zoo.trained_model` for the cached
+version). Everything else leaves its input models untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from .data import batch_inputs, batch_targets
+from .device import resolve_device
+
+__all__ = ["train", "evaluate", "default_lr", "lr_factor", "SCHEDULES"]
+
+SCHEDULES: tuple[str, ...] = ("onecycle", "cosine", "constant")
+# peak learning rates that work for SGD + Nesterov momentum 0.9, batch 128-512, on these models
+_DEFAULT_LR = {"mlp": 0.05, "vgg11": 0.05, "resnet20": 0.2}
+
+
+def default_lr(model: nn.Module) -> float:
+    """The default peak learning rate for ``model`` (by its ``config['name']``; 0.05 if unknown)."""
+    name = str(getattr(model, "config", {}).get("name", "")).lower()
+    return _DEFAULT_LR.get(name, 0.05)
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.2) -> float:
+    """Learning-rate multiplier at ``step`` of ``total`` steps.
+
+    ``onecycle``: linear warm-up from 0 to 1 over the first ``warmup`` fraction of steps, then
+    linear decay to 0. ``cosine``: half a cosine from 1 to 0. ``constant``: 1.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid schedules are: {', '.join(SCHEDULES)}")
+    t = min(max(step / max(total, 1), 0.0), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if t < warmup:
+        return t / warmup
+    return max(0.0, (1.0 - t) / (1.0 - warmup))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _reseed(data: Any, seed: int) -> None:
+    """Make a DataLoader's shuffling depend only on ``seed``."""
+    if isinstance(data, DataLoader):
+        generator = data.generator if data.generator is not None else getattr(data.sampler, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(int(seed))
+
+
+def train(
+    model: nn.Module,
+    data: Iterable[Any],
+    epochs: int,
+    lr: float | None = None,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    schedule: str = "onecycle",
+    label_smoothing: float = 0.0,
+    nesterov: bool = True,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Train ``model`` in place with SGD for ``epochs`` passes over ``data``; returns the model.
+
+    ``data`` is a DataLoader or any re-iterable collection of ``(inputs, targets)`` batches.
+    ``lr`` is the peak learning rate (default: :func:`default_lr`), stepped every batch by
+    ``schedule`` (:func:`lr_factor`). The run is reproducible: it calls ``torch.manual_seed(seed)``
+    and re-seeds a DataLoader's shuffling generator with ``seed``. The model is moved to
+    ``device`` (default: :func:`ccatoolkit.device.default_device`) and is trained in place — this
+    is the one function that changes its model; its train/eval flag is restored at the end.
+    A progress bar over epochs (and a nested one over batches) shows the loss and accuracy.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid schedules are: {', '.join(SCHEDULES)}")
+    dev = resolve_device(device)
+    lr = default_lr(model) if lr is None else float(lr)
+    torch.manual_seed(int(seed))
+    _reseed(data, seed)
+    if not isinstance(data, DataLoader) and not hasattr(data, "__len__"):
+        data = list(data)  # a one-shot iterator: keep its batches for every epoch
+    steps_per_epoch = len(data)  # type: ignore[arg-type]
+    if steps_per_epoch == 0:
+        raise ValueError("cannot train on empty data (no batches)")
+    total = epochs * steps_per_epoch
+
+    model.to(dev)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov and momentum > 0
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, s, total))
+    non_blocking = dev.type == "cuda"
+
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.train()
+    step = 0
+    try:
+        epoch_bar = tqdm(range(epochs), desc="train", unit="epoch", disable=not progress)
+        for epoch in epoch_bar:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            correct = torch.zeros((), dtype=torch.int64, device=dev)
+            seen = 0
+            batch_bar = tqdm(data, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                             disable=not progress, total=steps_per_epoch)
+            for i, batch in enumerate(batch_bar):
+                x = batch_inputs(batch).to(dev, non_blocking=non_blocking)
+                y = torch.as_tensor(batch_targets(batch)).to(dev, non_blocking=non_blocking)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                with torch.no_grad():
+                    loss_sum += loss.detach().double() * y.shape[0]
+                    correct += (logits.argmax(1) == y).sum()
+                seen += int(y.shape[0])
+                if progress and (i % 20 == 0 or i == steps_per_epoch - 1):
+                    batch_bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}")
+            batch_bar.close()
+            epoch_loss = loss_sum.item() / max(seen, 1)
+            if not math.isfinite(epoch_loss):
+                raise RuntimeError(
+                    f"training diverged: the loss is {epoch_loss} in epoch {epoch + 1}; lower the learning rate "
+                    f"(lr={lr})"
+                )
+            epoch_bar.set_postfix(loss=f"{epoch_loss:.4f}", acc=f"{correct.item() / max(seen, 1):.3f}")
+        epoch_bar.close()
+    finally:
+        model.train(was_training)
+    return model
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Iterable[Any],
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict[str, float | int]:
+    """Accuracy and mean cross-entropy of ``model`` over ``data``: ``dict(accuracy, loss, n)``.
+
+    ``data`` is a DataLoader or any iterable of ``(inputs, targets)`` batches. Runs in eval mode
+    without gradients on the model's own device (or on ``device``, using a copy of the model if
+    it lives elsewhere); the model's train/eval flag is restored afterwards.
+    """
+    if device is not None and resolve_device(device) != _model_device(model):
+        model = copy.deepcopy(model).to(resolve_device(device))
+    dev = _model_device(model)
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    n = 0
+    try:
+        for batch in tqdm(data, desc="evaluate", unit="batch", leave=False, disable=not progress):
+            x = batch_inputs(batch).to(dev)
+            y = torch.as_tensor(batch_targets(batch)).to(dev)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits.double(), y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            n += int(y.shape[0])
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("cannot evaluate on empty data (no samples)")
+    return dict(accuracy=correct.item() / n, loss=loss_sum.item() / n, n=n)

@@ -1,0 +1,213 @@
+"""Apply per-space linear transforms to a model's weights, returning a new model.
+
+Convention (docs/design.md): for a space with transform pair ``(out, inp)`` the model's features
+``z`` become ``out @ z``. Output-side weights are left-multiplied by ``out`` along their axis
+(BatchNorm ``running_var`` by ``out**2`` elementwise), input-side weights are right-multiplied by
+``inp`` along their axis (a Flatten's ``block`` features of one channel move together).
+``inp = out^-1`` keeps the function for permutations and positive rescalings.
+
+Permutations: ``perm`` means "new channel ``i`` is old channel ``perm[i]``", i.e. the matrix
+``P[i, perm[i]] = 1`` (see :func:`permutation_matrix`); :func:`apply_permutations` applies it
+exactly by indexing.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .graph import MergeGraph, ParamRef, Space
+
+__all__ = [
+    "apply_transforms",
+    "apply_permutations",
+    "permutation_matrix",
+    "permutation_transforms",
+    "random_permutations",
+    "random_scalings",
+    "model_signature_mismatch",
+    "check_same_architecture",
+]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.state_dict().values():
+        return t.device
+    return torch.device("cpu")
+
+
+def _is_variance(ref: ParamRef) -> bool:
+    return ref.name.endswith("running_var")
+
+
+def _left(tensor: torch.Tensor, ref: ParamRef, matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix @ tensor`` along ``ref.axis``; channel-major blocks of ``ref.block`` entries move together."""
+    moved = tensor.movedim(ref.axis, 0)
+    shape = moved.shape
+    flat = moved.reshape(matrix.shape[1], -1)
+    return (matrix @ flat).reshape(shape).movedim(0, ref.axis)
+
+
+def _check_pair(space: Space, pair: object) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"transform for space {space.name!r} must be a pair (out, inp) of matrices, got {type(pair).__name__}")
+    out, inp = (torch.as_tensor(m) for m in pair)
+    for label, m in (("out", out), ("inp", inp)):
+        if m.shape != (space.size, space.size):
+            raise ValueError(
+                f"transform {label!r} for space {space.name!r} has shape {tuple(m.shape)}, "
+                f"expected ({space.size}, {space.size})"
+            )
+    return out, inp
+
+
+def _space_of(graph: MergeGraph, name: str) -> Space:
+    try:
+        return graph.space(name)
+    except KeyError as err:
+        raise KeyError(str(err.args[0])) from None
+
+
+def apply_transforms(
+    model: nn.Module, graph: MergeGraph, transforms: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> nn.Module:
+    """A copy of ``model`` with every space's ``(out, inp)`` transform applied (others unchanged).
+
+    Computes in float64 on the model's device and casts back to each tensor's dtype; ``model`` is
+    never modified.
+    """
+    device = _model_device(model)
+    state = model.state_dict()
+    work: dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in work:
+            if name not in state:
+                raise KeyError(f"merge graph refers to {name!r}, which is not in the model's state_dict")
+            work[name] = state[name].detach().to(torch.float64)
+        return work[name]
+
+    for name, pair in transforms.items():
+        space = _space_of(graph, name)
+        out, inp = _check_pair(space, pair)
+        out = out.to(device=device, dtype=torch.float64)
+        inp = inp.to(device=device, dtype=torch.float64)
+        for ref in space.outputs:
+            matrix = out * out if _is_variance(ref) else out
+            work[ref.name] = _left(get(ref.name), ref, matrix)
+        for ref in space.inputs:
+            work[ref.name] = _left(get(ref.name), ref, inp.T)
+    new = copy.deepcopy(model)
+    if work:
+        updated = {k: v.to(state[k].dtype) for k, v in work.items()}
+        new.load_state_dict({**state, **updated})
+    return new
+
+
+def permutation_matrix(perm: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """The matrix ``P`` with ``P[i, perm[i]] = 1`` so that ``(P @ z)[i] = z[perm[i]]`` (float64)."""
+    perm = torch.as_tensor(perm, dtype=torch.long)
+    n = perm.numel()
+    if perm.dim() != 1 or not torch.equal(torch.sort(perm.cpu()).values, torch.arange(n)):
+        raise ValueError(f"not a permutation of 0..{n - 1}: {perm.tolist()[:20]}")
+    p = torch.zeros(n, n, dtype=torch.float64, device=perm.device)
+    p[torch.arange(n, device=perm.device), perm] = 1.0
+    return p
+
+
+def permutation_transforms(perms: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{space: (P, P^T)}`` for :func:`apply_transforms` from ``{space: perm}``."""
+    out = {}
+    for name, perm in perms.items():
+        p = permutation_matrix(perm)
+        out[name] = (p, p.T.contiguous())
+    return out
+
+
+def apply_permutations(model: nn.Module, graph: MergeGraph, perms: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` with channels permuted per space (exact, by indexing; ``model`` unchanged).
+
+    Same result as ``apply_transforms(model, graph, permutation_transforms(perms))``.
+    """
+    state = model.state_dict()
+    work: dict[str, torch.Tensor] = {}
+    for name, perm in perms.items():
+        space = _space_of(graph, name)
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        if perm.shape != (space.size,) or not torch.equal(
+            torch.sort(perm.cpu()).values, torch.arange(space.size)
+        ):
+            raise ValueError(
+                f"permutation for space {space.name!r} must be a permutation of 0..{space.size - 1} "
+                f"(shape ({space.size},)), got shape {tuple(perm.shape)}"
+            )
+        for ref in space.outputs + space.inputs:
+            if ref.name not in state:
+                raise KeyError(f"merge graph refers to {ref.name!r}, which is not in the model's state_dict")
+            tensor = work.get(ref.name, state[ref.name])
+            index = perm.to(tensor.device)
+            if ref.block > 1:
+                offsets = torch.arange(ref.block, device=tensor.device)
+                index = (index[:, None] * ref.block + offsets[None, :]).reshape(-1)
+            work[ref.name] = tensor.index_select(ref.axis, index)
+    new = copy.deepcopy(model)
+    if work:
+        new.load_state_dict({**state, **work})
+    return new
+
+
+def random_permutations(graph: MergeGraph, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """A random permutation for every space (``{space: LongTensor}``), for function-preserving copies."""
+    return {s.name: torch.randperm(s.size, generator=generator) for s in graph.spaces}
+
+
+def random_scalings(
+    graph: MergeGraph,
+    generator: torch.Generator | None = None,
+    low: float = 0.5,
+    high: float = 2.0,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Positive diagonal rescalings ``{space: (diag(s), diag(1/s))}`` with ``s`` uniform in [low, high].
+
+    Keep a ReLU network's function: spaces are followed by positively homogeneous operations
+    (ReLU, max/avg pooling, BatchNorm whose weight, bias and running statistics scale along; the
+    BatchNorm ``eps`` makes this exact only up to ~eps/running_var).
+    """
+    if not 0 < low <= high:
+        raise ValueError(f"random_scalings needs 0 < low <= high, got low={low}, high={high}")
+    result = {}
+    for s in graph.spaces:
+        scale = low + (high - low) * torch.rand(s.size, generator=generator, dtype=torch.float64)
+        result[s.name] = (torch.diag(scale), torch.diag(1.0 / scale))
+    return result
+
+
+def model_signature_mismatch(models: Sequence[nn.Module]) -> str | None:
+    """The first state_dict difference (key or shape) between ``models[0]`` and the others, or None."""
+    models = list(models)
+    if len(models) < 2:
+        return None
+    ref = models[0].state_dict()
+    for i, model in enumerate(models[1:], start=1):
+        other = model.state_dict()
+        for key, tensor in ref.items():
+            if key not in other:
+                return f"model 0 has {key!r} of shape {tuple(tensor.shape)} but model {i} has no {key!r}"
+            if tuple(other[key].shape) != tuple(tensor.shape):
+                return (
+                    f"{key!r} has shape {tuple(tensor.shape)} in model 0 but {tuple(other[key].shape)} in model {i}"
+                )
+        extra = [k for k in other if k not in ref]
+        if extra:
+            return f"model {i} has {extra[0]!r} of shape {tuple(other[extra[0]].shape)} but model 0 has no {extra[0]!r}"
+    return None
+
+
+def check_same_architecture(models: Sequence[nn.Module]) -> None:
+    """Raise ``ValueError("models of different architectures: ...")`` naming the first mismatch."""
+    mismatch = model_signature_mismatch(models)
+    if mismatch is not None:
+        raise ValueError(f"models of different architectures: {mismatch}")

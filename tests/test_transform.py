@@ -1,0 +1,185 @@
+"""Weight transforms: permuted / rescaled copies keep the function; general transforms on linear nets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ccatoolkit.graph import merge_graph
+from ccatoolkit.models import MLP, VGG11, ResNet20
+from ccatoolkit.transform import (
+    apply_permutations,
+    apply_transforms,
+    check_same_architecture,
+    model_signature_mismatch,
+    permutation_matrix,
+    permutation_transforms,
+    random_permutations,
+    random_scalings,
+)
+
+
+class SmallRes(nn.Module):
+    """A user's residual CNN: one residual block, torch.flatten, every nonlinearity its own module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0, self.relu0 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(5, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu0(self.bn0(self.conv0(x)))
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        x = self.relu2(x + y)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def user_cnn() -> nn.Sequential:
+    """conv-bn-relu-pool, conv-relu, Flatten of a 4x4 map (block 16), linear-relu, linear."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(6 * 16, 10), nn.ReLU(), nn.Linear(10, 3),
+    )
+
+
+def _randomize_bn(model: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, so that the tests see them."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+    return model.eval()
+
+
+CASES = {
+    "mlp": (lambda: MLP(depth=3, width=16, in_shape=(1, 6, 6)), (4, 1, 6, 6), None),
+    "mlp-bn": (lambda: MLP(depth=2, width=16, in_shape=(1, 6, 6), batchnorm=True), (4, 1, 6, 6), None),
+    "vgg11": (lambda: VGG11(width=0.125, in_shape=(1, 16, 16)), (3, 1, 16, 16), None),
+    "resnet20": (lambda: ResNet20(in_shape=(1, 12, 12)), (3, 1, 12, 12), None),
+    "user-cnn": (user_cnn, (4, 1, 8, 8), (2, 1, 8, 8)),
+    "user-res": (SmallRes, (4, 1, 6, 6), None),
+}
+
+
+def _setup(case: str) -> tuple[nn.Module, torch.Tensor, object]:
+    build, shape, example = CASES[case]
+    gen = torch.Generator().manual_seed(1)
+    model = _randomize_bn(build(), gen)
+    x = torch.randn(*shape, generator=gen)
+    graph = merge_graph(model, example_input=None if example is None else torch.zeros(example))
+    return model, x, graph
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_permuted_and_rescaled_copies_keep_the_function(case: str) -> None:
+    model, x, graph = _setup(case)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        y = model(x)
+        perms = random_permutations(graph, gen)
+        permuted = apply_permutations(model, graph, perms)
+        torch.testing.assert_close(permuted(x), y, atol=1e-5, rtol=1e-5)
+        # the permutation really moved the weights
+        assert any(not torch.equal(permuted.state_dict()[k], v) for k, v in before.items())
+        scaled = apply_transforms(permuted, graph, random_scalings(graph, gen, 0.5, 2.0))
+        torch.testing.assert_close(scaled(x), y, atol=1e-4, rtol=1e-4)
+        first = graph.spaces[0].outputs[0].name
+        assert not torch.allclose(scaled.state_dict()[first].abs(), permuted.state_dict()[first].abs())
+    for k, v in model.state_dict().items():  # the input model is untouched
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("case", ["mlp-bn", "user-cnn", "resnet20"])
+def test_permutation_by_matrices_equals_indexing(case: str) -> None:
+    model, _, graph = _setup(case)
+    perms = random_permutations(graph, torch.Generator().manual_seed(3))
+    a = apply_permutations(model, graph, perms).state_dict()
+    b = apply_transforms(model, graph, permutation_transforms(perms)).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_permutation_matrix_convention() -> None:
+    perm = torch.tensor([2, 0, 1])
+    z = torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)
+    assert torch.equal(permutation_matrix(perm) @ z, z[perm])
+    with pytest.raises(ValueError, match="not a permutation"):
+        permutation_matrix([0, 0, 1])
+
+
+def test_general_invertible_transforms_on_linear_networks() -> None:
+    """Without nonlinearities any invertible out with inp = out^-1 keeps the function (incl. a Flatten block)."""
+    gen = torch.Generator().manual_seed(4)
+    models = [
+        (nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 6), nn.Dropout(), nn.Linear(6, 3)), torch.randn(4, 5, generator=gen)),
+        (nn.Sequential(nn.Conv2d(2, 3, 3), nn.AvgPool2d(1), nn.Flatten(), nn.Linear(3 * 16, 5), nn.Linear(5, 2)),
+         torch.randn(4, 2, 6, 6, generator=gen)),
+    ]
+    for model, x in models:
+        model.eval()
+        graph = merge_graph(model, example_input=x)
+        transforms = {}
+        for s in graph:
+            out = torch.randn(s.size, s.size, generator=gen, dtype=torch.float64) + 3 * torch.eye(s.size)
+            transforms[s.name] = (out, torch.linalg.inv(out))
+        new = apply_transforms(model, graph, transforms)
+        with torch.no_grad():
+            torch.testing.assert_close(new(x), model(x), atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(new[0].weight, model[0].weight)
+    # the block-16 flatten input really was transformed channel-major
+    assert graph.spaces[0].inputs[0].block == 16
+
+
+def test_features_become_out_times_z() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    graph = merge_graph(model)
+    out = torch.randn(4, 4, dtype=torch.float64)
+    new = apply_transforms(model, graph, {"1": (out, torch.eye(4))})
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(new[0](x).double(), model[0](x).double() @ out.T, atol=1e-5, rtol=1e-5)
+
+
+def test_transform_errors_name_the_space() -> None:
+    model = MLP(depth=2, width=4)
+    graph = merge_graph(model)
+    with pytest.raises(ValueError, match=r"space 'relu2' has shape \(3, 3\), expected \(4, 4\)"):
+        apply_transforms(model, graph, {"relu2": (torch.eye(3), torch.eye(3))})
+    with pytest.raises(KeyError, match="relu1, relu2"):
+        apply_transforms(model, graph, {"fc9": (torch.eye(4), torch.eye(4))})
+    with pytest.raises(ValueError, match="relu1"):
+        apply_permutations(model, graph, {"relu1": torch.tensor([0, 1, 2])})
+
+
+def test_dtype_kept_and_unlisted_spaces_unchanged() -> None:
+    model = MLP(depth=2, width=4).to(torch.float32)
+    graph = merge_graph(model)
+    new = apply_transforms(model, graph, {"relu1": (2 * torch.eye(4), 0.5 * torch.eye(4))})
+    assert new.fc1.weight.dtype == torch.float32
+    torch.testing.assert_close(new.fc1.weight, 2 * model.fc1.weight)
+    torch.testing.assert_close(new.fc2.weight, 0.5 * model.fc2.weight)
+    assert torch.equal(new.head.weight, model.head.weight)
+    assert new is not model and new.config == model.config
+
+
+def test_signature_mismatch() -> None:
+    a, b, c = MLP(depth=2, width=4), MLP(depth=2, width=4), MLP(depth=2, width=5)
+    assert model_signature_mismatch([a, b]) is None
+    check_same_architecture([a, b])
+    msg = model_signature_mismatch([a, b, c])
+    assert msg is not None and "'fc1.weight'" in msg and "model 2" in msg and "(5, 784)" in msg
+    with pytest.raises(ValueError, match="models of different architectures: .*fc1.weight"):
+        check_same_architecture([a, c])
+    with pytest.raises(ValueError, match="fc3"):
+        check_same_architecture([a, MLP(depth=3, width=4)])
