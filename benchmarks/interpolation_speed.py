@@ -19,49 +19,29 @@ depend on training). CPU timings on a shared machine are noisy: each number is t
 from __future__ import annotations
 
 import argparse
-import gzip
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset
 
 from ccatoolkit.landscape import interpolate
 from ccatoolkit.models import MLP, ResNet20
 
 
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+def fashion_mnist_test(n: int) -> Subset:
+    """The first ``n`` images of the Fashion-MNIST test set (local files; nothing is downloaded)."""
+    from ccatoolkit.data import load_dataset
+
+    dataset = load_dataset("fashion_mnist", train=False, download=False)
+    return Subset(dataset, range(min(n, len(dataset))))
 
 
-def fashion_mnist_test(n: int) -> TensorDataset:
-    """The Fashion-MNIST test set (via ccatoolkit.data when it can, else the local IDX files)."""
-    root = Path(os.environ.get("CCATOOLKIT_DATA", "/usr/share/datasets/fashion-mnist"))
-    images = next(p for p in (root / "t10k-images-idx3-ubyte.gz", root / "t10k-images-idx3-ubyte") if p.exists())
-    labels = next(p for p in (root / "t10k-labels-idx1-ubyte.gz", root / "t10k-labels-idx1-ubyte") if p.exists())
-    x = torch.tensor(_idx(images)[:n], dtype=torch.float32).div_(255.0).sub_(0.2860).div_(0.3530).unsqueeze(1)
-    y = torch.tensor(_idx(labels)[:n], dtype=torch.long)
-    return TensorDataset(x, y)
+def plain_pass(model: torch.nn.Module, loader: DataLoader) -> float:
+    """One ordinary evaluation pass of one model (``ccatoolkit.train.evaluate``)."""
+    from ccatoolkit.train import evaluate
 
-
-def plain_pass(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """One ordinary evaluation pass (loss and accuracy), as a user would write it."""
-    loss, correct, n = 0.0, 0, 0
-    with torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            n += len(y)
-    return loss / n
+    return evaluate(model, loader)["loss"]
 
 
 def best_of(repeats: int, fn) -> float:
@@ -96,11 +76,11 @@ def main() -> None:
         return model.to(device).eval()
 
     a, b = build(0), build(1)
-    loader = DataLoader(fashion_mnist_test(args.n), batch_size=args.batch_size)
+    loader = DataLoader(fashion_mnist_test(args.n), batch_size=args.batch_size)  # as ccatoolkit.data.make_loader
     kw = dict(alphas=args.points, progress=False, chunk_size=args.chunk_size)
     print(f"model={args.model} points={args.points} n={len(loader.dataset)} batch={args.batch_size} "
           f"device={device} threads={torch.get_num_threads()} (shared CPU: timings are noisy)")
-    plain = best_of(args.repeats, lambda: plain_pass(a, loader, device))
+    plain = best_of(args.repeats, lambda: plain_pass(a, loader))
     batched = best_of(args.repeats, lambda: interpolate(a, b, loader, batched=True, **kw))
     loop = best_of(max(1, args.repeats - 1), lambda: interpolate(a, b, loader, batched=False, **kw))
     fast = interpolate(a, b, loader, batched=True, **kw)

@@ -32,6 +32,13 @@ _EXPORTS: dict[str, str] = {
     "canonical_correlations": "ccatoolkit.stats",
     # merging
     "merge_graph": "ccatoolkit.graph",
+    "MergeGraph": "ccatoolkit.graph",
+    "Space": "ccatoolkit.graph",
+    "ParamRef": "ccatoolkit.graph",
+    "GraphError": "ccatoolkit.graph",
+    "apply_transforms": "ccatoolkit.transform",
+    "apply_permutations": "ccatoolkit.transform",
+    "check_same_architecture": "ccatoolkit.transform",
     "merge": "ccatoolkit.merging",
     "align_to": "ccatoolkit.merging",
     "ensemble": "ccatoolkit.merging",

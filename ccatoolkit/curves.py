@@ -326,6 +326,8 @@ def train_curve(
     start = {k: v.clone() for k, v in float_state(model_a).items()}
 
     def create() -> dict[str, Any]:
+        if isinstance(align, str):
+            align_options.setdefault("progress", progress)
         b_prime = aligned_endpoint(model_a, model_b, align, align_data if align_data is not None else data,
                                    **align_options)
         check_compatible([model_a, b_prime], ["model_a", "aligned model_b"])
@@ -351,7 +353,13 @@ def train_curve(
             "lr": float(lr), "momentum": float(momentum), "weight_decay": float(weight_decay), "seed": int(seed),
             "data": describe_data(data),
         }
-        stored = load_or_create("curve", key, create, cache_dir=cache_dir)
+        def validate(value: Any) -> None:
+            for part in ("end", "control"):
+                shapes = {k: tuple(v.shape) for k, v in value[part].items()}
+                if shapes != {k: tuple(v.shape) for k, v in start.items()}:
+                    raise ValueError(f"the cached curve's {part} does not fit model_a's parameters")
+
+        stored = load_or_create("curve", key, create, cache_dir=cache_dir, validate=validate)
     else:
         stored = create()
     history = [float(v) for v in torch.as_tensor(stored["history"]).tolist()]

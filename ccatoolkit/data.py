@@ -20,6 +20,7 @@ Splits for the CCA Merge experiments (:func:`split_indices`): ``full``, ``disjoi
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import os
 from pathlib import Path
@@ -351,16 +352,21 @@ def _load_cifar(name: str, root: Any, train: bool, download: bool) -> tuple[torc
     return images, torch.as_tensor(list(raw.targets), dtype=torch.long), list(raw.classes)
 
 
-def _load_digits(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    n = len(digits.target)
+    return digits.images.astype(np.float32), digits.target.astype(np.int64)
+
+
+def _load_digits(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    images, targets = _digits_arrays()  # parsed once per process (scikit-learn reads a CSV)
+    n = len(targets)
     order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(n)
     n_train = int(0.8 * n)
     part = np.sort(order[:n_train] if train else order[n_train:])
-    images = torch.as_tensor(digits.images[part], dtype=torch.float32).unsqueeze(1)
-    return images, torch.as_tensor(digits.target[part], dtype=torch.long)
+    return torch.as_tensor(images[part]).unsqueeze(1), torch.as_tensor(targets[part])
 
 
 def load_dataset(

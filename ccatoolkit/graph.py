@@ -226,7 +226,7 @@ _FUNCTIONAL_POOLS = {
 }
 _PASSTHROUGH_METHODS = {"contiguous", "clone", "detach", "float", "double", "half", "to", "type_as"}
 _NON_TENSOR_METHODS = {"size", "dim", "numel", "ndimension", "element_size", "is_contiguous", "get_device"}
-_ADDS = {operator.add, operator.iadd, torch.add}
+_ADDS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
 _SCALES = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul}
 
 
@@ -449,7 +449,7 @@ class _Builder:
             return None
         if x is None:
             return self.opaque(node)
-        if target in _ADDS or (is_method and target in ("add", "add_")):
+        if target in _ADDS or (is_method and target in ("add", "add_", "sub", "sub_")):
             if len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], torch.fx.Node):
                 other = self.feats.get(node.args[1])
                 if other is not None and other.block == x.block and (
@@ -457,7 +457,7 @@ class _Builder:
                 ):
                     self.union(x.space, other.space)
                     return self.same(x, node)
-            return self.opaque(node, "an addition that is not of two tensors of the same space layout")
+            return self.opaque(node, "an addition or subtraction that is not of two tensors of the same space layout")
         if target in _SCALES or (is_method and target in ("mul", "mul_", "div", "div_")):
             if len(feats) == 1 and len(node.args) == 2 and isinstance(node.args[1], (int, float)):
                 return self.same(x, node)
@@ -504,9 +504,9 @@ class _Builder:
         if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims) or x.block != 1:
             return self.opaque(node, "a reduction that may include the channel axis")
         nd = x.ndim
-        if nd is None or x.chdim != 1:
-            return self.opaque(node, "a reduction without shape information")
-        if any(d % nd in (0, 1) for d in dims):
+        if x.chdim != 1 or (nd is None and any(d < 2 for d in dims)):
+            return self.opaque(node, "a reduction that may include the channel axis")
+        if nd is not None and any(d % nd in (0, 1) for d in dims):
             return self.opaque(node, "a reduction over the batch or channel axis")
         return _Feat(x.space, 1, self.ndim(node), 1)
 
@@ -555,7 +555,8 @@ class _Builder:
             if not capture and (nonlin or shared):
                 culprit = f"activation module(s) {shared} called more than once" if shared else nonlin[0]
                 raise GraphError(
-                    f"cannot choose the capture layer of the hidden space produced by {first.name.rsplit('.', 1)[0]!r}: "
+                    "cannot choose the capture layer of the hidden space produced by "
+                    f"{first.name.rsplit('.', 1)[0]!r}: "
                     f"its non-linearity is {culprit}. Statistics are taken from post-activation outputs, so every "
                     "non-linearity must be its own nn.Module instance (e.g. self.relu1 = nn.ReLU(), used once), "
                     "not a functional call like F.relu. " + SPEC_ADVICE
@@ -575,6 +576,9 @@ class _Builder:
 
 def _example_input(model: nn.Module, example_input: Any) -> torch.Tensor | None:
     if example_input is not None:
+        param = next(iter(model.parameters()), None)
+        if isinstance(example_input, torch.Tensor) and param is not None:
+            return example_input.to(param.device)
         return example_input
     config = getattr(model, "config", None)
     in_shape = config.get("in_shape") if isinstance(config, dict) else None

@@ -549,6 +549,7 @@ def interpolate(
     progress: bool = True,
     chunk_size: int | None = None,
     label: str | None = None,
+    repair: bool = False,
     **align_options: Any,
 ) -> InterpolationResult:
     """Loss and accuracy of ``(1-a) A + a B'`` on ``data`` for each ``a`` in ``alphas``.
@@ -560,23 +561,69 @@ def interpolate(
     statistics at every point on ``bn_data`` (needed for BatchNorm networks). ``alphas`` is a number
     of evenly spaced points in [0, 1] (ends included) or any sequence (values outside [0, 1]
     extrapolate). ``batched=False`` evaluates one model copy after another (same numbers, slower).
+    ``repair=True`` applies REPAIR (Jordan et al. 2023, :func:`ccatoolkit.normalization.repair`) at every
+    point: its pre-activation channel means/stds are set to ``(1-a)`` A's plus ``a`` B''s, measured on
+    ``bn_data`` (a per-point step, after the BatchNorm reset when ``reset_bn``); the repaired points are
+    then evaluated batched.
     """
     grid = _alpha_grid(alphas)
     check_compatible([model_a, model_b], ["model_a", "model_b"])
     method = _method_name(align)
+    if isinstance(align, str):
+        align_options.setdefault("progress", progress)
     b_prime = aligned_endpoint(model_a, model_b, align, align_data if align_data is not None else data, **align_options)
     check_compatible([model_a, b_prime], ["model_a", "aligned model_b"])
     device = model_device(model_a)
     states = [float_state(model_a), {k: v.to(device) for k, v in float_state(b_prime).items()}]
     coeffs = np.stack([1.0 - grid, grid], axis=1)
+    if repair:
+        if bn_data is None:
+            raise ValueError("repair=True needs bn_data: pass the training data to measure the channel statistics")
+        states = _repaired_points(model_a, b_prime, states, coeffs, reset_bn, bn_data, progress)
+        coeffs = np.eye(len(grid))
     loss, acc = evaluate_points(
-        model_a, states, coeffs, data, reset_bn=reset_bn, bn_data=bn_data, batched=batched,
+        model_a, states, coeffs, data, reset_bn=reset_bn and not repair, bn_data=bn_data, batched=batched,
         chunk_size=chunk_size, progress=progress, desc=f"interpolate ({method})",
     )
+    default = ("naive" if align is None else method) + (" + REPAIR" if repair else "")
     return InterpolationResult(
-        alphas=grid, loss=loss, accuracy=acc, label=label or ("naive" if align is None else method),
+        alphas=grid, loss=loss, accuracy=acc, label=label or default,
         method=method, reset_bn=bool(reset_bn and has_batchnorm(model_a)),
     )
+
+
+def _repaired_points(
+    model_a: nn.Module,
+    b_prime: nn.Module,
+    states: list[dict[str, torch.Tensor]],
+    coeffs: np.ndarray,
+    reset_bn: bool,
+    bn_data: Iterable[Any],
+    progress: bool,
+) -> list[dict[str, torch.Tensor]]:
+    """Each point's state after REPAIR towards the interpolated end-point statistics (one point at a time)."""
+    from tqdm.auto import tqdm
+
+    from ccatoolkit.graph import merge_graph
+    from ccatoolkit.normalization import channel_stats, repair, repair_endpoints
+
+    graph = merge_graph(model_a)
+    modules = [n for names in repair_endpoints(model_a, graph).values() for n in names]
+    ends = [channel_stats(m, modules, bn_data) for m in (model_a, b_prime)]
+    device = model_device(model_a)
+    out: list[dict[str, torch.Tensor]] = []
+    for row in tqdm(coeffs, desc="REPAIR", disable=not progress, leave=False):
+        state = {k: v[0] for k, v in combine(states, torch.as_tensor(row[None, :])).items()}
+        if reset_bn and has_batchnorm(model_a):
+            _estimate_bn(model_a, [state], bn_data, False, device, False)
+        point = copy.deepcopy(model_a).eval()
+        point.load_state_dict(state, strict=False)
+        wa, wb = float(row[0]), float(row[1])
+        targets = {
+            n: (wa * ends[0][n][0] + wb * ends[1][n][0], wa * ends[0][n][1] + wb * ends[1][n][1]) for n in modules
+        }
+        out.append(float_state(repair(point, None, bn_data, graph=graph, progress=False, targets=targets)))
+    return out
 
 
 # --------------------------------------------------------------------------- simplex

@@ -130,9 +130,13 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass early."""
 
 
-def _reduce_channels(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _reduce_channels(
+    out: torch.Tensor, matrix: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     t = out.detach().to(torch.float64)
     t = t.movedim(1, -1).reshape(-1, t.shape[1]) if t.dim() > 2 else t
+    if matrix is not None:
+        t = t @ torch.as_tensor(matrix, dtype=torch.float64, device=t.device).T
     return t.sum(0), (t * t).sum(0), t.shape[0]
 
 
@@ -143,19 +147,24 @@ def channel_stats(
     max_batches: int | None = None,
     progress: bool = False,
     stop_after: str | None = None,
+    transform: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and (population) std of the outputs of ``modules`` on ``data``, in eval mode.
 
     Channels are dim 1; conv outputs count every position as a sample. With ``stop_after`` the
-    forward pass ends after that module (cheaper when only early layers matter).
+    forward pass ends after that module (cheaper when only early layers matter). ``transform[name]``
+    (a ``C x C`` matrix) maps a module's channels ``y`` to ``transform @ y`` before they are counted
+    (the statistics of a model's features seen in another model's space).
     """
     named = dict(model.named_modules())
     acc: dict[str, list[Any]] = {n: [0.0, 0.0, 0] for n in modules}
     handles = []
 
     def make(name: str):
+        matrix = None if transform is None or name not in transform else transform[name]
+
         def hook(_m: nn.Module, _a: Any, out: torch.Tensor) -> None:
-            s, ss, c = _reduce_channels(out)
+            s, ss, c = _reduce_channels(out, matrix)
             a = acc[name]
             a[0], a[1], a[2] = a[0] + s, a[1] + ss, a[2] + c
             if name == stop_after:

@@ -62,7 +62,7 @@ class Settings:
     alphas: int = 21                # points along an interpolation path
     plane_resolution: int = 15      # grid points per side of a 2-D loss plane
     curve_epochs: int = 3           # epochs to train a mode-connectivity curve
-    ridge: float = 0.1              # CCA regularisation
+    ridge: float = 0.01             # CCA regularisation (ridge * trace(S)/n added to each covariance)
     seed: int = 0
     progress: bool = True           # tqdm progress bars in long loops
 
@@ -211,22 +211,12 @@ def zoo(s: Settings, split: str = "full", n: int | None = None, seeds: Any = Non
         raise ValueError(f"{n} models need {n} seeds, got {len(seeds)}")
     models = []
     for i, seed in enumerate(seeds):
-        kw: dict[str, Any] = dict(model=s.model, model_kwargs=dict(s.model_kwargs), dataset=s.dataset, split=split,
-                                  seed=seed, epochs=s.epochs, limit=s.limit, device=s.device, progress=s.progress)
-        if split != "full":
-            kw.update(n_models=n, model_index=i)
-        models.append(_call(trained_model, kw).eval())
+        part = dict(n_models=n, model_index=i) if split != "full" else {}
+        model = trained_model(model=s.model, model_kwargs=dict(s.model_kwargs), dataset=s.dataset, split=split,
+                              seed=seed, epochs=s.epochs, batch_size=s.batch_size, limit=s.limit,
+                              device=s.device, progress=s.progress, **part)
+        models.append(model.eval())
     return models
-
-
-def _call(fn: Any, kwargs: dict[str, Any]) -> Any:
-    """Call ``fn`` with the keyword arguments it accepts (drops e.g. ``device`` where it has none)."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
 def accuracy_table(models: dict[str, Any], data: Any) -> Any:

@@ -7,10 +7,11 @@ the sum of the samples and the sum of their outer products (a joint Gram matrix)
 convolutional output ``(N, C, H, W)`` gives ``N*H*W`` samples of ``C`` channels; a linear output
 ``(N, F)`` gives ``N`` samples of ``F`` features. Memory does not grow with the amount of data.
 
-Speed: each batch's Gram matrix is computed in float32 (float64 for float64 models) on activations centred by a fixed per-channel
-shift (the first batch's mean), so float32 loses nothing that matters, and only the upper block
-triangle is computed (about 3/4 of the work for two models); per-batch results are added into the
-float64 totals. A ones row appended to the batch matrix yields the sums in the same matrix product.
+Speed: Gram matrices are computed in float32 (float64 for float64 models) on activations minus a
+fixed per-channel shift (the first batch's mean), so float32 loses nothing that matters; a ones row
+appended to the samples yields the sums in the same matrix product; only the upper block triangle
+is computed (about 3/4 of the work for two models); on CPU the samples are processed in cache-sized
+blocks. The float32 running Gram is flushed into the float64 totals every 2^17 samples.
 
 Means, covariances, cross-covariances, correlations and canonical correlations come from the sums
 (:class:`JointStats`). With ``torch.distributed`` initialised the sums are all-reduced, so ranks that
@@ -47,6 +48,10 @@ EIG_RTOL = 1e-10
 VAR_RTOL = 1e-10
 # Rows of the batch matrix per Gram chunk: the upper block triangle is computed chunk by chunk.
 _CHUNK_ROWS = 128
+# On CPU a batch is processed in column blocks of about this size, so the block stays in cache.
+_BLOCK_BYTES = 1 << 20
+# The running Gram (a sum over at most this many samples, of shifted data) is flushed into float64.
+_FLUSH_SAMPLES = 1 << 17
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,18 +312,27 @@ def _batch_inputs(batch: Any) -> torch.Tensor:
 
 
 class _Space:
-    """Accumulators of one space: shifted float64 sums, filled chunk by chunk from float32 batch Grams."""
+    """Accumulators of one space.
+
+    The joint samples of a batch are written, a cache-sized block of columns at a time, into a
+    small matrix ``z`` (channels minus a fixed shift, then a row of ones); its Gram matrix (upper
+    block triangle; the ones row gives the sums) is added into a float32 running total that is
+    flushed into the float64 sums every ``_FLUSH_SAMPLES`` samples.
+    """
 
     def __init__(self, name: str, layers: list[str], num_models: int) -> None:
         self.name, self.layers, self.num_models = name, layers, num_models
         self.sizes: list[int] | None = None
-        self.shift: torch.Tensor | None = None  # per joint channel, in the batch dtype
-        self.dtype = torch.float32  # dtype of the batch matrices and their Grams
+        self.dtype = torch.float32  # dtype of the blocks and of the running Gram
+        self.shift: torch.Tensor | None = None  # per joint channel, in self.dtype
         self.s1: torch.Tensor | None = None  # float64 sum of (x - shift)
-        self.s2: torch.Tensor | None = None  # float64 sum of outer products of (x - shift), upper block part
-        self.count = 0
-        self.chunks: list[tuple[int, int]] = []
+        self.s2: torch.Tensor | None = None  # float64 sum of (x - shift)(x - shift)^T, upper block part
+        self.g: torch.Tensor | None = None  # running (dim, dim + 1) Gram since the last flush, self.dtype
+        self.z: torch.Tensor | None = None  # (dim + 1, columns) block buffer, last row ones
         self.bad: torch.Tensor | None = None  # per joint channel: a non-finite value was seen
+        self.count = 0
+        self.unflushed = 0
+        self.chunks: list[tuple[int, int]] = []
 
     @property
     def dim(self) -> int:
@@ -327,31 +341,72 @@ class _Space:
     def setup(self, sizes: list[int], first: list[torch.Tensor], device: torch.device) -> None:
         self.sizes = sizes
         d = sum(sizes)
-        # float32 batch Grams, unless the models compute in float64 (then everything is float64)
+        # float32 Grams of shifted data, unless the models compute in float64 (then all is float64)
         self.dtype = torch.float64 if any(t.dtype == torch.float64 for t in first) else torch.float32
         shift = torch.cat([_channels_mean(t) for t in first]).to(self.dtype)
         self.shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         self.s1 = torch.zeros(d, dtype=torch.float64, device=device)
         self.s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.g = torch.zeros(d, d + 1, dtype=self.dtype, device=device)
         self.bad = torch.zeros(d, dtype=torch.bool, device=device)
-        # row chunks: split at model boundaries, and large blocks further
+        # Row chunks: split at model boundaries and large blocks further, so that only the upper
+        # block triangle of the Gram matrix is computed.
         bounds = [0]
-        for s in sizes:
-            pieces = max(1, round(s / _CHUNK_ROWS))
+        for size in sizes:
+            pieces = max(1, round(size / _CHUNK_ROWS))
             start = bounds[-1]
-            bounds += [start + (s * (p + 1)) // pieces for p in range(pieces)]
-        self.chunks = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+            bounds += [start + (size * (p + 1)) // pieces for p in range(pieces)]
+        self.chunks = [(r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:]) if r1 > r0]
 
-    def accumulate(self, z: torch.Tensor) -> None:
-        """Add a batch matrix ``z`` (``dim + 1`` rows: centred channels, then ones; one column per sample)."""
+    def _block(self, cols: int, device: torch.device) -> torch.Tensor:
         d = self.dim
-        assert self.s1 is not None and self.s2 is not None and self.bad is not None
+        if self.z is None or self.z.shape[1] < cols:
+            self.z = torch.empty(d + 1, cols, dtype=self.dtype, device=device)
+            self.z[d].fill_(1.0)
+        return self.z
+
+    def add(self, outs: list[torch.Tensor]) -> None:
+        """Add one capture point's outputs of all models on one batch (each ``(N, C_i, *spatial)``)."""
+        assert self.sizes is not None and self.shift is not None and self.g is not None
+        n = outs[0].shape[0]
+        per_input = outs[0][:1].numel() // max(1, outs[0].shape[1])  # samples per input (spatial size)
+        device = self.g.device
+        if device.type == "cpu":  # keep the block in cache: about _BLOCK_BYTES
+            step = max(1, min(n, _BLOCK_BYTES // max(1, (self.dim + 1) * per_input * self.g.element_size())))
+        else:
+            step = n
+        z_all = self._block(step * per_input, device)
+        d = self.dim
+        for n0 in range(0, n, step):
+            nb = min(step, n - n0)
+            cols = nb * per_input
+            z = z_all[:, :cols]
+            off = 0
+            for out, size in zip(outs, self.sizes):
+                part = out[n0 : n0 + nb].transpose(0, 1)
+                dst = z[off : off + size].view(part.shape)
+                shift = self.shift[off : off + size].view(size, *([1] * (part.dim() - 1)))
+                torch.sub(part, shift, out=dst)
+                off += size
+            for r0, r1 in self.chunks:
+                self.g[r0:r1, r0:].addmm_(z[r0:r1], z[r0 : d + 1].T)
+        self.count += n * per_input
+        self.unflushed += n * per_input
+        if self.unflushed >= _FLUSH_SAMPLES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Move the running Gram into the float64 sums."""
+        assert self.g is not None and self.s1 is not None and self.s2 is not None and self.bad is not None
+        if not self.unflushed:
+            return
+        d = self.dim
         for r0, r1 in self.chunks:
-            g = torch.mm(z[r0:r1], z[r0:].T)
-            self.s2[r0:r1, r0:] += g[:, : d - r0]
-            self.s1[r0:r1] += g[:, d - r0]
-            self.bad[r0:r1] |= ~torch.isfinite(torch.diagonal(g))
-        self.count += z.shape[1]
+            self.s2[r0:r1, r0:] += self.g[r0:r1, r0:d]
+        self.s1 += self.g[:, d]
+        self.bad |= ~torch.isfinite(torch.diagonal(self.g))
+        self.g.zero_()
+        self.unflushed = 0
 
     def check_finite(self) -> None:
         assert self.bad is not None and self.sizes is not None
@@ -362,69 +417,53 @@ class _Space:
         for model, size in enumerate(self.sizes):
             if first < off + size:
                 raise ValueError(
-                    f"non-finite activations (NaN/Inf, or too large for float32) in space {self.name!r} "
-                    f"(layers {', '.join(self.layers)}) of model {model} (channel {first - off}); "
-                    "check the model's weights and inputs"
+                    f"non-finite activations (NaN/Inf, or too large for {str(self.dtype).replace('torch.', '')}) "
+                    f"in space {self.name!r} (layers {', '.join(self.layers)}) of model {model} "
+                    f"(channel {first - off}); check the model's weights and inputs"
                 )
             off += size
 
     def result(self) -> JointStats:
+        self.flush()
         assert self.s1 is not None and self.s2 is not None and self.shift is not None and self.sizes is not None
-        d = self.dim
-        device = self.s2.device
-        rows = torch.arange(d, device=device)
-        start = torch.empty(d, dtype=torch.long, device=device)
-        for r0, r1 in self.chunks:
-            start[r0:r1] = r0
-        computed = rows[None, :] >= start[:, None]
-        s2 = torch.where(computed, self.s2, self.s2.T)
+        s2 = self.s2.clone()
+        for r0, r1 in self.chunks:  # fill the lower block triangle from the upper one
+            s2[r1:, r0:r1] = s2[r0:r1, r1:].T
+        # undo the shift k: sum x = s1 + n k;  sum x x^T = s2 + k s1^T + s1 k^T + n k k^T
         k = self.shift.to(torch.float64)
         n = float(self.count)
-        total = self.s1 + n * k
-        gram = s2 + torch.outer(k, self.s1) + torch.outer(self.s1, k) + n * torch.outer(k, k)
-        gram = (gram + gram.T) / 2
-        return JointStats(self.count, total, gram, list(self.sizes), list(self.layers))
+        u = self.s1 + (n / 2) * k
+        gram = s2.addr_(k, u).addr_(u, k)
+        return JointStats(self.count, self.s1 + n * k, gram, list(self.sizes), list(self.layers))
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.s1, self.s2, self.shift, self.bad) if t is not None)
+    def nbytes(self) -> tuple[int, int]:
+        """(bytes of the sums, bytes of the per-batch buffers)."""
+        sums = sum(t.numel() * t.element_size() for t in (self.s1, self.s2, self.shift, self.bad, self.g)
+                   if t is not None)
+        return sums, (0 if self.z is None else self.z.numel() * self.z.element_size())
 
 
 def _channels_mean(t: torch.Tensor) -> torch.Tensor:
     dims = [0] + list(range(2, t.dim()))
-    return t.detach().to(torch.float64).mean(dim=dims)
+    return t.detach().mean(dim=dims, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
 class _Point:
-    """One capture point (a module name) of a space: hooks of every model write its batch matrix."""
+    """One capture point (a module name) of a space: collects every model's output on a batch.
+
+    Outputs are held by reference until all models have run (no copy). On the first batch they
+    are also cloned and checked: a capture point whose output a later in-place operation changes
+    (e.g. ``nn.ReLU(inplace=True)`` after a captured BatchNorm) is cloned on every batch.
+    """
 
     def __init__(self, name: str, space: _Space, num_models: int) -> None:
         self.name, self.space, self.num_models = name, space, num_models
-        self.buffer: torch.Tensor | None = None  # (dim + 1, capacity) in the space's dtype; last row ones
-        self.cols = 0
-        self.ran = [False] * num_models
-        self.pending: dict[int, torch.Tensor] = {}
+        self.outs: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # model -> (data, original, version)
+        self.first = True
+        self.clone = False
 
     def begin(self) -> None:
-        self.cols = 0
-        self.ran = [False] * self.num_models
-        self.pending = {}
-
-    def _ensure(self, cols: int, device: torch.device) -> torch.Tensor:
-        d = self.space.dim
-        if self.buffer is None or self.buffer.shape[1] < cols:
-            self.buffer = torch.empty(d + 1, cols, dtype=self.space.dtype, device=device)
-            self.buffer[d].fill_(1.0)
-        return self.buffer
-
-    def _write(self, model: int, out: torch.Tensor) -> None:
-        space = self.space
-        assert space.sizes is not None and space.shift is not None
-        off = sum(space.sizes[:model])
-        c = out.shape[1]
-        buf = self._ensure(self.cols, out.device)
-        dst = buf[off : off + c, : self.cols].view(c, out.shape[0], *out.shape[2:])
-        shift = space.shift[off : off + c].view(c, *([1] * (out.dim() - 1)))
-        torch.sub(out.transpose(0, 1), shift, out=dst)
+        self.outs = {}
 
     def hook(self, model: int, out: Any) -> None:
         if not isinstance(out, torch.Tensor) or out.dim() < 2:
@@ -433,55 +472,45 @@ class _Point:
                 f"layer {self.name!r} returns {kind}; statistics need a tensor of shape (N, C, ...) "
                 "(channels on dimension 1)"
             )
-        if self.ran[model]:
+        if model in self.outs:
             raise ValueError(
                 f"layer {self.name!r} ran twice in one forward pass of model {model}; "
                 "capture a module that is called once per forward"
             )
-        self.ran[model] = True
-        cols = out.numel() // max(1, out.shape[1])
-        if self.cols and cols != self.cols:
-            raise ValueError(f"layer {self.name!r} gives {cols} samples in model {model} but {self.cols} in model 0")
-        self.cols = cols
-        space = self.space
-        if space.sizes is None:
-            self.pending[model] = out.detach()
-            return
-        size = space.sizes[model]
-        if out.shape[1] != size:
-            raise ValueError(
-                f"layer {self.name!r} of model {model} has {out.shape[1]} channels but space "
-                f"{space.name!r} has {size} (from layer {space.layers[0]!r}); layers of one space must have "
-                "the same channels"
-            )
-        self._write(model, out.detach())
+        out = out.detach()
+        data = out.clone() if (self.first or self.clone) else out
+        self.outs[model] = (data, out, out._version)
 
     def end(self, device: torch.device) -> None:
-        missing = [i for i, ran in enumerate(self.ran) if not ran]
+        missing = [i for i in range(self.num_models) if i not in self.outs]
         if missing:
             raise ValueError(f"layer {self.name!r} did not run in the forward pass of model {missing[0]}")
+        changed = any(orig._version != version for _, orig, version in self.outs.values())
+        if changed and not (self.first or self.clone):
+            raise RuntimeError(
+                f"the output of layer {self.name!r} was modified in place during the forward pass "
+                "(only from this batch on); capture a layer whose output is not modified in place"
+            )
+        self.clone = self.clone or changed
+        self.first = False
+        outs = [self.outs[i][0] for i in range(self.num_models)]
+        self.outs = {}
         space = self.space
         if space.sizes is None:
-            outs = [self.pending[i] for i in range(self.num_models)]
             space.setup([int(o.shape[1]) for o in outs], outs, device)
-        if self.pending:
-            for i, out in self.pending.items():
-                self.hook_after_setup(i, out)
-            self.pending = {}
-        assert self.buffer is not None
-        space.accumulate(self.buffer[:, : self.cols])
-
-    def hook_after_setup(self, model: int, out: torch.Tensor) -> None:
-        size = self.space.sizes[model]  # type: ignore[index]
-        if out.shape[1] != size:
-            raise ValueError(
-                f"layer {self.name!r} of model {model} has {out.shape[1]} channels but space "
-                f"{self.space.name!r} has {size}; layers of one space must have the same channels"
-            )
-        self._write(model, out)
-
-    def nbytes(self) -> int:
-        return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
+        assert space.sizes is not None
+        for i, (o, size) in enumerate(zip(outs, space.sizes)):
+            if o.shape[1] != size:
+                raise ValueError(
+                    f"layer {self.name!r} of model {i} has {o.shape[1]} channels but space {space.name!r} "
+                    f"has {size} (from layer {space.layers[0]!r}); layers of one space must have the same channels"
+                )
+            if o.shape[0] != outs[0].shape[0] or o[:1].numel() // size != outs[0][:1].numel() // space.sizes[0]:
+                raise ValueError(
+                    f"layer {self.name!r} gives outputs of shape {tuple(o.shape)} in model {i} but "
+                    f"{tuple(outs[0].shape)} in model 0; the models must produce the same number of samples"
+                )
+        space.add(outs)
 
 
 class StatisticsCollector:
@@ -578,6 +607,8 @@ class StatisticsCollector:
         empty = [name for name, s in self.spaces.items() if s.count == 0]
         if empty:
             raise ValueError("no samples were collected (the data gave no batches)")
+        for space in self.spaces.values():
+            space.flush()
         self.check_finite()
         out = {name: space.result() for name, space in self.spaces.items()}
         if all_reduce:
@@ -586,11 +617,12 @@ class StatisticsCollector:
         return out
 
     def nbytes(self) -> dict[str, int]:
-        """Memory held: ``sums`` (float64 totals; independent of the amount of data) and ``batch`` (one batch's buffers)."""
-        return {
-            "sums": sum(s.nbytes() for s in self.spaces.values()),
-            "batch": sum(p.nbytes() for p in self.points),
-        }
+        """Bytes held: ``sums`` (the running sums; independent of the amount of data) and ``batch`` (block buffers).
+
+        Besides these, only the current batch's outputs are referenced until all models have run.
+        """
+        sizes = [s.nbytes() for s in self.spaces.values()]
+        return {"sums": sum(a for a, _ in sizes), "batch": sum(b for _, b in sizes)}
 
 
 def _limited(data: Iterable[Any], max_batches: int | None, max_samples: int | None) -> Iterator[torch.Tensor]:

@@ -6,6 +6,11 @@ Convention (docs/design.md): for a space with transform pair ``(out, inp)`` the 
 ``inp`` along their axis (a Flatten's ``block`` features of one channel move together).
 ``inp = out^-1`` keeps the function for permutations and positive rescalings.
 
+BatchNorm divides by ``sqrt(running_var + eps)``, so a variance transforms exactly only together
+with its ``eps``: ``running_var`` becomes ``out**2 @ (running_var + eps) - eps`` (clamped at 0).
+That is exact for scaled permutations even when ``running_var`` is near ``eps``, and equals the
+plain ``out**2 @ running_var`` for permutations.
+
 Permutations: ``perm`` means "new channel ``i`` is old channel ``perm[i]``", i.e. the matrix
 ``P[i, perm[i]] = 1`` (see :func:`permutation_matrix`); :func:`apply_permutations` applies it
 exactly by indexing.
@@ -39,8 +44,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _is_variance(ref: ParamRef) -> bool:
-    return ref.name.endswith("running_var")
+def _variance_eps(model: nn.Module, ref: ParamRef) -> float | None:
+    """The BatchNorm ``eps`` when ``ref`` is a running variance (0 for a non-BatchNorm owner), else None."""
+    owner, _, leaf = ref.name.rpartition(".")
+    if leaf != "running_var":
+        return None
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return 0.0
+    return float(getattr(module, "eps", 0.0)) if isinstance(module, nn.modules.batchnorm._NormBase) else 0.0
 
 
 def _left(tensor: torch.Tensor, ref: ParamRef, matrix: torch.Tensor) -> torch.Tensor:
@@ -53,7 +66,9 @@ def _left(tensor: torch.Tensor, ref: ParamRef, matrix: torch.Tensor) -> torch.Te
 
 def _check_pair(space: Space, pair: object) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise TypeError(f"transform for space {space.name!r} must be a pair (out, inp) of matrices, got {type(pair).__name__}")
+        raise TypeError(
+            f"transform for space {space.name!r} must be a pair (out, inp) of matrices, got {type(pair).__name__}"
+        )
     out, inp = (torch.as_tensor(m) for m in pair)
     for label, m in (("out", out), ("inp", inp)):
         if m.shape != (space.size, space.size):
@@ -96,8 +111,12 @@ def apply_transforms(
         out = out.to(device=device, dtype=torch.float64)
         inp = inp.to(device=device, dtype=torch.float64)
         for ref in space.outputs:
-            matrix = out * out if _is_variance(ref) else out
-            work[ref.name] = _left(get(ref.name), ref, matrix)
+            eps = _variance_eps(model, ref)
+            if eps is None:
+                work[ref.name] = _left(get(ref.name), ref, out)
+            else:
+                var = _left(get(ref.name) + eps, ref, out * out) - eps
+                work[ref.name] = var.clamp_min(0.0)
         for ref in space.inputs:
             work[ref.name] = _left(get(ref.name), ref, inp.T)
     new = copy.deepcopy(model)
@@ -173,8 +192,8 @@ def random_scalings(
     """Positive diagonal rescalings ``{space: (diag(s), diag(1/s))}`` with ``s`` uniform in [low, high].
 
     Keep a ReLU network's function: spaces are followed by positively homogeneous operations
-    (ReLU, max/avg pooling, BatchNorm whose weight, bias and running statistics scale along; the
-    BatchNorm ``eps`` makes this exact only up to ~eps/running_var).
+    (ReLU, max/avg pooling, BatchNorm whose weight, bias and running statistics scale along, exact
+    in eval mode thanks to the ``eps``-aware variance rule of :func:`apply_transforms`).
     """
     if not 0 < low <= high:
         raise ValueError(f"random_scalings needs 0 < low <= high, got low={low}, high={high}")

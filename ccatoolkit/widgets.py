@@ -127,7 +127,7 @@ def interpolated_model(model_a: nn.Module, model_b: nn.Module, alpha: float,
                              "the interpolated model's statistics")
         from ccatoolkit.normalization import reset_bn_stats
 
-        model = reset_bn_stats(model, bn_data)
+        model = reset_bn_stats(model, bn_data, progress=False)
     return model.eval()
 
 
@@ -169,7 +169,7 @@ class CorrelationContext:
         if key not in self.cache:
             from ccatoolkit.merging import align_to
 
-            self.cache[key] = align_to(self.models[a], self.models[b], method=method, data=self.data)
+            self.cache[key] = align_to(self.models[a], self.models[b], method=method, data=self.data, progress=False)
         return self.cache[key]
 
 
@@ -187,7 +187,7 @@ def correlation_views(ctx: CorrelationContext, layer: str, pair: tuple[str, str]
     for method, label in _VIEWS:
         key = ("corr", pair, layer, method)
         if key not in ctx.cache:
-            corr = correlation_matrix(ctx.models[pair[0]], ctx.aligned(pair, method), ctx.data, layer)
+            corr = correlation_matrix(ctx.models[pair[0]], ctx.aligned(pair, method), ctx.data, layer, progress=False)
             ctx.cache[key] = np.asarray(corr.detach().cpu() if hasattr(corr, "detach") else corr, dtype=np.float64)
         views[label] = ctx.cache[key]
     return views
@@ -243,7 +243,7 @@ def _merge_key(method: str, ridge: float) -> tuple[str, float | None]:
     return (method, round(float(ridge), 6) if method in CCA_METHODS else None)
 
 
-def merge_accuracy(ctx: MergeContext, method: str, ridge: float = 0.1) -> float:
+def merge_accuracy(ctx: MergeContext, method: str, ridge: float = 0.01) -> float:
     """Test accuracy of the models merged by ``method`` (the CCA methods use regularisation ``ridge``); cached."""
     key = _merge_key(method, ridge)
     if key not in ctx.cache:
@@ -253,12 +253,12 @@ def merge_accuracy(ctx: MergeContext, method: str, ridge: float = 0.1) -> float:
             merged = ensemble(list(ctx.models))
         else:
             options = {"ridge": float(ridge)} if method in CCA_METHODS else {}
-            merged = merge(list(ctx.models), method=method, data=ctx.data, **options)
+            merged = merge(list(ctx.models), method=method, data=ctx.data, progress=False, **options)
         ctx.cache[key] = _accuracy(merged, ctx.test_data)
     return ctx.cache[key]
 
 
-def render_merge(ctx: MergeContext, method: str, ridge: float = 0.1) -> Any:
+def render_merge(ctx: MergeContext, method: str, ridge: float = 0.01) -> Any:
     """Bar chart of every method's merged accuracy with ``method`` highlighted (its accuracy in the title)."""
     from ccatoolkit.plots.analysis import plot_accuracy_bars
 
@@ -350,7 +350,7 @@ class NModelsContext:
     test_data: Iterable[Any]
     methods: Sequence[str] = ("average", "permute", "zipit", "cca", "ensemble")
     ns: Sequence[int] = ()
-    ridge: float = 0.1
+    ridge: float = 0.01
     progress: bool = False
     results: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
 
@@ -401,7 +401,7 @@ def n_models_accuracy(ctx: NModelsContext, n: int, method: str, split: str | Non
             merged = ensemble(models)
         else:
             options = {"ridge": float(ctx.ridge)} if method in CCA_METHODS else {}
-            merged = merge(models, method=method, data=ctx.data_for(split), **options)
+            merged = merge(models, method=method, data=ctx.data_for(split), progress=False, **options)
         table[n] = _accuracy(merged, ctx.test_data)
     return table[n]
 
@@ -478,7 +478,7 @@ def correlation_widget(ctx: CorrelationContext, layer: str | None = None) -> Any
     return _interactive(lambda layer, pair: render_correlation(ctx, layer, pair), {"layer": layer_dd, "pair": pair_dd})
 
 
-def merge_widget(ctx: MergeContext, method: str | None = None, ridge: float = 0.1) -> Any:
+def merge_widget(ctx: MergeContext, method: str | None = None, ridge: float = 0.01) -> Any:
     """A method dropdown and a (log-scale) CCA regularisation slider, redrawing :func:`render_merge`."""
     import ipywidgets as W
 

@@ -29,7 +29,7 @@ def _digits(batch_size: int = 128) -> tuple[list, list]:
     return train, test
 
 
-def _train(model: nn.Module, data: list, epochs: int = 15, seed: int = 0) -> nn.Module:
+def _train(model: nn.Module, data: list, epochs: int = 8, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     for p in model.parameters():  # a fresh initialisation per seed
         if p.dim() > 1:

@@ -214,7 +214,8 @@ def test_from_spec_matches_automatic_graph() -> None:
 @pytest.mark.parametrize(
     "entry, message",
     [
-        (dict(outputs=[("fc1.wieght", 0)]), r"'fc1\.wieght' is not in the model's state_dict\. Did you mean 'fc1\.weight'"),
+        (dict(outputs=[("fc1.wieght", 0)]),
+         r"'fc1\.wieght' is not in the model's state_dict\. Did you mean 'fc1\.weight'"),
         (dict(outputs=[("fc1.weight", 2)]), "axis 2 is out of range"),
         (dict(outputs=[("fc1.weight", 0)], inputs=[("head.weight", 1, 2)]), "inconsistent"),
         (dict(outputs=[("fc1.weight", 0), ("fc1.bias", 0)], inputs=[("fc1.weight", 1)]), "inconsistent"),

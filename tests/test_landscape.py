@@ -44,7 +44,7 @@ def digits() -> tuple[list, list]:
     return _digits()
 
 
-def _train(model: nn.Module, data: list, epochs: int = 15, seed: int = 0) -> nn.Module:
+def _train(model: nn.Module, data: list, epochs: int = 8, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
@@ -370,3 +370,17 @@ def test_shared_first_layer_is_exact(trained_pair, digits):
     with pytest.raises(ValueError, match="shape"):  # the model's own input check still runs
         evaluate_points(a, states, coeffs, [(torch.zeros(4, 1, 9, 9), torch.zeros(4, dtype=torch.long))],
                         progress=False)
+
+
+def test_repair_keeps_endpoints_and_lowers_the_barrier(trained_pair, digits):
+    pytest.importorskip("ccatoolkit.normalization")
+    pytest.importorskip("ccatoolkit.graph")
+    a, b = trained_pair
+    train, test = digits
+    plain = interpolate(a, b, test, alphas=5, progress=False)
+    repaired = interpolate(a, b, test, alphas=5, repair=True, bn_data=train, progress=False)
+    assert repaired.label == "naive + REPAIR"
+    np.testing.assert_allclose(repaired.loss[[0, -1]], plain.loss[[0, -1]], rtol=1e-4)
+    assert repaired.barrier("loss") < plain.barrier("loss")
+    with pytest.raises(ValueError, match="bn_data"):
+        interpolate(a, b, test, alphas=3, repair=True, progress=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ccatoolkit.graph import merge_graph
+from ccatoolkit.graph import ParamRef, merge_graph
 from ccatoolkit.models import MLP, VGG11, ResNet20
 from ccatoolkit.transform import (
     apply_permutations,
@@ -48,6 +48,22 @@ def user_cnn() -> nn.Sequential:
     )
 
 
+class MixedOps(nn.Module):
+    """ConvTranspose, view(N, -1) of a 8x8 map (block 64), a spatial mean feeding a second head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.r1 = nn.Conv2d(2, 3, 3, padding=1), nn.ReLU()
+        self.c2, self.r2 = nn.ConvTranspose2d(3, 4, 2, stride=2), nn.ReLU()
+        self.c3, self.r3 = nn.Conv2d(4, 5, 1), nn.ReLU()
+        self.fc, self.r4, self.fc2, self.fc3 = nn.Linear(5 * 64, 6), nn.ReLU(), nn.Linear(6, 2), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.r3(self.c3(self.r2(self.c2(self.r1(self.c1(x))))))
+        h = self.r4(self.fc(y.view(y.size(0), -1)))
+        return self.fc2(h) + self.fc3(y.mean((2, 3)))
+
+
 def _randomize_bn(model: nn.Module, gen: torch.Generator) -> nn.Module:
     """Non-trivial BatchNorm statistics and affine parameters, so that the tests see them."""
     with torch.no_grad():
@@ -68,6 +84,7 @@ CASES = {
     "resnet20": (lambda: ResNet20(in_shape=(1, 12, 12)), (3, 1, 12, 12), None),
     "user-cnn": (user_cnn, (4, 1, 8, 8), (2, 1, 8, 8)),
     "user-res": (SmallRes, (4, 1, 6, 6), None),
+    "mixed-ops": (MixedOps, (3, 2, 4, 4), (1, 2, 4, 4)),
 }
 
 
@@ -93,7 +110,7 @@ def test_permuted_and_rescaled_copies_keep_the_function(case: str) -> None:
         # the permutation really moved the weights
         assert any(not torch.equal(permuted.state_dict()[k], v) for k, v in before.items())
         scaled = apply_transforms(permuted, graph, random_scalings(graph, gen, 0.5, 2.0))
-        torch.testing.assert_close(scaled(x), y, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(scaled(x), y, atol=2e-5, rtol=2e-5)
         first = graph.spaces[0].outputs[0].name
         assert not torch.allclose(scaled.state_dict()[first].abs(), permuted.state_dict()[first].abs())
     for k, v in model.state_dict().items():  # the input model is untouched
@@ -110,6 +127,24 @@ def test_permutation_by_matrices_equals_indexing(case: str) -> None:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
+def test_scaling_is_exact_when_running_var_is_near_eps() -> None:
+    """running_var -> s^2 (running_var + eps) - eps keeps BatchNorm's output exactly (not just up to eps)."""
+    gen = torch.Generator().manual_seed(6)
+    model = _randomize_bn(MLP(depth=1, width=8, in_shape=(5,), batchnorm=True), gen)
+    model.bn1.running_var.fill_(2e-5)
+    graph = merge_graph(model)
+    x = torch.randn(6, 5, generator=gen)
+    scale = torch.linspace(0.6, 3.0, 8, dtype=torch.float64)
+    new = apply_transforms(model, graph, {"relu1": (torch.diag(scale), torch.diag(1 / scale))})
+    assert (new.bn1.running_var >= 0).all()
+    torch.testing.assert_close(new.bn1.running_var.double(), scale**2 * (2e-5 + 1e-5) - 1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), model(x), atol=1e-5, rtol=1e-5)
+    # a variance that would go negative is clamped at 0
+    tiny = apply_transforms(model, graph, {"relu1": (0.1 * torch.eye(8), 10 * torch.eye(8))})
+    assert torch.equal(tiny.bn1.running_var, torch.zeros(8))
+
+
 def test_permutation_matrix_convention() -> None:
     perm = torch.tensor([2, 0, 1])
     z = torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)
@@ -122,7 +157,8 @@ def test_general_invertible_transforms_on_linear_networks() -> None:
     """Without nonlinearities any invertible out with inp = out^-1 keeps the function (incl. a Flatten block)."""
     gen = torch.Generator().manual_seed(4)
     models = [
-        (nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 6), nn.Dropout(), nn.Linear(6, 3)), torch.randn(4, 5, generator=gen)),
+        (nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 6), nn.Dropout(), nn.Linear(6, 3)),
+         torch.randn(4, 5, generator=gen)),
         (nn.Sequential(nn.Conv2d(2, 3, 3), nn.AvgPool2d(1), nn.Flatten(), nn.Linear(3 * 16, 5), nn.Linear(5, 2)),
          torch.randn(4, 2, 6, 6, generator=gen)),
     ]
@@ -171,6 +207,27 @@ def test_dtype_kept_and_unlisted_spaces_unchanged() -> None:
     torch.testing.assert_close(new.fc2.weight, 0.5 * model.fc2.weight)
     assert torch.equal(new.head.weight, model.head.weight)
     assert new is not model and new.config == model.config
+
+
+def test_mixed_ops_graph() -> None:
+    _, _, graph = _setup("mixed-ops")
+    assert [s.size for s in graph] == [3, 4, 5, 6]
+    assert graph.space("r2").outputs[0] == ParamRef("c2.weight", 1)  # ConvTranspose: (in, out, kh, kw)
+    assert graph.space("r1").inputs == [ParamRef("c2.weight", 0)]
+    assert graph.space("r3").inputs == [ParamRef("fc.weight", 1, 64), ParamRef("fc3.weight", 1)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_transforms_on_cuda() -> None:
+    model, x, graph = _setup("resnet20")
+    model, x = model.cuda(), x.cuda()
+    gen = torch.Generator().manual_seed(5)
+    new = apply_transforms(apply_permutations(model, graph, random_permutations(graph, gen)), graph,
+                           random_scalings(graph, gen))
+    assert next(new.parameters()).is_cuda
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), model(x), atol=1e-4, rtol=1e-4)
+    assert merge_graph(model) == graph
 
 
 def test_signature_mismatch() -> None:

@@ -7,12 +7,16 @@ to ``out @ z`` in the target space, and ``inp`` is applied on the input side of 
 
 Regularisation is scale-free: ``S + ridge * trace(S) / n * I``, so one ``ridge`` serves every layer
 and width. Matrix square roots use symmetric eigendecompositions with clamped eigenvalues, so
-rank-deficient covariances (dead ReLUs) never give NaNs or crashes.
+rank-deficient covariances (dead ReLUs) never give NaNs or crashes. The decompositions and
+products run in torch (float64, CPU), which respects ``torch.set_num_threads``; numpy's BLAS
+oversubscribes shared machines badly for these small matrices. Inputs may be numpy arrays or
+tensors; results are numpy arrays.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 __all__ = [
     "regularize",
@@ -25,33 +29,54 @@ __all__ = [
 _EIG_FLOOR = 1e-12  # relative floor for eigenvalues before inverse powers
 
 
-def _as_sym(S: np.ndarray) -> np.ndarray:
-    S = np.asarray(S, dtype=np.float64)
-    if S.ndim != 2 or S.shape[0] != S.shape[1]:
-        raise ValueError(f"expected a square matrix, got shape {S.shape}")
+def _t(S: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(S, torch.Tensor):
+        return S.detach().to("cpu", torch.float64)
+    return torch.as_tensor(np.asarray(S, dtype=np.float64))
+
+
+def _as_sym(S: np.ndarray | torch.Tensor) -> torch.Tensor:
+    S = _t(S)
+    if S.dim() != 2 or S.shape[0] != S.shape[1]:
+        raise ValueError(f"expected a square matrix, got shape {tuple(S.shape)}")
     return 0.5 * (S + S.T)
 
 
-def regularize(S: np.ndarray, ridge: float) -> np.ndarray:
-    """``S + ridge * trace(S)/n * I`` (identity when ``S`` is all zero, so a dead layer stays finite)."""
+def _regularize(S: np.ndarray | torch.Tensor, ridge: float) -> torch.Tensor:
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     S = _as_sym(S)
     n = S.shape[0]
-    scale = float(np.trace(S)) / max(n, 1)
+    scale = float(torch.trace(S)) / max(n, 1)
+    eye = torch.eye(n, dtype=torch.float64)
     if not np.isfinite(scale) or scale <= 0:
-        return np.eye(n)
-    return S + ridge * scale * np.eye(n)
+        return eye
+    return S + ridge * scale * eye
+
+
+def _powers(S: torch.Tensor, *powers: float) -> list[torch.Tensor]:
+    """``S**p`` for each ``p`` from one eigendecomposition (eigenvalues clamped to ``1e-12 * max``)."""
+    vals, vecs = torch.linalg.eigh(S)
+    top = float(vals.max()) if vals.numel() else 0.0
+    floor = _EIG_FLOOR * top if top > 0 else _EIG_FLOOR
+    vals = vals.clamp_min(floor)
+    return [(vecs * vals**p) @ vecs.T for p in powers]
+
+
+def _polar(A: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor ``U V^T`` of ``A = U S V^T``."""
+    U, _s, Vh = torch.linalg.svd(A)
+    return U @ Vh
+
+
+def regularize(S: np.ndarray, ridge: float) -> np.ndarray:
+    """``S + ridge * trace(S)/n * I`` (identity when ``S`` is all zero, so a dead layer stays finite)."""
+    return _regularize(S, ridge).numpy()
 
 
 def sym_power(S: np.ndarray, power: float) -> np.ndarray:
     """``S**power`` of a symmetric PSD matrix via eigh; eigenvalues clamped to ``1e-12 * max``."""
-    S = _as_sym(S)
-    vals, vecs = np.linalg.eigh(S)
-    top = float(vals.max()) if vals.size else 0.0
-    floor = _EIG_FLOOR * top if top > 0 else _EIG_FLOOR
-    vals = np.clip(vals, floor, None)
-    return (vecs * vals**power) @ vecs.T
+    return _powers(_as_sym(S), power)[0].numpy()
 
 
 def cca_directions(
@@ -61,14 +86,15 @@ def cca_directions(
 
     ``K = S_aa^{-1/2} S_ab S_bb^{-1/2} = U diag(rho) V^T``, ``P_a = S_aa^{-1/2} U``, ``P_b = S_bb^{-1/2} V``.
     """
-    S_aa_r, S_bb_r = regularize(S_aa, ridge), regularize(S_bb, ridge)
-    S_ab = np.asarray(S_ab, dtype=np.float64)
-    if S_ab.shape != (S_aa_r.shape[0], S_bb_r.shape[0]):
-        raise ValueError(f"cross-covariance shape {S_ab.shape} does not fit {S_aa_r.shape} and {S_bb_r.shape}")
-    ia, ib = sym_power(S_aa_r, -0.5), sym_power(S_bb_r, -0.5)
-    K = ia @ S_ab @ ib
-    U, rho, Vt = np.linalg.svd(K)
-    return ia @ U, ib @ Vt.T, rho
+    S_aa_r, S_bb_r = _regularize(S_aa, ridge), _regularize(S_bb, ridge)
+    S_ab = _t(S_ab)
+    if tuple(S_ab.shape) != (S_aa_r.shape[0], S_bb_r.shape[0]):
+        raise ValueError(
+            f"cross-covariance shape {tuple(S_ab.shape)} does not fit {tuple(S_aa_r.shape)} and {tuple(S_bb_r.shape)}"
+        )
+    (ia,), (ib,) = _powers(S_aa_r, -0.5), _powers(S_bb_r, -0.5)
+    U, rho, Vh = torch.linalg.svd(ia @ S_ab @ ib)
+    return (ia @ U).numpy(), (ib @ Vh.T).numpy(), rho.numpy()
 
 
 def cca_transform(
@@ -83,15 +109,16 @@ def cca_transform(
 
     Returns ``(out, inp)`` as float64 arrays of shape ``(n, n)``.
     """
-    S_aa_r, S_bb_r = regularize(S_aa, ridge), regularize(S_bb, ridge)
-    S_ab = np.asarray(S_ab, dtype=np.float64)
-    ia, ib = sym_power(S_aa_r, -0.5), sym_power(S_bb_r, -0.5)
-    K = ia @ S_ab @ ib
-    U, _rho, Vt = np.linalg.svd(K)
-    R = U @ Vt  # orthogonal polar factor: unique even when canonical correlations tie
-    out = sym_power(S_aa_r, 0.5) @ R @ ib
-    inp = sym_power(S_bb_r, 0.5) @ R.T @ ia
-    return out, inp
+    S_aa_r, S_bb_r = _regularize(S_aa, ridge), _regularize(S_bb, ridge)
+    S_ab = _t(S_ab)
+    if tuple(S_ab.shape) != (S_aa_r.shape[0], S_bb_r.shape[0]):
+        raise ValueError(
+            f"cross-covariance shape {tuple(S_ab.shape)} does not fit {tuple(S_aa_r.shape)} and {tuple(S_bb_r.shape)}"
+        )
+    sa, ia = _powers(S_aa_r, 0.5, -0.5)
+    sb, ib = _powers(S_bb_r, 0.5, -0.5)
+    R = _polar(ia @ S_ab @ ib)  # U V^T: unique even when canonical correlations tie
+    return (sa @ R @ ib).numpy(), (sb @ R.T @ ia).numpy()
 
 
 def multiview_cca_transforms(
@@ -106,33 +133,39 @@ def multiview_cca_transforms(
     as much of all views' variance as possible). The shared space is computed from all models
     jointly and symmetrically.
 
-    Scaling back to activation units: the shared coordinates are mapped into the neuron basis of
-    model ``reference`` through its own exact inverse projection, ``z = P_ref^{-T} y``. So
-    ``out_k = P_ref^{-T} P_k^T`` and ``out_ref = I``: the merged network's ReLUs act on real neurons
-    with the reference's units (a rotated canonical basis would not commute with ReLU), while the
-    correspondence of every model comes from the joint estimate rather than a pairwise one. For
-    N = 2 it reduces to CCA Merge up to the ridge. ``inp_k = out_k^{-1}``.
+    Scaling back to activation units: the shared space is a whitened space; it is expressed in the
+    neuron units of model ``reference`` by re-colouring with that model's covariance square root.
+    Each model's whitened features are rotated onto the reference's by the orthogonal polar factor
+    ``R_k`` of ``E_ref E_k^T`` (their shared-space correspondence), so
+    ``out_k = S_ref^{1/2} R_k S_kk^{-1/2}`` and ``inp_k = S_kk^{1/2} R_k^T S_ref^{-1/2}`` (``out_ref = I``).
+    The merged network's ReLUs thus act on real neurons with the reference's units (a rotated
+    canonical basis would not commute with ReLU), while the correspondence of every model comes from
+    the joint estimate rather than a pairwise one. Using the orthogonal factor keeps the map bounded
+    when eigenvalues tie (dead neurons). For N = 2 it equals CCA Merge (:func:`cca_transform`).
     """
     N = len(covs)
     if N < 2 or any(len(row) != N for row in covs):
         raise ValueError("covs must be an N x N nested list of covariance blocks with N >= 2")
     if not 0 <= reference < N:
         raise ValueError(f"reference index {reference} out of range for {N} models")
-    n = np.asarray(covs[0][0]).shape[0]
-    whiten = [sym_power(regularize(covs[k][k], ridge), -0.5) for k in range(N)]
-    C = np.zeros((N * n, N * n))
+    n = _t(covs[0][0]).shape[0]
+    regs = [_regularize(covs[k][k], ridge) for k in range(N)]
+    roots = [_powers(r, 0.5, -0.5) for r in regs]
+    C = torch.zeros(N * n, N * n, dtype=torch.float64)
     for k in range(N):
         for l in range(N):
-            block = np.eye(n) if k == l else whiten[k] @ np.asarray(covs[k][l], dtype=np.float64) @ whiten[l]
+            block = torch.eye(n, dtype=torch.float64) if k == l else roots[k][1] @ _t(covs[k][l]) @ roots[l][1]
             C[k * n:(k + 1) * n, l * n:(l + 1) * n] = block
-    C = 0.5 * (C + C.T)
-    _vals, vecs = np.linalg.eigh(C)
-    E = vecs[:, ::-1][:, :n]
-    P = [whiten[k] @ E[k * n:(k + 1) * n] for k in range(N)]
-    back = np.linalg.pinv(P[reference].T)  # shared coordinates -> reference activation units
+    _vals, vecs = torch.linalg.eigh(0.5 * (C + C.T))
+    E = vecs.flip(1)[:, :n]
+    blocks = [E[k * n:(k + 1) * n] for k in range(N)]
     result = []
     for k in range(N):
-        out = np.eye(n) if k == reference else back @ P[k].T
-        inp = np.eye(n) if k == reference else np.linalg.pinv(out)
-        result.append((out, inp))
+        if k == reference:
+            result.append((np.eye(n), np.eye(n)))
+            continue
+        R = _polar(blocks[reference] @ blocks[k].T)
+        out = roots[reference][0] @ R @ roots[k][1]
+        inp = roots[k][0] @ R.T @ roots[reference][1]
+        result.append((out.numpy(), inp.numpy()))
     return result

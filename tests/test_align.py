@@ -1,0 +1,151 @@
+"""Matching algorithms on matrices: activation matching, weight matching, CCA, multi-view CCA, ZipIt!."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ccatoolkit.align import (
+    cca_directions,
+    cca_transform,
+    match_activations,
+    multiview_cca_transforms,
+    permutation_matrix,
+    weight_matching,
+    zipit_groups,
+    zipit_transforms,
+)
+
+
+def _features(n: int = 12, samples: int = 2000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(n, n))
+    return np.maximum(rng.normal(size=(samples, n)) @ mix, 0.0)  # ReLU-like, correlated features
+
+
+def _cov(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    return Xc.T @ Yc / (len(X) - 1)
+
+
+def _corr(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    return _cov(X, Y) / np.outer(X.std(0, ddof=1), Y.std(0, ddof=1))
+
+
+def test_activation_matching_recovers_planted_permutation() -> None:
+    A = _features()
+    perm = np.random.default_rng(1).permutation(A.shape[1])
+    B = A[:, np.argsort(perm)] + 0.01 * np.random.default_rng(2).normal(size=A.shape)  # B[:, perm[i]] ~ A[:, i]
+    found = match_activations(_corr(A, B))
+    np.testing.assert_array_equal(found, perm)
+    P = permutation_matrix(found)
+    np.testing.assert_allclose((P @ B.T).T, B[:, found])
+
+
+def test_activation_matching_tolerates_nan_and_torch_input() -> None:
+    C = torch.eye(4, dtype=torch.float64)[[2, 0, 3, 1]]
+    C[0, 1] = float("nan")
+    assert match_activations(C).tolist() == [2, 0, 3, 1]
+    with pytest.raises(ValueError, match="square"):
+        match_activations(np.zeros((2, 3)))
+
+
+def test_cca_transform_inverts_an_invertible_linear_map() -> None:
+    A = _features(n=8)
+    rng = np.random.default_rng(3)
+    M = rng.normal(size=(8, 8)) + 3 * np.eye(8)
+    B = A @ M.T  # z_b = M z_a
+    out, inp = cca_transform(_cov(A, A), _cov(B, B), _cov(A, B), ridge=1e-10)
+    np.testing.assert_allclose(out, np.linalg.inv(M), atol=1e-5)
+    np.testing.assert_allclose(out @ inp, np.eye(8), atol=1e-8)
+    np.testing.assert_allclose((out @ B.T).T, A, atol=1e-4)
+
+
+def test_cca_directions_give_unit_canonical_variates() -> None:
+    A, B = _features(n=6, seed=4), _features(n=6, seed=5)
+    B = B + A  # partly correlated
+    P_a, P_b, rho = cca_directions(_cov(A, A), _cov(B, B), _cov(A, B), ridge=0.0)
+    np.testing.assert_allclose(P_a.T @ _cov(A, A) @ P_a, np.eye(6), atol=1e-6)
+    np.testing.assert_allclose(P_a.T @ _cov(A, B) @ P_b, np.diag(rho), atol=1e-6)
+    assert np.all(np.diff(rho) <= 1e-12) and 0 <= rho.min() and rho.max() <= 1 + 1e-9
+
+
+def test_cca_rank_deficient_and_dead_layers_are_finite() -> None:
+    A = _features(n=10)
+    A[:, [1, 4, 7]] = 0.0  # dead ReLUs
+    B = A[:, ::-1].copy()
+    for ridge in (0.0, 1e-8, 1e-2):
+        out, inp = cca_transform(_cov(A, A), _cov(B, B), _cov(A, B), ridge=ridge)
+        assert np.isfinite(out).all() and np.isfinite(inp).all()
+    zero = np.zeros((5, 5))
+    out, inp = cca_transform(zero, zero, zero, ridge=1e-2)  # a completely dead layer
+    assert np.isfinite(out).all() and np.isfinite(inp).all()
+    res = multiview_cca_transforms([[zero] * 3] * 3, ridge=1e-2)
+    assert all(np.isfinite(o).all() and np.isfinite(i).all() for o, i in res)
+
+
+def test_multiview_cca_recovers_maps_for_three_views() -> None:
+    A = _features(n=6, seed=6)
+    rng = np.random.default_rng(7)
+    Ms = [np.eye(6)] + [rng.normal(size=(6, 6)) + 3 * np.eye(6) for _ in range(2)]
+    views = [A @ M.T for M in Ms]
+    covs = [[_cov(X, Y) for Y in views] for X in views]
+    res = multiview_cca_transforms(covs, reference=0, ridge=1e-10)
+    np.testing.assert_allclose(res[0][0], np.eye(6))
+    for M, (out, inp) in zip(Ms[1:], res[1:]):
+        np.testing.assert_allclose(out, np.linalg.inv(M), atol=1e-4)
+        np.testing.assert_allclose(out @ inp, np.eye(6), atol=1e-6)
+    # another reference: everything lands in view 1's units
+    res1 = multiview_cca_transforms(covs, reference=1, ridge=1e-10)
+    np.testing.assert_allclose(res1[0][0], Ms[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("allow_within_model", [True, False])
+@pytest.mark.parametrize("n_models", [2, 3])
+def test_zipit_pairs_permuted_copies(allow_within_model: bool, n_models: int) -> None:
+    A = _features(n=8, seed=8)
+    rng = np.random.default_rng(9)
+    perms = [np.arange(8)] + [rng.permutation(8) for _ in range(n_models - 1)]
+    views = [A[:, np.argsort(p)] for p in perms]  # view k's neuron perms[k][i] is A's neuron i
+    X = np.concatenate(views, axis=1)
+    groups = zipit_groups(_corr(X, X), n_models, allow_within_model=allow_within_model)
+    assert len(groups) == 8
+    expected = sorted(sorted(k * 8 + perms[k][i] for k in range(n_models)) for i in range(8))
+    assert sorted(sorted(g) for g in groups) == expected
+    pairs = zipit_transforms(_corr(X, X), n_models, allow_within_model=allow_within_model)
+    merged = sum((out / n_models) @ v.T for (out, _), v in zip(pairs, views))  # sum_k M_k z_k
+    for (out, inp), v in zip(pairs, views):
+        np.testing.assert_allclose((inp @ merged).T, v, atol=1e-12)  # unmerge gives each model back
+        np.testing.assert_allclose(out.sum(1), 1.0)  # N * M_k rows: one member of each model per group
+
+
+def test_zipit_within_model_merges_and_uncapped_fallback() -> None:
+    rng = np.random.default_rng(10)
+    base = rng.normal(size=(500, 3))
+    a = np.concatenate([base[:, :1], base[:, :1] + 1e-3 * rng.normal(size=(500, 1)), base[:, 1:2]], axis=1)
+    b = np.concatenate([base[:, 2:3], -base[:, 1:2], rng.normal(size=(500, 1))], axis=1)
+    X = np.concatenate([a, b], axis=1)
+    groups = zipit_groups(_corr(X, X), 2, allow_within_model=True)
+    assert sorted(groups[0] + groups[1] + groups[2]) == list(range(6))
+    assert [0, 1] in [sorted(g) for g in groups]  # the two near-identical features of model 0 merged
+    # N = 3 with groups capped at 3 members: always ends with `size` groups covering every feature
+    X3 = rng.normal(size=(300, 15))
+    groups3 = zipit_groups(_corr(X3, X3), 3, allow_within_model=True)
+    assert len(groups3) == 5 and sorted(sum(groups3, [])) == list(range(15))
+
+
+def test_weight_matching_recovers_planted_permutation() -> None:
+    from ccatoolkit.graph import merge_graph
+    from ccatoolkit.models import MLP
+    from ccatoolkit.transform import apply_permutations, random_permutations
+
+    model = MLP(depth=3, width=16, in_shape=(10,))
+    graph = merge_graph(model)
+    perms = random_permutations(graph, torch.Generator().manual_seed(3))
+    permuted = apply_permutations(model, graph, perms)
+    found = weight_matching(model.state_dict(), permuted.state_dict(), graph, seed=1)
+    # found maps the permuted model back: permuted[found[i]] is model's neuron i
+    back = apply_permutations(permuted, graph, {s: torch.as_tensor(p) for s, p in found.items()})
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value)

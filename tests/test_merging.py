@@ -1,0 +1,205 @@
+"""merge / align_to / alignment_transforms / ensemble on tiny models and synthetic data."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ccatoolkit.graph import merge_graph
+from ccatoolkit.merging import METHODS, Ensemble, align_to, alignment_transforms, ensemble, merge
+from ccatoolkit.models import MLP, VGG11, ResNet20
+from ccatoolkit.normalization import reset_bn_stats
+from ccatoolkit.transform import apply_permutations, apply_transforms, random_permutations, random_scalings
+
+
+def _user_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 5),
+    )
+
+
+FAMILIES = {
+    "mlp": (lambda: MLP(depth=2, width=12, in_shape=(6,)), (6,)),
+    "mlp_bn": (lambda: MLP(depth=2, width=12, in_shape=(6,), batchnorm=True), (6,)),
+    "vgg11": (lambda: VGG11(width=0.125, in_shape=(1, 8, 8)), (1, 8, 8)),
+    "resnet20": (lambda: ResNet20(in_shape=(1, 8, 8)), (1, 8, 8)),
+    "user_cnn": (_user_cnn, (1, 8, 8)),
+}
+
+
+def _setup(family: str, batches: int = 4):
+    build, shape = FAMILIES[family]
+    torch.manual_seed(0)
+    data = [torch.randn(48, *shape) for _ in range(batches)]
+    model = reset_bn_stats(build(), data, progress=False).eval()
+    graph = merge_graph(model, example_input=data[0][:2])
+    return model, data, graph
+
+
+def _copies(model, graph, n: int, scaled: bool) -> list[nn.Module]:
+    """``n`` function-preserving copies: permuted (and positively rescaled) hidden neurons."""
+    out = []
+    for seed in range(1, n + 1):
+        gen = torch.Generator().manual_seed(seed)
+        copy_ = apply_permutations(model, graph, random_permutations(graph, gen))
+        if scaled:
+            copy_ = apply_transforms(copy_, graph, random_scalings(graph, gen))
+        out.append(copy_.eval())
+    return out
+
+
+def _max_err(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((a.eval()(x) - b.eval()(x)).abs().max())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_merging_function_preserving_copies_gives_back_the_model(family: str) -> None:
+    model, data, graph = _setup(family)
+    x = data[0]
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+    cases = [("cca", True, 1), ("permute", False, 1), ("cca", True, 2)]
+    if family in ("mlp", "user_cnn"):
+        cases += [("permute_weight", False, 1), ("zipit", False, 2), ("cca_multiview", True, 2)]
+    if family == "resnet20":
+        cases = [("cca", True, 1), ("permute_weight", False, 2)]
+    for method, scaled, n_copies in cases:
+        others = _copies(model, graph, n_copies, scaled)
+        merged = merge([model, *others], method, data, ridge=1e-6, reset_bn=False, progress=False, graph=graph)
+        err = _max_err(merged, model, x)
+        tol = 2e-3 * scale if scaled else 1e-5 * scale
+        assert err <= tol, f"{family}/{method}/{n_copies + 1} models: max output error {err:.3g} > {tol:.3g}"
+
+
+def test_activation_matching_merge_of_permuted_copy_is_exact_with_bn_reset() -> None:
+    model, data, graph = _setup("mlp_bn")
+    (other,) = _copies(model, graph, 1, scaled=False)
+    merged = merge([other, model], "permute_activation", data, progress=False)  # BN reset on by default
+    ref = reset_bn_stats(other, data, progress=False)
+    assert _max_err(merged, ref, data[1]) < 1e-4
+
+
+def test_inputs_unchanged_and_result_is_a_new_model_of_the_same_class() -> None:
+    model, data, graph = _setup("mlp_bn")
+    (other,) = _copies(model, graph, 1, scaled=False)
+    with torch.no_grad():
+        other.fc1.weight.add_(0.1 * torch.randn_like(other.fc1.weight))
+    before = [copy.deepcopy(m.state_dict()) for m in (model, other)]
+    flags = [m.training for m in (model, other)]
+    for method in ("average", "cca", "zipit", "permute_weight"):
+        merged = merge([model, other], method, data, repair=True, progress=False)
+        assert type(merged) is MLP and merged is not model and merged is not other
+        assert merged.merge_info["method"] == method
+        for m, state, flag in zip((model, other), before, flags):
+            assert m.training == flag
+            for key, value in state.items():
+                assert torch.equal(m.state_dict()[key], value), f"{method} modified {key}"
+
+
+def test_errors() -> None:
+    model, data, graph = _setup("mlp")
+    with pytest.raises(ValueError, match="unknown merge method 'foo'.*cca_multiview"):
+        merge([model, model], "foo", data)
+    with pytest.raises(ValueError, match="at least 2"):
+        merge([model], "cca", data)
+    with pytest.raises(ValueError, match="different architectures.*fc1"):
+        merge([model, MLP(depth=2, width=10, in_shape=(6,))], "cca", data)
+    with pytest.raises(ValueError, match="val_data"):
+        merge([model, model], "cca", data, ridge="auto")
+    with pytest.raises(ValueError, match="val_data"):
+        merge([model, model], "cca", data, reference="best")
+    with pytest.raises(ValueError, match="needs data"):
+        merge([model, model], "cca")
+    with pytest.raises(ValueError, match="zipit"):
+        align_to(model, model, "zipit", data)
+    assert set(METHODS) == {"average", "permute", "permute_weight", "zipit", "cca", "cca_multiview", "ensemble"}
+
+
+def test_dead_relus_give_no_nan() -> None:
+    model, data, graph = _setup("mlp")
+    with torch.no_grad():
+        model.fc1.weight[:4] = 0.0
+        model.fc1.bias[:4] = -1.0  # four dead neurons
+    other = MLP(depth=2, width=12, in_shape=(6,)).eval()
+    with torch.no_grad():
+        other.fc2.weight[:3] = 0.0
+        other.fc2.bias[:3] = 0.0
+    for method in ("cca", "cca_multiview", "permute", "zipit"):
+        for ridge in (0.0, 1e-2):
+            merged = merge([model, other], method, data, ridge=ridge, repair=True, progress=False)
+            assert all(torch.isfinite(p).all() for p in merged.state_dict().values()), method
+            with torch.no_grad():
+                assert torch.isfinite(merged(data[0])).all()
+
+
+def test_ridge_auto_uses_validation_data_and_reference_choice() -> None:
+    model, data, graph = _setup("mlp")
+    other = MLP(depth=2, width=12, in_shape=(6,)).eval()
+    with torch.no_grad():
+        labels = [model(x).argmax(1) for x in data]
+    val = [(x, y) for x, y in zip(data, labels)]
+    merged = merge([other, model], "cca", data, ridge="auto", val_data=val, progress=False,
+                   ridge_grid=(1e-3, 1e-1))
+    info = merged.merge_info
+    assert set(info["ridge_scores"]) == {1e-3, 1e-1}
+    assert info["ridge"] == max(info["ridge_scores"], key=info["ridge_scores"].get)
+    best = merge([other, model], "average", data, reference="best", val_data=val, progress=False)
+    assert best.merge_info["reference"] == 1  # `model` labels its own validation data perfectly
+    assert merge([other, model], "permute", data, reference=1, progress=False).merge_info["reference"] == 1
+
+
+def test_align_to_and_alignment_transforms() -> None:
+    model, data, graph = _setup("user_cnn")
+    (other,) = _copies(model, graph, 1, scaled=False)
+    for method in ("permute", "permute_weight"):
+        aligned = align_to(model, other, method, data, progress=False)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(aligned.state_dict()[key], value)
+    transforms = alignment_transforms(model, other, "cca", data, ridge=1e-9, progress=False)
+    assert set(transforms) == set(graph.names)
+    for space in graph.spaces:
+        out, inp = transforms[space.name]
+        assert out.shape == (space.size, space.size)
+        torch.testing.assert_close(out @ inp, torch.eye(space.size, dtype=torch.float64), atol=1e-6, rtol=0)
+    ident = alignment_transforms(model, other, "average", data)
+    assert all(torch.equal(o, torch.eye(o.shape[0], dtype=torch.float64)) for o, _ in ident.values())
+
+
+def test_ensemble_is_log_mean_softmax() -> None:
+    model, data, graph = _setup("mlp")
+    other = MLP(depth=2, width=12, in_shape=(6,)).eval()
+    ens = merge([model, other], "ensemble", data)
+    assert isinstance(ens, Ensemble) and isinstance(ens, nn.Module)
+    x = data[0]
+    with torch.no_grad():
+        expected = torch.log((model(x).softmax(1) + other(x).softmax(1)) / 2)
+        torch.testing.assert_close(ens(x), expected)
+        torch.testing.assert_close(ens(x).exp().sum(1), torch.ones(len(x)))
+    assert ens.members[0] is not model
+    assert math.isclose(float(ensemble([model])(x).exp().sum(1).mean()), 1.0, rel_tol=1e-5)
+
+
+def test_repair_in_merge_matches_endpoint_statistics() -> None:
+    model, data, graph = _setup("mlp")
+    other = MLP(depth=2, width=12, in_shape=(6,)).eval()
+    from ccatoolkit.normalization import channel_stats
+
+    merged = merge([model, other], "permute", data, repair=True, progress=False)
+    plain = merge([model, other], "permute", data, repair=False, progress=False)
+    perms = alignment_transforms(model, other, "permute", data, progress=False)
+    aligned = apply_transforms(other, graph, perms)
+    for name in ("fc1", "fc2"):
+        target = [channel_stats(m, [name], data)[name] for m in (model, aligned)]
+        mean = (target[0][0] + target[1][0]) / 2
+        std = (target[0][1] + target[1][1]) / 2
+        got = channel_stats(merged, [name], data)[name]
+        torch.testing.assert_close(got[0], mean, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got[1], std, atol=1e-5, rtol=1e-4)
+    before = channel_stats(plain, ["fc2"], data)["fc2"][1]
+    assert not torch.allclose(before, std, atol=1e-3)  # repair changed something

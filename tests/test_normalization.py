@@ -1,0 +1,85 @@
+"""BatchNorm statistics reset and REPAIR."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ccatoolkit.graph import merge_graph
+from ccatoolkit.models import MLP, VGG11
+from ccatoolkit.normalization import channel_stats, repair, repair_endpoints, reset_bn_stats
+
+
+def _data(shape: tuple[int, ...], batches: int = 3, n: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.randn(n, *shape) * 2 + 1, torch.randint(0, 10, (n,))) for _ in range(batches)]
+
+
+def test_reset_bn_stats_equals_batch_statistics_by_hand() -> None:
+    model = MLP(depth=2, width=8, in_shape=(5,), batchnorm=True)
+    model.train()
+    model.bn1.momentum = 0.3
+    data = _data((5,))
+    new = reset_bn_stats(model, data, progress=False)
+    assert new is not model and new.training and new.bn1.momentum == 0.3  # flags and momentum restored
+    assert torch.equal(model.bn1.running_mean, torch.zeros(8))  # input untouched
+    with torch.no_grad():
+        pre = [model.fc1(x) for x, _ in data]
+    mean = torch.stack([p.mean(0) for p in pre]).mean(0)  # cumulative average of batch means
+    var = torch.stack([p.var(0, unbiased=True) for p in pre]).mean(0)
+    torch.testing.assert_close(new.bn1.running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new.bn1.running_var, var, rtol=1e-5, atol=1e-6)
+    assert int(new.bn1.num_batches_tracked) == len(data)
+
+
+def test_reset_bn_stats_conv_max_batches_and_eval_flags() -> None:
+    model = VGG11(width=0.125, in_shape=(1, 8, 8)).eval()
+    data = _data((1, 8, 8), batches=4)
+    new = reset_bn_stats(model, data, max_batches=1, progress=False)
+    assert not new.training and not new.features.bn1.training
+    with torch.no_grad():
+        pre = model.features.conv1(data[0][0])
+    torch.testing.assert_close(new.features.bn1.running_mean, pre.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new.features.bn1.running_var, pre.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    plain = nn.Sequential(nn.Linear(3, 2))
+    assert reset_bn_stats(plain, [torch.randn(2, 3)]) is not plain  # no BatchNorm: a plain copy
+    with pytest.raises(ValueError, match="no batches"):
+        reset_bn_stats(model, [])
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_repair_matches_endpoint_statistics(batchnorm: bool) -> None:
+    data = _data((6,))
+    a = reset_bn_stats(MLP(depth=3, width=10, in_shape=(6,), batchnorm=batchnorm), data, progress=False).eval()
+    b = reset_bn_stats(MLP(depth=3, width=10, in_shape=(6,), batchnorm=batchnorm), data, progress=False).eval()
+    merged = copy.deepcopy(a)
+    merged.load_state_dict({k: (v + b.state_dict()[k]) / 2 if v.is_floating_point() else v
+                            for k, v in a.state_dict().items()})
+    merged = reset_bn_stats(merged, data, progress=False)
+    graph = merge_graph(a)
+    endpoints = [n for ns in repair_endpoints(a, graph).values() for n in ns]
+    assert endpoints == ([f"bn{i}" for i in (1, 2, 3)] if batchnorm else [f"fc{i}" for i in (1, 2, 3)])
+    before = copy.deepcopy(merged.state_dict())
+    fixed = repair(merged, [a, b], data, graph, progress=False)
+    assert all(torch.equal(v, merged.state_dict()[k]) for k, v in before.items())  # input untouched
+    sa, sb, sf = (channel_stats(m, endpoints, data) for m in (a, b, fixed))
+    for n in endpoints:
+        torch.testing.assert_close(sf[n][0], (sa[n][0] + sb[n][0]) / 2, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sf[n][1], (sa[n][1] + sb[n][1]) / 2, atol=1e-4, rtol=1e-4)
+    sm = channel_stats(merged, endpoints, data)
+    assert not torch.allclose(sm["fc3" if not batchnorm else "bn3"][1], sf["fc3" if not batchnorm else "bn3"][1])
+
+
+def test_channel_stats_transform_and_conv_layout() -> None:
+    model = VGG11(width=0.125, in_shape=(1, 8, 8)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    flip = torch.eye(8).flip(0)
+    plain = channel_stats(model, ["features.conv1"], [x])["features.conv1"]
+    moved = channel_stats(model, ["features.conv1"], [x], transform={"features.conv1": flip})["features.conv1"]
+    with torch.no_grad():
+        out = model.features.conv1(x).double()
+    torch.testing.assert_close(plain[0], out.mean((0, 2, 3)))
+    torch.testing.assert_close(plain[1], out.std((0, 2, 3), unbiased=False))
+    torch.testing.assert_close(moved[0], plain[0].flip(0))
