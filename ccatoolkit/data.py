@@ -150,7 +150,9 @@ class ImageDataset(Dataset):
         self.augment = bool(augment)
         self.padding = int(padding)
         self.flip = bool(flip)
-        self.classes = list(classes) if classes is not None else [str(i) for i in range(int(targets.max()) + 1)]
+        if classes is None:
+            classes = [str(i) for i in range(int(targets.max()) + 1 if len(targets) else 0)]
+        self.classes = list(classes)
         self.name = name
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -466,6 +466,8 @@ def evaluate_points(
                         yb = y[lo : lo + rows]
                         if shared is not None:
                             logits = shared.logits(coeffs[s].to(device), anchor_out[:, lo : lo + rows], state)
+                        elif pc == 1:  # one point: a plain functional forward, no vmap overhead
+                            logits = forward({k: v[0] for k, v in state.items()}, x[lo : lo + rows]).unsqueeze(0)
                         else:
                             logits = batched_forward(state, x[lo : lo + rows])
                         n = logits.shape[1]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "Settings", "settings", "smoke_from_env", "save_figure", "figures_dir", "loaders", "zoo", "accuracy_table",
+    "Settings", "settings", "prepare", "smoke_from_env", "save_figure", "figures_dir", "loaders", "zoo", "accuracy_table",
     "SMOKE_ENV", "FIGURES_ENV",
 ]
 
@@ -65,6 +65,7 @@ class Settings:
     ridge: float = 0.01             # CCA regularisation (ridge * trace(S)/n added to each covariance)
     seed: int = 0
     progress: bool = True           # tqdm progress bars in long loops
+    threads: int | None = None      # torch CPU threads (None: torch's default; $CCATOOLKIT_THREADS overrides)
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with some fields changed (unknown names raise)."""
@@ -123,14 +124,33 @@ def settings(smoke: bool | None = None, model: str | None = None, device: str | 
     base = Settings(smoke=smoke, model=name, model_kwargs=dict(table[name]), device=_resolve_device(device))
     if smoke:
         base = base.replace(
-            epochs=1, limit=1024, test_limit=512, stats_limit=512, batch_size=128, n_models=3, n_seeds=2,
-            alphas=5, plane_resolution=5, curve_epochs=1, progress=False,
+            epochs=1, limit=1024, test_limit=512, stats_limit=512, batch_size=64, n_models=3, n_seeds=2,
+            alphas=5, plane_resolution=5, curve_epochs=1, progress=False, threads=1,
         )
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Settings)}
     if unknown:
         valid = ", ".join(f.name for f in dataclasses.fields(Settings))
         raise TypeError(f"unknown setting(s) {', '.join(sorted(unknown))}; valid settings are: {valid}")
+    env_threads = os.environ.get("CCATOOLKIT_THREADS")
+    if env_threads:
+        base = base.replace(threads=int(env_threads))
     return base.replace(**overrides)
+
+
+def prepare(s: Settings) -> Settings:
+    """Apply ``s`` to this process: seed torch with ``s.seed`` and set torch's CPU threads. Returns ``s``.
+
+    Smoke mode uses one thread: tiny workloads gain nothing from more, and on a busy shared CPU
+    (CI runners) oversubscribed threads make them many times slower.
+    """
+    import torch
+
+    torch.manual_seed(s.seed)
+    if s.threads is not None:
+        if s.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {s.threads}")
+        torch.set_num_threads(int(s.threads))
+    return s
 
 
 def figures_dir() -> Path | None:

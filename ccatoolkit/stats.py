@@ -408,18 +408,23 @@ class _Space:
         self.g.zero_()
         self.unflushed = 0
 
-    def check_finite(self) -> None:
+    def check_finite(self, diagonal: torch.Tensor | None = None, layer: str | None = None) -> None:
+        """Raise ``ValueError`` naming the layer(s) and model if a non-finite value reached the sums.
+
+        Checks the flags set at flushes, or ``diagonal`` (of the running Gram) when given.
+        """
         assert self.bad is not None and self.sizes is not None
-        if not bool(self.bad.any()):
+        bad = self.bad if diagonal is None else ~torch.isfinite(diagonal[: self.dim])
+        if not bool(bad.any()):
             return
-        first = int(torch.nonzero(self.bad)[0])
+        first = int(torch.nonzero(bad)[0])
+        where = f"layer {layer!r}" if layer else f"space {self.name!r} (layers {', '.join(self.layers)})"
         off = 0
         for model, size in enumerate(self.sizes):
             if first < off + size:
                 raise ValueError(
                     f"non-finite activations (NaN/Inf, or too large for {str(self.dtype).replace('torch.', '')}) "
-                    f"in space {self.name!r} (layers {', '.join(self.layers)}) of model {model} "
-                    f"(channel {first - off}); check the model's weights and inputs"
+                    f"in {where} of model {model} (channel {first - off}); check the model's weights and inputs"
                 )
             off += size
 
@@ -511,6 +516,8 @@ class _Point:
                     f"{tuple(outs[0].shape)} in model 0; the models must produce the same number of samples"
                 )
         space.add(outs)
+        if device.type == "cpu":  # free without a device sync: name the exact layer at once
+            space.check_finite(torch.diagonal(space.g), layer=self.name)  # type: ignore[arg-type]
 
 
 class StatisticsCollector:

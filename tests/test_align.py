@@ -149,3 +149,21 @@ def test_weight_matching_recovers_planted_permutation() -> None:
     back = apply_permutations(permuted, graph, {s: torch.as_tensor(p) for s, p in found.items()})
     for key, value in model.state_dict().items():
         torch.testing.assert_close(back.state_dict()[key], value)
+
+
+def test_multiview_cca_with_two_views_equals_pairwise_cca() -> None:
+    A, B = _features(n=7, seed=11), _features(n=7, seed=12)
+    B = B + 0.5 * A
+    covs = [[_cov(X, Y) for Y in (A, B)] for X in (A, B)]
+    out_mv, inp_mv = multiview_cca_transforms(covs, ridge=1e-2)[1]
+    out, inp = cca_transform(covs[0][0], covs[1][1], covs[0][1], ridge=1e-2)
+    np.testing.assert_allclose(out_mv, out, atol=1e-8)
+    np.testing.assert_allclose(inp_mv, inp, atol=1e-8)
+    A[:, 2] = 0.0  # a dead neuron: the null direction's map is arbitrary up to sign, but stays bounded
+    covs = [[_cov(X, Y) for Y in (A, B)] for X in (A, B)]
+    out_mv, inp_mv = multiview_cca_transforms(covs, ridge=1e-2)[1]
+    live = np.ones(7, dtype=bool)
+    live[2] = False
+    np.testing.assert_allclose((out_mv @ inp_mv)[np.ix_(live, live)], np.eye(6), atol=1e-8)
+    assert np.all(out_mv[2] == 0) and np.all(inp_mv[:, 2] == 0)  # nothing maps onto the dead neuron
+    assert np.abs(out_mv).max() < 10 * np.abs(cca_transform(covs[0][0], covs[1][1], covs[0][1])[0]).max()

@@ -190,6 +190,18 @@ def test_cifar_normalization(fake_cifar: type[_FakeCIFAR], tmp_path: Path) -> No
     assert len(c100) == 16 and dataset_info("cifar100")["num_classes"] == 100
 
 
+def test_large_sets_stay_uint8_and_normalize_per_batch(
+    fake_cifar: type[_FakeCIFAR], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = load_dataset("cifar10", root=tmp_path)
+    monkeypatch.setattr(data, "_MAX_FLOAT_BYTES", 0)  # pretend it is too big to hold as floats
+    big = load_dataset("cifar10", root=tmp_path)
+    assert big.images.dtype == torch.uint8 and small.images.dtype == torch.float32
+    assert torch.allclose(big[7][0], small[7][0], atol=1e-6)
+    got = torch.stack([x for x, _ in big.__getitems__([0, 3, 9])])
+    assert torch.allclose(got, small.images[[0, 3, 9]], atol=1e-6)
+
+
 def test_cifar_augmentation_is_a_crop_of_the_padded_image(fake_cifar: type[_FakeCIFAR], tmp_path: Path) -> None:
     plain = load_dataset("cifar10", root=tmp_path)
     aug = plain.with_augment(True)

@@ -7,7 +7,13 @@ to ``out @ z`` in the target space, and ``inp`` is applied on the input side of 
 
 Regularisation is scale-free: ``S + ridge * trace(S) / n * I``, so one ``ridge`` serves every layer
 and width. Matrix square roots use symmetric eigendecompositions with clamped eigenvalues, so
-rank-deficient covariances (dead ReLUs) never give NaNs or crashes. The decompositions and
+rank-deficient covariances (dead ReLUs) never give NaNs or crashes.
+
+Constant channels (dead ReLUs on the data) have no correlation with anything, so CCA leaves their
+correspondence arbitrary (any rotation of the null spaces); mapping them anyway would mix a dead
+neuron's (negative-bias) weights into live ones, or wake a dead one up. With ``drop_constant=True``
+(the default) what maps to or from a constant channel is zeroed: a model's dead neuron contributes
+nothing, and the reference's dead neuron keeps only the reference's own (averaged) weights. The decompositions and
 products run in torch (float64, CPU), which respects ``torch.set_num_threads``; numpy's BLAS
 oversubscribes shared machines badly for these small matrices. Inputs may be numpy arrays or
 tensors; results are numpy arrays.
@@ -27,6 +33,7 @@ __all__ = [
 ]
 
 _EIG_FLOOR = 1e-12  # relative floor for eigenvalues before inverse powers
+_DEAD_RTOL = 1e-10  # a channel whose variance is below this fraction of the largest is constant
 
 
 def _t(S: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -61,6 +68,25 @@ def _powers(S: torch.Tensor, *powers: float) -> list[torch.Tensor]:
     floor = _EIG_FLOOR * top if top > 0 else _EIG_FLOOR
     vals = vals.clamp_min(floor)
     return [(vecs * vals**p) @ vecs.T for p in powers]
+
+
+def _constant(S: torch.Tensor) -> torch.Tensor:
+    """Mask of channels with (numerically) zero variance: dead ReLUs on the data."""
+    var = torch.diagonal(S).clamp_min(0.0)
+    top = float(var.max()) if var.numel() else 0.0
+    return var <= _DEAD_RTOL * top if top > 0 else torch.ones_like(var, dtype=torch.bool)
+
+
+def _drop_constant(
+    out: torch.Tensor, inp: torch.Tensor, dead_target: torch.Tensor, dead_source: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero what maps to or from constant channels (their correspondence is arbitrary, see module doc)."""
+    out, inp = out.clone(), inp.clone()
+    out[:, dead_source] = 0.0
+    out[dead_target, :] = 0.0
+    inp[dead_source, :] = 0.0
+    inp[:, dead_target] = 0.0
+    return out, inp
 
 
 def _polar(A: torch.Tensor) -> torch.Tensor:
@@ -98,7 +124,7 @@ def cca_directions(
 
 
 def cca_transform(
-    S_aa: np.ndarray, S_bb: np.ndarray, S_ab: np.ndarray, ridge: float = 1e-2
+    S_aa: np.ndarray, S_bb: np.ndarray, S_ab: np.ndarray, ridge: float = 1e-2, drop_constant: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """The CCA Merge transform taking model B's features into model A's (reference) space.
 
@@ -118,11 +144,14 @@ def cca_transform(
     sa, ia = _powers(S_aa_r, 0.5, -0.5)
     sb, ib = _powers(S_bb_r, 0.5, -0.5)
     R = _polar(ia @ S_ab @ ib)  # U V^T: unique even when canonical correlations tie
-    return (sa @ R @ ib).numpy(), (sb @ R.T @ ia).numpy()
+    out, inp = sa @ R @ ib, sb @ R.T @ ia
+    if drop_constant:
+        out, inp = _drop_constant(out, inp, _constant(_as_sym(S_aa)), _constant(_as_sym(S_bb)))
+    return out.numpy(), inp.numpy()
 
 
 def multiview_cca_transforms(
-    covs: list[list[np.ndarray]], reference: int = 0, ridge: float = 1e-2
+    covs: list[list[np.ndarray]], reference: int = 0, ridge: float = 1e-2, drop_constant: bool = True
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Align N models' features to one shared space by multi-view (MAXVAR / generalised) CCA.
 
@@ -136,12 +165,15 @@ def multiview_cca_transforms(
     Scaling back to activation units: the shared space is a whitened space; it is expressed in the
     neuron units of model ``reference`` by re-colouring with that model's covariance square root.
     Each model's whitened features are rotated onto the reference's by the orthogonal polar factor
-    ``R_k`` of ``E_ref E_k^T`` (their shared-space correspondence), so
+    ``R_k`` of ``E_ref diag(lambda - 1)_+ E_k^T`` (their correspondence through the shared space,
+    each shared variate weighted by its cross-view correlation ``lambda - 1``; for N = 2 this matrix
+    is ``K / 2``, the pairwise CCA matrix), so
     ``out_k = S_ref^{1/2} R_k S_kk^{-1/2}`` and ``inp_k = S_kk^{1/2} R_k^T S_ref^{-1/2}`` (``out_ref = I``).
     The merged network's ReLUs thus act on real neurons with the reference's units (a rotated
     canonical basis would not commute with ReLU), while the correspondence of every model comes from
-    the joint estimate rather than a pairwise one. Using the orthogonal factor keeps the map bounded
-    when eigenvalues tie (dead neurons). For N = 2 it equals CCA Merge (:func:`cca_transform`).
+    the joint estimate rather than a pairwise one. The weighting makes uncorrelated (e.g. dead)
+    directions, whose eigenvalues tie, irrelevant to the rotation. For N = 2 it equals CCA Merge
+    (:func:`cca_transform`).
     """
     N = len(covs)
     if N < 2 or any(len(row) != N for row in covs):
@@ -156,16 +188,20 @@ def multiview_cca_transforms(
         for l in range(N):
             block = torch.eye(n, dtype=torch.float64) if k == l else roots[k][1] @ _t(covs[k][l]) @ roots[l][1]
             C[k * n:(k + 1) * n, l * n:(l + 1) * n] = block
-    _vals, vecs = torch.linalg.eigh(0.5 * (C + C.T))
+    vals, vecs = torch.linalg.eigh(0.5 * (C + C.T))
     E = vecs.flip(1)[:, :n]
+    weight = (vals.flip(0)[:n] - 1.0).clamp_min(0.0)  # each shared variate's cross-view correlation
     blocks = [E[k * n:(k + 1) * n] for k in range(N)]
     result = []
     for k in range(N):
         if k == reference:
             result.append((np.eye(n), np.eye(n)))
             continue
-        R = _polar(blocks[reference] @ blocks[k].T)
+        R = _polar((blocks[reference] * weight) @ blocks[k].T)
         out = roots[reference][0] @ R @ roots[k][1]
         inp = roots[k][0] @ R.T @ roots[reference][1]
+        if drop_constant:
+            out, inp = _drop_constant(out, inp, _constant(_as_sym(covs[reference][reference])),
+                                      _constant(_as_sym(covs[k][k])))
         result.append((out.numpy(), inp.numpy()))
     return result

@@ -1,0 +1,285 @@
+"""Streaming activation statistics against numpy/scipy on all activations held at once."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from ccatoolkit.capture import UnknownLayerError, capture
+from ccatoolkit.models import MLP, ResNet20
+from ccatoolkit.stats import (
+    JointStats,
+    StatisticsCollector,
+    canonical_correlations,
+    canonical_correlations_from_cov,
+    collect_statistics,
+    correlation_matrix,
+    inverse_sqrt,
+)
+
+
+def _samples(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) -> (N * prod(spatial), C): every position a sample of C channels."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1).T if t.dim() > 2 else t
+
+
+def _all_activations(models: list[nn.Module], batches: list[torch.Tensor], layers: list[str]) -> np.ndarray:
+    """Joint samples (rows) of all models' channels (columns), pooled over ``layers``, held at once."""
+    rows = []
+    for x in batches:
+        caches = []
+        for m in models:
+            m.eval()
+            with capture(m, layers) as cache, torch.no_grad():
+                m(x)
+            caches.append(cache)
+        for name in layers:
+            rows.append(torch.cat([_samples(c[name]) for c in caches], dim=1).double())
+    return torch.cat(rows).numpy()
+
+
+def _resnets(dtype: torch.dtype = torch.float32) -> list[nn.Module]:
+    torch.manual_seed(1)
+    return [ResNet20(width=1, in_shape=(1, 8, 8)).to(dtype) for _ in range(2)]
+
+
+def _batches(n: int, shape: tuple[int, ...], size: int = 6, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(size, *shape, generator=g, dtype=dtype) + 0.5 for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_means_and_covariances_equal_numpy_conv_pooled(dtype: torch.dtype, tol: float) -> None:
+    models = _resnets(dtype)
+    batches = _batches(2, (1, 8, 8), dtype=dtype)
+    layers = {"stream": ["stem.relu", "layer1.0.relu2", "layer1.1.relu2"], "inner": ["layer2.0.relu1"]}
+    stats = collect_statistics(models, batches, layers, progress=False)
+    for space, names in layers.items():
+        z = _all_activations(models, batches, names)
+        s = stats[space]
+        assert s.count == z.shape[0]
+        assert s.sizes == [z.shape[1] // 2] * 2
+        assert s.sum.dtype == torch.float64 and s.gram.dtype == torch.float64
+        scale = np.abs(np.cov(z.T)).max()
+        np.testing.assert_allclose(s.mean().numpy(), z.mean(0), atol=tol * scale)
+        np.testing.assert_allclose(s.joint_cov().numpy(), np.cov(z.T), atol=tol * scale)
+        np.testing.assert_allclose(s.gram.numpy(), z.T @ z, rtol=tol, atol=tol * np.abs(z.T @ z).max())
+        c = s.sizes[0]
+        np.testing.assert_allclose(s.cov(0, 1).numpy(), np.cov(z.T)[:c, c:], atol=tol * scale)
+        np.testing.assert_allclose(s.mean(1).numpy(), z[:, c:].mean(0), atol=tol * scale)
+
+
+def test_spatial_positions_are_samples() -> None:
+    models = _resnets()
+    batches = _batches(2, (1, 8, 8), size=5)
+    stats = collect_statistics(models, batches, ["stem.relu", "layer2.0.relu1", "layer3.2.relu2", "head"],
+                               progress=False, warn=False)
+    assert stats["stem.relu"].count == 2 * 5 * 8 * 8
+    assert stats["layer2.0.relu1"].count == 2 * 5 * 4 * 4
+    assert stats["layer3.2.relu2"].count == 2 * 5 * 2 * 2
+    assert stats["head"].count == 2 * 5
+    assert stats["layer3.2.relu2"].sizes == [64, 64]
+    assert stats["head"].gram.shape == (20, 20)
+
+
+def test_mlp_linear_features_and_correlations_match_numpy() -> None:
+    torch.manual_seed(3)
+    models = [MLP(depth=2, width=12, in_shape=(5,)).double() for _ in range(3)]
+    batches = _batches(4, (5,), size=16, dtype=torch.float64)
+    stats = collect_statistics(models, batches, ["relu1", "fc2"], progress=False)
+    z = _all_activations(models, batches, ["relu1"])
+    s = stats["relu1"]
+    assert s.count == 64 and s.sizes == [12, 12, 12] and s.num_models == 3
+    np.testing.assert_allclose(s.cov(2).numpy(), np.cov(z[:, 24:].T), atol=1e-12)
+    ref = np.corrcoef(z.T)[:12, 12:24]
+    alive_a = z[:, :12].std(0) > 0
+    alive_b = z[:, 12:24].std(0) > 0
+    ref = np.where(alive_a[:, None] & alive_b[None, :], np.nan_to_num(ref), 0.0)
+    corr = s.corr(0, 1).numpy()
+    assert np.isfinite(corr).all()
+    np.testing.assert_allclose(corr, ref, atol=1e-10)
+
+
+def test_dead_neurons_give_zero_correlation_not_nan() -> None:
+    torch.manual_seed(4)
+    models = [MLP(depth=1, width=6, in_shape=(4,)) for _ in range(2)]
+    with torch.no_grad():
+        models[0].fc1.weight[2].zero_()
+        models[0].fc1.bias[2] = -1.0  # dead ReLU: always 0
+        models[1].fc1.weight[4].zero_()
+        models[1].fc1.bias[4] = 0.7  # constant 0.7
+    s = collect_statistics(models, _batches(3, (4,), size=20), ["relu1"], progress=False)["relu1"]
+    corr = s.corr(0, 1)
+    assert torch.isfinite(corr).all()
+    assert (corr[2] == 0).all() and (corr[:, 4] == 0).all()
+    assert not s.alive(0)[2] and s.alive(0).sum() == 5 and not s.alive(1)[4]
+    rho = s.canonical_correlations(0, 1)
+    assert torch.isfinite(rho).all() and rho.shape == (6,) and rho.min() >= 0 and rho.max() <= 1
+    corr_same = collect_statistics([models[0], models[0]], _batches(2, (4,), size=20), ["relu1"],
+                                   progress=False)["relu1"].corr(0, 1)
+    torch.testing.assert_close(torch.diagonal(corr_same), torch.tensor([1.0, 1, 0, 1, 1, 1], dtype=torch.float64))
+
+
+def test_canonical_correlations_match_subspace_angles() -> None:
+    """Canonical correlations = cosines of the principal angles between the centred data's column spaces."""
+    rng = np.random.default_rng(0)
+    n, a, b = 400, 5, 4
+    shared = rng.normal(size=(n, 3))
+    xa = shared @ rng.normal(size=(3, a)) + 0.5 * rng.normal(size=(n, a)) + 3.0
+    xb = shared @ rng.normal(size=(3, b)) + 0.8 * rng.normal(size=(n, b)) - 1.0
+    ca, cb = xa - xa.mean(0), xb - xb.mean(0)
+    expected = np.sort(np.cos(scipy.linalg.subspace_angles(ca, cb)))[::-1]
+    joint = np.concatenate([xa, xb], 1)
+    stats = JointStats(n, torch.tensor(joint.sum(0)), torch.tensor(joint.T @ joint), [a, b])
+    rho = canonical_correlations_from_cov(stats.cov(0), stats.cov(1), stats.cov(0, 1))
+    assert rho.shape == (b,) and torch.all(rho[:-1] >= rho[1:])
+    np.testing.assert_allclose(rho.numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(stats.canonical_correlations(0, 1).numpy(), expected, atol=1e-6)
+    # the canonical directions whiten and diagonalise
+    rho2, dir_a, dir_b = canonical_correlations_from_cov(stats.cov(0), stats.cov(1), stats.cov(0, 1),
+                                                         return_vectors=True)
+    np.testing.assert_allclose((dir_a.T @ stats.cov(0) @ dir_a).numpy(), np.eye(b), atol=1e-8)
+    np.testing.assert_allclose((dir_a.T @ stats.cov(0, 1) @ dir_b).numpy(), np.diag(rho2.numpy()), atol=1e-8)
+
+
+def test_canonical_correlations_of_models_match_subspace_angles() -> None:
+    models = _resnets(torch.float64)
+    batches = _batches(3, (1, 8, 8), dtype=torch.float64)
+    layer = "layer1.2.relu1"  # 16 channels, 3*6*8*8 = 1152 samples
+    rho = canonical_correlations(models[0], models[1], batches, layer, ridge=0.0, progress=False)
+    z = _all_activations(models, batches, [layer])
+    z = z - z.mean(0)
+    expected = np.sort(np.cos(scipy.linalg.subspace_angles(z[:, :16], z[:, 16:])))[::-1]
+    assert rho.device.type == "cpu" and rho.shape == (16,)
+    np.testing.assert_allclose(rho.numpy(), expected, atol=1e-6)
+    same = canonical_correlations(models[0], models[0], batches, layer, ridge=0.0, progress=False)
+    np.testing.assert_allclose(same.numpy(), 1.0, atol=1e-6)
+    corr = correlation_matrix(models[0], models[1], batches, layer, progress=False)
+    np.testing.assert_allclose(corr.numpy(), np.corrcoef(z.T)[:16, 16:], atol=1e-8)
+
+
+def test_ridge_is_scale_free_and_shrinks() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 6))
+    y = x[:, :4] + 0.3 * rng.normal(size=(300, 4))
+    cov = np.cov(np.concatenate([x, y], 1).T)
+    blocks = [torch.tensor(cov[:6, :6]), torch.tensor(cov[6:, 6:]), torch.tensor(cov[:6, 6:])]
+    r0 = canonical_correlations_from_cov(*blocks, ridge=0.0)
+    r1 = canonical_correlations_from_cov(*blocks, ridge=0.1)
+    r1_scaled = canonical_correlations_from_cov(*[b * 1e4 for b in blocks], ridge=0.1)
+    torch.testing.assert_close(r1, r1_scaled)
+    assert torch.all(r1 < r0)
+    with pytest.raises(ValueError, match="ridge"):
+        canonical_correlations_from_cov(*blocks, ridge=-1.0)
+
+
+def test_rank_deficient_statistics_warn_and_stay_finite() -> None:
+    torch.manual_seed(5)
+    models = [MLP(depth=1, width=32, in_shape=(3,)) for _ in range(2)]
+    batches = _batches(1, (3,), size=10)  # 10 samples, 64 channels, rank 3 inputs
+    with pytest.warns(RuntimeWarning, match="rank-deficient"):
+        stats = collect_statistics(models, batches, ["relu1"], progress=False)
+    s = stats["relu1"]
+    w = inverse_sqrt(s.cov(0))
+    assert torch.isfinite(w).all()
+    with pytest.warns(RuntimeWarning, match=r"ridge=0\.01"):
+        rho = canonical_correlations(models[0], models[1], batches, "relu1", ridge=0.01, progress=False)
+    assert torch.isfinite(rho).all() and rho.min() >= 0 and rho.max() <= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rho0 = canonical_correlations_from_cov(s.cov(0), s.cov(1), s.cov(0, 1), ridge=0.0)
+    assert torch.isfinite(rho0).all() and rho0.max() <= 1
+
+
+def test_sums_combine_across_data_splits_and_limits() -> None:
+    models = _resnets()
+    batches = _batches(4, (1, 8, 8))
+    full = collect_statistics(models, batches, ["layer2.1.relu2"], progress=False)["layer2.1.relu2"]
+    a = collect_statistics(models, batches[:2], ["layer2.1.relu2"], progress=False)["layer2.1.relu2"]
+    b = collect_statistics(models, batches[2:], ["layer2.1.relu2"], progress=False)["layer2.1.relu2"]
+    both = a + b
+    assert both.count == full.count
+    torch.testing.assert_close(both.gram, full.gram, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(both.cov(0, 1), full.cov(0, 1), rtol=1e-5, atol=1e-7)
+    limited = collect_statistics(models, batches, ["head"], max_batches=3, progress=False, warn=False)["head"]
+    assert limited.count == 18
+    limited = collect_statistics(models, batches, ["head"], max_samples=8, progress=False, warn=False)["head"]
+    assert limited.count == 8
+    with pytest.raises(ValueError, match="max_batches"):
+        collect_statistics(models, batches, ["head"], max_batches=0)
+
+
+def test_models_unchanged_eval_during_collection_modes_restored() -> None:
+    seen: list[bool] = []
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(self.training)
+            return x
+
+    models = []
+    for seed in (6, 7):
+        torch.manual_seed(seed)
+        models.append(nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), Probe(), nn.ReLU()).train())
+    models[1][1].eval()  # a mixed mode must be restored exactly
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    collect_statistics(models, _batches(2, (3,), size=8), ["1", "3"], progress=False)
+    assert seen and not any(seen)
+    assert models[0].training and models[0][1].training and models[1].training and not models[1][1].training
+    for m, state in zip(models, states):
+        assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())  # BN running stats untouched
+        assert sum(len(mod._forward_hooks) for mod in m.modules()) == 0
+
+
+def test_inplace_modified_outputs_are_copied() -> None:
+    torch.manual_seed(8)
+    models = [nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True)) for _ in range(2)]
+    batches = _batches(3, (3,), size=10)
+    s = collect_statistics(models, batches, ["0"], progress=False)["0"]
+    pre = torch.cat([torch.cat([m[0](x) for m in models], 1) for x in batches]).detach().double()
+    torch.testing.assert_close(s.mean(), pre.mean(0), rtol=1e-5, atol=1e-6)
+    assert (s.mean() < 0).any()  # the pre-ReLU values were used, not the in-place ReLU'd ones
+
+
+def test_statistics_memory_does_not_grow() -> None:
+    models = _resnets()
+    batches = _batches(5, (1, 8, 8))
+    collector = StatisticsCollector(models, {"stream": ["layer1.0.relu2", "layer1.1.relu2"]})
+    with collector.attached():
+        collector.update(batches[0])
+        first = collector.nbytes()
+        for x in batches[1:]:
+            collector.update(x)
+        assert collector.nbytes() == first
+    assert first["sums"] == 8 * (32 * 32 + 32) + 4 * 32 * 33 + 4 * 32 + 32  # s2, s1, float32 Gram, shift, flags
+    assert collector.result()["stream"].count == 5 * 6 * 64 * 2
+
+
+def test_errors_for_bad_inputs() -> None:
+    models = _resnets()
+    batches = _batches(1, (1, 8, 8))
+    with pytest.raises(ValueError, match=r"stem\.conv\.weight.*\(16, 1, 3, 3\) in model 0 but \(32, 1, 3, 3\) in model 1"):
+        collect_statistics([models[0], ResNet20(width=2, in_shape=(1, 8, 8))], batches, ["stem.relu"])
+    with pytest.raises(ValueError, match="model 1 has no"):
+        collect_statistics([models[0], MLP(depth=1, width=4, in_shape=(1, 8, 8))], batches, ["head"])
+    with pytest.raises(UnknownLayerError, match=r"stem\.rellu.*Did you mean 'stem\.relu'.*Capturable layers"):
+        collect_statistics(models, batches, ["stem.rellu"])
+    with pytest.raises(ValueError, match="no batches"):
+        collect_statistics(models, [], ["stem.relu"], progress=False)
+    with pytest.raises(ValueError, match="different devices"):
+        collect_statistics([models[0], ResNet20(width=1, in_shape=(1, 8, 8)).to("meta")], batches, ["head"])
+    with pytest.raises(ValueError, match="two spaces"):
+        collect_statistics(models, batches, {"a": ["stem.relu"], "b": ["stem.relu"]})
+    with pytest.raises(TypeError, match="batch"):
+        collect_statistics(models, [{"x": batches[0]}], ["head"], progress=False)
+    broken = ResNet20(width=1, in_shape=(1, 8, 8))
+    broken.load_state_dict(models[1].state_dict())
+    with torch.no_grad():
+        broken.layer2[0].conv1.weight[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite.*layer2\.0\.relu1.*model 1"):
+        collect_statistics([models[0], broken], batches, ["stem.relu", "layer2.0.relu1"], progress=False)
