@@ -49,6 +49,12 @@ _EXPORTS: dict[str, str] = {
     "interpolate": "ccatoolkit.landscape",
     "barrier": "ccatoolkit.landscape",
     "loss_plane": "ccatoolkit.landscape",
+    "simplex": "ccatoolkit.landscape",
+    "InterpolationResult": "ccatoolkit.landscape",
+    "PlaneResult": "ccatoolkit.landscape",
+    "Curve": "ccatoolkit.curves",
+    "CurveResult": "ccatoolkit.curves",
+    "compare_paths": "ccatoolkit.curves",
     "train_curve": "ccatoolkit.curves",
 }
 

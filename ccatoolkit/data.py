@@ -47,6 +47,7 @@ __all__ = [
     "get_loaders",
     "batch_inputs",
     "batch_targets",
+    "iterate_inputs",
 ]
 
 DATASET_NAMES: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "digits")

@@ -52,6 +52,7 @@ _ALIASES = {"permute_activation": "permute", "activation": "permute", "weight": 
 DEFAULT_RIDGE = 1e-2
 RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 _STATS_METHODS = {"permute", "zipit", "cca", "cca_multiview"}
+_OPTIONS = {"allow_within_model", "max_iter", "seed", "ridge_grid"}
 _RIDGE_METHODS = {"cca", "cca_multiview"}
 
 Transforms = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -108,6 +109,12 @@ def _canonical_method(method: str) -> str:
             "(and the alias 'permute_activation')"
         )
     return key
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown merge option(s) {', '.join(unknown)}; valid options are: {', '.join(sorted(_OPTIONS))}")
 
 
 def _first_inputs(data: Iterable[Any] | None) -> torch.Tensor | None:
@@ -352,6 +359,7 @@ def merge(
     The result carries ``merge_info`` (method, reference index, ridge and the ridge scores).
     """
     method = _canonical_method(method)
+    _check_options(options)
     models = _check_models(models)
     if method == "ensemble":
         return ensemble(models)
@@ -415,6 +423,7 @@ def alignment_transforms(
     space rather than aligning one model to another: use ``merge(..., method="zipit")``.
     """
     method = _canonical_method(method)
+    _check_options(options)
     if method in ("zipit", "ensemble"):
         raise ValueError(
             f"method {method!r} does not align one model into another's space; use merge(..., method={method!r}) "

@@ -595,8 +595,13 @@ class StatisticsCollector:
                 model(x)
         finally:
             self._active = None
-        for p in self.points:
-            p.end(self.device)
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")  # no TF32/bf16 shortcuts in the Gram products
+        try:
+            for p in self.points:
+                p.end(self.device)
+        finally:
+            torch.set_float32_matmul_precision(precision)
         self.batches += 1
         if self.device.type == "cpu" or self.batches % 16 == 0:
             self.check_finite()

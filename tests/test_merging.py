@@ -116,6 +116,8 @@ def test_errors() -> None:
         merge([model, model], "cca", data, reference="best")
     with pytest.raises(ValueError, match="needs data"):
         merge([model, model], "cca")
+    with pytest.raises(TypeError, match="allow_within_model"):
+        merge([model, model], "zipit", data, allow_within=False)
     with pytest.raises(ValueError, match="zipit"):
         align_to(model, model, "zipit", data)
     assert set(METHODS) == {"average", "permute", "permute_weight", "zipit", "cca", "cca_multiview", "ensemble"}

@@ -1,0 +1,181 @@
+"""Drive the landscape notebook in a real browser: JupyterLab + headless Chromium (Playwright).
+
+Starts JupyterLab on a free localhost port over a temporary copy of ``notebooks/`` (smoke mode,
+a private model cache), opens ``04_landscape.ipynb``, runs all cells from the Run menu, waits for
+the kernel to finish, checks that no cell errored, moves the alpha slider with the keyboard and
+checks that the widget redrew (its title names the new alpha and accuracy). A screenshot is saved
+to ``reports/browser/`` (its path is printed). Skipped when Chromium or Playwright is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("CCATOOLKIT_CHROMIUM", "/usr/bin/chromium")
+NOTEBOOK = "04_landscape.ipynb"
+RUN_TIMEOUT_S = 240
+ARTIFACTS = ROOT / "reports" / "browser"
+
+pytestmark = pytest.mark.browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"JupyterLab exited early with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "api/status", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"JupyterLab did not answer at {url} within {timeout:.0f} s")
+
+
+@pytest.fixture
+def lab(tmp_path: Path):
+    """A JupyterLab server over a copy of the notebooks; yields its base URL."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's chromium or set CCATOOLKIT_CHROMIUM)")
+    pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
+    pytest.importorskip("jupyterlab", reason="jupyterlab is not installed")
+    root = tmp_path / "notebooks"
+    shutil.copytree(ROOT / "notebooks", root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    kernels = tmp_path / "jupyter" / "kernels" / "python3"
+    kernels.mkdir(parents=True)
+    (kernels / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3", "language": "python",
+    }))
+    env = dict(os.environ)
+    env.update(
+        CCATOOLKIT_SMOKE="1",
+        CCATOOLKIT_CACHE=str(tmp_path / "cache"),
+        JUPYTER_PATH=os.pathsep.join(filter(None, [str(tmp_path / "jupyter"), env.get("JUPYTER_PATH")])),
+        JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+        JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    )
+    env.pop("MPLBACKEND", None)  # the notebook picks the inline backend itself
+    port = _free_port()
+    log = open(tmp_path / "jupyter.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ServerApp.token=",
+         "--ServerApp.password=", "--ServerApp.ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
+         f"--ServerApp.root_dir={root}", "--LabApp.news_url=", "--ServerApp.disable_check_xsrf=True"],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_for_server(url, proc)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()
+
+
+def _errors(page) -> list[str]:
+    """Texts of error outputs: error mime bundles, and stderr outputs holding a traceback or an ...Error."""
+    found = []
+    for el in page.query_selector_all('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'):
+        text = el.inner_text()
+        if "Traceback" in text or re.search(r"\b\w+Error\b", text):
+            found.append(text[-1500:])
+    for el in page.query_selector_all('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"]'):
+        found.append(el.inner_text()[-1500:])
+    return found
+
+
+def _wait_until_done(page, timeout_s: float) -> None:
+    """Wait until every code cell has run: no busy ``[*]`` prompt and the last code cell numbered."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        prompts = [p.inner_text().strip() for p in page.query_selector_all(".jp-CodeCell .jp-InputArea-prompt")]
+        if prompts and not any("*" in p for p in prompts) and re.search(r"\[\d+\]", prompts[-1]):
+            return
+        if _errors(page):
+            return  # a failed cell stops "run all"; the caller reports it
+        page.wait_for_timeout(1000)
+    raise TimeoutError(f"the notebook did not finish within {timeout_s:.0f} s; prompts: {prompts}")
+
+
+def _widget_title(page) -> str:
+    titles = page.query_selector_all(".widget-html-content b")
+    return titles[-1].inner_text() if titles else ""
+
+
+def test_landscape_notebook_runs_and_the_alpha_slider_redraws(lab: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "04_landscape.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--no-first-run", "--disable-dev-shm-usage"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(lab + "lab/tree/" + NOTEBOOK, wait_until="domcontentloaded")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            # kernel up and idle before running
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+
+            page.click(".lm-MenuBar-itemLabel:text-is('Run')")
+            page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+            _wait_until_done(page, RUN_TIMEOUT_S)
+            errors = _errors(page)
+            assert not errors, "a cell failed:\n" + "\n---\n".join(errors)
+
+            slider = page.wait_for_selector(".widget-slider .noUi-handle", timeout=60_000)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.widget-html-content b')].some(b => b.innerText.includes('alpha'))",
+                timeout=60_000,
+            )
+            before = _widget_title(page)
+            assert "alpha = 0.50" in before, before
+            slider.scroll_into_view_if_needed()
+            slider.focus()
+            for _ in range(4):  # 4 steps of 0.05
+                page.keyboard.press("ArrowRight")
+            page.wait_for_function(
+                "(old) => { const b = [...document.querySelectorAll('.widget-html-content b')].pop();"
+                " return b && b.innerText !== old && !b.innerText.includes('alpha = 0.50'); }",
+                arg=before, timeout=120_000,
+            )
+            after = _widget_title(page)
+            page.screenshot(path=str(shot), full_page=False)
+            print(f"\nbrowser screenshot: {shot}")
+            assert re.search(r"alpha = 0\.(5[5-9]|[6-9]\d)", after), after
+            assert re.search(r"accuracy \d+\.\d+%", after), after
+            assert not _errors(page)
+        finally:
+            browser.close()
