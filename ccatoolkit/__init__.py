@@ -15,6 +15,15 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     # foundation
     "default_device": "ccatoolkit.device",
+    "resolve_device": "ccatoolkit.device",
+    "get_loaders": "ccatoolkit.data",
+    "split_indices": "ccatoolkit.data",
+    "train_val_split": "ccatoolkit.data",
+    "dataset_info": "ccatoolkit.data",
+    "DATASET_NAMES": "ccatoolkit.data",
+    "trained_models": "ccatoolkit.zoo",
+    "load_or_create": "ccatoolkit.cache",
+    "CacheError": "ccatoolkit.cache",
     "load_dataset": "ccatoolkit.data",
     "make_loader": "ccatoolkit.data",
     "build_model": "ccatoolkit.models",

@@ -9,7 +9,8 @@ import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One thread: on 2 busy cores, tiny models run far slower with two.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
