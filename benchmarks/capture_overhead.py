@@ -8,20 +8,22 @@ same batches two ways, on the same device and in one run:
   stream of each stage (stem/block outputs pooled) and every block's inner ReLU; for the MLP every ReLU.
 
 and prints time(stats) / time(plain). Targets: at most 1.3 on CPU, 1.2 on a GPU. Each time is the best
-of ``--repeats`` interleaved runs (CPU timings on a shared machine are noisy; compare ratios; on CPU
-the ratio of process CPU times is printed too, which other processes disturb less). Inputs
+of ``--repeats`` interleaved runs, and the median of the ratios of back-to-back runs is shown too
+(CPU timings on a shared machine are noisy; compare ratios; on CPU the ratio of process CPU times is
+printed as well, which other processes disturb less). Inputs
 are random 28x28 images (speed does not depend on the data or on training).
 
 It also checks the memory claim: the float64 sums held by the collector have the same size after
 one batch as after all batches (only one batch's float32 buffers are held besides).
 
     python benchmarks/capture_overhead.py                         # all three models, 8 batches of 128
-    python benchmarks/capture_overhead.py --models resnet20x1 --batches 4 --threads 2
+    python benchmarks/capture_overhead.py --models resnet20x1 --batches 4 --threads 2 --naive
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -88,6 +90,36 @@ def stats(models: list[nn.Module], batches: list[torch.Tensor], spaces: dict[str
     return time.perf_counter() - start, time.process_time() - cpu
 
 
+def naive(models: list[nn.Module], batches: list[torch.Tensor], spaces: dict[str, list[str]],
+          device: torch.device) -> tuple[float, float]:
+    """The straightforward version, for comparison: capture, concatenate, float64 Gram per batch."""
+    from ccatoolkit.capture import capture
+
+    start, cpu = time.perf_counter(), time.process_time()
+    layers = [name for names in spaces.values() for name in names]
+    sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for x in batches:
+            x = x.to(device)
+            caches = []
+            for m in models:
+                with capture(m, layers) as cache:
+                    m(x)
+                caches.append(cache)
+            for space, names in spaces.items():
+                for name in names:
+                    feats = [c[name].transpose(0, 1).reshape(c[name].shape[1], -1) for c in caches]
+                    z = torch.cat(feats).double()
+                    if space not in sums:
+                        d = z.shape[0]
+                        sums[space] = (torch.zeros(d, dtype=torch.float64, device=device),
+                                       torch.zeros(d, d, dtype=torch.float64, device=device))
+                    sums[space][0].add_(z.sum(1))
+                    sums[space][1].addmm_(z, z.T)
+    _sync(device)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
 def memory_check(models: list[nn.Module], batches: list[torch.Tensor], spaces: dict[str, list[str]]) -> str:
     collector = StatisticsCollector(models, spaces)
     with collector.attached():
@@ -109,6 +141,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--naive", action="store_true", help="also time a naive hook + float64 matmul version")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,9 +161,16 @@ def main() -> None:
             t_stats.append(stats(models, batches, spaces, device))
         p, s = min(t[0] for t in t_plain), min(t[0] for t in t_stats)
         pc, sc = min(t[1] for t in t_plain), min(t[1] for t in t_stats)
+        paired = statistics.median(b[0] / a[0] for a, b in zip(t_plain, t_stats))
         cpu = f"  | CPU time: plain {pc:7.3f} s  stats {sc:7.3f} s  ratio {sc / pc:5.2f}" if device.type == "cpu" else ""
-        print(f"{name:11s} wall: plain {p:7.3f} s  stats {s:7.3f} s  ratio {s / p:5.2f}{cpu}  "
+        print(f"{name:11s} wall: plain {p:7.3f} s  stats {s:7.3f} s  ratio {s / p:5.2f} "
+              f"(median of paired runs {paired:5.2f}){cpu}  "
               f"({len(spaces)} spaces, {sum(map(len, spaces.values()))} capture points)")
+        if args.naive:
+            t_naive = [naive(models, batches, spaces, device) for _ in range(args.repeats)]
+            nw, nc = min(t[0] for t in t_naive), min(t[1] for t in t_naive)
+            cpu = f"  | CPU time ratio {nc / pc:5.2f}" if device.type == "cpu" else ""
+            print(f"{'':11s} naive hook + float64 matmul: wall {nw:7.3f} s  ratio {nw / p:5.2f}{cpu}")
         print(f"{'':11s} memory: {memory_check(models, batches[:3], spaces)}")
 
 

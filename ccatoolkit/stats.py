@@ -47,7 +47,7 @@ EIG_RTOL = 1e-10
 # in that space) is constant: it gets correlation 0.
 VAR_RTOL = 1e-10
 # Rows of the batch matrix per Gram chunk: the upper block triangle is computed chunk by chunk.
-_CHUNK_ROWS = 128
+_CHUNK_ROWS = 32
 # On CPU a batch is processed in column blocks of about this size, so the block stays in cache.
 _BLOCK_BYTES = 1 << 20
 # The running Gram (a sum over at most this many samples, of shifted data) is flushed into float64.

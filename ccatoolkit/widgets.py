@@ -432,17 +432,18 @@ def _png(fig: Any) -> bytes:
 
 
 def _interactive(render: Callable[..., Any], controls: Mapping[str, Any]) -> Any:
-    """A VBox of ``controls``, a title line and an output area; any control change redraws ``render(**values)``.
+    """A VBox of ``controls``, a title line and an image; any control change redraws ``render(**values)``.
 
-    The box records ``.figure`` (last figure), ``.text`` (its title), ``.redraws`` and ``.error``
-    (the message of a failed redraw, shown in red instead of a traceback).
+    The figure is shown as a PNG in an ``ipywidgets.Image`` (no output capture, so it behaves the
+    same in JupyterLab, papermill and nbval). The box records ``.figure`` (last figure), ``.text``
+    (its title), ``.redraws`` and ``.error`` (the message of a failed redraw, shown in red instead
+    of a traceback).
     """
     import ipywidgets as W
-    from IPython.display import Image, display
 
     title = W.HTML(layout=W.Layout(min_height="1.6em"))
-    out = W.Output()
-    box = W.VBox([W.HBox(list(controls.values())), title, out])
+    image = W.Image(format="png", layout=W.Layout(max_width="100%"))
+    box = W.VBox([W.HBox(list(controls.values())), title, image])
     box.controls = dict(controls)
     box.figure, box.text, box.redraws, box.error = None, "", 0, None
 
@@ -457,9 +458,7 @@ def _interactive(render: Callable[..., Any], controls: Mapping[str, Any]) -> Any
         box.figure, box.text, box.error = fig, figure_title(fig), None
         box.redraws += 1
         title.value = f"<b>{html.escape(box.text)}</b>"
-        with out:
-            out.clear_output(wait=True)
-            display(Image(data=_png(fig), format="png"))
+        image.value = _png(fig)
 
     for control in controls.values():
         control.observe(redraw, names="value")

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "reports", help="report folder (default: reports/)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CCATOOLKIT_SMOKE=1): a few minutes in all")
     parser.add_argument("--only", nargs="*", default=[], metavar="PREFIX", help="run notebooks whose names start so")
-    parser.add_argument("--cell-timeout", type=int, default=3600, help="seconds one cell may run (default 3600)")
+    parser.add_argument("--cell-timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
     parser.add_argument("--no-html", action="store_true", help="skip the HTML pages")
     args = parser.parse_args(argv)
     return run(args.out, args.smoke, args.only, args.cell_timeout, not args.no_html)

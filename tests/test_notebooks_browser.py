@@ -26,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CCATOOLKIT_CHROMIUM", "/usr/bin/chromium")
 NOTEBOOK = "04_landscape.ipynb"
-RUN_TIMEOUT_S = 240
+RUN_TIMEOUT_S = int(os.environ.get("CCATOOLKIT_BROWSER_TIMEOUT", "240"))
 ARTIFACTS = ROOT / "reports" / "browser"
 
 pytestmark = pytest.mark.browser
@@ -149,8 +149,10 @@ def test_landscape_notebook_runs_and_the_alpha_slider_redraws(lab: str) -> None:
             # kernel up and idle before running
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
 
+            page.click(".jp-Notebook .jp-Cell >> nth=0")  # make the notebook the current widget
             page.click(".lm-MenuBar-itemLabel:text-is('Run')")
             page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+            page.screenshot(path=str(ARTIFACTS / "04_landscape_run_all.png"))
             _wait_until_done(page, RUN_TIMEOUT_S)
             errors = _errors(page)
             assert not errors, "a cell failed:\n" + "\n---\n".join(errors)

@@ -112,9 +112,10 @@ def test_alpha_slider_changes_the_displayed_accuracy(setup):
     assert W.alpha_point(ctx, 0.0)["accuracy"] == pytest.approx(acc_a)
     assert W.alpha_point(ctx, 0.0)["confusion"].sum() == 256
     box = W.alpha_widget(ctx, alpha=0.0)
-    text0 = box.text
-    assert "alpha = 0.00" in text0 and f"{acc_a:.2%}" in text0
+    text0, png0 = box.text, box.children[2].value
+    assert "alpha = 0.00" in text0 and f"{acc_a:.2%}" in text0 and png0[:4] == b"\x89PNG"
     box.controls["alpha"].value = 0.5
+    assert box.children[2].value != png0  # the image shown was redrawn
     assert box.redraws == 2 and "alpha = 0.50" in box.text and box.text != text0
     mid = W.alpha_point(ctx, 0.5)
     assert f"{mid['accuracy']:.2%}" in box.text
