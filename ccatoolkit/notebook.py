@@ -124,7 +124,7 @@ def settings(smoke: bool | None = None, model: str | None = None, device: str | 
     base = Settings(smoke=smoke, model=name, model_kwargs=dict(table[name]), device=_resolve_device(device))
     if smoke:
         base = base.replace(
-            epochs=1, limit=1024, test_limit=512, stats_limit=512, batch_size=64, n_models=3, n_seeds=2,
+            epochs=1, limit=2048, test_limit=512, stats_limit=512, batch_size=64, n_models=3, n_seeds=2,
             alphas=5, plane_resolution=5, curve_epochs=1, progress=False, threads=1,
         )
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Settings)}

@@ -10,8 +10,8 @@ convolutional output ``(N, C, H, W)`` gives ``N*H*W`` samples of ``C`` channels;
 Speed: Gram matrices are computed in float32 (float64 for float64 models) on activations minus a
 fixed per-channel shift (the first batch's mean), so float32 loses nothing that matters; a ones row
 appended to the samples yields the sums in the same matrix product; only the upper block triangle
-is computed (about 3/4 of the work for two models); on CPU the samples are processed in cache-sized
-blocks. The float32 running Gram is flushed into the float64 totals every 2^17 samples.
+is computed (1/2 to 3/4 of the full product), in row chunks of 32 channels. The float32 running Gram
+is flushed into the float64 totals every 2^17 samples.
 
 Means, covariances, cross-covariances, correlations and canonical correlations come from the sums
 (:class:`JointStats`). With ``torch.distributed`` initialised the sums are all-reduced, so ranks that
@@ -48,8 +48,6 @@ EIG_RTOL = 1e-10
 VAR_RTOL = 1e-10
 # Rows of the batch matrix per Gram chunk: the upper block triangle is computed chunk by chunk.
 _CHUNK_ROWS = 32
-# On CPU a batch is processed in column blocks of about this size, so the block stays in cache.
-_BLOCK_BYTES = 1 << 20
 # The running Gram (a sum over at most this many samples, of shifted data) is flushed into float64.
 _FLUSH_SAMPLES = 1 << 17
 
@@ -314,10 +312,10 @@ def _batch_inputs(batch: Any) -> torch.Tensor:
 class _Space:
     """Accumulators of one space.
 
-    The joint samples of a batch are written, a cache-sized block of columns at a time, into a
-    small matrix ``z`` (channels minus a fixed shift, then a row of ones); its Gram matrix (upper
-    block triangle; the ones row gives the sums) is added into a float32 running total that is
-    flushed into the float64 sums every ``_FLUSH_SAMPLES`` samples.
+    The joint samples of a batch are written into a matrix ``z`` (one column per sample: the
+    channels minus a fixed shift, then a row of ones); its Gram matrix (upper block triangle; the
+    ones row gives the sums) is added into a float32 running total that is flushed into the
+    float64 sums every ``_FLUSH_SAMPLES`` samples.
     """
 
     def __init__(self, name: str, layers: list[str], num_models: int) -> None:
@@ -328,7 +326,7 @@ class _Space:
         self.s1: torch.Tensor | None = None  # float64 sum of (x - shift)
         self.s2: torch.Tensor | None = None  # float64 sum of (x - shift)(x - shift)^T, upper block part
         self.g: torch.Tensor | None = None  # running (dim, dim + 1) Gram since the last flush, self.dtype
-        self.z: torch.Tensor | None = None  # (dim + 1, columns) block buffer, last row ones
+        self.z: torch.Tensor | None = None  # (dim + 1, samples) batch matrix buffer, last row ones
         self.bad: torch.Tensor | None = None  # per joint channel: a non-finite value was seen
         self.count = 0
         self.unflushed = 0
@@ -368,30 +366,19 @@ class _Space:
     def add(self, outs: list[torch.Tensor]) -> None:
         """Add one capture point's outputs of all models on one batch (each ``(N, C_i, *spatial)``)."""
         assert self.sizes is not None and self.shift is not None and self.g is not None
-        n = outs[0].shape[0]
-        per_input = outs[0][:1].numel() // max(1, outs[0].shape[1])  # samples per input (spatial size)
-        device = self.g.device
-        if device.type == "cpu":  # keep the block in cache: about _BLOCK_BYTES
-            step = max(1, min(n, _BLOCK_BYTES // max(1, (self.dim + 1) * per_input * self.g.element_size())))
-        else:
-            step = n
-        z_all = self._block(step * per_input, device)
+        samples = outs[0].numel() // max(1, outs[0].shape[1])
         d = self.dim
-        for n0 in range(0, n, step):
-            nb = min(step, n - n0)
-            cols = nb * per_input
-            z = z_all[:, :cols]
-            off = 0
-            for out, size in zip(outs, self.sizes):
-                part = out[n0 : n0 + nb].transpose(0, 1)
-                dst = z[off : off + size].view(part.shape)
-                shift = self.shift[off : off + size].view(size, *([1] * (part.dim() - 1)))
-                torch.sub(part, shift, out=dst)
-                off += size
-            for r0, r1 in self.chunks:
-                self.g[r0:r1, r0:].addmm_(z[r0:r1], z[r0 : d + 1].T)
-        self.count += n * per_input
-        self.unflushed += n * per_input
+        z = self._block(samples, self.g.device)[:, :samples]
+        off = 0
+        for out, size in zip(outs, self.sizes):
+            part = out.transpose(0, 1)
+            shift = self.shift[off : off + size].view(size, *([1] * (part.dim() - 1)))
+            torch.sub(part, shift, out=z[off : off + size].view(part.shape))
+            off += size
+        for r0, r1 in self.chunks:
+            self.g[r0:r1, r0:].addmm_(z[r0:r1], z[r0 : d + 1].T)
+        self.count += samples
+        self.unflushed += samples
         if self.unflushed >= _FLUSH_SAMPLES:
             self.flush()
 
@@ -629,7 +616,7 @@ class StatisticsCollector:
         return out
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held: ``sums`` (the running sums; independent of the amount of data) and ``batch`` (block buffers).
+        """Bytes held: ``sums`` (the running sums; independent of the amount of data) and ``batch`` (batch buffers).
 
         Besides these, only the current batch's outputs are referenced until all models have run.
         """

@@ -457,8 +457,8 @@ def _interactive(render: Callable[..., Any], controls: Mapping[str, Any]) -> Any
             return
         box.figure, box.text, box.error = fig, figure_title(fig), None
         box.redraws += 1
+        image.value = _png(fig)  # the image first: once the title changes, the picture matches it
         title.value = f"<b>{html.escape(box.text)}</b>"
-        image.value = _png(fig)
 
     for control in controls.values():
         control.observe(redraw, names="value")

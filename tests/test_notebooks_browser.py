@@ -166,16 +166,23 @@ def test_landscape_notebook_runs_and_the_alpha_slider_redraws(lab: str) -> None:
             assert "alpha = 0.50" in before, before
             slider.scroll_into_view_if_needed()
             slider.focus()
-            for _ in range(4):  # 4 steps of 0.05
+            for _ in range(2):  # 2 steps of 0.05: alpha 0.50 -> 0.60
                 page.keyboard.press("ArrowRight")
-            page.wait_for_function(
-                "(old) => { const b = [...document.querySelectorAll('.widget-html-content b')].pop();"
-                " return b && b.innerText !== old && !b.innerText.includes('alpha = 0.50'); }",
-                arg=before, timeout=120_000,
+            readout = page.query_selector_all(".widget-slider .widget-readout")[-1]
+            page.wait_for_function("(el) => el.innerText.trim() !== '0.50'", arg=readout, timeout=30_000)
+            target = readout.inner_text().strip()
+            page.wait_for_function(  # the kernel redrew for the slider's final value
+                "(want) => { const b = [...document.querySelectorAll('.widget-html-content b')].pop();"
+                " return b && b.innerText.includes(want); }",
+                arg=f"alpha = {target}", timeout=120_000,
             )
             after = _widget_title(page)
+            for button in page.query_selector_all(".jp-toast-button:has-text('No')"):
+                button.click()  # the "Jupyter news?" toast, so the screenshot shows the plot
+            page.wait_for_timeout(500)
             page.screenshot(path=str(shot), full_page=False)
             print(f"\nbrowser screenshot: {shot}")
+            assert target != "0.50" and after != before, (target, before, after)
             assert re.search(r"alpha = 0\.(5[5-9]|[6-9]\d)", after), after
             assert re.search(r"accuracy \d+\.\d+%", after), after
             assert not _errors(page)
