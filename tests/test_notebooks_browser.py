@@ -125,6 +125,31 @@ def _wait_until_done(page, timeout_s: float) -> None:
     raise TimeoutError(f"the notebook did not finish within {timeout_s:.0f} s; prompts: {prompts}")
 
 
+def _kernel_idle(page, timeout_ms: int) -> None:
+    """Wait until the status bar says the kernel is idle ("Python 3 | Idle"), not starting or initializing."""
+    page.wait_for_function("() => /\\|\\s*Idle/.test(document.body.innerText)", timeout=timeout_ms)
+
+
+def _started(page) -> bool:
+    prompts = [p.inner_text() for p in page.query_selector_all(".jp-CodeCell .jp-InputArea-prompt")]
+    return any(re.search(r"\[(\*|\d+)\]", p) for p in prompts)
+
+
+def _run_all(page, attempts: int = 3) -> None:
+    """Run > Run All Cells once the kernel is idle; click again if no cell started (a kernel still connecting)."""
+    for attempt in range(attempts):
+        _kernel_idle(page, 120_000)
+        page.click(".jp-Notebook .jp-Cell >> nth=0")  # make the notebook the current widget
+        page.click(".lm-MenuBar-itemLabel:text-is('Run')")
+        page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+        for _ in range(30):
+            if _started(page):
+                return
+            page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / f"04_landscape_not_started_{attempt}.png"))
+    raise TimeoutError(f"Run All Cells did not start any cell after {attempts} attempts")
+
+
 def _widget_title(page) -> str:
     titles = page.query_selector_all(".widget-html-content b")
     return titles[-1].inner_text() if titles else ""
@@ -146,13 +171,7 @@ def test_landscape_notebook_runs_and_the_alpha_slider_redraws(lab: str) -> None:
             page.set_default_timeout(60_000)
             page.goto(lab + "lab/tree/" + NOTEBOOK, wait_until="domcontentloaded")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-            # kernel up and idle before running
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-
-            page.click(".jp-Notebook .jp-Cell >> nth=0")  # make the notebook the current widget
-            page.click(".lm-MenuBar-itemLabel:text-is('Run')")
-            page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
-            page.screenshot(path=str(ARTIFACTS / "04_landscape_run_all.png"))
+            _run_all(page)
             _wait_until_done(page, RUN_TIMEOUT_S)
             errors = _errors(page)
             assert not errors, "a cell failed:\n" + "\n---\n".join(errors)

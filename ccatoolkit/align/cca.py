@@ -1,6 +1,6 @@
 """CCA alignment of activation spaces (CCA Merge, Horoi et al. 2024) and a multi-view (MAXVAR) variant.
 
-Everything here works on covariance matrices (float64 numpy), so it is cheap and testable without
+Everything here works on covariance matrices (float64), so it is cheap and testable without
 models. Conventions: features are column vectors; a transform ``out`` maps a model's features ``z``
 to ``out @ z`` in the target space, and ``inp`` is applied on the input side of the next layer
 (``inp = inverse(out)``).
@@ -13,10 +13,11 @@ Constant channels (dead ReLUs on the data) have no correlation with anything, so
 correspondence arbitrary (any rotation of the null spaces); mapping them anyway would mix a dead
 neuron's (negative-bias) weights into live ones, or wake a dead one up. With ``drop_constant=True``
 (the default) what maps to or from a constant channel is zeroed: a model's dead neuron contributes
-nothing, and the reference's dead neuron keeps only the reference's own (averaged) weights. The decompositions and
-products run in torch (float64, CPU), which respects ``torch.set_num_threads``; numpy's BLAS
-oversubscribes shared machines badly for these small matrices. Inputs may be numpy arrays or
-tensors; results are numpy arrays.
+nothing, and the reference's dead neuron keeps only the reference's own (averaged) weights.
+
+The decompositions and products run in torch (float64, CPU), which respects
+``torch.set_num_threads``; numpy's BLAS oversubscribes shared machines badly for these small
+matrices. Inputs may be numpy arrays or tensors; results are numpy arrays.
 """
 
 from __future__ import annotations
