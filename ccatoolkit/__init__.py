@@ -39,6 +39,10 @@ _EXPORTS: dict[str, str] = {
     "collect_statistics": "ccatoolkit.stats",
     "correlation_matrix": "ccatoolkit.stats",
     "canonical_correlations": "ccatoolkit.stats",
+    "canonical_correlations_from_cov": "ccatoolkit.stats",
+    "JointStats": "ccatoolkit.stats",
+    "StatisticsCollector": "ccatoolkit.stats",
+    "ActivationCache": "ccatoolkit.capture",
     # merging
     "merge_graph": "ccatoolkit.graph",
     "MergeGraph": "ccatoolkit.graph",

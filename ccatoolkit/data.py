@@ -223,9 +223,17 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
     The format: two zero bytes, a type code (0x08 = uint8, ...), the number of dimensions, then
     each dimension as a big-endian int32, then the data. Images are magic 2051 (uint8, 3 dims),
-    labels 2049 (uint8, 1 dim).
+    labels 2049 (uint8, 1 dim). A file is parsed once per process (keyed by its path, size and
+    modification time), since decompressing Fashion-MNIST takes seconds and every loader needs it.
     """
-    path = Path(path)
+    stat = Path(path).stat()
+    array = _read_idx_once(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return array.copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_once(path_str: str, _size: int, _mtime_ns: int) -> np.ndarray:
+    path = Path(path_str)
     with open(path, "rb") as f:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":
