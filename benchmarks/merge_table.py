@@ -34,7 +34,7 @@ def _acc(model: torch.nn.Module, loader) -> float:
 
 def run(args: argparse.Namespace) -> list[str]:
     rows = []
-    header = ["family", "split", "N", "endpoints", "ensemble"] + MERGE_METHODS
+    header = ["family", "split", "N", "endpoints", "ensemble"] + list(args.methods)
     rows.append("| " + " | ".join(header) + " |")
     rows.append("|" + "---|" * len(header))
     for family in args.families:
@@ -67,7 +67,6 @@ def run(args: argparse.Namespace) -> list[str]:
                         acc = _acc(merged, test)
                         parts.append(f"{acc:.1f}{label}" if label else f"{acc:.1f}")
                     cells.append(" / ".join(parts))
-                cells += [""] * (len(MERGE_METHODS) - len(cells))
                 row = [family, split, str(n), " ".join(f"{a:.1f}" for a in ends), f"{ens:.1f}"] + cells
                 rows.append("| " + " | ".join(row) + " |")
                 print(rows[-1], f"  ({time.time() - t0:.0f}s)", flush=True)

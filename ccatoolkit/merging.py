@@ -52,7 +52,7 @@ _ALIASES = {"permute_activation": "permute", "activation": "permute", "weight": 
 DEFAULT_RIDGE = 1e-2
 RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 _STATS_METHODS = {"permute", "zipit", "cca", "cca_multiview"}
-_OPTIONS = {"allow_within_model", "max_iter", "seed", "ridge_grid"}
+_OPTIONS = {"allow_within_model", "max_iter", "seed", "ridge_grid", "repair_passes"}
 _RIDGE_METHODS = {"cca", "cca_multiview"}
 
 Transforms = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -308,6 +308,7 @@ def _finish(
     repair: bool,
     max_batches: int | None,
     progress: bool,
+    repair_passes: int | None = None,
 ) -> nn.Module:
     if reset_bn and has_batchnorm(merged):
         _require_data(data, method, "the BatchNorm reset (or pass reset_bn=False)")
@@ -315,7 +316,8 @@ def _finish(
     if repair:
         _require_data(data, method, "REPAIR")
         targets = _repair_targets(method, models, graph, transforms, data, max_batches)
-        merged = repair_model(merged, None, data, graph, max_batches=max_batches, progress=progress, targets=targets)
+        merged = repair_model(merged, None, data, graph, max_batches=max_batches, progress=progress, targets=targets,
+                              max_passes=repair_passes)
     return merged
 
 
@@ -354,7 +356,8 @@ def merge(
     regularisation (``ridge * trace(S)/n * I``); ``"auto"`` picks from ``options['ridge_grid']``
     (default :data:`RIDGE_GRID`) by the merged model's accuracy on ``val_data`` (a validation split
     of the training data, never the test set). Other ``options``: ``allow_within_model`` (zipit),
-    ``max_iter`` and ``seed`` (permute_weight). ``method="ensemble"`` returns :func:`ensemble`.
+    ``max_iter`` and ``seed`` (permute_weight), ``repair_passes`` (cap on REPAIR's passes over the
+    data; default until converged). ``method="ensemble"`` returns :func:`ensemble`.
 
     The result carries ``merge_info`` (method, reference index, ridge and the ridge scores).
     """
@@ -388,7 +391,8 @@ def merge(
     for r in grid:
         transforms = _compute_transforms(method, models, ref, graph, stats, r, options)
         merged = _merged_model(method, models, ref, graph, transforms)
-        merged = _finish(merged, method, models, graph, transforms, data, reset_bn, repair, max_batches, progress)
+        merged = _finish(merged, method, models, graph, transforms, data, reset_bn, repair, max_batches, progress,
+                         options.get("repair_passes"))
         if len(grid) == 1:
             best = (r, float("nan"), merged)
             break
