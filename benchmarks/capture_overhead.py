@@ -93,7 +93,7 @@ def stats(models: list[nn.Module], batches: list[torch.Tensor], spaces: dict[str
 def naive(models: list[nn.Module], batches: list[torch.Tensor], spaces: dict[str, list[str]],
           device: torch.device) -> tuple[float, float]:
     """The straightforward version, for comparison: capture, concatenate, float64 Gram per batch."""
-    from ccatoolkit.capture import capture
+    from ccatoolkit.activations import capture
 
     start, cpu = time.perf_counter(), time.process_time()
     layers = [name for names in spaces.values() for name in names]

@@ -38,8 +38,8 @@ def fashion_mnist_test(n: int) -> Subset:
 
 
 def plain_pass(model: torch.nn.Module, loader: DataLoader) -> float:
-    """One ordinary evaluation pass of one model (``ccatoolkit.train.evaluate``)."""
-    from ccatoolkit.train import evaluate
+    """One ordinary evaluation pass of one model (``ccatoolkit.training.evaluate``)."""
+    from ccatoolkit.training import evaluate
 
     return evaluate(model, loader)["loss"]
 

@@ -21,7 +21,7 @@ import torch
 from ccatoolkit.data import get_loaders
 from ccatoolkit.merging import METHODS, merge
 from ccatoolkit.normalization import has_batchnorm
-from ccatoolkit.train import evaluate
+from ccatoolkit.training import evaluate
 from ccatoolkit.zoo import trained_model, trained_models
 
 FAMILY_KWARGS = {"mlp": {}, "vgg11": {"width": 0.25}, "resnet20": {"width": 1}}

@@ -22,7 +22,7 @@ import torch
 from ccatoolkit.data import dataset_info, get_loaders
 from ccatoolkit.device import resolve_device
 from ccatoolkit.models import build_model
-from ccatoolkit.train import default_lr, evaluate, train
+from ccatoolkit.training import default_lr, evaluate, train
 
 TARGETS = {"mlp": 0.88, "resnet20": 0.91, "vgg11": 0.91}
 MODEL_KWARGS = {"mlp": dict(depth=3, width=512), "resnet20": dict(width=1), "vgg11": dict(width=1.0)}

@@ -148,7 +148,7 @@ def _require_data(data: Any, method: str, what: str = "activation statistics") -
 
 
 def _accuracy(model: nn.Module, val_data: Iterable[Any]) -> float:
-    from ccatoolkit.train import evaluate
+    from ccatoolkit.training import evaluate
 
     return float(evaluate(model, val_data)["accuracy"])
 

@@ -241,7 +241,7 @@ def zoo(s: Settings, split: str = "full", n: int | None = None, seeds: Any = Non
 
 def accuracy_table(models: dict[str, Any], data: Any) -> Any:
     """A pandas DataFrame (or a list of rows without pandas): name, accuracy, loss of each model on ``data``."""
-    from ccatoolkit.train import evaluate
+    from ccatoolkit.training import evaluate
 
     rows = []
     for name, model in models.items():

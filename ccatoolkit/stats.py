@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccatoolkit.capture import forward_hooks, resolve_layers
+from ccatoolkit.activations import forward_hooks, resolve_layers
 
 __all__ = [
     "JointStats",

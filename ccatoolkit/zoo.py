@@ -19,7 +19,7 @@ from .cache import CacheError, cache_path, load_or_create
 from .data import VAL_FRACTION, _canonical, dataset_info, get_loaders
 from .device import resolve_device
 from .models import build_model, model_config
-from .train import default_lr, evaluate, train
+from .training import default_lr, evaluate, train
 
 __all__ = ["trained_model", "trained_models", "DEFAULT_EPOCHS", "zoo_key", "CacheError"]
 
@@ -92,10 +92,10 @@ def trained_model(
 
     The model is built with ``build_model(model, in_shape=..., num_classes=..., **model_kwargs)``
     (shape facts from :func:`ccatoolkit.data.dataset_info`) and trained with
-    :func:`ccatoolkit.train.train` on the training loader of :func:`ccatoolkit.data.get_loaders`
+    :func:`ccatoolkit.training.train` on the training loader of :func:`ccatoolkit.data.get_loaders`
     (same meaning of ``split``, ``split_seed``, ``val_fraction``, ``augment``, ``limit``);
     ``seed`` seeds initialisation and shuffling. ``epochs`` defaults to :data:`DEFAULT_EPOCHS`,
-    ``lr`` to :func:`ccatoolkit.train.default_lr`.
+    ``lr`` to :func:`ccatoolkit.training.default_lr`.
 
     Returns the model in eval mode on ``device`` (default: the best available), with
     ``model.train_info = dict(test_accuracy, test_loss, n_train, seconds, cache_file)``

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ccatoolkit.capture import ActivationCache, UnknownLayerError, capturable_layers, capture, forward_hooks
+from ccatoolkit.activations import ActivationCache, UnknownLayerError, capturable_layers, capture, forward_hooks
 from ccatoolkit.models import MLP, VGG11, ResNet20
 
 

@@ -195,7 +195,7 @@ def test_compare_paths_and_plot(pair, digits):
 def test_learned_curve_lowers_midpoint_loss_on_fashion_mnist(tmp_path):
     """Two small MLPs trained 1 epoch each on Fashion-MNIST: the Bezier curve's midpoint beats the linear path's."""
     from ccatoolkit.data import load_dataset, make_loader
-    from ccatoolkit.train import train as train_model
+    from ccatoolkit.training import train as train_model
 
     try:
         train_set = load_dataset("fashion_mnist", train=True, download=False)

@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from ccatoolkit.capture import UnknownLayerError, capture
+from ccatoolkit.activations import UnknownLayerError, capture
 from ccatoolkit.models import MLP, ResNet20
 from ccatoolkit.stats import (
     JointStats,

@@ -10,7 +10,7 @@ from torch import nn
 
 from ccatoolkit.data import get_loaders, load_dataset, make_loader
 from ccatoolkit.models import build_model
-from ccatoolkit.train import SCHEDULES, default_lr, evaluate, lr_factor, train
+from ccatoolkit.training import SCHEDULES, default_lr, evaluate, lr_factor, train
 
 
 @pytest.fixture(autouse=True)

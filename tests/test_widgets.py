@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ccatoolkit import widgets as W
 from ccatoolkit.models import MLP
-from ccatoolkit.train import train
+from ccatoolkit.training import train
 
 
 def _data(n: int, seed: int) -> TensorDataset:
