@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["default_device", "resolve_device"]
+__all__ = ["default_device", "resolve_device", "model_device"]
 
 
 def default_device() -> torch.device:
@@ -31,3 +31,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
                 f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:0', 'mps' or None for automatic"
             ) from err
     raise TypeError(f"device must be a str, torch.device or None, got {type(device).__name__}")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer): where work on that model runs."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")

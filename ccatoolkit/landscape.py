@@ -39,6 +39,10 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
+from ccatoolkit.data import batch_inputs
+from ccatoolkit.device import model_device
+from ccatoolkit.normalization import has_batchnorm
+
 __all__ = [
     "InterpolationResult",
     "PlaneResult",
@@ -209,19 +213,9 @@ def check_compatible(models: Sequence[nn.Module], names: Sequence[str] | None = 
             )
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The floating-point entries of ``model.state_dict()`` (parameters and buffers), detached."""
     return {k: v.detach() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, _BN_TYPES) for m in model.modules())
 
 
 def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,10 +226,6 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError(
         f"loss and accuracy need targets: each batch must be a tuple (inputs, targets), got {type(batch).__name__}"
     )
-
-
-def _unpack_inputs(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def combine(states: Sequence[dict[str, torch.Tensor]], coeffs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -330,7 +320,7 @@ def _estimate_bn(
     totals: list[list[torch.Tensor] | None] = [None] * len(point_states)
     count = [0] * len(stats.bns)
     for batch in tqdm(bn_data, desc="BatchNorm statistics", disable=not progress, leave=False):
-        x = _unpack_inputs(batch).to(device)
+        x = batch_inputs(batch).to(device)
         for i, params in enumerate(params_only):
             with torch.no_grad():
                 if batched:

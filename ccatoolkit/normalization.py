@@ -18,28 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ccatoolkit.data import batch_inputs
+from ccatoolkit.device import model_device
+
 __all__ = ["reset_bn_stats", "repair", "repair_endpoints", "channel_stats", "has_batchnorm"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _inputs(batch: Any) -> torch.Tensor:
-    try:
-        from ccatoolkit.data import batch_inputs
-    except ImportError:  # pragma: no cover - data module always present in the package
-        if isinstance(batch, torch.Tensor):
-            return batch
-        return batch[0]
-    return batch_inputs(batch)
-
-
-def _device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _batches(data: Iterable[Any], max_batches: int | None, progress: bool, desc: str) -> Iterator[torch.Tensor]:
@@ -60,7 +45,7 @@ def _batches(data: Iterable[Any], max_batches: int | None, progress: bool, desc:
     for i, batch in enumerate(it):
         if max_batches is not None and i >= max_batches:
             break
-        yield _inputs(batch)
+        yield batch_inputs(batch)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -83,7 +68,7 @@ def reset_bn_stats(
         return new
     flags = {m: m.training for m in new.modules()}
     momenta = {m: m.momentum for m in bns}
-    device = _device(new)
+    device = model_device(new)
     try:
         new.eval()
         for m in bns:
@@ -173,7 +158,7 @@ def channel_stats(
         return hook
 
     flags = {m: m.training for m in model.modules()}
-    device = _device(model)
+    device = model_device(model)
     try:
         model.eval()
         for n in modules:

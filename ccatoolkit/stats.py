@@ -30,6 +30,9 @@ import torch
 from torch import nn
 
 from ccatoolkit.activations import forward_hooks, resolve_layers
+from ccatoolkit.data import batch_inputs
+from ccatoolkit.device import model_device
+from ccatoolkit.transform import check_same_architecture
 
 __all__ = [
     "JointStats",
@@ -294,41 +297,6 @@ def _normalise_layers(layers: Mapping[str, Sequence[str]] | Sequence[str] | str)
     return spaces
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _check_same_architecture(models: Sequence[nn.Module]) -> None:
-    ref = {k: tuple(v.shape) for k, v in models[0].state_dict().items()}
-    for idx, model in enumerate(models[1:], start=1):
-        other = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        for key, shape in ref.items():
-            if key not in other:
-                raise ValueError(f"models have different architectures: model {idx} has no {key!r} (model 0 does)")
-            if other[key] != shape:
-                raise ValueError(
-                    f"models have different architectures: {key!r} has shape {shape} in model 0 "
-                    f"but {other[key]} in model {idx}"
-                )
-        extra = [k for k in other if k not in ref]
-        if extra:
-            raise ValueError(f"models have different architectures: model {idx} has {extra[0]!r} (model 0 does not)")
-
-
-def _batch_inputs(batch: Any) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise TypeError(
-        f"a batch must be a tensor of inputs or a tuple/list whose first item is the inputs; got {type(batch).__name__}"
-    )
-
-
 class _Space:
     """Accumulators of one space.
 
@@ -548,14 +516,14 @@ class StatisticsCollector:
         for i, m in enumerate(models):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"model {i} is a {type(m).__name__}, not an nn.Module")
-        devices = [_model_device(m) for m in models]
+        devices = [model_device(m) for m in models]
         for i, dev in enumerate(devices[1:], start=1):
             if dev != devices[0]:
                 raise ValueError(
                     f"models are on different devices: model 0 on {devices[0]}, model {i} on {dev}; "
                     "move them to one device first (model.to(device))"
                 )
-        _check_same_architecture(models)
+        check_same_architecture(models)
         self.models = models
         self.device = devices[0]
         self.spaces_layers = _normalise_layers(layers)
@@ -653,7 +621,7 @@ def _limited(data: Iterable[Any], max_batches: int | None, max_samples: int | No
     for b, batch in enumerate(data):
         if max_batches is not None and b >= max_batches:
             return
-        x = _batch_inputs(batch)
+        x = batch_inputs(batch)
         if max_samples is not None:
             if seen >= max_samples:
                 return

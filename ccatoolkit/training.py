@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from .data import batch_inputs, batch_targets
-from .device import resolve_device
+from .device import model_device, resolve_device
 
 __all__ = ["train", "evaluate", "default_lr", "lr_factor", "SCHEDULES"]
 
@@ -48,14 +48,6 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.2) -> floa
     if t < warmup:
         return t / warmup
     return max(0.0, (1.0 - t) / (1.0 - warmup))
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _reseed(data: Any, seed: int) -> None:
@@ -168,9 +160,9 @@ def evaluate(
     without gradients on the model's own device (or on ``device``, using a copy of the model if
     it lives elsewhere); the model's train/eval flag is restored afterwards.
     """
-    if device is not None and resolve_device(device) != _model_device(model):
+    if device is not None and resolve_device(device) != model_device(model):
         model = copy.deepcopy(model).to(resolve_device(device))
-    dev = _model_device(model)
+    dev = model_device(model)
     from tqdm.auto import tqdm
 
     was_training = model.training

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .device import model_device
 from .graph import MergeGraph, ParamRef, Space
 
 __all__ = [
@@ -36,12 +37,6 @@ __all__ = [
     "model_signature_mismatch",
     "check_same_architecture",
 ]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.state_dict().values():
-        return t.device
-    return torch.device("cpu")
 
 
 def _variance_eps(model: nn.Module, ref: ParamRef) -> float | None:
@@ -94,7 +89,7 @@ def apply_transforms(
     Computes in float64 on the model's device and casts back to each tensor's dtype; ``model`` is
     never modified.
     """
-    device = _model_device(model)
+    device = model_device(model)
     state = model.state_dict()
     work: dict[str, torch.Tensor] = {}
 

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ccatoolkit.device import model_device
+
 __all__ = [
     "CorrelationContext", "MergeContext", "AlphaContext", "NModelsContext",
     "render_correlation", "render_merge", "render_alpha", "render_n_models",
@@ -62,11 +64,6 @@ def relu_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
@@ -78,7 +75,7 @@ def predict(model: nn.Module, data: Iterable[Any]) -> tuple[np.ndarray, np.ndarr
     """``(targets, predictions, mean loss)`` of ``model`` in eval mode on labelled ``data``."""
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     targets, preds, total, count = [], [], 0.0, 0
     try:
         for batch in data:

@@ -14,14 +14,6 @@ from ccatoolkit.cache import CacheError, atomic_save, cache_dir, cache_path, key
 from ccatoolkit.zoo import trained_model, trained_models
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------- cache
 
 

@@ -10,62 +10,24 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from toybox import digit_batches, fit, loss_and_accuracy
+
 from ccatoolkit import curves
 from ccatoolkit.curves import Curve, CurveResult, compare_paths, curve_coefficients, state_digest, train_curve
 from ccatoolkit.landscape import interpolate
 from ccatoolkit.models import MLP
 
 
-def _digits(batch_size: int = 128) -> tuple[list, list]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    y = torch.tensor(y, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    train = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, 1400, batch_size)]
-    test = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(1400, len(y), batch_size)]
-    return train, test
-
-
-def _train(model: nn.Module, data: list, epochs: int = 8, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    for p in model.parameters():  # a fresh initialisation per seed
-        if p.dim() > 1:
-            nn.init.kaiming_uniform_(p, a=5**0.5)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        for x, y in data:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model.eval()
-
-
-def _evaluate(model: nn.Module, data: list) -> tuple[float, float]:
-    loss, correct, n = 0.0, 0, 0
-    with torch.no_grad():
-        for x, y in data:
-            out = model.eval()(x)
-            loss += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            n += len(y)
-    return loss / n, correct / n
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[list, list]:
-    return _digits()
+    return digit_batches(128)
 
 
 @pytest.fixture(scope="module")
 def pair(digits) -> tuple[MLP, MLP]:
     train, _ = digits
-    return (_train(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=0),
-            _train(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=1))
+    return (fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=0, reinit=True),
+            fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=1, reinit=True))
 
 
 def test_coefficients():
@@ -105,7 +67,7 @@ def test_curve_endpoints_and_training_lowers_midpoint(pair, digits):
     assert isinstance(result, CurveResult) and result.kind == "bezier"
     np.testing.assert_allclose(result.t, np.linspace(0, 1, 5))
     for idx, m in ((0, a), (-1, b)):
-        loss, acc = _evaluate(m, test)
+        loss, acc = loss_and_accuracy(m, test)
         assert result.loss[idx] == pytest.approx(loss, rel=1e-5)
         assert result.accuracy[idx] == pytest.approx(acc, abs=1e-9)
     linear = interpolate(a, b, test, alphas=5, progress=False)
@@ -113,7 +75,7 @@ def test_curve_endpoints_and_training_lowers_midpoint(pair, digits):
     assert result.barrier("loss") < linear.barrier("loss")
     assert len(curve.history) == 6
     # model_at is the same point
-    assert _evaluate(curve.model_at(0.5), test)[0] == pytest.approx(result.loss[2], rel=1e-5)
+    assert loss_and_accuracy(curve.model_at(0.5), test)[0] == pytest.approx(result.loss[2], rel=1e-5)
     bez = curve.evaluate(test, ts=[0.5], batched=False, progress=False)
     assert bez.loss[0] == pytest.approx(result.loss[2], rel=1e-5)
 
@@ -125,7 +87,7 @@ def test_polychain_and_callable_alignment(pair, digits):
                         cache=False, progress=False)
     assert curve.kind == "polychain" and curve.method == "<lambda>"
     # at t = 0.5 the chain is at its control point
-    assert _evaluate(curve.control_model(), test)[0] == pytest.approx(
+    assert loss_and_accuracy(curve.control_model(), test)[0] == pytest.approx(
         curve.evaluate(test, ts=[0.5], progress=False).loss[0], rel=1e-5)
 
 
@@ -156,8 +118,8 @@ def test_state_digest_tracks_weights(pair):
 
 def test_batchnorm_curve_keeps_buffers_and_needs_bn_data(digits):
     train, test = digits
-    a = _train(MLP(depth=1, width=16, in_shape=(1, 8, 8), batchnorm=True), train, epochs=3, seed=0)
-    b = _train(MLP(depth=1, width=16, in_shape=(1, 8, 8), batchnorm=True), train, epochs=3, seed=1)
+    a = fit(MLP(depth=1, width=16, in_shape=(1, 8, 8), batchnorm=True), train, epochs=3, seed=0, reinit=True)
+    b = fit(MLP(depth=1, width=16, in_shape=(1, 8, 8), batchnorm=True), train, epochs=3, seed=1, reinit=True)
     buffers = {k: v.clone() for k, v in a.state_dict().items()}
     curve = train_curve(a, b, train, epochs=1, cache=False, progress=False)
     assert all(torch.equal(v, buffers[k]) for k, v in a.state_dict().items())
@@ -170,7 +132,7 @@ def test_batchnorm_curve_keeps_buffers_and_needs_bn_data(digits):
     np.testing.assert_allclose(fast.loss, slow.loss, rtol=1e-4)
     assert fast.reset_bn
     mid = curve.model_at(0.5, bn_data=train)
-    assert _evaluate(mid, test)[0] == pytest.approx(fast.loss[1], rel=1e-4)
+    assert loss_and_accuracy(mid, test)[0] == pytest.approx(fast.loss[1], rel=1e-4)
 
 
 def test_compare_paths_and_plot(pair, digits):

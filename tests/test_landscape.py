@@ -11,6 +11,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
 
+from toybox import digit_batches, fit, loss_and_accuracy
+
 from ccatoolkit.landscape import (
     InterpolationResult,
     barrier,
@@ -25,46 +27,9 @@ from ccatoolkit.models import MLP, VGG11
 # --------------------------------------------------------------------------- helpers
 
 
-def _digits(batch_size: int = 256) -> tuple[list, list]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    y = torch.tensor(y, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(y), generator=g)
-    x, y = x[order], y[order]
-    train = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, 1400, batch_size)]
-    test = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(1400, len(y), batch_size)]
-    return train, test
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[list, list]:
-    return _digits()
-
-
-def _train(model: nn.Module, data: list, epochs: int = 8, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        for x, y in data:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    return model.eval()
-
-
-def _evaluate(model: nn.Module, data: list) -> tuple[float, float]:
-    loss, correct, n = 0.0, 0, 0
-    with torch.no_grad():
-        for x, y in data:
-            out = model.eval()(x)
-            loss += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            n += len(y)
-    return loss / n, correct / n
+    return digit_batches()
 
 
 def _permuted_mlp(model: MLP, seed: int = 1) -> MLP:
@@ -108,8 +73,8 @@ def _weight_matching(model_a: MLP, model_b: MLP) -> MLP:
 @pytest.fixture(scope="module")
 def trained_pair(digits) -> tuple[MLP, MLP]:
     train, _ = digits
-    a = _train(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=0)
-    b = _train(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=1)
+    a = fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=0)
+    b = fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=1)
     return a, b
 
 
@@ -123,7 +88,7 @@ def test_endpoints_equal_models_own_evaluation(trained_pair, digits):
     assert isinstance(result, InterpolationResult)
     np.testing.assert_allclose(result.alphas, np.linspace(0, 1, 5))
     for idx, model in ((0, a), (-1, b)):
-        loss, acc = _evaluate(model, test)
+        loss, acc = loss_and_accuracy(model, test)
         assert result.loss[idx] == pytest.approx(loss, rel=1e-5)
         assert result.accuracy[idx] == pytest.approx(acc, abs=1e-9)
     assert result.loss[2] > min(result.loss[0], result.loss[-1])  # unaligned midpoint is worse
@@ -142,7 +107,7 @@ def test_permuted_copy_has_barrier_until_aligned(trained_pair, digits):
     test = digits[1]
     permuted = _permuted_mlp(a)
     # the permuted copy computes the same function
-    assert _evaluate(permuted, test)[0] == pytest.approx(_evaluate(a, test)[0], rel=1e-5)
+    assert loss_and_accuracy(permuted, test)[0] == pytest.approx(loss_and_accuracy(a, test)[0], rel=1e-5)
     before = interpolate(a, permuted, test, alphas=11, progress=False)
     after = interpolate(a, permuted, test, alphas=11, align=_weight_matching, progress=False)
     assert before.barrier("loss") > 0.1
@@ -224,7 +189,7 @@ def test_reset_bn_matches_recomputed_statistics():
     ref.train()
     with torch.no_grad():
         ref(whole[0][0])  # PyTorch's own statistics of the same batch
-    assert result.loss[0] == pytest.approx(_evaluate(ref, data)[0], rel=1e-4)
+    assert result.loss[0] == pytest.approx(loss_and_accuracy(ref, data)[0], rel=1e-4)
     with pytest.raises(ValueError, match="bn_data"):
         interpolate(a, b, data, alphas=3, reset_bn=True, progress=False)
 
@@ -288,7 +253,7 @@ def test_barrier_definition():
 def test_plane_coordinates_and_model_values(trained_pair, digits):
     a, b = trained_pair
     test = digits[1]
-    c = _train(MLP(depth=2, width=32, in_shape=(1, 8, 8)), digits[0], epochs=3, seed=2)
+    c = fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), digits[0], epochs=3, seed=2)
     plane = loss_plane(a, b, c, test, resolution=5, margin=0.1, progress=False, labels=("A", "B", "C"))
     pa, pb, pc = (torch.cat([p.detach().reshape(-1) for p in m.parameters()]).double() for m in (a, b, c))
     np.testing.assert_allclose(plane.coords[0], [0.0, 0.0])
@@ -299,7 +264,7 @@ def test_plane_coordinates_and_model_values(trained_pair, digits):
     w = plane_coefficients(plane.coords, *[plane.coords[1, 0], plane.coords[2, 0], plane.coords[2, 1]])
     np.testing.assert_allclose(w, np.eye(3), atol=1e-12)
     for i, m in enumerate((a, b, c)):
-        loss, acc = _evaluate(m, test)
+        loss, acc = loss_and_accuracy(m, test)
         assert plane.model_loss[i] == pytest.approx(loss, rel=1e-5)
         assert plane.model_accuracy[i] == pytest.approx(acc, abs=1e-9)
     assert plane.loss.shape == (5, 5) and np.isfinite(plane.loss).all()
@@ -324,7 +289,7 @@ def test_simplex_corners(trained_pair, digits):
     np.testing.assert_allclose(result.weights.sum(axis=1), 1.0)
     for corner, m in zip(np.eye(3), (a, b, c)):
         idx = int(np.argmin(np.abs(result.weights - corner).sum(axis=1)))
-        assert result.loss[idx] == pytest.approx(_evaluate(m, digits[1])[0], rel=1e-5)
+        assert result.loss[idx] == pytest.approx(loss_and_accuracy(m, digits[1])[0], rel=1e-5)
 
 
 # --------------------------------------------------------------------------- plots

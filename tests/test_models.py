@@ -8,15 +8,6 @@ from torch import nn
 
 from ccatoolkit.models import MODEL_NAMES, build_model, model_config
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small forwards are far faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SMALL = {"mlp": dict(depth=2, width=16), "vgg11": dict(width=0.125), "resnet20": dict(width=1)}
 
 

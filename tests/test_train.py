@@ -13,15 +13,6 @@ from ccatoolkit.models import build_model
 from ccatoolkit.training import SCHEDULES, default_lr, evaluate, lr_factor, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train fastest on one thread, and far faster than on two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _digits_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return build_model("mlp", depth=2, width=64, in_shape=(1, 8, 8))

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from ccatoolkit.graph import ParamRef, merge_graph
+from toybox import SmallRes, user_cnn
+
 from ccatoolkit.models import MLP, VGG11, ResNet20
 from ccatoolkit.transform import (
     apply_permutations,
@@ -18,34 +20,6 @@ from ccatoolkit.transform import (
     random_permutations,
     random_scalings,
 )
-
-
-class SmallRes(nn.Module):
-    """A user's residual CNN: one residual block, torch.flatten, every nonlinearity its own module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv0, self.bn0, self.relu0 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
-        self.conv1, self.bn1, self.relu1 = nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU()
-        self.conv2, self.bn2, self.relu2 = nn.Conv2d(5, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu0(self.bn0(self.conv0(x)))
-        y = self.relu1(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        x = self.relu2(x + y)
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
-def user_cnn() -> nn.Sequential:
-    """conv-bn-relu-pool, conv-relu, Flatten of a 4x4 map (block 16), linear-relu, linear."""
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(6 * 16, 10), nn.ReLU(), nn.Linear(10, 3),
-    )
 
 
 class MixedOps(nn.Module):
