@@ -45,6 +45,7 @@ __all__ = [
     "train_val_split",
     "make_loader",
     "get_loaders",
+    "batch_count",
     "batch_inputs",
     "batch_targets",
     "iterate_inputs",
@@ -585,6 +586,15 @@ def get_loaders(
         val=make_loader(train_set, eval_bs, indices=val_idx, device=device) if len(val_idx) else None,
         test=make_loader(test_set, eval_bs, indices=None if limit is None else test_idx, device=device),
     )
+
+
+def batch_count(data: Iterable[Any], max_batches: int | None = None) -> int | None:
+    """How many batches a pass over ``data`` (capped at ``max_batches``) yields; None when unknown (a generator)."""
+    try:
+        total = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return max_batches
+    return total if max_batches is None else min(total, max_batches)
 
 
 def batch_inputs(batch: Any) -> torch.Tensor:

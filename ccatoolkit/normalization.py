@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccatoolkit.data import batch_inputs
+from ccatoolkit.data import batch_count, batch_inputs
 from ccatoolkit.device import model_device
 
 __all__ = ["reset_bn_stats", "repair", "repair_endpoints", "channel_stats", "has_batchnorm"]
@@ -30,13 +30,7 @@ _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _batches(data: Iterable[Any], max_batches: int | None, progress: bool, desc: str) -> Iterator[torch.Tensor]:
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 (or None for all), got {max_batches}")
-    total: int | None
-    try:
-        total = len(data)  # type: ignore[arg-type]
-        if max_batches is not None:
-            total = min(total, max_batches)
-    except TypeError:
-        total = max_batches
+    total = batch_count(data, max_batches)
     it: Iterable[Any] = data
     if progress:
         from tqdm.auto import tqdm

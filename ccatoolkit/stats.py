@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ccatoolkit.activations import forward_hooks, resolve_layers
-from ccatoolkit.data import batch_inputs
+from ccatoolkit.data import batch_count, batch_inputs
 from ccatoolkit.device import model_device
 from ccatoolkit.transform import check_same_architecture
 
@@ -655,13 +655,7 @@ def collect_statistics(
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1 (or None for all), got {max_samples}")
     collector = StatisticsCollector(models, layers)
-    total: int | None = None
-    try:
-        total = len(data)  # type: ignore[arg-type]
-        if max_batches is not None:
-            total = min(total, max_batches)
-    except TypeError:
-        total = max_batches
+    total = batch_count(data, max_batches)
     batches: Iterable[torch.Tensor] = _limited(data, max_batches, max_samples)
     if progress:
         from tqdm.auto import tqdm
