@@ -48,7 +48,12 @@ def plot_interpolation(results: Sequence[Any] | Any, ax: Any = None, metric: str
         values = np.asarray(getattr(r, metric), dtype=np.float64)
         values = np.where(np.isfinite(values), values, np.nan)
         ax.plot(r.alphas, values, marker="o", markersize=3, label=getattr(r, "label", None))
-    ax.set_xlabel("alpha (0 = model A, 1 = model B)")
+    return _finish_path_axis(ax, "alpha (0 = model A, 1 = model B)", metric, title)
+
+
+def _finish_path_axis(ax: Any, xlabel: str, metric: str, title: str | None) -> Any:
+    """Labels, title, grid and legend shared by the plots of values along a path."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(_YLABEL[metric])
     if title:
         ax.set_title(title)
@@ -126,13 +131,7 @@ def plot_curve_paths(results: Sequence[Any] | Any, ax: Any = None, metric: str =
         values = np.where(np.isfinite(values), values, np.nan)
         ax.plot(r.alphas, values, color=colour, linestyle="-" if learned else "--",
                 marker="o" if learned else None, markersize=3, label=getattr(r, "label", None))
-    ax.set_xlabel("t (0 = model A, 1 = model B)")
-    ax.set_ylabel(_YLABEL[metric])
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return ax
+    return _finish_path_axis(ax, "t (0 = model A, 1 = model B)", metric, title)
 
 
 def plot_simplex(result: Any, ax: Any = None, metric: str = "loss", levels: int = 20,
