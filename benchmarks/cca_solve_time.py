@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
@@ -22,17 +21,7 @@ from ccatoolkit.graph import merge_graph
 from ccatoolkit.models import ResNet20
 from ccatoolkit.stats import collect_statistics
 from ccatoolkit.transform import apply_transforms
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from interpolation_speed import timings  # a sibling script: benchmarks/ is on sys.path when run
 
 
 def main() -> None:
@@ -65,8 +54,8 @@ def main() -> None:
                 out, inp = cca_transform(s_aa, s_bb, s_ab, ridge=1e-2)
                 transforms[name] = (torch.from_numpy(np.asarray(out)), torch.from_numpy(np.asarray(inp)))
 
-        t_solve = _median_seconds(solve, args.repeats)
-        t_apply = _median_seconds(lambda: apply_transforms(b, graph, transforms), args.repeats)
+        t_solve = statistics.median(timings(args.repeats, solve))
+        t_apply = statistics.median(timings(args.repeats, lambda: apply_transforms(b, graph, transforms)))
         largest = max(s.size for s in graph.spaces)
         print(f"| {width} | {len(graph.spaces)} | {largest} | {t_solve:.3f} | {t_apply:.3f} | {t_solve + t_apply:.3f} |")
 

@@ -44,7 +44,8 @@ def plain_pass(model: torch.nn.Module, loader: DataLoader) -> float:
     return evaluate(model, loader)["loss"]
 
 
-def best_of(repeats: int, fn) -> float:
+def timings(repeats: int, fn) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` (CUDA work is waited for)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -52,7 +53,11 @@ def best_of(repeats: int, fn) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_of(repeats: int, fn) -> float:
+    return min(timings(repeats, fn))
 
 
 def main() -> None:

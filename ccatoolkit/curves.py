@@ -29,12 +29,12 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from ccatoolkit.data import batch_inputs, batch_targets
 from ccatoolkit.landscape import (
     InterpolationResult,
     _BN_TYPES,
     _estimate_bn,
     _method_name,
-    _unpack,
     aligned_endpoint,
     check_compatible,
     combine,
@@ -269,7 +269,7 @@ def _train_control(
         for epoch in tqdm(range(epochs), desc=f"training {kind} curve", disable=not progress):
             running, count = 0.0, 0
             for batch in data:
-                x, y = _unpack(batch)
+                x, y = batch_inputs(batch), batch_targets(batch)
                 x, y = x.to(device), y.to(device)
                 if total_steps:  # cosine decay of the learning rate over all steps
                     for group in optimizer.param_groups:

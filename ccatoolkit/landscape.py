@@ -39,7 +39,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
-from ccatoolkit.data import batch_inputs
+from ccatoolkit.data import batch_inputs, batch_targets
 from ccatoolkit.device import model_device
 from ccatoolkit.normalization import has_batchnorm
 
@@ -216,16 +216,6 @@ def check_compatible(models: Sequence[nn.Module], names: Sequence[str] | None = 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The floating-point entries of ``model.state_dict()`` (parameters and buffers), detached."""
     return {k: v.detach() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-
-def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (tuple, list)):
-        if len(batch) < 2:
-            raise ValueError("loss and accuracy need targets: each batch must be (inputs, targets)")
-        return batch[0], batch[1]
-    raise ValueError(
-        f"loss and accuracy need targets: each batch must be a tuple (inputs, targets), got {type(batch).__name__}"
-    )
 
 
 def combine(states: Sequence[dict[str, torch.Tensor]], coeffs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -446,7 +436,7 @@ def evaluate_points(
             shared = _SharedFirstLayer(template, states) if share_first_layer else None
             shared = shared if shared is not None and shared.ok else None
             for batch in tqdm(data, desc=desc, disable=not progress, leave=False):
-                x, y = _unpack(batch)
+                x, y = batch_inputs(batch), batch_targets(batch)
                 x, y = x.to(device), y.to(device)
                 anchor_out = shared.anchor_outputs(x) if shared is not None else None
                 for s, state in zip(slices, point_states):
@@ -473,7 +463,7 @@ def evaluate_points(
                 model.load_state_dict(point_states[i], strict=False)
                 count = 0
                 for batch in data:
-                    x, y = _unpack(batch)
+                    x, y = batch_inputs(batch), batch_targets(batch)
                     x, y = x.to(device), y.to(device)
                     logits = model(x)
                     loss_sum[i] += F.cross_entropy(logits.float(), y, reduction="sum").to(torch.float64)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ccatoolkit.data import batch_inputs, batch_targets
 from ccatoolkit.device import model_device
 
 __all__ = [
@@ -64,12 +65,6 @@ def relu_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
 
 
-def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise ValueError("this needs labelled data: batches of (inputs, targets)")
-
-
 @torch.no_grad()
 def predict(model: nn.Module, data: Iterable[Any]) -> tuple[np.ndarray, np.ndarray, float]:
     """``(targets, predictions, mean loss)`` of ``model`` in eval mode on labelled ``data``."""
@@ -79,7 +74,7 @@ def predict(model: nn.Module, data: Iterable[Any]) -> tuple[np.ndarray, np.ndarr
     targets, preds, total, count = [], [], 0.0, 0
     try:
         for batch in data:
-            x, y = _unpack(batch)
+            x, y = batch_inputs(batch), batch_targets(batch)
             x, y = x.to(device), y.to(device)
             logits = model(x)
             total += float(F.cross_entropy(logits, y, reduction="sum"))
