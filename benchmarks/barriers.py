@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from ccatoolkit.data import get_loaders
-from ccatoolkit.device import default_device
-from ccatoolkit.landscape import interpolate
-from ccatoolkit.normalization import has_batchnorm
-from ccatoolkit.zoo import trained_model
+from ccatoolkit.data.loaders import get_loaders
+from ccatoolkit._utils import default_device
+from ccatoolkit.landscape.paths import interpolate
+from ccatoolkit.merging.normalization import has_batchnorm
+from ccatoolkit.zoo.trained import trained_model
 
 FAMILY_KWARGS = {"mlp": {}, "vgg11": {"width": 0.25}, "resnet20": {"width": 1}}
 ALIGNS = (None, "permute", "permute_weight", "cca")

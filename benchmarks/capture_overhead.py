@@ -30,8 +30,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ccatoolkit.models import MLP, ResNet20
-from ccatoolkit.stats import StatisticsCollector, collect_statistics
+from ccatoolkit.zoo.models import MLP, ResNet20
+from ccatoolkit.analysis.stats import StatisticsCollector, collect_statistics
 
 
 def resnet20_spaces(model: ResNet20) -> dict[str, list[str]]:
@@ -93,7 +93,7 @@ def stats(models: list[nn.Module], batches: list[torch.Tensor], spaces: dict[str
 def naive(models: list[nn.Module], batches: list[torch.Tensor], spaces: dict[str, list[str]],
           device: torch.device) -> tuple[float, float]:
     """The straightforward version, for comparison: capture, concatenate, float64 Gram per batch."""
-    from ccatoolkit.activations import capture
+    from ccatoolkit.analysis.capture import capture
 
     start, cpu = time.perf_counter(), time.process_time()
     layers = [name for names in spaces.values() for name in names]

@@ -15,12 +15,12 @@ import statistics
 import numpy as np
 import torch
 
-from ccatoolkit.align import cca_transform
-from ccatoolkit.device import default_device
-from ccatoolkit.graph import merge_graph
-from ccatoolkit.models import ResNet20
-from ccatoolkit.stats import collect_statistics
-from ccatoolkit.transform import apply_transforms
+from ccatoolkit.merging.align import cca_transform
+from ccatoolkit._utils import default_device
+from ccatoolkit.merging.graph.trace import merge_graph
+from ccatoolkit.zoo.models import ResNet20
+from ccatoolkit.analysis.stats import collect_statistics
+from ccatoolkit.merging.transform import apply_transforms
 from interpolation_speed import timings  # a sibling script: benchmarks/ is on sys.path when run
 
 

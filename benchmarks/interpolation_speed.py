@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ccatoolkit.landscape import interpolate
-from ccatoolkit.models import MLP, ResNet20
+from ccatoolkit.landscape.paths import interpolate
+from ccatoolkit.zoo.models import MLP, ResNet20
 
 
 def fashion_mnist_test(n: int) -> Subset:
     """The first ``n`` images of the Fashion-MNIST test set (local files; nothing is downloaded)."""
-    from ccatoolkit.data import load_dataset
+    from ccatoolkit.data.datasets import load_dataset
 
     dataset = load_dataset("fashion_mnist", train=False, download=False)
     return Subset(dataset, range(min(n, len(dataset))))
@@ -39,7 +39,7 @@ def fashion_mnist_test(n: int) -> Subset:
 
 def plain_pass(model: torch.nn.Module, loader: DataLoader) -> float:
     """One ordinary evaluation pass of one model (``ccatoolkit.training.evaluate``)."""
-    from ccatoolkit.training import evaluate
+    from ccatoolkit.zoo.training import evaluate
 
     return evaluate(model, loader)["loss"]
 

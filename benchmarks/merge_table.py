@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from ccatoolkit.data import get_loaders
-from ccatoolkit.merging import METHODS, merge
-from ccatoolkit.normalization import has_batchnorm
-from ccatoolkit.training import evaluate
-from ccatoolkit.zoo import trained_model, trained_models
+from ccatoolkit.data.loaders import get_loaders
+from ccatoolkit.merging.api import METHODS, merge
+from ccatoolkit.merging.normalization import has_batchnorm
+from ccatoolkit.zoo.training import evaluate
+from ccatoolkit.zoo.trained import trained_model, trained_models
 
 FAMILY_KWARGS = {"mlp": {}, "vgg11": {"width": 0.25}, "resnet20": {"width": 1}}
 MERGE_METHODS = [m for m in METHODS if m != "ensemble"]

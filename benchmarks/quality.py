@@ -19,10 +19,11 @@ import time
 
 import torch
 
-from ccatoolkit.data import dataset_info, get_loaders
-from ccatoolkit.device import resolve_device
-from ccatoolkit.models import build_model
-from ccatoolkit.training import default_lr, evaluate, train
+from ccatoolkit.data.datasets import dataset_info
+from ccatoolkit.data.loaders import get_loaders
+from ccatoolkit._utils import resolve_device
+from ccatoolkit.zoo.models import build_model
+from ccatoolkit.zoo.training import default_lr, evaluate, train
 
 TARGETS = {"mlp": 0.88, "resnet20": 0.91, "vgg11": 0.91}
 MODEL_KWARGS = {"mlp": dict(depth=3, width=512), "resnet20": dict(width=1), "vgg11": dict(width=1.0)}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccatoolkit.align import (
+from ccatoolkit.merging.align import (
     cca_directions,
     cca_transform,
     match_activations,
@@ -136,9 +136,9 @@ def test_zipit_within_model_merges_and_uncapped_fallback() -> None:
 
 
 def test_weight_matching_recovers_planted_permutation() -> None:
-    from ccatoolkit.graph import merge_graph
-    from ccatoolkit.models import MLP
-    from ccatoolkit.transform import apply_permutations, random_permutations
+    from ccatoolkit.merging.graph.trace import merge_graph
+    from ccatoolkit.zoo.models import MLP
+    from ccatoolkit.merging.transform import apply_permutations, random_permutations
 
     model = MLP(depth=3, width=16, in_shape=(10,))
     graph = merge_graph(model)

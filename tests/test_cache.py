@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ccatoolkit import zoo
-from ccatoolkit.cache import CacheError, atomic_save, cache_dir, cache_path, key_digest, load_or_create
-from ccatoolkit.zoo import trained_model, trained_models
+from ccatoolkit.zoo import trained as zoo
+from ccatoolkit.zoo.cache import CacheError, atomic_save, cache_dir, cache_path, key_digest, load_or_create
+from ccatoolkit.zoo.trained import trained_model, trained_models
 
 
 # ---------------------------------------------------------------------------------------- cache

@@ -6,8 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from ccatoolkit.activations import ActivationCache, UnknownLayerError, capturable_layers, capture, forward_hooks
-from ccatoolkit.models import MLP, VGG11, ResNet20
+from ccatoolkit.analysis.capture import (
+    ActivationCache,
+    UnknownLayerError,
+    capturable_layers,
+    capture,
+    forward_hooks,
+)
+from ccatoolkit.zoo.models import MLP, VGG11, ResNet20
 
 
 def _hook_count(model: nn.Module) -> int:

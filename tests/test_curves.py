@@ -12,10 +12,17 @@ from torch.nn import functional as F
 
 from toybox import digit_batches, fit, loss_and_accuracy
 
-from ccatoolkit import curves
-from ccatoolkit.curves import Curve, CurveResult, compare_paths, curve_coefficients, state_digest, train_curve
-from ccatoolkit.landscape import interpolate
-from ccatoolkit.models import MLP
+from ccatoolkit.landscape import curves as curves
+from ccatoolkit.landscape.curves import (
+    Curve,
+    CurveResult,
+    compare_paths,
+    curve_coefficients,
+    state_digest,
+    train_curve,
+)
+from ccatoolkit.landscape.paths import interpolate
+from ccatoolkit.zoo.models import MLP
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +99,6 @@ def test_polychain_and_callable_alignment(pair, digits):
 
 
 def test_curve_cache_hits_on_second_call(pair, digits, tmp_path, monkeypatch):
-    pytest.importorskip("ccatoolkit.cache")
     a, b = pair
     train = digits[0]
     first = train_curve(a, b, train, epochs=1, cache_dir=str(tmp_path), progress=False)
@@ -156,8 +162,9 @@ def test_compare_paths_and_plot(pair, digits):
 @pytest.mark.slow
 def test_learned_curve_lowers_midpoint_loss_on_fashion_mnist(tmp_path):
     """Two small MLPs trained 1 epoch each on Fashion-MNIST: the Bezier curve's midpoint beats the linear path's."""
-    from ccatoolkit.data import load_dataset, make_loader
-    from ccatoolkit.training import train as train_model
+    from ccatoolkit.data.datasets import load_dataset
+    from ccatoolkit.data.loaders import make_loader
+    from ccatoolkit.zoo.training import train as train_model
 
     try:
         train_set = load_dataset("fashion_mnist", train=True, download=False)

@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ccatoolkit import data
-from ccatoolkit.data import (
-    DATASET_NAMES,
-    batch_inputs,
-    batch_targets,
-    dataset_info,
-    get_loaders,
-    load_dataset,
-    make_loader,
-    read_idx,
-    split_indices,
-    train_val_split,
-)
+from ccatoolkit.data import datasets as data
+from ccatoolkit.data.datasets import DATASET_NAMES, dataset_info, load_dataset, read_idx
+from ccatoolkit._utils import batch_inputs, batch_targets
+from ccatoolkit.data.loaders import get_loaders, make_loader
+from ccatoolkit.data.splits import split_indices, train_val_split
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ccatoolkit.models import ResNet20
-from ccatoolkit.stats import JointStats, collect_statistics
+from ccatoolkit.zoo.models import ResNet20
+from ccatoolkit.analysis.stats import JointStats, collect_statistics
 
 pytestmark = [
     pytest.mark.distributed,

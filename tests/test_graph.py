@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from ccatoolkit.graph import GraphError, MergeGraph, ParamRef, Space, merge_graph
+from ccatoolkit.merging.graph.spec import GraphError, MergeGraph, ParamRef, Space
+from ccatoolkit.merging.graph.trace import merge_graph
 from toybox import SmallRes, user_cnn
 
-from ccatoolkit.models import MLP, VGG11, ResNet20
+from ccatoolkit.zoo.models import MLP, VGG11, ResNet20
 
 
 def _names(refs: list[ParamRef]) -> list[str]:

@@ -13,15 +13,9 @@ from torch.nn import functional as F
 
 from toybox import digit_batches, fit, loss_and_accuracy
 
-from ccatoolkit.landscape import (
-    InterpolationResult,
-    barrier,
-    interpolate,
-    loss_plane,
-    plane_coefficients,
-    simplex,
-)
-from ccatoolkit.models import MLP, VGG11
+from ccatoolkit.landscape.results import InterpolationResult, barrier
+from ccatoolkit.landscape.paths import interpolate, loss_plane, plane_coefficients, simplex
+from ccatoolkit.zoo.models import MLP, VGG11
 
 
 # --------------------------------------------------------------------------- helpers
@@ -119,7 +113,6 @@ def test_permuted_copy_has_barrier_until_aligned(trained_pair, digits):
 
 
 def test_permute_alignment_through_merging(trained_pair, digits):
-    pytest.importorskip("ccatoolkit.merging")
     a, _ = trained_pair
     train, test = digits
     permuted = _permuted_mlp(a)
@@ -300,7 +293,7 @@ def test_plots_draw_into_given_axis(trained_pair, digits):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ccatoolkit.plots.landscape import plot_barriers, plot_interpolation, plot_simplex
+    from ccatoolkit.plots.landscape import plot_barriers, plot_interpolation, plot_plane, plot_simplex
 
     a, b = trained_pair
     test = digits[1]
@@ -312,15 +305,15 @@ def test_plots_draw_into_given_axis(trained_pair, digits):
     assert plot_barriers([naive, aligned], ax=axes[1]) is axes[1]
     assert len(axes[1].patches) == 2
     plane = loss_plane(a, b, _permuted_mlp(b), test, resolution=4, progress=False)
-    assert plane.plot(ax=axes[2]) is axes[2]
+    assert plot_plane(plane, ax=axes[2]) is axes[2]
     assert plot_simplex(simplex([a, b, _permuted_mlp(a)], test, resolution=2, progress=False), ax=axes[3]) is axes[3]
-    assert naive.plot() is not None
+    assert plot_interpolation(naive) is not None
     plt.close("all")
 
 
 def test_shared_first_layer_is_exact(trained_pair, digits):
     """The MLP fast path (first layer computed once per anchor) equals plain vmapped evaluation."""
-    from ccatoolkit.landscape import _SharedFirstLayer, evaluate_points, float_state
+    from ccatoolkit.landscape.points import _SharedFirstLayer, evaluate_points, float_state
 
     a, b = trained_pair
     states = [float_state(a), float_state(b)]
@@ -337,8 +330,6 @@ def test_shared_first_layer_is_exact(trained_pair, digits):
 
 
 def test_repair_keeps_endpoints_and_lowers_the_barrier(trained_pair, digits):
-    pytest.importorskip("ccatoolkit.normalization")
-    pytest.importorskip("ccatoolkit.graph")
     a, b = trained_pair
     train, test = digits
     plain = interpolate(a, b, test, alphas=5, progress=False)

@@ -9,11 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from ccatoolkit.graph import merge_graph
-from ccatoolkit.merging import METHODS, Ensemble, align_to, alignment_transforms, ensemble, merge
-from ccatoolkit.models import MLP, VGG11, ResNet20
-from ccatoolkit.normalization import reset_bn_stats
-from ccatoolkit.transform import apply_permutations, apply_transforms, random_permutations, random_scalings
+from ccatoolkit.merging.graph.trace import merge_graph
+from ccatoolkit.merging.api import METHODS, Ensemble, align_to, alignment_transforms, ensemble, merge
+from ccatoolkit.zoo.models import MLP, VGG11, ResNet20
+from ccatoolkit.merging.normalization import reset_bn_stats
+from ccatoolkit.merging.transform import (
+    apply_permutations,
+    apply_transforms,
+    random_permutations,
+    random_scalings,
+)
 
 
 def _user_cnn() -> nn.Sequential:
@@ -191,7 +196,7 @@ def test_ensemble_is_log_mean_softmax() -> None:
 def test_repair_in_merge_matches_endpoint_statistics() -> None:
     model, data, graph = _setup("mlp")
     other = MLP(depth=2, width=12, in_shape=(6,)).eval()
-    from ccatoolkit.normalization import channel_stats
+    from ccatoolkit.merging.normalization import channel_stats
 
     merged = merge([model, other], "permute", data, repair=True, progress=False)
     plain = merge([model, other], "permute", data, repair=False, progress=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ccatoolkit.models import MODEL_NAMES, build_model, model_config
+from ccatoolkit.zoo.models import MODEL_NAMES, build_model, model_config
 
 SMALL = {"mlp": dict(depth=2, width=16), "vgg11": dict(width=0.125), "resnet20": dict(width=1)}
 

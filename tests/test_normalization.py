@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from ccatoolkit.graph import merge_graph
-from ccatoolkit.models import MLP, VGG11
-from ccatoolkit.normalization import channel_stats, repair, repair_endpoints, reset_bn_stats
+from ccatoolkit.merging.graph.trace import merge_graph
+from ccatoolkit.zoo.models import MLP, VGG11
+from ccatoolkit.merging.normalization import channel_stats, repair, repair_endpoints, reset_bn_stats
 
 
 def _data(shape: tuple[int, ...], batches: int = 3, n: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from ccatoolkit import notebook as nb
+from ccatoolkit.app import settings as nb
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9]*.ipynb"))
 

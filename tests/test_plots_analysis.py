@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ccatoolkit.data import dataset_info
 from ccatoolkit.plots.analysis import (
     confusion_matrix,
     plot_accuracy_bars,
@@ -104,5 +105,8 @@ def test_plot_confusion_normalises_rows_and_reports_accuracy(ax):
 
 def test_new_axis_when_none_given():
     ax = plot_confusion(np.eye(10))
-    assert ax.get_xticklabels()[0].get_text() == "T-shirt"  # Fashion-MNIST names for 10 classes
+    assert ax.get_xticklabels()[0].get_text() == "0"  # no data set is assumed: class indices
+    plt.close(ax.figure)
+    ax = plot_confusion(np.eye(10), class_names=dataset_info("cifar10")["classes"])
+    assert ax.get_xticklabels()[0].get_text() == "airplane"  # names come from the data set
     plt.close(ax.figure)

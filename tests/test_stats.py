@@ -10,9 +10,9 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from ccatoolkit.activations import UnknownLayerError, capture
-from ccatoolkit.models import MLP, ResNet20
-from ccatoolkit.stats import (
+from ccatoolkit.analysis.capture import UnknownLayerError, capture
+from ccatoolkit.zoo.models import MLP, ResNet20
+from ccatoolkit.analysis.stats import (
     JointStats,
     StatisticsCollector,
     canonical_correlations,

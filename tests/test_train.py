@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from ccatoolkit.data import get_loaders, load_dataset, make_loader
-from ccatoolkit.models import build_model
-from ccatoolkit.training import SCHEDULES, default_lr, evaluate, lr_factor, train
+from ccatoolkit.data.loaders import get_loaders, make_loader
+from ccatoolkit.data.datasets import load_dataset
+from ccatoolkit.zoo.models import build_model
+from ccatoolkit.zoo.training import SCHEDULES, default_lr, evaluate, lr_factor, train
 
 
 def _digits_mlp(seed: int = 0) -> nn.Module:

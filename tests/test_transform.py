@@ -6,20 +6,20 @@ import pytest
 import torch
 from torch import nn
 
-from ccatoolkit.graph import ParamRef, merge_graph
+from ccatoolkit.merging.graph.spec import ParamRef
+from ccatoolkit.merging.graph.trace import merge_graph
 from toybox import SmallRes, user_cnn
 
-from ccatoolkit.models import MLP, VGG11, ResNet20
-from ccatoolkit.transform import (
+from ccatoolkit.zoo.models import MLP, VGG11, ResNet20
+from ccatoolkit.merging.transform import (
     apply_permutations,
     apply_transforms,
-    check_same_architecture,
-    model_signature_mismatch,
     permutation_matrix,
     permutation_transforms,
     random_permutations,
     random_scalings,
 )
+from ccatoolkit._utils import check_same_architecture, model_signature_mismatch
 
 
 class MixedOps(nn.Module):

@@ -18,12 +18,7 @@ __all__ = [
     "plot_accuracy_vs_n",
     "plot_confusion",
     "confusion_matrix",
-    "FASHION_MNIST_CLASSES",
 ]
-
-FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot",
-)
 
 
 def _axis(ax: Any, figsize: tuple[float, float] = (5, 3.5)) -> Any:
@@ -167,13 +162,15 @@ def confusion_matrix(targets: Any, predictions: Any, num_classes: int | None = N
 def plot_confusion(matrix: Any, ax: Any = None, title: str | None = None,
                    class_names: Sequence[str] | None = None, normalize: bool = True,
                    annotate: bool = True) -> Any:
-    """Confusion matrix (rows: true class, columns: predicted) as a heatmap; rows normalised to fractions by default."""
+    """Confusion matrix (rows: true class, columns: predicted) as a heatmap; rows normalised to fractions by default.
+
+    ``class_names`` label the axes (e.g. ``dataset_info(name)["classes"]``); default: the class indices.
+    """
     counts = _array(matrix, "matrix", ndim=2)
     if counts.shape[0] != counts.shape[1]:
         raise ValueError(f"a confusion matrix is square, got shape {counts.shape}")
     k = counts.shape[0]
-    names = list(class_names) if class_names is not None else (
-        list(FASHION_MNIST_CLASSES) if k == len(FASHION_MNIST_CLASSES) else [str(i) for i in range(k)])
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
     if len(names) != k:
         raise ValueError(f"{len(names)} class names for a {k}x{k} confusion matrix")
     shown = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) if normalize else counts

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ccatoolkit.landscape.results import InterpolationResult, PlaneResult, SimplexResult, barrier
+
 __all__ = ["plot_interpolation", "plot_barriers", "plot_plane", "plot_curve_paths", "plot_simplex"]
 
 _YLABEL = {"loss": "test loss", "accuracy": "test accuracy"}
@@ -30,13 +32,13 @@ def _check(metric: str) -> str:
     return metric
 
 
-def _as_list(results: Any) -> list[Any]:
+def _as_list(results: Any) -> list[InterpolationResult]:
     if isinstance(results, dict):
         return list(results.values())
     return list(results) if isinstance(results, (list, tuple)) else [results]
 
 
-def plot_interpolation(results: Sequence[Any] | Any, ax: Any = None, metric: str = "loss",
+def plot_interpolation(results: Sequence[InterpolationResult] | InterpolationResult, ax: Any = None, metric: str = "loss",
                        title: str | None = None) -> Any:
     """Loss or accuracy along alpha for several interpolation results on one axis, with a legend.
 
@@ -62,11 +64,9 @@ def _finish_path_axis(ax: Any, xlabel: str, metric: str, title: str | None) -> A
     return ax
 
 
-def plot_barriers(results: Sequence[Any] | Any, ax: Any = None, metric: str = "loss",
+def plot_barriers(results: Sequence[InterpolationResult] | InterpolationResult, ax: Any = None, metric: str = "loss",
                   title: str | None = None) -> Any:
     """A bar chart of the barriers of several results (one bar per method), values written on the bars."""
-    from ccatoolkit.landscape import barrier
-
     metric = _check(metric)
     ax = _axis(ax)
     items = _as_list(results)
@@ -84,7 +84,7 @@ def plot_barriers(results: Sequence[Any] | Any, ax: Any = None, metric: str = "l
     return ax
 
 
-def plot_plane(plane: Any, ax: Any = None, metric: str = "loss", levels: int | Sequence[float] = 20,
+def plot_plane(plane: PlaneResult, ax: Any = None, metric: str = "loss", levels: int | Sequence[float] = 20,
                title: str | None = None, log: bool | None = None) -> Any:
     """Filled contours of a :class:`~ccatoolkit.landscape.PlaneResult` with the three models marked and labelled.
 
@@ -117,7 +117,7 @@ def plot_plane(plane: Any, ax: Any = None, metric: str = "loss", levels: int | S
     return ax
 
 
-def plot_curve_paths(results: Sequence[Any] | Any, ax: Any = None, metric: str = "loss",
+def plot_curve_paths(results: Sequence[InterpolationResult] | InterpolationResult, ax: Any = None, metric: str = "loss",
                      title: str | None = None) -> Any:
     """Loss or accuracy along t for linear paths (dashed) and learned curves (solid), colours paired by alignment."""
     metric = _check(metric)
@@ -134,7 +134,7 @@ def plot_curve_paths(results: Sequence[Any] | Any, ax: Any = None, metric: str =
     return _finish_path_axis(ax, "t (0 = model A, 1 = model B)", metric, title)
 
 
-def plot_simplex(result: Any, ax: Any = None, metric: str = "loss", levels: int = 20,
+def plot_simplex(result: SimplexResult, ax: Any = None, metric: str = "loss", levels: int = 20,
                  title: str | None = None) -> Any:
     """Filled contours on the triangle of a :class:`~ccatoolkit.landscape.SimplexResult`, corners labelled."""
     import matplotlib.pyplot as plt

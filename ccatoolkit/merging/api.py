@@ -2,7 +2,7 @@
 
 Pipeline of :func:`merge`: check the models, derive the merge graph, collect activation statistics
 of all models jointly (once), compute per-space ``(out, inp)`` transforms for every model
-(:mod:`ccatoolkit.align`), transform and average the weights, then re-estimate BatchNorm
+(:mod:`ccatoolkit.merging.align`), transform and average the weights, then re-estimate BatchNorm
 statistics (``reset_bn``) and optionally REPAIR the channel statistics. The merged model is a deep
 copy of the reference model with the merged state loaded; no input model is changed.
 
@@ -15,7 +15,7 @@ Methods (``METHODS``):
 * ``zipit``: ZipIt! feature merging across all models (``allow_within_model=True`` by default).
 * ``cca``: CCA Merge, each model mapped into the reference's space by regularised CCA.
 * ``cca_multiview``: all models mapped to a jointly estimated MAXVAR CCA space, expressed in the
-  reference's neuron units (see :func:`ccatoolkit.align.cca.multiview_cca_transforms`).
+  reference's neuron units (see :func:`ccatoolkit.merging.align.cca.multiview_cca_transforms`).
 * ``ensemble``: output averaging (returns an :class:`Ensemble`, the target merging tries to reach).
 """
 
@@ -30,11 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ccatoolkit.align.cca import cca_transform, multiview_cca_transforms
-from ccatoolkit.align.permutation import match_activations, permutation_transform, weight_matching
-from ccatoolkit.align.zipit import zipit_transforms
-from ccatoolkit.normalization import channel_stats, has_batchnorm, repair_endpoints, reset_bn_stats
-from ccatoolkit.normalization import repair as repair_model
+from ccatoolkit._utils import batch_inputs, check_same_architecture, has_batchnorm
+from ccatoolkit.analysis.stats import JointStats, collect_statistics
+from ccatoolkit.merging.align.cca import cca_transform, multiview_cca_transforms
+from ccatoolkit.merging.align.permutation import match_activations, permutation_transform, weight_matching
+from ccatoolkit.merging.align.zipit import zipit_transforms
+from ccatoolkit.merging.graph import MergeGraph, merge_graph
+from ccatoolkit.merging.normalization import channel_stats, repair_endpoints, reset_bn_stats
+from ccatoolkit.merging.normalization import repair as repair_model
+from ccatoolkit.merging.transform import apply_transforms
+from ccatoolkit.zoo.training import evaluate
 
 __all__ = [
     "METHODS",
@@ -94,8 +99,6 @@ def _check_models(models: Sequence[nn.Module], min_models: int = 2) -> list[nn.M
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise TypeError(f"model {i} is a {type(m).__name__}, not an nn.Module")
-    from ccatoolkit.transform import check_same_architecture
-
     check_same_architecture(models)
     return models
 
@@ -120,18 +123,14 @@ def _check_options(options: dict[str, Any]) -> None:
 def _first_inputs(data: Iterable[Any] | None) -> torch.Tensor | None:
     if data is None:
         return None
-    from ccatoolkit.data import batch_inputs
-
     for batch in data:
         return batch_inputs(batch)
     raise ValueError("the data gave no batches; pass a non-empty DataLoader or iterable of batches")
 
 
-def _graph(model: nn.Module, graph: Any, data: Iterable[Any] | None) -> Any:
+def _graph(model: nn.Module, graph: MergeGraph | None, data: Iterable[Any] | None) -> MergeGraph:
     if graph is not None:
         return graph
-    from ccatoolkit.graph import merge_graph
-
     example = None
     if getattr(model, "config", None) is None:
         x = _first_inputs(data)
@@ -148,8 +147,6 @@ def _require_data(data: Any, method: str, what: str = "activation statistics") -
 
 
 def _accuracy(model: nn.Module, val_data: Iterable[Any]) -> float:
-    from ccatoolkit.training import evaluate
-
     return float(evaluate(model, val_data)["accuracy"])
 
 
@@ -169,9 +166,9 @@ def _reference_index(models: list[nn.Module], reference: Any, val_data: Any) -> 
     raise ValueError(f"reference must be 'first', 'best' or a model index, got {reference!r}")
 
 
-def _stats(models: list[nn.Module], graph: Any, data: Any, max_batches: int | None, progress: bool) -> dict:
-    from ccatoolkit.stats import collect_statistics
-
+def _stats(
+    models: list[nn.Module], graph: MergeGraph, data: Any, max_batches: int | None, progress: bool
+) -> dict[str, JointStats]:
     layers = {s.name: list(s.capture) for s in graph.spaces}
     return collect_statistics(models, data, layers, max_batches=max_batches, progress=progress, warn=False)
 
@@ -188,8 +185,8 @@ def _compute_transforms(
     method: str,
     models: list[nn.Module],
     ref: int,
-    graph: Any,
-    stats: dict | None,
+    graph: MergeGraph,
+    stats: dict[str, JointStats] | None,
     ridge: float,
     options: dict[str, Any],
 ) -> list[Transforms | None]:
@@ -242,9 +239,7 @@ def _compute_transforms(
     return result
 
 
-def _transformed(models: list[nn.Module], graph: Any, transforms: list[Transforms | None]) -> list[nn.Module]:
-    from ccatoolkit.transform import apply_transforms
-
+def _transformed(models: list[nn.Module], graph: MergeGraph, transforms: list[Transforms | None]) -> list[nn.Module]:
     return [m if t is None else apply_transforms(m, graph, t) for m, t in zip(models, transforms)]
 
 
@@ -262,7 +257,7 @@ def _average_state(models: list[nn.Module], ref: int) -> dict[str, torch.Tensor]
 def _repair_targets(
     method: str,
     models: list[nn.Module],
-    graph: Any,
+    graph: MergeGraph,
     transforms: list[Transforms | None],
     data: Any,
     max_batches: int | None,
@@ -301,7 +296,7 @@ def _finish(
     merged: nn.Module,
     method: str,
     models: list[nn.Module],
-    graph: Any,
+    graph: MergeGraph,
     transforms: list[Transforms | None],
     data: Any,
     reset_bn: bool,
@@ -322,7 +317,7 @@ def _finish(
 
 
 def _merged_model(
-    method: str, models: list[nn.Module], ref: int, graph: Any, transforms: list[Transforms | None]
+    method: str, models: list[nn.Module], ref: int, graph: MergeGraph, transforms: list[Transforms | None]
 ) -> nn.Module:
     aligned = _transformed(models, graph, transforms)
     merged = copy.deepcopy(models[ref])
@@ -344,7 +339,7 @@ def merge(
     ridge: float | str = DEFAULT_RIDGE,
     val_data: Iterable[Any] | None = None,
     max_batches: int | None = None,
-    graph: Any = None,
+    graph: MergeGraph | None = None,
     progress: bool = True,
     **options: Any,
 ) -> nn.Module:
@@ -416,7 +411,7 @@ def alignment_transforms(
     *,
     ridge: float = DEFAULT_RIDGE,
     max_batches: int | None = None,
-    graph: Any = None,
+    graph: MergeGraph | None = None,
     progress: bool = True,
     **options: Any,
 ) -> Transforms:
@@ -457,7 +452,7 @@ def align_to(
     reset_bn: bool = False,
     ridge: float = DEFAULT_RIDGE,
     max_batches: int | None = None,
-    graph: Any = None,
+    graph: MergeGraph | None = None,
     progress: bool = True,
     **options: Any,
 ) -> nn.Module:
@@ -472,8 +467,6 @@ def align_to(
         reference, model, method, data, ridge=ridge, max_batches=max_batches, graph=graph, progress=progress,
         **options,
     )
-    from ccatoolkit.transform import apply_transforms
-
     aligned = apply_transforms(model, graph, transforms)
     if reset_bn and has_batchnorm(aligned):
         _require_data(data, method, "the BatchNorm reset")

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccatoolkit.data import batch_count, batch_inputs
-from ccatoolkit.device import model_device
+from ccatoolkit._utils import BATCHNORM_TYPES as _BN
+from ccatoolkit._utils import batch_count, batch_inputs, eval_mode, has_batchnorm, model_device, progress_bar
+from ccatoolkit.merging.graph import MergeGraph, merge_graph
 
-__all__ = ["reset_bn_stats", "repair", "repair_endpoints", "channel_stats", "has_batchnorm"]
+__all__ = ["reset_bn_stats", "repair", "repair_endpoints", "channel_stats"]
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -33,18 +33,11 @@ def _batches(data: Iterable[Any], max_batches: int | None, progress: bool, desc:
     total = batch_count(data, max_batches)
     it: Iterable[Any] = data
     if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(data, total=total, desc=desc, leave=False)
+        it = progress_bar(data, total=total, desc=desc, leave=False)
     for i, batch in enumerate(it):
         if max_batches is not None and i >= max_batches:
             break
         yield batch_inputs(batch)
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` has any BatchNorm layer."""
-    return any(isinstance(m, _BN) for m in model.modules())
 
 
 def reset_bn_stats(
@@ -60,26 +53,23 @@ def reset_bn_stats(
     bns = [m for m in new.modules() if isinstance(m, _BN)]
     if not bns:
         return new
-    flags = {m: m.training for m in new.modules()}
     momenta = {m: m.momentum for m in bns}
     device = model_device(new)
     try:
-        new.eval()
-        for m in bns:
-            if m.track_running_stats:
-                m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        seen = 0
-        with torch.no_grad():
-            for x in _batches(data, max_batches, progress, "reset BatchNorm"):
-                new(x.to(device))
-                seen += 1
+        with eval_mode(new):
+            for m in bns:
+                if m.track_running_stats:
+                    m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            seen = 0
+            with torch.no_grad():
+                for x in _batches(data, max_batches, progress, "reset BatchNorm"):
+                    new(x.to(device))
+                    seen += 1
         if seen == 0:
             raise ValueError("the data gave no batches; pass a non-empty DataLoader or iterable of batches")
     finally:
-        for m, flag in flags.items():
-            m.train(flag)
         for m, mom in momenta.items():
             m.momentum = mom
     return new
@@ -88,7 +78,7 @@ def reset_bn_stats(
 # --- REPAIR -----------------------------------------------------------------------------------------
 
 
-def repair_endpoints(model: nn.Module, graph: Any) -> dict[str, list[str]]:
+def repair_endpoints(model: nn.Module, graph: MergeGraph) -> dict[str, list[str]]:
     """``{space: [module names]}`` whose outputs are each space's pre-activations.
 
     The last output-side module of the space: its BatchNorm layers if it has any, else its
@@ -151,13 +141,11 @@ def channel_stats(
 
         return hook
 
-    flags = {m: m.training for m in model.modules()}
     device = model_device(model)
     try:
-        model.eval()
         for n in modules:
             handles.append(named[n].register_forward_hook(make(n)))
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for x in _batches(data, max_batches, progress, "channel statistics"):
                 try:
                     model(x.to(device))
@@ -166,8 +154,6 @@ def channel_stats(
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags.items():
-            m.train(flag)
     result = {}
     for n, (s, ss, c) in acc.items():
         if c == 0:
@@ -213,7 +199,7 @@ def repair(
     merged: nn.Module,
     aligned_models: Sequence[nn.Module] | None,
     data: Iterable[Any],
-    graph: Any = None,
+    graph: MergeGraph | None = None,
     max_batches: int | None = None,
     progress: bool = True,
     *,
@@ -236,8 +222,6 @@ def repair(
     scale. ``merged`` and the endpoints are not modified.
     """
     if graph is None:
-        from ccatoolkit.graph import merge_graph
-
         graph = merge_graph(merged)
     endpoints = [n for names in repair_endpoints(merged, graph).values() for n in names]
     new = copy.deepcopy(merged)
@@ -258,9 +242,7 @@ def repair(
     limit = len(endpoints) + 1 if max_passes is None else int(max_passes)
     it: Iterable[int] = range(limit)
     if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="REPAIR passes", leave=False)
+        it = progress_bar(it, desc="REPAIR passes", leave=False)
     for _ in it:
         stats = channel_stats(new, endpoints, data, max_batches)
         worst = 0.0

@@ -28,48 +28,58 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from .device import resolve_device
 
 __all__ = [
     "DATASET_NAMES",
-    "SPLIT_KINDS",
-    "VAL_FRACTION",
+    "FASHION_MNIST_CLASSES",
+    "CIFAR10_CLASSES",
+    "CIFAR100_CLASSES",
+    "DIGITS_CLASSES",
     "ImageDataset",
     "dataset_info",
     "data_root",
     "read_idx",
     "load_dataset",
-    "split_indices",
-    "train_val_split",
-    "make_loader",
-    "get_loaders",
-    "batch_count",
-    "batch_inputs",
-    "batch_targets",
-    "iterate_inputs",
 ]
 
 DATASET_NAMES: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "digits")
-SPLIT_KINDS: tuple[str, ...] = ("full", "disjoint", "skewed")
-#: Fraction of the training set held out for validation by :func:`get_loaders` (and the zoo).
-VAL_FRACTION: float = 0.1
 #: Seed of the fixed 80/20 train/test permutation of scikit-learn's digits.
 DIGITS_SPLIT_SEED: int = 0
 #: Where Debian's ``dataset-fashion-mnist`` package installs the IDX files.
 DEBIAN_FASHION_MNIST: Path = Path("/usr/share/datasets/fashion-mnist")
 
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+CIFAR100_CLASSES: tuple[str, ...] = tuple(
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
+    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
+    "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster "
+    "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
+    "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
+    "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
+    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm".split()
+)
+DIGITS_CLASSES: tuple[str, ...] = tuple(str(i) for i in range(10))
+
 _INFO: dict[str, dict[str, Any]] = {
-    "fashion_mnist": dict(in_shape=(1, 28, 28), num_classes=10, mean=(0.2860,), std=(0.3530,)),
+    "fashion_mnist": dict(in_shape=(1, 28, 28), num_classes=10, mean=(0.2860,), std=(0.3530,),
+                          classes=FASHION_MNIST_CLASSES),
     "cifar10": dict(
-        in_shape=(3, 32, 32), num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)
+        in_shape=(3, 32, 32), num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+        classes=CIFAR10_CLASSES,
     ),
     "cifar100": dict(
-        in_shape=(3, 32, 32), num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)
+        in_shape=(3, 32, 32), num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+        classes=CIFAR100_CLASSES,
     ),
     # scaled to [0, 1] (pixel / 16); mean and std over all 1797 images
-    "digits": dict(in_shape=(1, 8, 8), num_classes=10, mean=(0.3053,), std=(0.3760,)),
+    "digits": dict(in_shape=(1, 8, 8), num_classes=10, mean=(0.3053,), std=(0.3760,), classes=DIGITS_CLASSES),
 }
 # train-time augmentation per data set: (crop padding, horizontal flip)
 _AUGMENT: dict[str, tuple[int, bool]] = {
@@ -78,14 +88,11 @@ _AUGMENT: dict[str, tuple[int, bool]] = {
     "cifar100": (4, True),
     "digits": (1, False),  # flipping would change digits
 }
-_FASHION_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
 # tensors above this many bytes as float32 stay uint8 in memory and are normalized per batch
 _MAX_FLOAT_BYTES = 256 * 2**20
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     key = str(name).lower().replace("-", "_")
     key = {"fashionmnist": "fashion_mnist", "fmnist": "fashion_mnist", "cifar_10": "cifar10",
            "cifar_100": "cifar100"}.get(key, key)
@@ -95,8 +102,8 @@ def _canonical(name: str) -> str:
 
 
 def dataset_info(name: str) -> dict[str, Any]:
-    """Shape facts of a data set without loading it: ``in_shape`` (C, H, W), ``num_classes``, ``mean``, ``std``."""
-    return dict(_INFO[_canonical(name)])
+    """Facts of a data set without loading it: ``in_shape`` (C, H, W), ``num_classes``, ``mean``, ``std``, ``classes`` (names)."""
+    return dict(_INFO[canonical_name(name)])
 
 
 def data_root() -> Path:
@@ -396,13 +403,13 @@ def load_dataset(
     folder holding the files; ``download`` lets torchvision fetch missing files (needs internet).
     Raises ``FileNotFoundError`` saying where it looked and how to get the data.
     """
-    key = _canonical(name)
+    key = canonical_name(name)
     info = _INFO[key]
     padding, flip = _AUGMENT[key]
     scale, classes = 1.0 / 255.0, None
     if key == "fashion_mnist":
         images, targets = _load_fashion_mnist(root, train, download)
-        classes = list(_FASHION_CLASSES)
+        classes = list(FASHION_MNIST_CLASSES)
     elif key in ("cifar10", "cifar100"):
         images, targets, classes = _load_cifar(key, root, train, download)
     else:
@@ -412,213 +419,3 @@ def load_dataset(
         images, targets, info["mean"], info["std"], scale=scale, augment=augment,
         padding=padding, flip=flip, classes=classes, name=f"{key}-{'train' if train else 'test'}",
     )
-
-
-# --------------------------------------------------------------------------------------------
-# splits
-
-
-def _as_numpy_targets(targets: Any) -> np.ndarray:
-    if isinstance(targets, torch.Tensor):
-        targets = targets.detach().cpu().numpy()
-    arr = np.asarray(targets)
-    if arr.ndim != 1:
-        raise ValueError(f"targets must be one label per sample (1-D), got shape {arr.shape}")
-    return arr.astype(np.int64)
-
-
-def split_indices(
-    targets: Any,
-    n_models: int,
-    kind: str = "full",
-    seed: int = 0,
-    major_fraction: float = 0.8,
-) -> list[np.ndarray]:
-    """Training-set indices for each of ``n_models`` models, as in the CCA Merge experiments.
-
-    * ``"full"``: every model gets every index (models then differ only by their seed).
-    * ``"disjoint"``: a random partition into ``n_models`` parts of (almost) equal size.
-    * ``"skewed"``: the classes (in sorted order) are cut into ``n_models`` contiguous groups;
-      model ``i`` gets ``major_fraction`` of its samples from group ``i`` and the rest spread
-      evenly over the other groups; the subsets are disjoint. Of each group, a
-      ``major_fraction`` share goes to its own model and the remainder is divided equally among
-      the others, so with equal-sized groups every sample is used and every model's mix is exactly
-      ``major_fraction`` (2 models on a 10-class set: 80% of one model's data from classes 0-4 and
-      20% from 5-9, the other the reverse); unequal groups give approximately that mix.
-
-    Samples are drawn with ``numpy.random.default_rng(seed)``: the same seed gives the same
-    split. All models of one experiment must use the same ``seed`` here (their own training seeds
-    may differ). Returns sorted ``int64`` index arrays into ``targets``.
-    """
-    labels = _as_numpy_targets(targets)
-    n = labels.shape[0]
-    if n_models < 1:
-        raise ValueError(f"n_models must be >= 1, got {n_models}")
-    if kind not in SPLIT_KINDS:
-        raise ValueError(f"unknown split kind {kind!r}; valid kinds are: {', '.join(SPLIT_KINDS)}")
-    rng = np.random.default_rng(seed)
-    if kind == "full":
-        return [np.arange(n, dtype=np.int64) for _ in range(n_models)]
-    if kind == "disjoint":
-        if n_models > n:
-            raise ValueError(f"cannot split {n} samples into {n_models} disjoint non-empty parts")
-        return [np.sort(part).astype(np.int64) for part in np.array_split(rng.permutation(n), n_models)]
-    # skewed
-    if not 0.0 <= major_fraction <= 1.0:
-        raise ValueError(f"major_fraction must lie in [0, 1], got {major_fraction}")
-    classes = np.unique(labels)
-    if n_models > len(classes):
-        raise ValueError(f"a skewed split needs at most one model per class: {n_models} models, {len(classes)} classes")
-    if n_models == 1:
-        return [np.arange(n, dtype=np.int64)]
-    parts: list[list[np.ndarray]] = [[] for _ in range(n_models)]
-    for g, group in enumerate(np.array_split(classes, n_models)):
-        pool = rng.permutation(np.flatnonzero(np.isin(labels, group)))
-        own = int(round(major_fraction * len(pool)))
-        share = (len(pool) - own) // (n_models - 1)
-        parts[g].append(pool[:own])
-        others = [m for m in range(n_models) if m != g]
-        for k, m in enumerate(others):
-            parts[m].append(pool[own + k * share : own + (k + 1) * share])
-    return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
-
-
-def train_val_split(n: int, val_fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``range(n)`` into sorted (train, validation) indices; the validation part is a random
-    ``val_fraction`` of the training data, held out to tune hyper-parameters (never the test set)."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
-    order = np.random.default_rng(seed).permutation(int(n))
-    n_val = int(round(val_fraction * n))
-    return np.sort(order[n_val:]).astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
-
-
-# --------------------------------------------------------------------------------------------
-# loaders and batches
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int = 256,
-    shuffle: bool = False,
-    seed: int = 0,
-    indices: Sequence[int] | np.ndarray | None = None,
-    device: str | torch.device | None = None,
-    drop_last: bool = False,
-) -> DataLoader:
-    """A DataLoader over ``dataset`` (or its ``indices``) with a seeded shuffle.
-
-    Always ``num_workers=0`` (worker processes can hang notebook kernels and the data is in
-    memory anyway); ``pin_memory`` only when the target ``device`` is CUDA.
-    """
-    if indices is not None:
-        dataset = Subset(dataset, [int(i) for i in np.asarray(indices).reshape(-1)])
-    generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        num_workers=0,
-        pin_memory=resolve_device(device).type == "cuda",
-        drop_last=drop_last,
-    )
-
-
-def _cap(indices: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """At most ``limit`` of ``indices``: a seeded random subset, kept sorted."""
-    if limit is None or len(indices) <= limit:
-        return indices
-    if limit < 1:
-        raise ValueError(f"limit must be a positive number of samples, got {limit}")
-    return np.sort(np.random.default_rng(seed).choice(indices, size=int(limit), replace=False))
-
-
-def get_loaders(
-    name: str = "fashion_mnist",
-    batch_size: int = 256,
-    split: str | None = "full",
-    n_models: int = 1,
-    model_index: int = 0,
-    split_seed: int = 0,
-    seed: int = 0,
-    major_fraction: float = 0.8,
-    val_fraction: float = VAL_FRACTION,
-    augment: bool | None = None,
-    root: str | os.PathLike[str] | None = None,
-    download: bool = True,
-    limit: int | None = None,
-    eval_batch_size: int | None = None,
-    device: str | torch.device | None = None,
-) -> dict[str, DataLoader]:
-    """Train, validation and test loaders for one model of an experiment.
-
-    1. The training set is cut into a validation part (``val_fraction``, seeded by ``split_seed``)
-       and the rest; the validation part is held out from every model.
-    2. The rest is split among ``n_models`` models by :func:`split_indices` (``split`` =
-       ``"full"``/``None``, ``"disjoint"`` or ``"skewed"``, seeded by ``split_seed``, which all
-       models of one experiment share); this loader serves part ``model_index``.
-    3. ``limit`` caps each of train, val and test at that many samples (a seeded random subset)
-       for smoke runs.
-
-    ``train`` shuffles with ``seed`` and augments (``augment=None``: on for CIFAR, off otherwise);
-    ``val`` and ``test`` are neither shuffled nor augmented and use ``eval_batch_size``
-    (default ``2 * batch_size``). Returns ``dict(train=..., val=..., test=...)``; ``val`` is
-    ``None`` when ``val_fraction`` is 0.
-    """
-    key = _canonical(name)
-    kind = "full" if split is None else split
-    if not 0 <= model_index < n_models:
-        raise ValueError(f"model_index must lie in [0, {n_models}), got {model_index}")
-    if augment is None:
-        augment = key in ("cifar10", "cifar100")
-    train_set = load_dataset(key, train=True, root=root, download=download)
-    test_set = load_dataset(key, train=False, root=root, download=download)
-    rest, val = train_val_split(len(train_set), val_fraction, seed=split_seed)
-    parts = split_indices(train_set.targets[torch.as_tensor(rest)], n_models, kind, split_seed, major_fraction)
-    train_idx = _cap(rest[parts[model_index]], limit, split_seed)
-    val_idx = _cap(val, limit, split_seed)
-    test_idx = _cap(np.arange(len(test_set), dtype=np.int64), limit, split_seed)
-    eval_bs = eval_batch_size or 2 * batch_size
-    return dict(
-        train=make_loader(train_set.with_augment(augment), batch_size, shuffle=True, seed=seed,
-                          indices=train_idx, device=device),
-        val=make_loader(train_set, eval_bs, indices=val_idx, device=device) if len(val_idx) else None,
-        test=make_loader(test_set, eval_bs, indices=None if limit is None else test_idx, device=device),
-    )
-
-
-def batch_count(data: Iterable[Any], max_batches: int | None = None) -> int | None:
-    """How many batches a pass over ``data`` (capped at ``max_batches``) yields; None when unknown (a generator)."""
-    try:
-        total = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        return max_batches
-    return total if max_batches is None else min(total, max_batches)
-
-
-def batch_inputs(batch: Any) -> torch.Tensor:
-    """The inputs of a batch: the batch itself if it is a tensor, else its first item."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and len(batch) > 0:
-        return batch[0]
-    raise TypeError(
-        f"a batch must be a tensor of inputs or a tuple/list (inputs, targets, ...), got {type(batch).__name__}"
-    )
-
-
-def batch_targets(batch: Any) -> torch.Tensor:
-    """The targets of a batch: the second item of a tuple/list batch."""
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[1]
-    raise ValueError(
-        "this batch has no targets: a batch with labels must be a tuple/list (inputs, targets, ...); "
-        f"got {type(batch).__name__}"
-    )
-
-
-def iterate_inputs(data: Iterable[Any]) -> Iterable[torch.Tensor]:
-    """Yield the inputs of every batch of ``data``."""
-    for batch in data:
-        yield batch_inputs(batch)

@@ -29,10 +29,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccatoolkit.activations import forward_hooks, resolve_layers
-from ccatoolkit.data import batch_count, batch_inputs
-from ccatoolkit.device import model_device
-from ccatoolkit.transform import check_same_architecture
+from ccatoolkit._utils import (
+    batch_count,
+    batch_inputs,
+    check_same_architecture,
+    eval_mode,
+    model_device,
+    progress_bar,
+)
+from ccatoolkit.analysis.capture import forward_hooks, resolve_layers
+from ccatoolkit.analysis.linalg import EIG_RTOL, canonical_correlations_from_cov, inverse_sqrt
 
 __all__ = [
     "JointStats",
@@ -44,8 +50,6 @@ __all__ = [
     "inverse_sqrt",
 ]
 
-# Eigenvalues below this fraction of the largest one are treated as zero (pseudo-inverse).
-EIG_RTOL = 1e-10
 # A neuron whose variance is below this fraction of (its mean^2 + the largest variance of its model
 # in that space) is constant: it gets correlation 0.
 VAR_RTOL = 1e-10
@@ -53,9 +57,6 @@ VAR_RTOL = 1e-10
 _CHUNK_ROWS = 32
 # The running Gram (a sum over at most this many samples, of shifted data) is flushed into float64.
 _FLUSH_SAMPLES = 1 << 17
-# On CPU, batches can be processed in blocks of inputs of about this many bytes, to stay in cache
-# (0: whole batches, which measured as fast or faster for ResNet20 on 1-2 cores: fewer calls).
-_BLOCK_BYTES = 0
 
 
 
@@ -212,67 +213,6 @@ class JointStats:
 
 
 # --------------------------------------------------------------------------------------------
-# Linear algebra shared with the CCA merge
-# --------------------------------------------------------------------------------------------
-
-
-def _ridged(s: torch.Tensor, ridge: float) -> torch.Tensor:
-    s = s.to(torch.float64)
-    s = (s + s.T) / 2
-    if ridge:
-        n = s.shape[0]
-        s = s + ridge * (torch.trace(s) / n).clamp_min(0.0) * torch.eye(n, dtype=s.dtype, device=s.device)
-    return s
-
-
-def inverse_sqrt(s: torch.Tensor, ridge: float = 0.0, rtol: float = EIG_RTOL) -> torch.Tensor:
-    """``(S + ridge * trace(S)/n * I)^(-1/2)`` of a symmetric PSD matrix, in float64.
-
-    Computed by eigendecomposition; eigenvalues at or below ``rtol`` times the largest are treated as
-    zero (their directions are dropped: a pseudo-inverse), so rank-deficient matrices give finite results.
-    """
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
-    if s.dim() != 2 or s.shape[0] != s.shape[1]:
-        raise ValueError(f"expected a square matrix, got shape {tuple(s.shape)}")
-    if not torch.isfinite(s).all():
-        raise ValueError("the covariance matrix has non-finite entries")
-    s = _ridged(s, ridge)
-    evals, evecs = torch.linalg.eigh(s)
-    top = evals.max().clamp_min(0.0) if evals.numel() else torch.tensor(0.0, dtype=s.dtype)
-    keep = evals > rtol * top
-    inv = torch.where(keep, evals.clamp_min(torch.finfo(s.dtype).tiny).rsqrt(), torch.zeros_like(evals))
-    return (evecs * inv) @ evecs.T
-
-
-def canonical_correlations_from_cov(
-    s_aa: torch.Tensor,
-    s_bb: torch.Tensor,
-    s_ab: torch.Tensor,
-    ridge: float = 0.0,
-    return_vectors: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Canonical correlations from covariance blocks (descending, in [0, 1], ``min(n_a, n_b)`` of them).
-
-    ``ridge * trace(S)/n * I`` is added to ``s_aa`` and ``s_bb`` (scale-free regularisation); the
-    canonical correlations are the singular values of ``S_aa^(-1/2) S_ab S_bb^(-1/2)``. With
-    ``return_vectors=True`` also returns the canonical directions ``A`` (``n_a x k``) and ``B``
-    (``n_b x k``): ``A.T @ S_aa @ A = I`` and ``A.T @ S_ab @ B = diag(rho)`` on the non-degenerate part.
-    """
-    if s_ab.shape != (s_aa.shape[0], s_bb.shape[0]):
-        raise ValueError(
-            f"shape mismatch: s_aa {tuple(s_aa.shape)}, s_bb {tuple(s_bb.shape)}, s_ab {tuple(s_ab.shape)}"
-        )
-    w_a = inverse_sqrt(s_aa, ridge)
-    w_b = inverse_sqrt(s_bb, ridge)
-    m = w_a @ s_ab.to(torch.float64) @ w_b
-    if not return_vectors:
-        return torch.linalg.svdvals(m).clamp(0.0, 1.0)
-    u, rho, vh = torch.linalg.svd(m, full_matrices=False)
-    return rho.clamp(0.0, 1.0), w_a @ u, w_b @ vh.T
-
-
-# --------------------------------------------------------------------------------------------
 # Accumulation
 # --------------------------------------------------------------------------------------------
 
@@ -297,8 +237,8 @@ def _normalise_layers(layers: Mapping[str, Sequence[str]] | Sequence[str] | str)
     return spaces
 
 
-class _Space:
-    """Accumulators of one space.
+class _SpaceSums:
+    """The running sums of one activation space (all models' channels of its capture layers).
 
     The joint samples of a batch are written into a matrix ``z`` (one column per sample: the
     channels minus a fixed shift, then a row of ones); its Gram matrix (upper block triangle; the
@@ -348,23 +288,17 @@ class _Space:
         assert self.sizes is not None and self.shift is not None and self.g is not None
         n = outs[0].shape[0]
         per_input = outs[0][:1].numel() // max(1, outs[0].shape[1])  # samples per input (spatial positions)
-        step = n
-        if _BLOCK_BYTES and self.g.device.type == "cpu":  # blocks of inputs that stay in cache
-            step = max(1, min(n, _BLOCK_BYTES // ((self.dim + 1) * per_input * self.g.element_size())))
         d = self.dim
-        z_all = scratch.get(d + 1, step * per_input, self.dtype, self.g.device)
-        for n0 in range(0, n, step):
-            cols = min(step, n - n0) * per_input
-            z = z_all[:, :cols]
-            off = 0
-            for out, size in zip(outs, self.sizes):
-                part = out[n0 : n0 + step].transpose(0, 1)
-                shift = self.shift[off : off + size].view(size, *([1] * (part.dim() - 1)))
-                torch.sub(part, shift, out=z[off : off + size].view(part.shape))
-                off += size
-            z[d].fill_(1.0)
-            for r0, r1 in self.chunks:
-                self.g[r0:r1, r0:].addmm_(z[r0:r1], z[r0 : d + 1].T)
+        z = scratch.get(d + 1, n * per_input, self.dtype, self.g.device)
+        off = 0
+        for out, size in zip(outs, self.sizes):
+            part = out.transpose(0, 1)
+            shift = self.shift[off : off + size].view(size, *([1] * (part.dim() - 1)))
+            torch.sub(part, shift, out=z[off : off + size].view(part.shape))
+            off += size
+        z[d].fill_(1.0)
+        for r0, r1 in self.chunks:
+            self.g[r0:r1, r0:].addmm_(z[r0:r1], z[r0 : d + 1].T)
         self.count += n * per_input
         self.unflushed += n * per_input
         if self.unflushed >= _FLUSH_SAMPLES:
@@ -416,11 +350,10 @@ class _Space:
         gram = s2.addr_(k, u).addr_(u, k)
         return JointStats(self.count, self.s1 + n * k, gram, list(self.sizes), list(self.layers))
 
-    def nbytes(self) -> tuple[int, int]:
-        """(bytes of the sums, bytes of per-space batch buffers: none, the scratch matrix is shared)."""
-        sums = sum(t.numel() * t.element_size() for t in (self.s1, self.s2, self.shift, self.bad, self.g)
+    def nbytes(self) -> int:
+        """Bytes held by the sums (independent of the amount of data; the batch matrix is shared)."""
+        return sum(t.numel() * t.element_size() for t in (self.s1, self.s2, self.shift, self.bad, self.g)
                    if t is not None)
-        return sums, 0
 
 
 def _channels_mean(t: torch.Tensor) -> torch.Tensor:
@@ -436,7 +369,7 @@ class _Point:
     (e.g. ``nn.ReLU(inplace=True)`` after a captured BatchNorm) is cloned on every batch.
     """
 
-    def __init__(self, name: str, space: _Space, num_models: int, scratch: _Scratch) -> None:
+    def __init__(self, name: str, space: _SpaceSums, num_models: int, scratch: _Scratch) -> None:
         self.name, self.space, self.num_models, self.scratch = name, space, num_models, scratch
         self.outs: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # model -> (data, original, version)
         self.first = True
@@ -530,7 +463,7 @@ class StatisticsCollector:
         for names in self.spaces_layers.values():
             resolve_layers(models[0], names)
         k = len(models)
-        self.spaces = {name: _Space(name, names, k) for name, names in self.spaces_layers.items()}
+        self.spaces = {name: _SpaceSums(name, names, k) for name, names in self.spaces_layers.items()}
         self.scratch = _Scratch()
         self.points = [
             _Point(layer, self.spaces[s], k, self.scratch) for s, names in self.spaces_layers.items() for layer in names
@@ -547,19 +480,22 @@ class StatisticsCollector:
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[StatisticsCollector]:
-        """Eval mode and hooks on all models for the duration of the block (restored afterwards)."""
-        modes = [[(m, m.training) for m in model.modules()] for model in self.models]
+        """Eval mode, hooks and full float32 matmul precision for the block (all restored afterwards).
+
+        The precision is PyTorch's default; it is pinned here (once, not per batch) so that a
+        process that enabled TF32/bf16 shortcuts does not get them in the Gram products.
+        """
+        precision = torch.get_float32_matmul_precision()
         try:
             with contextlib.ExitStack() as stack:
+                stack.enter_context(eval_mode(*self.models))
                 for i, model in enumerate(self.models):
-                    model.eval()
                     stack.enter_context(forward_hooks(model, {p.name: self._callback(p, i) for p in self.points}))
+                torch.set_float32_matmul_precision("highest")
                 yield self
         finally:
             self._active = None
-            for saved in modes:
-                for module, training in saved:
-                    module.training = training
+            torch.set_float32_matmul_precision(precision)
 
     @torch.no_grad()
     def update(self, inputs: torch.Tensor) -> None:
@@ -573,13 +509,8 @@ class StatisticsCollector:
                 model(x)
         finally:
             self._active = None
-        precision = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")  # no TF32/bf16 shortcuts in the Gram products
-        try:
-            for p in self.points:
-                p.end(self.device)
-        finally:
-            torch.set_float32_matmul_precision(precision)
+        for p in self.points:
+            p.end(self.device)
         self.batches += 1
         if self.device.type == "cpu" or self.batches % 16 == 0:
             self.check_finite()
@@ -612,7 +543,7 @@ class StatisticsCollector:
 
         Besides these, only the current batch's outputs are referenced until all models have run.
         """
-        sums = sum(s.nbytes()[0] for s in self.spaces.values())
+        sums = sum(s.nbytes() for s in self.spaces.values())
         return {"sums": sums, "batch": self.scratch.nbytes()}
 
 
@@ -658,9 +589,7 @@ def collect_statistics(
     total = batch_count(data, max_batches)
     batches: Iterable[torch.Tensor] = _limited(data, max_batches, max_samples)
     if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, total=total, desc="activation statistics", leave=False)
+        batches = progress_bar(batches, total=total, desc="activation statistics", leave=False)
     with collector.attached():
         for x in batches:
             collector.update(x)

@@ -55,16 +55,6 @@ def permutation_transform(perm: Sequence[int] | np.ndarray) -> tuple[np.ndarray,
 # --- weight matching -------------------------------------------------------------------------------
 
 
-def _param_axes(graph: Any, names: set[str]) -> dict[str, list[tuple[str, int, int]]]:
-    """param name -> [(space name, axis, block)] for the graph's weight refs that are in ``names``."""
-    table: dict[str, list[tuple[str, int, int]]] = {}
-    for space in graph.spaces:
-        for ref in list(space.outputs) + list(space.inputs):
-            if ref.name in names:
-                table.setdefault(ref.name, []).append((space.name, int(ref.axis), int(getattr(ref, "block", 1))))
-    return table
-
-
 def _permute_axis(W: torch.Tensor, perm: np.ndarray, axis: int, block: int) -> torch.Tensor:
     """Index ``W`` along ``axis`` by ``perm`` (a channel permutation; ``block`` entries per channel)."""
     idx = torch.as_tensor(perm, dtype=torch.long, device=W.device)
@@ -103,7 +93,10 @@ def weight_matching(
         n for n, t in reference_state.items()
         if torch.is_floating_point(t) and not n.endswith(("running_mean", "running_var"))
     }
-    table = _param_axes(graph, names)
+    table = {
+        pname: [(space, int(ref.axis), int(ref.block)) for space, ref in entries]
+        for pname, entries in graph.param_spaces.items() if pname in names
+    }
     sizes = {s.name: int(s.size) for s in graph.spaces}
     perms = {s: np.arange(n) for s, n in sizes.items()}
     by_space: dict[str, list[tuple[str, int, int]]] = {s: [] for s in sizes}

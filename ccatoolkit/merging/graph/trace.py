@@ -1,12 +1,12 @@
-"""The merge graph: a model's hidden activation spaces and the weights each space's transform acts on.
+"""Derive a model's merge graph from a ``torch.fx`` trace: :func:`merge_graph`.
 
-A *space* is a set of channels that one linear transform acts on: the output side of the layer
-that produces it (weight rows, bias, BatchNorm parameters and running statistics) and the input
-side of the layers that consume it (weight columns). Tensors added together (residual
-connections) share one space. :func:`merge_graph` derives the spaces from the model itself with a
-``torch.fx`` symbolic trace, so zoo models and a user's own MLPs, CNNs and small residual CNNs built
-from standard layers need no hand-written spec; :meth:`MergeGraph.from_spec` builds one by hand for
-anything else.
+Every traced tensor gets a channel *space*; a Linear/Conv starts a new space, elementwise
+operations, BatchNorm, pooling and dropout keep it, and residual additions unite the spaces they
+join (union-find, :class:`_SpaceUnion`). Operations the rules do not understand are fine on
+spaces that cannot be transformed anyway (the input, the output); on a hidden space they raise
+:class:`GraphError` naming the operation and the way out (:meth:`MergeGraph.from_spec`).
+Zoo models and a user's own MLPs, CNNs and small residual CNNs built from standard layers need no
+hand-written spec.
 """
 
 from __future__ import annotations
@@ -14,184 +14,16 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["GraphError", "ParamRef", "Space", "MergeGraph", "merge_graph", "SPEC_ADVICE"]
+from ccatoolkit.merging.graph.spec import SPEC_ADVICE, GraphError, MergeGraph, ParamRef, Space
 
-
-SPEC_ADVICE = (
-    "Give the spec by hand instead: build MergeGraph(spaces=[Space(name, size, capture=[...], "
-    "outputs=[ParamRef(...)], inputs=[ParamRef(...)]), ...]) or call MergeGraph.from_spec(model, "
-    "{space_name: dict(capture=[module names], outputs=[(param, axis), ...], "
-    "inputs=[(param, axis, block), ...])})."
-)
-
-
-class GraphError(ValueError):
-    """The merge graph of a model cannot be derived (or a hand-written spec is invalid)."""
-
-
-@dataclass(frozen=True)
-class ParamRef:
-    """One state_dict entry that a space's transform acts on, and the axis indexing its channels."""
-
-    name: str  # key in model.state_dict(), e.g. "features.conv1.weight"
-    axis: int  # the axis that indexes the space's channels
-    block: int = 1  # >1 when a Flatten turned C channels into C*block features (channel-major)
-
-
-@dataclass
-class Space:
-    """A set of channels that one transform acts on (see the module docstring)."""
-
-    name: str
-    size: int
-    capture: list[str] = field(default_factory=list)
-    outputs: list[ParamRef] = field(default_factory=list)
-    inputs: list[ParamRef] = field(default_factory=list)
-
-
-@dataclass
-class MergeGraph:
-    """A model's transformable activation spaces, in forward order."""
-
-    spaces: list[Space]
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.spaces]
-
-    def space(self, name: str) -> Space:
-        """The space called ``name`` (a ``KeyError`` listing the valid names otherwise)."""
-        for s in self.spaces:
-            if s.name == name:
-                return s
-        raise KeyError(f"no space {name!r} in the merge graph; spaces are: {', '.join(self.names) or '(none)'}")
-
-    def __iter__(self) -> Iterator[Space]:
-        return iter(self.spaces)
-
-    def __len__(self) -> int:
-        return len(self.spaces)
-
-    def describe(self) -> str:
-        """A readable one-line-per-space summary (for notebooks and error messages)."""
-        lines = []
-        for s in self.spaces:
-            outs = ", ".join(r.name for r in s.outputs)
-            ins = ", ".join(r.name + (f" (block {r.block})" if r.block > 1 else "") for r in s.inputs)
-            lines.append(f"{s.name} [{s.size}] capture={s.capture} outputs=[{outs}] inputs=[{ins}]")
-        return "\n".join(lines)
-
-    def validate(self, model: nn.Module) -> MergeGraph:
-        """Check the graph against ``model``: parameter names, axes, sizes, capture modules.
-
-        Raises :class:`GraphError` naming the first problem; returns ``self`` so calls chain.
-        """
-        state = model.state_dict()
-        modules = dict(model.named_modules())
-        seen_names: set[str] = set()
-        seen_refs: dict[tuple[str, int], str] = {}
-        for s in self.spaces:
-            if s.name in seen_names:
-                raise GraphError(f"two spaces are called {s.name!r}; space names must be unique")
-            seen_names.add(s.name)
-            if not isinstance(s.size, int) or s.size < 1:
-                raise GraphError(f"space {s.name!r} has size {s.size!r}; it must be a positive integer")
-            for mod in s.capture:
-                if mod not in modules:
-                    raise GraphError(f"space {s.name!r} captures {mod!r}, which is not a module of the model")
-            for side, refs in (("output", s.outputs), ("input", s.inputs)):
-                for ref in refs:
-                    _check_ref(state, s, side, ref)
-                    key = (ref.name, ref.axis % state[ref.name].dim())
-                    if key in seen_refs:
-                        raise GraphError(
-                            f"{ref.name!r} axis {ref.axis} is used by both space {seen_refs[key]!r} and space "
-                            f"{s.name!r}; each parameter axis may belong to one space only (shared weights "
-                            "are not supported)"
-                        )
-                    seen_refs[key] = s.name
-        return self
-
-    @classmethod
-    def from_spec(cls, model: nn.Module, spec: Mapping[str, Mapping[str, Any]]) -> MergeGraph:
-        """Build and validate a graph from ``{space_name: dict(capture, outputs, inputs[, size])}``.
-
-        ``outputs`` items are ``(param, axis)``; ``inputs`` items are ``(param, axis)`` or
-        ``(param, axis, block)``. ``size`` defaults to the first output's length along its axis.
-        """
-        state = model.state_dict()
-        spaces = []
-        for name, entry in spec.items():
-            if not isinstance(entry, Mapping):
-                raise GraphError(f"spec for space {name!r} must be a dict, got {type(entry).__name__}")
-            unknown = set(entry) - {"capture", "outputs", "inputs", "size"}
-            if unknown:
-                raise GraphError(
-                    f"spec for space {name!r} has unknown keys {sorted(unknown)}; "
-                    "valid keys are capture, outputs, inputs, size"
-                )
-            capture = entry.get("capture", [])
-            capture = [capture] if isinstance(capture, str) else list(capture)
-            outputs = [_ref_from_item(name, "outputs", item, with_block=False) for item in entry.get("outputs", [])]
-            inputs = [_ref_from_item(name, "inputs", item, with_block=True) for item in entry.get("inputs", [])]
-            size = entry.get("size")
-            if size is None:
-                if not outputs:
-                    raise GraphError(f"space {name!r} has no outputs; give its 'size' explicitly")
-                first = outputs[0]
-                if first.name not in state:
-                    _check_ref(state, Space(name, 1), "output", first)
-                tensor = state[first.name]
-                if not -tensor.dim() <= first.axis < tensor.dim():
-                    _check_ref(state, Space(name, 1), "output", first)
-                size = int(tensor.shape[first.axis])
-            spaces.append(Space(name=str(name), size=int(size), capture=capture, outputs=outputs, inputs=inputs))
-        return cls(spaces).validate(model)
-
-
-def _ref_from_item(space: str, key: str, item: Any, with_block: bool) -> ParamRef:
-    if isinstance(item, ParamRef):
-        return item
-    if isinstance(item, str) or not isinstance(item, Sequence) or len(item) not in ((2, 3) if with_block else (2,)):
-        form = "(param, axis) or (param, axis, block)" if with_block else "(param, axis)"
-        raise GraphError(f"space {space!r}: {key} items must be {form}, got {item!r}")
-    name, axis, *rest = item
-    block = int(rest[0]) if rest else 1
-    if not isinstance(name, str) or int(axis) != axis or block < 1:
-        raise GraphError(f"space {space!r}: bad {key} item {item!r} (want a parameter name, an int axis, block >= 1)")
-    return ParamRef(name, int(axis), block)
-
-
-def _check_ref(state: Mapping[str, torch.Tensor], space: Space, side: str, ref: ParamRef) -> None:
-    if ref.name not in state:
-        import difflib
-
-        close = difflib.get_close_matches(ref.name, list(state), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise GraphError(f"space {space.name!r}: {ref.name!r} is not in the model's state_dict.{hint}")
-    shape = tuple(state[ref.name].shape)
-    if not -len(shape) <= ref.axis < len(shape):
-        raise GraphError(
-            f"space {space.name!r}: axis {ref.axis} is out of range for {ref.name!r} of shape {shape}"
-        )
-    if ref.block < 1 or (side == "output" and ref.block != 1):
-        raise GraphError(f"space {space.name!r}: {side} {ref.name!r} has block {ref.block}; "
-                         "only input-side refs may have block > 1")
-    want = space.size * ref.block
-    if shape[ref.axis] != want:
-        detail = f"{space.size} channels x block {ref.block}" if ref.block > 1 else f"{space.size} channels"
-        raise GraphError(
-            f"space {space.name!r}: {side} {ref.name!r} has {shape[ref.axis]} entries along axis {ref.axis} "
-            f"(shape {shape}) but the space has {detail} = {want}; the sizes are inconsistent"
-        )
-
+__all__ = ["merge_graph"]
 
 # ---------------------------------------------------------------------------------------------
 # Deriving the graph with torch.fx
@@ -240,32 +72,19 @@ class _Feat:
     chdim: int = 1  # 1 for conv-style (N, C, ...), -1 for Linear outputs (..., F)
 
 
-class _Builder:
-    """Union-find over channel spaces of the fx nodes."""
+class _SpaceUnion:
+    """Union-find over channel spaces. A *fixed* space (the input, the output, anything an
+    unknown operation touched) cannot be transformed; uniting with one fixes the union."""
 
-    def __init__(self, gm: torch.fx.GraphModule, has_shapes: bool) -> None:
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
-        self.has_shapes = has_shapes
+    def __init__(self) -> None:
         self.parent: list[int] = []
         self.fixed: list[bool] = []
-        self.created_at: list[int] = []
-        self.feats: dict[torch.fx.Node, _Feat | None] = {}
-        self.outputs: dict[int, list[ParamRef]] = {}
-        self.inputs: dict[int, list[tuple[ParamRef, str]]] = {}  # (ref, consuming module) ; block maybe None
-        self.activations: list[tuple[int, str, int]] = []  # (space, module name, node index)
-        self.producers: list[tuple[int, str, int]] = []
-        self.functional_nonlin: list[tuple[int, str]] = []
-        self.unknown: list[tuple[list[int], str]] = []
-        self.calls: dict[str, int] = {}
-        self.index = 0
-        self.input_space = self.new_space(fixed=True)
+        self.created_at: list[int] = []  # the node order that created each space: roots are the earliest
 
-    # union-find --------------------------------------------------------------------------
-    def new_space(self, fixed: bool = False) -> int:
+    def new(self, order: int, fixed: bool = False) -> int:
         self.parent.append(len(self.parent))
         self.fixed.append(fixed)
-        self.created_at.append(self.index)
+        self.created_at.append(order)
         return len(self.parent) - 1
 
     def find(self, s: int) -> int:
@@ -283,6 +102,63 @@ class _Builder:
         self.parent[rb] = ra
         self.fixed[ra] = self.fixed[ra] or self.fixed[rb]
         return ra
+
+    def is_fixed(self, s: int) -> bool:
+        return self.fixed[self.find(s)]
+
+    def groups(self) -> list[set[int]]:
+        """The transformable unions, each a set of space ids, in the order their roots were created."""
+        roots: dict[int, set[int]] = {}
+        for s in range(len(self.parent)):
+            r = self.find(s)
+            if not self.fixed[r]:
+                roots.setdefault(r, set()).add(s)
+        return [roots[r] for r in sorted(roots, key=lambda r: self.created_at[r])]
+
+
+@dataclass(frozen=True)
+class _PendingInput:
+    """An input-side weight of a space, before its flatten block is known.
+
+    ``block`` is None when a Flatten was traced without shapes: it is then read off the consuming
+    layer's ``in_features`` when the graph is assembled (:meth:`_Builder.resolve`).
+    """
+
+    name: str
+    axis: int
+    block: int | None
+    consumer: str
+
+
+class _Site(NamedTuple):
+    """A module that produces or activates a space, and its position in the traced order."""
+
+    space: int
+    module: str
+    order: int
+
+
+class _Builder:
+    """Walks the fx graph once, giving every node a :class:`_Feat`, and assembles the :class:`MergeGraph`."""
+
+    def __init__(self, gm: torch.fx.GraphModule, has_shapes: bool) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.has_shapes = has_shapes
+        self.spaces = _SpaceUnion()
+        self.feats: dict[torch.fx.Node, _Feat | None] = {}
+        self.outputs: dict[int, list[ParamRef]] = {}
+        self.inputs: dict[int, list[_PendingInput]] = {}
+        self.activations: list[_Site] = []  # activation modules (capture candidates)
+        self.producers: list[_Site] = []  # Linear/Conv/BatchNorm modules (capture fallback)
+        self.functional_nonlin: list[tuple[int, str]] = []  # (space, description) of F.relu & co
+        self.unknown: list[tuple[list[int], str]] = []  # (spaces touched, description)
+        self.calls: dict[str, int] = {}
+        self.index = 0
+        self.input_space = self.new_space(fixed=True)
+
+    def new_space(self, fixed: bool = False) -> int:
+        return self.spaces.new(self.index, fixed)
 
     # helpers ------------------------------------------------------------------------------
     def ndim(self, node: torch.fx.Node) -> int | None:
@@ -350,7 +226,7 @@ class _Builder:
             self.feats[node] = self.visit_function(node)
         elif op == "output":
             for feat in self.tensor_args(node):
-                self.union(feat.space, self.input_space)
+                self.spaces.union(feat.space, self.input_space)
         else:  # pragma: no cover - fx has no other ops
             self.feats[node] = self.opaque(node)
 
@@ -368,7 +244,7 @@ class _Builder:
         if isinstance(mod, nn.Linear):
             if x.ndim is not None and x.ndim > 2 and x.chdim == 1:
                 return self.opaque(node, "a Linear applied to the last axis of a conv feature map")
-            self.inputs.setdefault(x.space, []).append((ParamRef(f"{name}.weight", 1, x.block or 0), name))
+            self.inputs.setdefault(x.space, []).append(_PendingInput(f"{name}.weight", 1, x.block, name))
             return self.produce(node, name, mod, chdim=-1)
         if isinstance(mod, _CONVS + _CONV_TRANSPOSES):
             if mod.groups != 1:
@@ -376,7 +252,7 @@ class _Builder:
             if not self.channel_first_ok(x):
                 return self.opaque(node, "a convolution of flattened features")
             in_axis, out_axis = (0, 1) if isinstance(mod, _CONV_TRANSPOSES) else (1, 0)
-            self.inputs.setdefault(x.space, []).append((ParamRef(f"{name}.weight", in_axis), name))
+            self.inputs.setdefault(x.space, []).append(_PendingInput(f"{name}.weight", in_axis, 1, name))
             return self.produce(node, name, mod, chdim=1, out_axis=out_axis)
         if isinstance(mod, _BATCHNORMS):
             if not self.channel_first_ok(x):
@@ -387,10 +263,10 @@ class _Builder:
             if mod.track_running_stats and mod.running_mean is not None:
                 refs += [ParamRef(f"{name}.running_mean", 0), ParamRef(f"{name}.running_var", 0)]
             self.outputs.setdefault(x.space, []).extend(refs)
-            self.producers.append((x.space, name, self.index))
+            self.producers.append(_Site(x.space, name, self.index))
             return self.same(x, node)
         if isinstance(mod, _ACTIVATIONS) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1):
-            self.activations.append((x.space, name, self.index))
+            self.activations.append(_Site(x.space, name, self.index))
             return self.same(x, node)
         if isinstance(mod, _PASSTHROUGH):
             return self.same(x, node)
@@ -410,7 +286,7 @@ class _Builder:
         if getattr(mod, "bias", None) is not None:
             refs.append(ParamRef(f"{name}.bias", 0))
         self.outputs[space] = refs
-        self.producers.append((space, name, self.index))
+        self.producers.append(_Site(space, name, self.index))
         return _Feat(space, 1, self.ndim(node), chdim)
 
     def flatten(self, node: torch.fx.Node, x: _Feat, start: int, end: int) -> _Feat | None:
@@ -455,7 +331,7 @@ class _Builder:
                 if other is not None and other.block == x.block and (
                     other.chdim == x.chdim or 2 in (x.ndim, other.ndim) or None in (x.ndim, other.ndim)
                 ):
-                    self.union(x.space, other.space)
+                    self.spaces.union(x.space, other.space)
                     return self.same(x, node)
             return self.opaque(node, "an addition or subtraction that is not of two tensors of the same space layout")
         if target in _SCALES or (is_method and target in ("mul", "mul_", "div", "div_")):
@@ -511,8 +387,41 @@ class _Builder:
         return _Feat(x.space, 1, self.ndim(node), 1)
 
     # result ---------------------------------------------------------------------------------
+    def resolve(self, pending: _PendingInput, size: int, state: dict[str, torch.Tensor]) -> ParamRef:
+        """The :class:`ParamRef` of an input-side weight, its flatten block read off the consumer when unknown."""
+        if pending.block is not None:
+            return ParamRef(pending.name, pending.axis, pending.block)
+        features = int(state[pending.name].shape[pending.axis])
+        if features % size:
+            raise GraphError(
+                f"{pending.consumer!r} takes {features} features from a flatten of {size} channels, "
+                f"which is not a multiple; pass example_input to merge_graph. " + SPEC_ADVICE
+            )
+        return ParamRef(pending.name, pending.axis, features // size)
+
+    def capture_layers(self, members: set[int], producer: str) -> list[str]:
+        """The modules whose outputs are a space's activations: its activation modules, else its last producer."""
+        acts = sorted((site.order, site.module) for site in self.activations
+                      if site.space in members and self.calls.get(site.module) == 1)
+        if acts:
+            return [name for _, name in acts]
+        shared = sorted({site.module for site in self.activations
+                         if site.space in members and self.calls.get(site.module, 0) > 1})
+        nonlin = [desc for space, desc in self.functional_nonlin if space in members]
+        if nonlin or shared:
+            culprit = f"activation module(s) {shared} called more than once" if shared else nonlin[0]
+            raise GraphError(
+                f"cannot choose the capture layer of the hidden space produced by {producer!r}: "
+                f"its non-linearity is {culprit}. Statistics are taken from post-activation outputs, so every "
+                "non-linearity must be its own nn.Module instance (e.g. self.relu1 = nn.ReLU(), used once), "
+                "not a functional call like F.relu. " + SPEC_ADVICE
+            )
+        prods = sorted((site.order, site.module) for site in self.producers
+                       if site.space in members and self.calls.get(site.module) == 1)
+        return [prods[-1][1]] if prods else []
+
     def result(self, model: nn.Module) -> MergeGraph:
-        bad = [desc for spaces, desc in self.unknown if any(not self.fixed[self.find(s)] for s in spaces)]
+        bad = [desc for spaces, desc in self.unknown if any(not self.spaces.is_fixed(s) for s in spaces)]
         if bad:
             more = f" (and {len(bad) - 1} more: {'; '.join(bad[1:4])})" if len(bad) > 1 else ""
             raise GraphError(
@@ -521,50 +430,19 @@ class _Builder:
                 "BatchNorm, elementwise activations, dropout, pooling, flatten and residual additions. "
                 + SPEC_ADVICE
             )
-        roots: dict[int, list[int]] = {}
-        for s in range(len(self.parent)):
-            r = self.find(s)
-            if not self.fixed[r]:
-                roots.setdefault(r, []).append(s)
         state = model.state_dict()
         spaces: list[Space] = []
         used_names: set[str] = set()
-        for root in sorted(roots, key=lambda r: self.created_at[r]):
-            members = set(roots[root])
+        for members in self.spaces.groups():
             outputs = [ref for s in sorted(members) for ref in self.outputs.get(s, [])]
             if not outputs:  # pragma: no cover - every transformable space starts at a producer
                 continue
             first = outputs[0]
             size = int(state[first.name].shape[first.axis])
-            inputs = []
-            for s in sorted(members):
-                for ref, consumer in self.inputs.get(s, []):
-                    if ref.block == 0:  # block resolved from the consumer's in_features
-                        features = int(state[ref.name].shape[ref.axis])
-                        if features % size:
-                            raise GraphError(
-                                f"{consumer!r} takes {features} features from a flatten of {size} channels, "
-                                f"which is not a multiple; pass example_input to merge_graph. " + SPEC_ADVICE
-                            )
-                        ref = ParamRef(ref.name, ref.axis, features // size)
-                    inputs.append(ref)
-            acts = sorted((i, n) for s, n, i in self.activations if s in members and self.calls.get(n) == 1)
-            capture = [n for _, n in acts]
-            shared = sorted({n for s, n, _ in self.activations if s in members and self.calls.get(n, 0) > 1})
-            nonlin = [d for s, d in self.functional_nonlin if s in members]
-            if not capture and (nonlin or shared):
-                culprit = f"activation module(s) {shared} called more than once" if shared else nonlin[0]
-                raise GraphError(
-                    "cannot choose the capture layer of the hidden space produced by "
-                    f"{first.name.rsplit('.', 1)[0]!r}: "
-                    f"its non-linearity is {culprit}. Statistics are taken from post-activation outputs, so every "
-                    "non-linearity must be its own nn.Module instance (e.g. self.relu1 = nn.ReLU(), used once), "
-                    "not a functional call like F.relu. " + SPEC_ADVICE
-                )
-            if not capture:
-                prods = sorted((i, n) for s, n, i in self.producers if s in members and self.calls.get(n) == 1)
-                capture = [prods[-1][1]] if prods else []
-            name = capture[0] if capture else first.name.rsplit(".", 1)[0]
+            inputs = [self.resolve(p, size, state) for s in sorted(members) for p in self.inputs.get(s, [])]
+            producer = first.name.rsplit(".", 1)[0]
+            capture = self.capture_layers(members, producer)
+            name = capture[0] if capture else producer
             base, k = name, 1
             while name in used_names:
                 k += 1
@@ -611,8 +489,6 @@ def merge_graph(model: nn.Module, example_input: torch.Tensor | None = None) -> 
     example = _example_input(model, example_input)
     has_shapes = False
     if example is not None:
-        from torch.fx.passes.shape_prop import ShapeProp
-
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(example)

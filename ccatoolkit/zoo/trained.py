@@ -1,7 +1,7 @@
 """Trained models in one call: build, train on the right data split, and cache the weights.
 
 ``trained_model(...)`` is what the notebooks use. The weights are cached (see
-:mod:`ccatoolkit.cache`) under a key holding everything that determines them — model config,
+:mod:`ccatoolkit.zoo.cache`) under a key holding everything that determines them — model config,
 data set, split, seeds, epochs and every training hyper-parameter — so the second call with the
 same arguments loads in a moment. The device and the data folder are not part of the key.
 """
@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cache import CacheError, cache_path, load_or_create
-from .data import VAL_FRACTION, _canonical, dataset_info, get_loaders
-from .device import resolve_device
-from .models import build_model, model_config
-from .training import default_lr, evaluate, train
+from ccatoolkit._utils import resolve_device
+from ccatoolkit.data import VAL_FRACTION, dataset_info, get_loaders
+from ccatoolkit.data.datasets import canonical_name
+from ccatoolkit.zoo.cache import CacheError, cache_path, load_or_create
+from ccatoolkit.zoo.models import build_model, model_config
+from ccatoolkit.zoo.training import default_lr, evaluate, train
 
 __all__ = ["trained_model", "trained_models", "DEFAULT_EPOCHS", "zoo_key", "CacheError"]
 
@@ -92,17 +93,17 @@ def trained_model(
 
     The model is built with ``build_model(model, in_shape=..., num_classes=..., **model_kwargs)``
     (shape facts from :func:`ccatoolkit.data.dataset_info`) and trained with
-    :func:`ccatoolkit.training.train` on the training loader of :func:`ccatoolkit.data.get_loaders`
+    `ccatoolkit.zoo.training.train` on the training loader of :func:`ccatoolkit.data.get_loaders`
     (same meaning of ``split``, ``split_seed``, ``val_fraction``, ``augment``, ``limit``);
     ``seed`` seeds initialisation and shuffling. ``epochs`` defaults to :data:`DEFAULT_EPOCHS`,
-    ``lr`` to :func:`ccatoolkit.training.default_lr`.
+    ``lr`` to `ccatoolkit.zoo.training.default_lr`.
 
     Returns the model in eval mode on ``device`` (default: the best available), with
     ``model.train_info = dict(test_accuracy, test_loss, n_train, seconds, cache_file)``
     (``seconds``: the training time when it was trained). A checkpoint that does not fit the
-    model raises :class:`ccatoolkit.cache.CacheError` naming the file.
+    model raises :class:`ccatoolkit.zoo.cache.CacheError` naming the file.
     """
-    key_name = _canonical(dataset)
+    key_name = canonical_name(dataset)
     info = dataset_info(key_name)
     kind = "full" if split is None else split
     kwargs = dict(in_shape=info["in_shape"], num_classes=info["num_classes"])

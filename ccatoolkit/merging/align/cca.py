@@ -5,9 +5,10 @@ models. Conventions: features are column vectors; a transform ``out`` maps a mod
 to ``out @ z`` in the target space, and ``inp`` is applied on the input side of the next layer
 (``inp = inverse(out)``).
 
-Regularisation is scale-free: ``S + ridge * trace(S) / n * I``, so one ``ridge`` serves every layer
-and width. Matrix square roots use symmetric eigendecompositions with clamped eigenvalues, so
-rank-deficient covariances (dead ReLUs) never give NaNs or crashes.
+The linear algebra (scale-free ridge ``S + ridge * trace(S)/n * I``, matrix powers with a
+pseudo-inverse floor, the whitened cross-covariance) is :mod:`ccatoolkit.analysis.linalg`, the
+same code that gives ``cc.canonical_correlations``, so rank-deficient covariances (dead ReLUs)
+never give NaNs or crashes and the analysis and the merge agree.
 
 Constant channels (dead ReLUs on the data) have no correlation with anything, so CCA leaves their
 correspondence arbitrary (any rotation of the null spaces); mapping them anyway would mix a dead
@@ -15,9 +16,9 @@ neuron's (negative-bias) weights into live ones, or wake a dead one up. With ``d
 (the default) what maps to or from a constant channel is zeroed: a model's dead neuron contributes
 nothing, and the reference's dead neuron keeps only the reference's own (averaged) weights.
 
-The decompositions and products run in torch (float64, CPU), which respects
-``torch.set_num_threads``; numpy's BLAS oversubscribes shared machines badly for these small
-matrices. Inputs may be numpy arrays or tensors; results are numpy arrays.
+The decompositions and products run in torch (float64), which respects ``torch.set_num_threads``;
+numpy's BLAS oversubscribes shared machines badly for these small matrices. Inputs may be numpy
+arrays or tensors; results are numpy arrays.
 """
 
 from __future__ import annotations
@@ -25,50 +26,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ccatoolkit.analysis.linalg import (
+    as_float64,
+    canonical_correlations_from_cov,
+    polar_factor,
+    regularize,
+    sym_powers,
+    symmetrize,
+    whitened_cross_covariance,
+)
+
 __all__ = [
-    "regularize",
-    "sym_power",
     "cca_transform",
     "cca_directions",
     "multiview_cca_transforms",
 ]
 
-_EIG_FLOOR = 1e-12  # relative floor for eigenvalues before inverse powers
 _DEAD_RTOL = 1e-10  # a channel whose variance is below this fraction of the largest is constant
-
-
-def _t(S: np.ndarray | torch.Tensor) -> torch.Tensor:
-    if isinstance(S, torch.Tensor):
-        return S.detach().to("cpu", torch.float64)
-    return torch.as_tensor(np.asarray(S, dtype=np.float64))
-
-
-def _as_sym(S: np.ndarray | torch.Tensor) -> torch.Tensor:
-    S = _t(S)
-    if S.dim() != 2 or S.shape[0] != S.shape[1]:
-        raise ValueError(f"expected a square matrix, got shape {tuple(S.shape)}")
-    return 0.5 * (S + S.T)
-
-
-def _regularize(S: np.ndarray | torch.Tensor, ridge: float) -> torch.Tensor:
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
-    S = _as_sym(S)
-    n = S.shape[0]
-    scale = float(torch.trace(S)) / max(n, 1)
-    eye = torch.eye(n, dtype=torch.float64)
-    if not np.isfinite(scale) or scale <= 0:
-        return eye
-    return S + ridge * scale * eye
-
-
-def _powers(S: torch.Tensor, *powers: float) -> list[torch.Tensor]:
-    """``S**p`` for each ``p`` from one eigendecomposition (eigenvalues clamped to ``1e-12 * max``)."""
-    vals, vecs = torch.linalg.eigh(S)
-    top = float(vals.max()) if vals.numel() else 0.0
-    floor = _EIG_FLOOR * top if top > 0 else _EIG_FLOOR
-    vals = vals.clamp_min(floor)
-    return [(vecs * vals**p) @ vecs.T for p in powers]
 
 
 def _constant(S: torch.Tensor) -> torch.Tensor:
@@ -90,22 +64,6 @@ def _drop_constant(
     return out, inp
 
 
-def _polar(A: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor ``U V^T`` of ``A = U S V^T``."""
-    U, _s, Vh = torch.linalg.svd(A)
-    return U @ Vh
-
-
-def regularize(S: np.ndarray, ridge: float) -> np.ndarray:
-    """``S + ridge * trace(S)/n * I`` (identity when ``S`` is all zero, so a dead layer stays finite)."""
-    return _regularize(S, ridge).numpy()
-
-
-def sym_power(S: np.ndarray, power: float) -> np.ndarray:
-    """``S**power`` of a symmetric PSD matrix via eigh; eigenvalues clamped to ``1e-12 * max``."""
-    return _powers(_as_sym(S), power)[0].numpy()
-
-
 def cca_directions(
     S_aa: np.ndarray, S_bb: np.ndarray, S_ab: np.ndarray, ridge: float = 1e-2
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,15 +71,8 @@ def cca_directions(
 
     ``K = S_aa^{-1/2} S_ab S_bb^{-1/2} = U diag(rho) V^T``, ``P_a = S_aa^{-1/2} U``, ``P_b = S_bb^{-1/2} V``.
     """
-    S_aa_r, S_bb_r = _regularize(S_aa, ridge), _regularize(S_bb, ridge)
-    S_ab = _t(S_ab)
-    if tuple(S_ab.shape) != (S_aa_r.shape[0], S_bb_r.shape[0]):
-        raise ValueError(
-            f"cross-covariance shape {tuple(S_ab.shape)} does not fit {tuple(S_aa_r.shape)} and {tuple(S_bb_r.shape)}"
-        )
-    (ia,), (ib,) = _powers(S_aa_r, -0.5), _powers(S_bb_r, -0.5)
-    U, rho, Vh = torch.linalg.svd(ia @ S_ab @ ib)
-    return (ia @ U).numpy(), (ib @ Vh.T).numpy(), rho.numpy()
+    rho, P_a, P_b = canonical_correlations_from_cov(S_aa, S_bb, S_ab, ridge=ridge, return_vectors=True)
+    return P_a.cpu().numpy(), P_b.cpu().numpy(), rho.cpu().numpy()
 
 
 def cca_transform(
@@ -136,19 +87,12 @@ def cca_transform(
 
     Returns ``(out, inp)`` as float64 arrays of shape ``(n, n)``.
     """
-    S_aa_r, S_bb_r = _regularize(S_aa, ridge), _regularize(S_bb, ridge)
-    S_ab = _t(S_ab)
-    if tuple(S_ab.shape) != (S_aa_r.shape[0], S_bb_r.shape[0]):
-        raise ValueError(
-            f"cross-covariance shape {tuple(S_ab.shape)} does not fit {tuple(S_aa_r.shape)} and {tuple(S_bb_r.shape)}"
-        )
-    sa, ia = _powers(S_aa_r, 0.5, -0.5)
-    sb, ib = _powers(S_bb_r, 0.5, -0.5)
-    R = _polar(ia @ S_ab @ ib)  # U V^T: unique even when canonical correlations tie
+    K, (sa, ia), (sb, ib) = whitened_cross_covariance(S_aa, S_bb, S_ab, ridge)
+    R = polar_factor(K)  # U V^T: unique even when canonical correlations tie
     out, inp = sa @ R @ ib, sb @ R.T @ ia
     if drop_constant:
-        out, inp = _drop_constant(out, inp, _constant(_as_sym(S_aa)), _constant(_as_sym(S_bb)))
-    return out.numpy(), inp.numpy()
+        out, inp = _drop_constant(out, inp, _constant(symmetrize(S_aa)), _constant(symmetrize(S_bb)))
+    return out.cpu().numpy(), inp.cpu().numpy()
 
 
 def multiview_cca_transforms(
@@ -181,13 +125,13 @@ def multiview_cca_transforms(
         raise ValueError("covs must be an N x N nested list of covariance blocks with N >= 2")
     if not 0 <= reference < N:
         raise ValueError(f"reference index {reference} out of range for {N} models")
-    n = _t(covs[0][0]).shape[0]
-    regs = [_regularize(covs[k][k], ridge) for k in range(N)]
-    roots = [_powers(r, 0.5, -0.5) for r in regs]
+    n = as_float64(covs[0][0]).shape[0]
+    regs = [regularize(covs[k][k], ridge).cpu() for k in range(N)]
+    roots = [sym_powers(r, 0.5, -0.5) for r in regs]
     C = torch.zeros(N * n, N * n, dtype=torch.float64)
     for k in range(N):
         for l in range(N):
-            block = torch.eye(n, dtype=torch.float64) if k == l else roots[k][1] @ _t(covs[k][l]) @ roots[l][1]
+            block = torch.eye(n, dtype=torch.float64) if k == l else roots[k][1] @ as_float64(covs[k][l]).cpu() @ roots[l][1]
             C[k * n:(k + 1) * n, l * n:(l + 1) * n] = block
     vals, vecs = torch.linalg.eigh(0.5 * (C + C.T))
     E = vecs.flip(1)[:, :n]
@@ -198,11 +142,11 @@ def multiview_cca_transforms(
         if k == reference:
             result.append((np.eye(n), np.eye(n)))
             continue
-        R = _polar((blocks[reference] * weight) @ blocks[k].T)
+        R = polar_factor((blocks[reference] * weight) @ blocks[k].T)
         out = roots[reference][0] @ R @ roots[k][1]
         inp = roots[k][0] @ R.T @ roots[reference][1]
         if drop_constant:
-            out, inp = _drop_constant(out, inp, _constant(_as_sym(covs[reference][reference])),
-                                      _constant(_as_sym(covs[k][k])))
+            out, inp = _drop_constant(out, inp, _constant(symmetrize(covs[reference][reference]).cpu()),
+                                      _constant(symmetrize(covs[k][k]).cpu()))
         result.append((out.numpy(), inp.numpy()))
     return result

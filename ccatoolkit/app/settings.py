@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ccatoolkit._utils import default_device
+from ccatoolkit.data import get_loaders, load_dataset, make_loader
+from ccatoolkit.zoo.trained import trained_model
+from ccatoolkit.zoo.training import evaluate
+
 __all__ = [
     "Settings", "settings", "prepare", "smoke_from_env", "save_figure", "figures_dir", "loaders", "zoo", "accuracy_table",
     "SMOKE_ENV", "FIGURES_ENV",
@@ -100,12 +105,7 @@ def _resolve_device(device: str | None) -> str:
     env = os.environ.get("CCATOOLKIT_DEVICE")
     if env:
         return env
-    try:
-        from ccatoolkit.device import default_device
-
-        return str(default_device())
-    except ImportError:  # pragma: no cover - the device module ships with the package
-        return "cpu"
+    return str(default_device())
 
 
 def settings(smoke: bool | None = None, model: str | None = None, device: str | None = None,
@@ -185,8 +185,6 @@ def save_figure(fig: Any, name: str, dpi: int = 110) -> Path | None:
 
 @functools.lru_cache(maxsize=4)
 def _dataset(name: str, train: bool) -> Any:
-    from ccatoolkit.data import load_dataset
-
     return load_dataset(name, train=train)
 
 
@@ -205,8 +203,6 @@ def loaders(s: Settings, split: str = "full", n_models: int = 1, model_index: in
     which activation statistics for alignment and merging are measured. ``test`` holds
     ``s.test_limit`` test examples (all when None). Data sets are loaded once per process.
     """
-    from ccatoolkit.data import get_loaders, make_loader
-
     out = get_loaders(s.dataset, batch_size=s.batch_size, split=split, n_models=n_models,
                       model_index=model_index, seed=s.seed, limit=s.limit, device=s.device)
     train_set, test_set = _dataset(s.dataset, True), _dataset(s.dataset, False)
@@ -223,8 +219,6 @@ def zoo(s: Settings, split: str = "full", n: int | None = None, seeds: Any = Non
     ``split="full"``: the same data, seeds ``seeds`` (default ``0..n-1``); ``"disjoint"``/``"skewed"``:
     model ``i`` trains on part ``i`` of ``n`` parts (seed ``i``). A second call loads from the cache.
     """
-    from ccatoolkit.zoo import trained_model
-
     n = s.n_models if n is None else int(n)
     seeds = list(range(n)) if seeds is None else [int(v) for v in seeds]
     if len(seeds) != n:
@@ -241,8 +235,6 @@ def zoo(s: Settings, split: str = "full", n: int | None = None, seeds: Any = Non
 
 def accuracy_table(models: dict[str, Any], data: Any) -> Any:
     """A pandas DataFrame (or a list of rows without pandas): name, accuracy, loss of each model on ``data``."""
-    from ccatoolkit.training import evaluate
-
     rows = []
     for name, model in models.items():
         result = evaluate(model, data)

@@ -11,13 +11,13 @@ import copy
 import math
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from .data import batch_inputs, batch_targets
-from .device import model_device, resolve_device
+from ccatoolkit._utils import batch_inputs, batch_targets, eval_mode, model_device, progress_bar, resolve_device
 
 __all__ = ["train", "evaluate", "default_lr", "lr_factor", "SCHEDULES"]
 
@@ -78,7 +78,7 @@ def train(
     ``lr`` is the peak learning rate (default: :func:`default_lr`), stepped every batch by
     ``schedule`` (:func:`lr_factor`). The run is reproducible: it calls ``torch.manual_seed(seed)``
     and re-seeds a DataLoader's shuffling generator with ``seed``. The model is moved to
-    ``device`` (default: :func:`ccatoolkit.device.default_device`) and is trained in place — this
+    ``device`` (default: :func:`ccatoolkit._utils.default_device`) and is trained in place — this
     is the one function that changes its model; its train/eval flag is restored at the end.
     A progress bar over epochs (and a nested one over batches) shows the loss and accuracy.
     """
@@ -104,19 +104,17 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, s, total))
     non_blocking = dev.type == "cuda"
 
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.train()
     step = 0
     try:
-        epoch_bar = tqdm(range(epochs), desc="train", unit="epoch", disable=not progress)
+        epoch_bar = progress_bar(range(epochs), progress, desc="train", unit="epoch")
         for epoch in epoch_bar:
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
             correct = torch.zeros((), dtype=torch.int64, device=dev)
             seen = 0
-            batch_bar = tqdm(data, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-                             disable=not progress, total=steps_per_epoch)
+            batch_bar = progress_bar(data, progress, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                                     total=steps_per_epoch)
             for i, batch in enumerate(batch_bar):
                 x = batch_inputs(batch).to(dev, non_blocking=non_blocking)
                 y = torch.as_tensor(batch_targets(batch)).to(dev, non_blocking=non_blocking)
@@ -148,38 +146,43 @@ def train(
 
 
 @torch.no_grad()
+def predict(
+    model: nn.Module,
+    data: Iterable[Any],
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(targets, predictions, mean cross-entropy)`` of ``model`` on labelled ``data``, in eval mode.
+
+    ``data`` is a DataLoader or any iterable of ``(inputs, targets)`` batches. Runs without
+    gradients on the model's own device (or on ``device``, using a copy of the model if it lives
+    elsewhere); every submodule's train/eval flag is restored afterwards.
+    """
+    if device is not None and resolve_device(device) != model_device(model):
+        model = copy.deepcopy(model).to(resolve_device(device))
+    dev = model_device(model)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    targets, predictions = [], []
+    with eval_mode(model):
+        for batch in progress_bar(data, progress, desc="evaluate", unit="batch", leave=False):
+            x = batch_inputs(batch).to(dev)
+            y = torch.as_tensor(batch_targets(batch)).to(dev)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits.double(), y, reduction="sum")
+            targets.append(y.cpu())
+            predictions.append(logits.argmax(1).cpu())
+    n = sum(int(t.numel()) for t in targets)
+    if n == 0:
+        raise ValueError("cannot evaluate on empty data (no samples)")
+    return torch.cat(targets).numpy(), torch.cat(predictions).numpy(), loss_sum.item() / n
+
+
 def evaluate(
     model: nn.Module,
     data: Iterable[Any],
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> dict[str, float | int]:
-    """Accuracy and mean cross-entropy of ``model`` over ``data``: ``dict(accuracy, loss, n)``.
-
-    ``data`` is a DataLoader or any iterable of ``(inputs, targets)`` batches. Runs in eval mode
-    without gradients on the model's own device (or on ``device``, using a copy of the model if
-    it lives elsewhere); the model's train/eval flag is restored afterwards.
-    """
-    if device is not None and resolve_device(device) != model_device(model):
-        model = copy.deepcopy(model).to(resolve_device(device))
-    dev = model_device(model)
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    correct = torch.zeros((), dtype=torch.int64, device=dev)
-    n = 0
-    try:
-        for batch in tqdm(data, desc="evaluate", unit="batch", leave=False, disable=not progress):
-            x = batch_inputs(batch).to(dev)
-            y = torch.as_tensor(batch_targets(batch)).to(dev)
-            logits = model(x)
-            loss_sum += F.cross_entropy(logits.double(), y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-            n += int(y.shape[0])
-    finally:
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("cannot evaluate on empty data (no samples)")
-    return dict(accuracy=correct.item() / n, loss=loss_sum.item() / n, n=n)
+    """Accuracy and mean cross-entropy of ``model`` over ``data``: ``dict(accuracy, loss, n)`` (see :func:`predict`)."""
+    targets, predictions, loss = predict(model, data, device=device, progress=progress)
+    return dict(accuracy=float((targets == predictions).mean()), loss=loss, n=int(targets.size))

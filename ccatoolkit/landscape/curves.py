@@ -10,7 +10,7 @@ aligning B's neurons to A's first (``align="permute"``) gives flatter, easier cu
 
 BatchNorm: while training, BatchNorm layers normalise with batch statistics and never update a
 buffer; when evaluating, each point's statistics are re-estimated on training data (``bn_data``).
-Trained curves are cached (``ccatoolkit.cache``) keyed by both end points' weights, the curve kind,
+Trained curves are cached (``ccatoolkit.zoo.cache``) keyed by both end points' weights, the curve kind,
 alignment, epochs, learning rate, seed and the training data, so a second call loads instantly.
 """
 
@@ -29,21 +29,19 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from ccatoolkit.data import batch_inputs, batch_targets
-from ccatoolkit.landscape import (
-    InterpolationResult,
-    _BN_TYPES,
-    _estimate_bn,
-    _method_name,
-    aligned_endpoint,
-    check_compatible,
-    combine,
-    evaluate_points,
-    float_state,
+from ccatoolkit._utils import (
+    BATCHNORM_TYPES,
+    batch_inputs,
+    batch_targets,
+    check_same_architecture,
     has_batchnorm,
-    interpolate,
     model_device,
+    progress_bar,
 )
+from ccatoolkit.landscape.paths import aligned_endpoint, interpolate, method_name
+from ccatoolkit.landscape.points import combine, estimate_bn_statistics, evaluate_points, float_state
+from ccatoolkit.landscape.results import InterpolationResult
+from ccatoolkit.zoo.cache import load_or_create
 
 __all__ = ["Curve", "CurveResult", "train_curve", "compare_paths", "curve_coefficients", "state_digest"]
 
@@ -111,7 +109,7 @@ class Curve:
         state = self.state_at(float(t))
         if has_batchnorm(self.template):
             if bn_data is not None:
-                _estimate_bn(self.template, [state], bn_data, False, model_device(self.template), False)
+                estimate_bn_statistics(self.template, [state], bn_data, False, model_device(self.template), False)
             elif 0.0 < t < 1.0:
                 warnings.warn(
                     "this model has BatchNorm: pass bn_data (training data) to model_at so that the point's "
@@ -171,7 +169,7 @@ def _training_copy(template: nn.Module) -> nn.Module:
     """A copy in train mode whose BatchNorm layers use batch statistics and never write their buffers."""
     model = copy.deepcopy(template).train()
     for m in model.modules():
-        if isinstance(m, _BN_TYPES):
+        if isinstance(m, BATCHNORM_TYPES):
             m.track_running_stats = False
     for p in model.parameters():
         p.requires_grad_(False)
@@ -250,8 +248,6 @@ def _train_control(
     seed: int,
     progress: bool,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    from tqdm.auto import tqdm
-
     device = model_device(template)
     model = _training_copy(template)
     names = [n for n, _ in model.named_parameters()]
@@ -266,7 +262,7 @@ def _train_control(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        for epoch in tqdm(range(epochs), desc=f"training {kind} curve", disable=not progress):
+        for epoch in progress_bar(range(epochs), progress, desc=f"training {kind} curve"):
             running, count = 0.0, 0
             for batch in data:
                 x, y = batch_inputs(batch), batch_targets(batch)
@@ -307,7 +303,7 @@ def train_curve(
     """Train the control point of a curve from ``model_a`` to ``model_b`` (aligned to A first if ``align``) on ``data``.
 
     ``kind``: ``"bezier"`` (quadratic Bezier) or ``"polychain"`` (one bend at t = 0.5). ``align``: None,
-    a :func:`ccatoolkit.merging.align_to` method name (``"permute"``, ``"cca"``, ...; activations on
+    a :func:`ccatoolkit.merging.api.align_to` method name (``"permute"``, ``"cca"``, ...; activations on
     ``align_data``, default ``data``) or a callable ``(A, B) -> B'``. SGD with momentum and a cosine
     learning-rate decay, one ``t ~ U(0, 1)`` per batch. With ``cache=True`` the trained control point
     and aligned end point are stored under ``cache_dir`` and a second call with the same inputs loads them.
@@ -317,8 +313,8 @@ def train_curve(
         raise ValueError(f"unknown curve kind {kind!r}; valid kinds are: {', '.join(CURVE_KINDS)}")
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
-    check_compatible([model_a, model_b], ["model_a", "model_b"])
-    method = _method_name(align)
+    check_same_architecture([model_a, model_b], ["model_a", "model_b"])
+    method = method_name(align)
     device = model_device(model_a)
     template = copy.deepcopy(model_a).eval()
     for p in template.parameters():
@@ -330,7 +326,7 @@ def train_curve(
             align_options.setdefault("progress", progress)
         b_prime = aligned_endpoint(model_a, model_b, align, align_data if align_data is not None else data,
                                    **align_options)
-        check_compatible([model_a, b_prime], ["model_a", "aligned model_b"])
+        check_same_architecture([model_a, b_prime], ["model_a", "aligned model_b"])
         end = {k: v.to(device).clone() for k, v in float_state(b_prime).items()}
         control, history = _train_control(template, start, end, kind, data, epochs, lr, momentum, weight_decay,
                                           seed, progress)
@@ -340,13 +336,7 @@ def train_curve(
             "history": torch.tensor(history, dtype=torch.float64),
         }
 
-    load_or_create = None
     if cache and (isinstance(align, str) or align is None):  # a callable aligner has no stable cache key
-        try:
-            from ccatoolkit.cache import load_or_create
-        except ImportError:  # pragma: no cover - the cache module ships with the package
-            warnings.warn("ccatoolkit.cache is unavailable; training the curve without caching", stacklevel=2)
-    if load_or_create is not None:
         key = {
             "kind": kind, "align": method, "align_options": repr(sorted(align_options.items())),
             "model_a": state_digest(model_a), "model_b": state_digest(model_b), "epochs": int(epochs),

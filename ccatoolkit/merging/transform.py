@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .device import model_device
-from .graph import MergeGraph, ParamRef, Space
+from ccatoolkit._utils import model_device
+from ccatoolkit.merging.graph import MergeGraph, ParamRef, Space
 
 __all__ = [
     "apply_transforms",
@@ -34,8 +34,6 @@ __all__ = [
     "permutation_transforms",
     "random_permutations",
     "random_scalings",
-    "model_signature_mismatch",
-    "check_same_architecture",
 ]
 
 
@@ -197,31 +195,3 @@ def random_scalings(
         scale = low + (high - low) * torch.rand(s.size, generator=generator, dtype=torch.float64)
         result[s.name] = (torch.diag(scale), torch.diag(1.0 / scale))
     return result
-
-
-def model_signature_mismatch(models: Sequence[nn.Module]) -> str | None:
-    """The first state_dict difference (key or shape) between ``models[0]`` and the others, or None."""
-    models = list(models)
-    if len(models) < 2:
-        return None
-    ref = models[0].state_dict()
-    for i, model in enumerate(models[1:], start=1):
-        other = model.state_dict()
-        for key, tensor in ref.items():
-            if key not in other:
-                return f"model 0 has {key!r} of shape {tuple(tensor.shape)} but model {i} has no {key!r}"
-            if tuple(other[key].shape) != tuple(tensor.shape):
-                return (
-                    f"{key!r} has shape {tuple(tensor.shape)} in model 0 but {tuple(other[key].shape)} in model {i}"
-                )
-        extra = [k for k in other if k not in ref]
-        if extra:
-            return f"model {i} has {extra[0]!r} of shape {tuple(other[extra[0]].shape)} but model 0 has no {extra[0]!r}"
-    return None
-
-
-def check_same_architecture(models: Sequence[nn.Module]) -> None:
-    """Raise ``ValueError("models of different architectures: ...")`` naming the first mismatch."""
-    mismatch = model_signature_mismatch(models)
-    if mismatch is not None:
-        raise ValueError(f"models of different architectures: {mismatch}")

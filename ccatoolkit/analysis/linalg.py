@@ -1,0 +1,130 @@
+"""The linear algebra of CCA, shared by the analysis (canonical correlations) and CCA Merge.
+
+One implementation, so ``cc.canonical_correlations`` and ``merge(method="cca")`` agree on every
+layer, rank-deficient ones included. Everything is float64 torch on the covariances' device.
+
+* Regularisation is scale-free: ``S + ridge * trace(S)/n * I``, so one ``ridge`` serves every
+  layer and width.
+* Powers of a symmetric PSD matrix come from one eigendecomposition. Negative powers are
+  pseudo-inverses: eigenvalues at or below ``EIG_RTOL`` times the largest are treated as zero and
+  their directions dropped, so dead neurons and too few samples give finite results instead of
+  enormous inverse square roots. Positive powers clamp eigenvalues at zero.
+* The canonical correlations are the singular values of the whitened cross-covariance
+  ``K = S_aa^{-1/2} S_ab S_bb^{-1/2}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "EIG_RTOL",
+    "as_float64",
+    "symmetrize",
+    "regularize",
+    "sym_powers",
+    "inverse_sqrt",
+    "whitened_cross_covariance",
+    "canonical_correlations_from_cov",
+    "polar_factor",
+]
+
+#: Eigenvalues at or below this fraction of the largest are treated as zero by negative powers.
+EIG_RTOL = 1e-10
+
+
+def as_float64(S: Any, device: torch.device | None = None) -> torch.Tensor:
+    """A float64 tensor from a tensor or array (kept on its device unless ``device`` is given)."""
+    t = S.detach() if isinstance(S, torch.Tensor) else torch.as_tensor(np.asarray(S, dtype=np.float64))
+    return t.to(device=device if device is not None else t.device, dtype=torch.float64)
+
+
+def symmetrize(S: Any) -> torch.Tensor:
+    """``(S + S^T) / 2`` in float64, checking that ``S`` is square and finite."""
+    S = as_float64(S)
+    if S.dim() != 2 or S.shape[0] != S.shape[1]:
+        raise ValueError(f"expected a square matrix, got shape {tuple(S.shape)}")
+    if not bool(torch.isfinite(S).all()):
+        raise ValueError("the covariance matrix has non-finite entries (NaN or Inf)")
+    return 0.5 * (S + S.T)
+
+
+def regularize(S: Any, ridge: float) -> torch.Tensor:
+    """``S + ridge * trace(S)/n * I`` (the identity when ``S`` is all zero, so a dead layer stays finite)."""
+    if not np.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+    S = symmetrize(S)
+    n = S.shape[0]
+    scale = float(torch.trace(S)) / max(n, 1)
+    eye = torch.eye(n, dtype=torch.float64, device=S.device)
+    if not np.isfinite(scale) or scale <= 0:
+        return eye
+    return S + ridge * scale * eye if ridge else S
+
+
+def sym_powers(S: torch.Tensor, *powers: float, rtol: float = EIG_RTOL) -> list[torch.Tensor]:
+    """``S**p`` of a symmetric PSD matrix for each ``p``, from one eigendecomposition (see the module doc)."""
+    vals, vecs = torch.linalg.eigh(symmetrize(S))
+    top = float(vals.max()) if vals.numel() else 0.0
+    keep = vals > rtol * top if top > 0 else torch.zeros_like(vals, dtype=torch.bool)
+    out = []
+    for p in powers:
+        if p < 0:
+            safe = torch.where(keep, vals, torch.ones_like(vals))
+            scaled = torch.where(keep, safe**p, torch.zeros_like(vals))
+        else:
+            scaled = vals.clamp_min(0.0) ** p
+        out.append((vecs * scaled) @ vecs.T)
+    return out
+
+
+def inverse_sqrt(S: Any, ridge: float = 0.0, rtol: float = EIG_RTOL) -> torch.Tensor:
+    """``(S + ridge * trace(S)/n * I)^(-1/2)`` of a symmetric PSD matrix (a pseudo-inverse below ``rtol``)."""
+    return sym_powers(regularize(S, ridge), -0.5, rtol=rtol)[0]
+
+
+def whitened_cross_covariance(
+    S_aa: Any, S_bb: Any, S_ab: Any, ridge: float = 0.0
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """``(K, [S_aa^{1/2}, S_aa^{-1/2}], [S_bb^{1/2}, S_bb^{-1/2}])`` with ``K = S_aa^{-1/2} S_ab S_bb^{-1/2}``.
+
+    Both covariances are regularised with ``ridge`` first; their square roots come along because
+    the CCA Merge transform needs them too.
+    """
+    S_aa_r, S_bb_r = regularize(S_aa, ridge), regularize(S_bb, ridge)
+    S_ab = as_float64(S_ab, S_aa_r.device)
+    if tuple(S_ab.shape) != (S_aa_r.shape[0], S_bb_r.shape[0]):
+        raise ValueError(
+            f"shape mismatch: S_aa {tuple(S_aa_r.shape)}, S_bb {tuple(S_bb_r.shape)}, S_ab {tuple(S_ab.shape)}"
+        )
+    roots_a = sym_powers(S_aa_r, 0.5, -0.5)
+    roots_b = sym_powers(S_bb_r.to(S_aa_r.device), 0.5, -0.5)
+    return roots_a[1] @ S_ab @ roots_b[1], roots_a, roots_b
+
+
+def canonical_correlations_from_cov(
+    s_aa: Any,
+    s_bb: Any,
+    s_ab: Any,
+    ridge: float = 0.0,
+    return_vectors: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical correlations from covariance blocks (descending, in [0, 1], ``min(n_a, n_b)`` of them).
+
+    With ``return_vectors=True`` also returns the canonical directions ``A`` (``n_a x k``) and ``B``
+    (``n_b x k``): ``A.T @ S_aa @ A = I`` and ``A.T @ S_ab @ B = diag(rho)`` on the non-degenerate part.
+    """
+    K, (_, w_a), (_, w_b) = whitened_cross_covariance(s_aa, s_bb, s_ab, ridge)
+    if not return_vectors:
+        return torch.linalg.svdvals(K).clamp(0.0, 1.0)
+    u, rho, vh = torch.linalg.svd(K, full_matrices=False)
+    return rho.clamp(0.0, 1.0), w_a @ u, w_b @ vh.T
+
+
+def polar_factor(A: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor ``U V^T`` of ``A = U S V^T`` (unique even when singular values tie)."""
+    U, _s, Vh = torch.linalg.svd(A)
+    return U @ Vh

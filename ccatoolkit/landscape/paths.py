@@ -1,0 +1,273 @@
+"""Paths between networks: linear interpolation, the simplex through three models, 2-D loss planes.
+
+The question these functions answer: is there a low-loss path between two networks, and does
+aligning their neurons first (permutation or CCA alignment) make it flatter? Each builds the
+weights of its points over a few anchor models and evaluates them with
+:func:`ccatoolkit.landscape.points.evaluate_points` (batched, with per-point BatchNorm statistics).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ccatoolkit._utils import check_same_architecture, has_batchnorm, model_device, progress_bar
+from ccatoolkit.landscape.points import combine, estimate_bn_statistics, evaluate_points, float_state
+from ccatoolkit.landscape.results import InterpolationResult, PlaneResult, SimplexResult
+from ccatoolkit.merging.api import align_to
+from ccatoolkit.merging.graph import merge_graph
+from ccatoolkit.merging.normalization import channel_stats, repair, repair_endpoints
+
+__all__ = [
+    "interpolate", "simplex", "loss_plane", "aligned_endpoint", "alpha_grid", "method_name",
+    "plane_basis", "plane_coefficients",
+]
+
+
+# --------------------------------------------------------------------------- interpolation
+
+
+def alpha_grid(alphas: int | Sequence[float] | np.ndarray) -> np.ndarray:
+    if isinstance(alphas, (int, np.integer)) and not isinstance(alphas, bool):
+        if alphas < 1:
+            raise ValueError(f"alphas must be a positive number of points or a sequence, got {alphas}")
+        return np.linspace(0.0, 1.0, int(alphas)) if alphas > 1 else np.zeros(1)
+    grid = np.asarray(alphas, dtype=np.float64).reshape(-1)
+    if grid.size == 0:
+        raise ValueError("the alpha grid is empty; pass a number of points (e.g. alphas=11) or a non-empty sequence")
+    if not np.isfinite(grid).all():
+        raise ValueError("alphas must be finite numbers")
+    return grid
+
+
+def method_name(align: Any) -> str:
+    if align is None:
+        return "none"
+    if isinstance(align, str):
+        return align
+    return getattr(align, "__name__", type(align).__name__)
+
+
+def aligned_endpoint(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    align: str | Callable[[nn.Module, nn.Module], nn.Module] | None,
+    align_data: Iterable[Any] | None,
+    **align_options: Any,
+) -> nn.Module:
+    """``model_b`` as it is (``align=None``), aligned to ``model_a`` by ``merging.align_to`` (a method name) or by ``align(model_a, model_b)``."""
+    if align is None:
+        return model_b
+    if callable(align):
+        return align(model_a, model_b)
+    if isinstance(align, str):
+        return align_to(model_a, model_b, method=align, data=align_data, **align_options)
+    raise TypeError(f"align must be None, a method name or a callable(model_a, model_b), got {type(align).__name__}")
+
+
+def interpolate(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable[Any],
+    alphas: int | Sequence[float] | np.ndarray = 11,
+    align: str | Callable[[nn.Module, nn.Module], nn.Module] | None = None,
+    align_data: Iterable[Any] | None = None,
+    reset_bn: bool = False,
+    bn_data: Iterable[Any] | None = None,
+    batched: bool = True,
+    progress: bool = True,
+    chunk_size: int | None = None,
+    label: str | None = None,
+    repair: bool = False,
+    **align_options: Any,
+) -> InterpolationResult:
+    """Loss and accuracy of ``(1-a) A + a B'`` on ``data`` for each ``a`` in ``alphas``.
+
+    ``B'`` is ``model_b`` as it is (``align=None``), or aligned to ``model_a`` first: a method name
+    for :func:`ccatoolkit.merging.api.align_to` (``"permute"``, ``"permute_weight"``, ``"cca"``, ...; its
+    activations are measured on ``align_data``, default ``data``) or a callable ``(A, B) -> B'``.
+    All floating parameters and buffers are interpolated. ``reset_bn=True`` re-estimates BatchNorm
+    statistics at every point on ``bn_data`` (needed for BatchNorm networks). ``alphas`` is a number
+    of evenly spaced points in [0, 1] (ends included) or any sequence (values outside [0, 1]
+    extrapolate). ``batched=False`` evaluates one model copy after another (same numbers, slower).
+    ``repair=True`` applies REPAIR (Jordan et al. 2023, :func:`ccatoolkit.merging.normalization.repair`) at every
+    point: its pre-activation channel means/stds are set to ``(1-a)`` A's plus ``a`` B''s, measured on
+    ``bn_data`` (a per-point step, after the BatchNorm reset when ``reset_bn``); the repaired points are
+    then evaluated batched.
+    """
+    grid = alpha_grid(alphas)
+    check_same_architecture([model_a, model_b], ["model_a", "model_b"])
+    method = method_name(align)
+    if isinstance(align, str):
+        align_options.setdefault("progress", progress)
+    b_prime = aligned_endpoint(model_a, model_b, align, align_data if align_data is not None else data, **align_options)
+    check_same_architecture([model_a, b_prime], ["model_a", "aligned model_b"])
+    device = model_device(model_a)
+    states = [float_state(model_a), {k: v.to(device) for k, v in float_state(b_prime).items()}]
+    coeffs = np.stack([1.0 - grid, grid], axis=1)
+    if repair:
+        if bn_data is None:
+            raise ValueError("repair=True needs bn_data: pass the training data to measure the channel statistics")
+        states = _repaired_points(model_a, b_prime, states, coeffs, reset_bn, bn_data, progress)
+        coeffs = np.eye(len(grid))
+    loss, acc = evaluate_points(
+        model_a, states, coeffs, data, reset_bn=reset_bn and not repair, bn_data=bn_data, batched=batched,
+        chunk_size=chunk_size, progress=progress, desc=f"interpolate ({method})",
+    )
+    default = ("naive" if align is None else method) + (" + REPAIR" if repair else "")
+    return InterpolationResult(
+        alphas=grid, loss=loss, accuracy=acc, label=label or default,
+        method=method, reset_bn=bool(reset_bn and has_batchnorm(model_a)),
+    )
+
+
+def _repaired_points(
+    model_a: nn.Module,
+    b_prime: nn.Module,
+    states: list[dict[str, torch.Tensor]],
+    coeffs: np.ndarray,
+    reset_bn: bool,
+    bn_data: Iterable[Any],
+    progress: bool,
+) -> list[dict[str, torch.Tensor]]:
+    """Each point's state after REPAIR towards the interpolated end-point statistics (one point at a time)."""
+    graph = merge_graph(model_a)
+    modules = [n for names in repair_endpoints(model_a, graph).values() for n in names]
+    ends = [channel_stats(m, modules, bn_data) for m in (model_a, b_prime)]
+    device = model_device(model_a)
+    out: list[dict[str, torch.Tensor]] = []
+    for row in progress_bar(coeffs, progress, desc="REPAIR", leave=False):
+        state = {k: v[0] for k, v in combine(states, torch.as_tensor(row[None, :])).items()}
+        if reset_bn and has_batchnorm(model_a):
+            estimate_bn_statistics(model_a, [state], bn_data, False, device, False)
+        point = copy.deepcopy(model_a).eval()
+        point.load_state_dict(state, strict=False)
+        wa, wb = float(row[0]), float(row[1])
+        targets = {
+            n: (wa * ends[0][n][0] + wb * ends[1][n][0], wa * ends[0][n][1] + wb * ends[1][n][1]) for n in modules
+        }
+        out.append(float_state(repair(point, None, bn_data, graph=graph, progress=False, targets=targets)))
+    return out
+
+
+# --------------------------------------------------------------------------- simplex
+
+
+def simplex(
+    models3: Sequence[nn.Module],
+    data: Iterable[Any],
+    resolution: int = 10,
+    reset_bn: bool = False,
+    bn_data: Iterable[Any] | None = None,
+    batched: bool = True,
+    progress: bool = True,
+    labels: Sequence[str] = ("A", "B", "C"),
+    chunk_size: int | None = None,
+) -> SimplexResult:
+    """Loss and accuracy at the barycentric grid points ``(i, j, k) / resolution`` (i + j + k = resolution) of three models."""
+    if len(models3) != 3:
+        raise ValueError(f"simplex needs exactly three models, got {len(models3)}")
+    if resolution < 1:
+        raise ValueError(f"resolution must be >= 1, got {resolution}")
+    check_same_architecture(models3, list(labels))
+    device = model_device(models3[0])
+    states = [{k: v.to(device) for k, v in float_state(m).items()} for m in models3]
+    weights = np.array(
+        [(i, j, resolution - i - j) for i in range(resolution, -1, -1) for j in range(resolution - i, -1, -1)],
+        dtype=np.float64,
+    ) / resolution
+    loss, acc = evaluate_points(
+        models3[0], states, weights, data, reset_bn=reset_bn, bn_data=bn_data, batched=batched,
+        chunk_size=chunk_size, progress=progress, desc="simplex",
+    )
+    return SimplexResult(weights=weights, loss=loss, accuracy=acc, labels=tuple(labels),
+                         reset_bn=bool(reset_bn and has_batchnorm(models3[0])))
+
+
+# --------------------------------------------------------------------------- planes
+
+
+def _param_vector(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).to(torch.float64) for p in model.parameters() if p.is_floating_point()])
+
+
+def plane_basis(model_a: nn.Module, model_b: nn.Module, model_c: nn.Module) -> tuple[float, float, float]:
+    """``(|u|, c_x, |v|)``: the plane's Gram-Schmidt basis over all floating parameters.
+
+    ``u = B - A``, ``v = (C - A) - c_x u / |u|`` with ``c_x = <C - A, u / |u|>``; B sits at
+    ``(|u|, 0)`` and C at ``(c_x, |v|)``.
+    """
+    a, b, c = _param_vector(model_a), _param_vector(model_b), _param_vector(model_c).to(_param_vector(model_a).device)
+    u = b.to(a.device) - a
+    norm_u = float(u.norm())
+    if norm_u == 0.0:
+        raise ValueError("model_a and model_b have identical parameters; a plane needs three distinct models")
+    w = c - a
+    cx = float(w @ u) / norm_u
+    v = w - cx * u / norm_u
+    norm_v = float(v.norm())
+    if norm_v <= 1e-5 * max(norm_u, float(w.norm())):  # float32 rounding of a point on the line
+        raise ValueError("the three models lie on one line in weight space; pick a model_c off the line through A and B")
+    return norm_u, cx, norm_v
+
+
+def plane_coefficients(xy: np.ndarray, norm_u: float, cx: float, norm_v: float) -> np.ndarray:
+    """Weights on (A, B, C) of the plane points ``A + x u_hat + y v_hat`` for rows ``(x, y)`` of ``xy``."""
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    wc = xy[:, 1] / norm_v
+    wb = xy[:, 0] / norm_u - xy[:, 1] * cx / (norm_u * norm_v)
+    return np.stack([1.0 - wb - wc, wb, wc], axis=1)
+
+
+def loss_plane(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    model_c: nn.Module,
+    data: Iterable[Any],
+    resolution: int = 21,
+    margin: float = 0.2,
+    reset_bn: bool = False,
+    bn_data: Iterable[Any] | None = None,
+    batched: bool = True,
+    progress: bool = True,
+    labels: Sequence[str] = ("A", "B", "C"),
+    chunk_size: int | None = None,
+) -> PlaneResult:
+    """Loss and accuracy on a ``resolution x resolution`` grid of the plane through three models (Garipov et al. 2018).
+
+    Axes: orthonormal, by Gram-Schmidt on ``B - A`` and ``C - A`` over all floating parameters
+    (buffers follow with the same weights). The grid spans the models' coordinates plus ``margin``
+    times their extent on each side. Typical planes: A, aligned B and their merge; or A, B and a
+    learned curve's control point.
+    """
+    if resolution < 2:
+        raise ValueError(f"resolution must be >= 2, got {resolution}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    models = [model_a, model_b, model_c]
+    check_same_architecture(models, list(labels))
+    norm_u, cx, norm_v = plane_basis(model_a, model_b, model_c)
+    coords = np.array([[0.0, 0.0], [norm_u, 0.0], [cx, norm_v]])
+    lo, hi = coords.min(axis=0), coords.max(axis=0)
+    span = hi - lo
+    xs = np.linspace(lo[0] - margin * span[0], hi[0] + margin * span[0], resolution)
+    ys = np.linspace(lo[1] - margin * span[1], hi[1] + margin * span[1], resolution)
+    gx, gy = np.meshgrid(xs, ys)
+    xy = np.concatenate([np.stack([gx.ravel(), gy.ravel()], axis=1), coords], axis=0)
+    coeffs = plane_coefficients(xy, norm_u, cx, norm_v)
+    device = model_device(model_a)
+    states = [{k: v.to(device) for k, v in float_state(m).items()} for m in models]
+    loss, acc = evaluate_points(
+        model_a, states, coeffs, data, reset_bn=reset_bn, bn_data=bn_data, batched=batched,
+        chunk_size=chunk_size, progress=progress, desc="plane",
+    )
+    n = resolution * resolution
+    return PlaneResult(
+        xs=xs, ys=ys, loss=loss[:n].reshape(resolution, resolution), accuracy=acc[:n].reshape(resolution, resolution),
+        coords=coords, labels=tuple(labels), model_loss=loss[n:], model_accuracy=acc[n:],
+        reset_bn=bool(reset_bn and has_batchnorm(model_a)),
+    )

@@ -1,0 +1,207 @@
+"""The merge graph's data model: spaces, the parameters each space's transform acts on, and validation.
+
+A *space* is a set of channels that one linear transform acts on: the output side of the layer
+that produces it (weight rows, bias, BatchNorm parameters and running statistics) and the input
+side of the layers that consume it (weight columns). Tensors added together (residual
+connections) share one space. Like git-re-basin's ``PermutationSpec``, a :class:`MergeGraph`
+carries both indexes: space -> parameters (``Space.outputs``/``Space.inputs``) and
+parameter -> spaces (:attr:`MergeGraph.param_spaces`). :mod:`ccatoolkit.merging.graph.trace`
+derives it from a model; :meth:`MergeGraph.from_spec` takes one by hand.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["GraphError", "ParamRef", "Space", "MergeGraph", "SPEC_ADVICE"]
+
+
+SPEC_ADVICE = (
+    "Give the spec by hand instead: build MergeGraph(spaces=[Space(name, size, capture=[...], "
+    "outputs=[ParamRef(...)], inputs=[ParamRef(...)]), ...]) or call MergeGraph.from_spec(model, "
+    "{space_name: dict(capture=[module names], outputs=[(param, axis), ...], "
+    "inputs=[(param, axis, block), ...])})."
+)
+
+
+class GraphError(ValueError):
+    """The merge graph of a model cannot be derived (or a hand-written spec is invalid)."""
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """One state_dict entry that a space's transform acts on, and the axis indexing its channels."""
+
+    name: str  # key in model.state_dict(), e.g. "features.conv1.weight"
+    axis: int  # the axis that indexes the space's channels
+    block: int = 1  # >1 when a Flatten turned C channels into C*block features (channel-major)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block, int) or self.block < 1:
+            raise GraphError(f"ParamRef {self.name!r}: block must be an integer >= 1, got {self.block!r}")
+
+
+@dataclass
+class Space:
+    """A set of channels that one transform acts on (see the module docstring)."""
+
+    name: str
+    size: int
+    capture: list[str] = field(default_factory=list)
+    outputs: list[ParamRef] = field(default_factory=list)
+    inputs: list[ParamRef] = field(default_factory=list)
+
+
+@dataclass
+class MergeGraph:
+    """A model's transformable activation spaces, in forward order."""
+
+    spaces: list[Space]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.spaces]
+
+    @cached_property
+    def param_spaces(self) -> dict[str, list[tuple[str, ParamRef]]]:
+        """The parameter -> spaces index: ``{state_dict key: [(space name, ref), ...]}``, in forward order.
+
+        A weight appears under the space of its rows (output side) and of its columns (input side).
+        Built once per graph (treat a graph as immutable once built).
+        """
+        index: dict[str, list[tuple[str, ParamRef]]] = {}
+        for space in self.spaces:
+            for ref in space.outputs + space.inputs:
+                index.setdefault(ref.name, []).append((space.name, ref))
+        return index
+
+    def space(self, name: str) -> Space:
+        """The space called ``name`` (a ``KeyError`` listing the valid names otherwise)."""
+        for s in self.spaces:
+            if s.name == name:
+                return s
+        raise KeyError(f"no space {name!r} in the merge graph; spaces are: {', '.join(self.names) or '(none)'}")
+
+    def __iter__(self) -> Iterator[Space]:
+        return iter(self.spaces)
+
+    def __len__(self) -> int:
+        return len(self.spaces)
+
+    def describe(self) -> str:
+        """A readable one-line-per-space summary (for notebooks and error messages)."""
+        lines = []
+        for s in self.spaces:
+            outs = ", ".join(r.name for r in s.outputs)
+            ins = ", ".join(r.name + (f" (block {r.block})" if r.block > 1 else "") for r in s.inputs)
+            lines.append(f"{s.name} [{s.size}] capture={s.capture} outputs=[{outs}] inputs=[{ins}]")
+        return "\n".join(lines)
+
+    def validate(self, model: nn.Module) -> MergeGraph:
+        """Check the graph against ``model``: parameter names, axes, sizes, capture modules.
+
+        Raises :class:`GraphError` naming the first problem; returns ``self`` so calls chain.
+        """
+        state = model.state_dict()
+        modules = dict(model.named_modules())
+        seen_names: set[str] = set()
+        seen_refs: dict[tuple[str, int], str] = {}
+        for s in self.spaces:
+            if s.name in seen_names:
+                raise GraphError(f"two spaces are called {s.name!r}; space names must be unique")
+            seen_names.add(s.name)
+            if not isinstance(s.size, int) or s.size < 1:
+                raise GraphError(f"space {s.name!r} has size {s.size!r}; it must be a positive integer")
+            for mod in s.capture:
+                if mod not in modules:
+                    raise GraphError(f"space {s.name!r} captures {mod!r}, which is not a module of the model")
+            for side, refs in (("output", s.outputs), ("input", s.inputs)):
+                for ref in refs:
+                    _check_ref(state, s, side, ref)
+                    key = (ref.name, ref.axis % state[ref.name].dim())
+                    if key in seen_refs:
+                        raise GraphError(
+                            f"{ref.name!r} axis {ref.axis} is used by both space {seen_refs[key]!r} and space "
+                            f"{s.name!r}; each parameter axis may belong to one space only (shared weights "
+                            "are not supported)"
+                        )
+                    seen_refs[key] = s.name
+        return self
+
+    @classmethod
+    def from_spec(cls, model: nn.Module, spec: Mapping[str, Mapping[str, Any]]) -> MergeGraph:
+        """Build and validate a graph from ``{space_name: dict(capture, outputs, inputs[, size])}``.
+
+        ``outputs`` items are ``(param, axis)``; ``inputs`` items are ``(param, axis)`` or
+        ``(param, axis, block)``. ``size`` defaults to the first output's length along its axis.
+        """
+        state = model.state_dict()
+        spaces = []
+        for name, entry in spec.items():
+            if not isinstance(entry, Mapping):
+                raise GraphError(f"spec for space {name!r} must be a dict, got {type(entry).__name__}")
+            unknown = set(entry) - {"capture", "outputs", "inputs", "size"}
+            if unknown:
+                raise GraphError(
+                    f"spec for space {name!r} has unknown keys {sorted(unknown)}; "
+                    "valid keys are capture, outputs, inputs, size"
+                )
+            capture = entry.get("capture", [])
+            capture = [capture] if isinstance(capture, str) else list(capture)
+            outputs = [_ref_from_item(name, "outputs", item, with_block=False) for item in entry.get("outputs", [])]
+            inputs = [_ref_from_item(name, "inputs", item, with_block=True) for item in entry.get("inputs", [])]
+            size = entry.get("size")
+            if size is None:
+                if not outputs:
+                    raise GraphError(f"space {name!r} has no outputs; give its 'size' explicitly")
+                first = outputs[0]
+                if first.name not in state:
+                    _check_ref(state, Space(name, 1), "output", first)
+                tensor = state[first.name]
+                if not -tensor.dim() <= first.axis < tensor.dim():
+                    _check_ref(state, Space(name, 1), "output", first)
+                size = int(tensor.shape[first.axis])
+            spaces.append(Space(name=str(name), size=int(size), capture=capture, outputs=outputs, inputs=inputs))
+        return cls(spaces).validate(model)
+
+
+def _ref_from_item(space: str, key: str, item: Any, with_block: bool) -> ParamRef:
+    if isinstance(item, ParamRef):
+        return item
+    if isinstance(item, str) or not isinstance(item, Sequence) or len(item) not in ((2, 3) if with_block else (2,)):
+        form = "(param, axis) or (param, axis, block)" if with_block else "(param, axis)"
+        raise GraphError(f"space {space!r}: {key} items must be {form}, got {item!r}")
+    name, axis, *rest = item
+    block = rest[0] if rest else 1
+    if not isinstance(name, str) or int(axis) != axis or int(block) != block or block < 1:
+        raise GraphError(f"space {space!r}: bad {key} item {item!r} (want a parameter name, an int axis, block >= 1)")
+    return ParamRef(name, int(axis), int(block))
+
+
+def _check_ref(state: Mapping[str, torch.Tensor], space: Space, side: str, ref: ParamRef) -> None:
+    if ref.name not in state:
+        close = difflib.get_close_matches(ref.name, list(state), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise GraphError(f"space {space.name!r}: {ref.name!r} is not in the model's state_dict.{hint}")
+    shape = tuple(state[ref.name].shape)
+    if not -len(shape) <= ref.axis < len(shape):
+        raise GraphError(
+            f"space {space.name!r}: axis {ref.axis} is out of range for {ref.name!r} of shape {shape}"
+        )
+    if ref.block < 1 or (side == "output" and ref.block != 1):
+        raise GraphError(f"space {space.name!r}: {side} {ref.name!r} has block {ref.block}; "
+                         "only input-side refs may have block > 1")
+    want = space.size * ref.block
+    if shape[ref.axis] != want:
+        detail = f"{space.size} channels x block {ref.block}" if ref.block > 1 else f"{space.size} channels"
+        raise GraphError(
+            f"space {space.name!r}: {side} {ref.name!r} has {shape[ref.axis]} entries along axis {ref.axis} "
+            f"(shape {shape}) but the space has {detail} = {want}; the sizes are inconsistent"
+        )
