@@ -115,8 +115,8 @@ def test_errors() -> None:
         merge([model], "cca", data)
     with pytest.raises(ValueError, match="different architectures.*fc1"):
         merge([model, MLP(depth=2, width=10, in_shape=(6,))], "cca", data)
-    with pytest.raises(ValueError, match="val_data"):
-        merge([model, model], "cca", data, ridge="auto")
+    with pytest.raises(ValueError, match="'auto'"):
+        merge([model, model], "cca", data, ridge="best")
     with pytest.raises(ValueError, match="val_data"):
         merge([model, model], "cca", data, reference="best")
     with pytest.raises(ValueError, match="needs data"):

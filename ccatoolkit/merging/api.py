@@ -22,21 +22,32 @@ Methods (``METHODS``):
 from __future__ import annotations
 
 import copy
+import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ccatoolkit._utils import batch_inputs, check_same_architecture, has_batchnorm
+from ccatoolkit._utils import (
+    BATCHNORM_TYPES,
+    batch_count,
+    batch_inputs,
+    check_same_architecture,
+    eval_mode,
+    has_batchnorm,
+    model_device,
+)
 from ccatoolkit.analysis.stats import JointStats, collect_statistics
 from ccatoolkit.merging.align.cca import cca_transform, multiview_cca_transforms
 from ccatoolkit.merging.align.permutation import match_activations, permutation_transform, weight_matching
 from ccatoolkit.merging.align.zipit import zipit_transforms
+from ccatoolkit.merging.folding import fold_batchnorm, foldable_batchnorms, folded_graph
 from ccatoolkit.merging.graph import MergeGraph, merge_graph
-from ccatoolkit.merging.normalization import channel_stats, repair_endpoints, reset_bn_stats
+from ccatoolkit.merging.normalization import channel_stats, repair_batchnorm, repair_endpoints, reset_bn_stats
 from ccatoolkit.merging.normalization import repair as repair_model
 from ccatoolkit.merging.transform import apply_transforms
 from ccatoolkit.zoo.training import evaluate
@@ -54,11 +65,16 @@ __all__ = [
 
 METHODS: tuple[str, ...] = ("average", "permute", "permute_weight", "zipit", "cca", "cca_multiview", "ensemble")
 _ALIASES = {"permute_activation": "permute", "activation": "permute", "weight": "permute_weight"}
-DEFAULT_RIDGE = 1e-2
-RIDGE_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: CCA's ridge when one is not chosen from data (``align_to``, or merge data too small to hold out batches).
+DEFAULT_RIDGE = 0.1
+#: The ridges ``ridge="auto"`` chooses from.
+RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+#: Label-free ridge selection holds out every this-many-th batch of the merge data.
+_HOLD_OUT_EVERY = 4
 _STATS_METHODS = {"permute", "zipit", "cca", "cca_multiview"}
 _OPTIONS = {"allow_within_model", "max_iter", "seed", "ridge_grid", "repair_passes"}
 _RIDGE_METHODS = {"cca", "cca_multiview"}
+_LINEAR_MAP_METHODS = {"cca", "cca_multiview", "zipit"}  # transforms that mix channels (not permutations)
 
 Transforms = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -266,7 +282,8 @@ def _repair_targets(
 
     Alignment methods: the mean over models of the channel mean/std of ``out_k @ y_k`` (model k's
     pre-activations mapped by its transform; exact for permutations). ZipIt: each merged channel's
-    target is the average of its group members' means/stds (``sum_k M_k @ stat_k``).
+    target is the average of its group members' means/stds (``sum_k M_k @ stat_k``). The
+    statistics are those of the original models: a folded BatchNorm computes the same outputs.
     """
     endpoints = repair_endpoints(models[0], graph)
     n = len(models)
@@ -292,37 +309,171 @@ def _repair_targets(
     return {name: (v[0], v[1]) for name, v in sums.items()}
 
 
-def _finish(
-    merged: nn.Module,
-    method: str,
-    models: list[nn.Module],
-    graph: MergeGraph,
-    transforms: list[Transforms | None],
-    data: Any,
-    reset_bn: bool,
-    repair: bool,
-    max_batches: int | None,
-    progress: bool,
-    repair_passes: int | None = None,
-) -> nn.Module:
-    if reset_bn and has_batchnorm(merged):
-        _require_data(data, method, "the BatchNorm reset (or pass reset_bn=False)")
-        merged = reset_bn_stats(merged, data, max_batches=max_batches, progress=progress)
-    if repair:
-        _require_data(data, method, "REPAIR")
-        targets = _repair_targets(method, models, graph, transforms, data, max_batches)
-        merged = repair_model(merged, None, data, graph, max_batches=max_batches, progress=progress, targets=targets,
-                              max_passes=repair_passes)
-    return merged
+@dataclass
+class _Plan:
+    """How one merge runs: the graph, what the transforms act on, and how statistics are repaired afterwards.
+
+    ``folded`` maps each BatchNorm folded into its producer (non-permutation methods on BatchNorm
+    networks, see :mod:`ccatoolkit.merging.folding`); ``sources`` are the models the transforms act
+    on (folded copies or the models themselves) and ``transform_graph`` the graph they act through.
+    """
+
+    method: str
+    models: list[nn.Module]
+    ref: int
+    graph: MergeGraph
+    folded: dict[str, str]
+    sources: list[nn.Module]
+    transform_graph: MergeGraph
+    data: Any
+    reset_bn: bool
+    repair: bool
+    max_batches: int | None
+    progress: bool
+    options: dict[str, Any]
+
+    @classmethod
+    def build(cls, method: str, models: list[nn.Module], ref: int, graph: MergeGraph, **kwargs: Any) -> _Plan:
+        folded: dict[str, str] = {}
+        if method in _LINEAR_MAP_METHODS and has_batchnorm(models[ref]):
+            folded = foldable_batchnorms(models[ref], graph)
+        sources = [fold_batchnorm(m, folded) for m in models] if folded else list(models)
+        transform_graph = folded_graph(graph, folded) if folded else graph
+        return cls(method, models, ref, graph, folded, sources, transform_graph, **kwargs)
+
+    def merged(self, transforms: list[Transforms | None], progress: bool | None = None) -> nn.Module:
+        """Transform, average and repair: the merged model for these transforms."""
+        aligned = _transformed(self.sources, self.transform_graph, transforms)
+        merged = copy.deepcopy(self.models[self.ref])
+        merged.load_state_dict(_average_state(aligned, self.ref))
+        return self.finish(merged, transforms, self.progress if progress is None else progress)
+
+    def finish(self, merged: nn.Module, transforms: list[Transforms | None], progress: bool) -> nn.Module:
+        """Statistics that make sense after averaging (REPAIR, Jordan et al. 2023).
+
+        Targets are the aligned models' average channel mean and std at each space's pre-activation
+        modules. BatchNorm layers reach theirs in one pass (:func:`repair_batchnorm`; with neither
+        folding nor REPAIR, a plain BatchNorm reset); other layers need REPAIR's passes.
+        """
+        endpoints = repair_endpoints(self.models[self.ref], self.graph)
+        modules = dict(merged.named_modules())
+        bn_endpoints = {n for names in endpoints.values() for n in names if isinstance(modules[n], BATCHNORM_TYPES)}
+        other_endpoints = {n for names in endpoints.values() for n in names} - bn_endpoints
+        has_bn = has_batchnorm(merged)
+        use_targets = self.repair or (self.reset_bn and has_bn and bool(self.folded))
+        targets = None
+        if use_targets:
+            _require_data(self.data, self.method, "REPAIR (or pass repair=False)")
+            targets = _repair_targets(self.method, self.models, self.graph, transforms, self.data, self.max_batches)
+        if self.reset_bn and has_bn:
+            _require_data(self.data, self.method, "the BatchNorm reset (or pass reset_bn=False)")
+            if targets is not None and bn_endpoints:
+                merged = repair_batchnorm(merged, {n: targets[n] for n in bn_endpoints}, self.data,
+                                          max_batches=self.max_batches, progress=progress)
+            else:
+                merged = reset_bn_stats(merged, self.data, max_batches=self.max_batches, progress=progress)
+        if self.repair and (other_endpoints or not self.reset_bn):
+            merged = repair_model(merged, None, self.data, self.graph, max_batches=self.max_batches,
+                                  progress=progress, targets=targets, max_passes=self.options.get("repair_passes"))
+        return merged
 
 
-def _merged_model(
-    method: str, models: list[nn.Module], ref: int, graph: MergeGraph, transforms: list[Transforms | None]
-) -> nn.Module:
-    aligned = _transformed(models, graph, transforms)
-    merged = copy.deepcopy(models[ref])
-    merged.load_state_dict(_average_state(aligned, ref))
-    return merged
+class _BatchView:
+    """Every ``every``-th batch of ``data`` (``held_out=True``) or all the others: re-iterable, no copies.
+
+    Label-free ridge selection fits transforms on one part of the merge data and scores them on the other.
+    """
+
+    def __init__(self, data: Iterable[Any], every: int, held_out: bool, max_batches: int | None) -> None:
+        self.data, self.every, self.held_out, self.max_batches = data, every, held_out, max_batches
+
+    def _keep(self, i: int) -> bool:
+        return (i % self.every == self.every - 1) == self.held_out
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.data):
+            if self.max_batches is not None and i >= self.max_batches:
+                return
+            if self._keep(i):
+                yield batch
+
+    def __len__(self) -> int:
+        total = batch_count(self.data, self.max_batches)
+        if total is None:
+            raise TypeError("the underlying data has no length")
+        return sum(1 for i in range(total) if self._keep(i))
+
+
+@torch.no_grad()
+def _agreement_scorer(models: list[nn.Module], held_out: Iterable[Any]) -> Any:
+    """A function ``merged -> score``: how closely ``merged`` reproduces the ensemble on ``held_out`` (higher is better).
+
+    Classifiers (2-D outputs with several columns): ``-KL(ensemble || merged)`` per sample, the
+    ensemble being the average of the models' predicted distributions. Other outputs: minus the mean
+    squared difference from the models' mean output. The ensemble's outputs are computed once.
+    """
+    device = model_device(models[0])
+    inputs = [batch_inputs(b).to(device) for b in held_out]
+    with eval_mode(*models):
+        outs = [torch.stack([m(x) for m in models]) for x in inputs]
+    classifier = all(o.dim() == 3 and o.shape[-1] > 1 for o in outs)
+    if classifier:
+        targets = [torch.logsumexp(torch.log_softmax(o.double(), -1), 0) - math.log(len(models)) for o in outs]
+    else:
+        targets = [o.double().mean(0) for o in outs]
+    count = sum(int(x.shape[0]) for x in inputs)
+
+    @torch.no_grad()
+    def score(merged: nn.Module) -> float:
+        total = 0.0
+        with eval_mode(merged):
+            for x, target in zip(inputs, targets):
+                out = merged(x).double()
+                if classifier:
+                    kl = (target.exp() * (target - torch.log_softmax(out, -1))).sum()
+                    total -= float(kl)
+                else:
+                    total -= float(((out - target) ** 2).flatten(1).mean(1).sum())
+        return total / max(count, 1)
+
+    return score
+
+
+def _select_ridge(
+    plan: _Plan, method: str, grid: Sequence[float], data: Any, val_data: Any, max_batches: int | None, progress: bool
+) -> tuple[float, dict[float, float], str, dict[str, JointStats]]:
+    """``(ridge, scores, how, statistics of all the data)`` for ``ridge="auto"``.
+
+    With ``val_data``: the ridge whose merge has the best validation accuracy. Without: fit the
+    transforms on 3 of every 4 batches of ``data`` and keep the ridge whose merge agrees best with
+    the ensemble on the held-out batches (no labels needed). With fewer than 4 batches there is
+    nothing to hold out, and :data:`DEFAULT_RIDGE` is used.
+    """
+    models, ref, graph = plan.models, plan.ref, plan.graph
+    if val_data is not None:
+        stats = _stats(models, graph, data, max_batches, progress)
+        scores = {}
+        for r in grid:
+            merged = plan.merged(_compute_transforms(method, models, ref, graph, stats, r, plan.options), False)
+            scores[r] = _accuracy(merged, val_data)
+        return max(scores, key=scores.__getitem__), scores, "validation accuracy", stats
+    total = batch_count(data, max_batches)
+    if total is None:
+        total = sum(1 for _ in itertools.islice(iter(data), max_batches))
+    if total < _HOLD_OUT_EVERY:
+        stats = _stats(models, graph, data, max_batches, progress)
+        return DEFAULT_RIDGE, {}, f"default (only {total} batches: none held out to choose the ridge)", stats
+    fit_part = _BatchView(data, _HOLD_OUT_EVERY, False, max_batches)
+    held_part = _BatchView(data, _HOLD_OUT_EVERY, True, max_batches)
+    fit_stats = _stats(models, graph, fit_part, None, progress)
+    held_stats = _stats(models, graph, held_part, None, False)
+    score = _agreement_scorer(models, held_part)
+    scores = {}
+    for r in grid:
+        merged = plan.merged(_compute_transforms(method, models, ref, graph, fit_stats, r, plan.options), False)
+        scores[r] = score(merged)
+    stats = {name: fit_stats[name] + held_stats[name] for name in fit_stats}
+    return max(scores, key=scores.__getitem__), scores, "agreement with the ensemble on held-out batches", stats
 
 
 # --- public API -------------------------------------------------------------------------------------
@@ -335,8 +486,8 @@ def merge(
     *,
     reference: str | int = "first",
     reset_bn: bool = True,
-    repair: bool = False,
-    ridge: float | str = DEFAULT_RIDGE,
+    repair: bool | None = None,
+    ridge: float | str = "auto",
     val_data: Iterable[Any] | None = None,
     max_batches: int | None = None,
     graph: MergeGraph | None = None,
@@ -345,16 +496,29 @@ def merge(
 ) -> nn.Module:
     """Merge two or more models of one architecture into one model (a new object of the same class).
 
-    ``data``: training batches for the activation statistics, the BatchNorm reset and REPAIR
+    ``data``: training batches for the activation statistics, the BatchNorm statistics and REPAIR
     (at most ``max_batches`` batches each). ``reference``: the model whose neuron basis the others
-    are aligned to ("first", "best" = best accuracy on ``val_data``, or an index). ``ridge``: CCA
-    regularisation (``ridge * trace(S)/n * I``); ``"auto"`` picks from ``options['ridge_grid']``
-    (default :data:`RIDGE_GRID`) by the merged model's accuracy on ``val_data`` (a validation split
-    of the training data, never the test set). Other ``options``: ``allow_within_model`` (zipit),
-    ``max_iter`` and ``seed`` (permute_weight), ``repair_passes`` (cap on REPAIR's passes over the
-    data; default until converged). ``method="ensemble"`` returns :func:`ensemble`.
+    are aligned to ("first", "best" = best accuracy on ``val_data``, or an index).
 
-    The result carries ``merge_info`` (method, reference index, ridge and the ridge scores).
+    ``ridge`` (CCA methods): regularisation ``ridge * trace(S)/n * I``, or ``"auto"`` (the default):
+    the value from ``options['ridge_grid']`` (default :data:`RIDGE_GRID`) whose merge agrees best
+    with the ensemble on held-out batches of ``data`` (no labels needed), or, with ``val_data``
+    (a validation split of the training data, never the test set), whose merge is most accurate there.
+
+    Statistics after averaging (REPAIR, Jordan et al. 2023): ``repair`` (default: on for every method
+    but the ``average`` baseline) makes each merged pre-activation channel's mean and std the average
+    of the aligned models'. BatchNorm layers get there in one pass (weight and bias set to the
+    targets, running statistics re-estimated); other layers by REPAIR's passes. ``reset_bn`` (default
+    on) re-estimates BatchNorm statistics (without REPAIR, that is all that happens to them).
+    Permutations move BatchNorm parameters exactly. The other methods (cca, cca_multiview, zipit) mix
+    channels, which a per-channel BatchNorm cannot represent, so each BatchNorm is folded into the
+    layer that feeds it before transforming (exact, :mod:`ccatoolkit.merging.folding`) and comes
+    back neutral. Other ``options``: ``allow_within_model`` (zipit), ``max_iter`` and
+    ``seed`` (permute_weight), ``repair_passes`` (cap on REPAIR's passes). ``method="ensemble"``
+    returns :func:`ensemble`.
+
+    The result carries ``merge_info``: method, reference index, the ridge, how it was chosen and the
+    score of every candidate, the folded BatchNorm layers.
     """
     method = _canonical_method(method)
     _check_options(options)
@@ -362,43 +526,36 @@ def merge(
     if method == "ensemble":
         return ensemble(models)
     ref = _reference_index(models, reference, val_data)
+    if repair is None:
+        repair = method != "average"  # the baselines stay plain: average is what REPAIR is measured against
     uses_ridge = method in _RIDGE_METHODS
-    grid: Sequence[float]
+    grid = tuple(float(r) for r in options.pop("ridge_grid", RIDGE_GRID))
     if isinstance(ridge, str):
         if ridge != "auto":
             raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
-        if uses_ridge and val_data is None:
-            raise ValueError(
-                "ridge='auto' selects the ridge by validation accuracy: pass val_data=<a held-out validation "
-                "split of the training data> (never the test set), or give a number such as ridge=1e-2"
-            )
-        grid = tuple(options.pop("ridge_grid", RIDGE_GRID)) if uses_ridge else (DEFAULT_RIDGE,)
-    else:
-        if ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge}")
-        grid = (float(ridge),)
+    elif ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
     if method in _STATS_METHODS:
         _require_data(data, method)
     graph = _graph(models[ref], graph, data)
-    stats = _stats(models, graph, data, max_batches, progress) if method in _STATS_METHODS else None
+    plan = _Plan.build(method, models, ref, graph, data=data, reset_bn=reset_bn, repair=repair,
+                       max_batches=max_batches, progress=progress, options=options)
     scores: dict[float, float] = {}
-    best: tuple[float, float, nn.Module] | None = None
-    for r in grid:
-        transforms = _compute_transforms(method, models, ref, graph, stats, r, options)
-        merged = _merged_model(method, models, ref, graph, transforms)
-        merged = _finish(merged, method, models, graph, transforms, data, reset_bn, repair, max_batches, progress,
-                         options.get("repair_passes"))
-        if len(grid) == 1:
-            best = (r, float("nan"), merged)
-            break
-        scores[r] = _accuracy(merged, val_data)
-        if best is None or scores[r] > best[1]:
-            best = (r, scores[r], merged)
-    assert best is not None
-    merged = best[2]
+    chosen: float | None = None
+    how = None
+    stats = None
+    if uses_ridge and ridge == "auto":
+        chosen, scores, how, stats = _select_ridge(plan, method, grid, data, val_data, max_batches, progress)
+    elif uses_ridge:
+        chosen, how = float(ridge), "given"
+    if stats is None and method in _STATS_METHODS:
+        stats = _stats(models, graph, data, max_batches, progress)
+    transforms = _compute_transforms(method, models, ref, graph, stats, chosen if chosen is not None else 0.0,
+                                     options)
+    merged = plan.merged(transforms)
     merged.merge_info = dict(  # type: ignore[assignment]
-        method=method, reference=ref, ridge=best[0] if uses_ridge else None, ridge_scores=scores,
-        reset_bn=reset_bn, repair=repair, num_models=len(models),
+        method=method, reference=ref, ridge=chosen, ridge_selection=how, ridge_scores=scores,
+        reset_bn=reset_bn, repair=repair, num_models=len(models), folded_batchnorm=sorted(plan.folded),
     )
     return merged
 
@@ -459,16 +616,27 @@ def align_to(
     """``model`` aligned into ``reference``'s space (a new model; the inputs are not modified).
 
     Permutations keep the function exactly; CCA maps the features with a general linear transform
-    (approximate through ReLUs). ``reset_bn=True`` re-estimates BatchNorm statistics of the aligned
-    model on ``data`` (useful for CCA on BatchNorm networks).
+    (approximate through ReLUs). On BatchNorm networks a CCA map is applied with each BatchNorm folded
+    into the layer before it (exact, see :mod:`ccatoolkit.merging.folding`); the aligned model then
+    has neutral BatchNorm layers. ``reset_bn=True`` gives them statistics again: re-estimated on
+    ``data`` for permutations, and for CCA set to the model's own channel mean and std as seen
+    through the transform (so the aligned model's layers keep the scale they had).
     """
+    method = _canonical_method(method)
     graph = _graph(reference, graph, data)
     transforms = alignment_transforms(
         reference, model, method, data, ridge=ridge, max_batches=max_batches, graph=graph, progress=progress,
         **options,
     )
-    aligned = apply_transforms(model, graph, transforms)
+    folded = foldable_batchnorms(model, graph) if method in _LINEAR_MAP_METHODS and has_batchnorm(model) else {}
+    source = fold_batchnorm(model, folded) if folded else model
+    aligned = apply_transforms(source, folded_graph(graph, folded) if folded else graph, transforms)
     if reset_bn and has_batchnorm(aligned):
         _require_data(data, method, "the BatchNorm reset")
-        aligned = reset_bn_stats(aligned, data, max_batches=max_batches, progress=progress)
+        if folded:
+            targets = _repair_targets(method, [model], graph, [transforms], data, max_batches)
+            aligned = repair_batchnorm(aligned, {n: t for n, t in targets.items() if n in folded}, data,
+                                       max_batches=max_batches, progress=progress)
+        else:
+            aligned = reset_bn_stats(aligned, data, max_batches=max_batches, progress=progress)
     return aligned

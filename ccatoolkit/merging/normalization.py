@@ -22,7 +22,7 @@ from ccatoolkit._utils import BATCHNORM_TYPES as _BN
 from ccatoolkit._utils import batch_count, batch_inputs, eval_mode, has_batchnorm, model_device, progress_bar
 from ccatoolkit.merging.graph import MergeGraph, merge_graph
 
-__all__ = ["reset_bn_stats", "repair", "repair_endpoints", "channel_stats"]
+__all__ = ["reset_bn_stats", "repair", "repair_batchnorm", "repair_endpoints", "channel_stats"]
 
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -72,6 +72,63 @@ def reset_bn_stats(
     finally:
         for m, mom in momenta.items():
             m.momentum = mom
+    return new
+
+
+def repair_batchnorm(
+    model: nn.Module,
+    targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    data: Iterable[Any],
+    max_batches: int | None = None,
+    progress: bool = True,
+    *,
+    tol: float = 1e-4,
+    max_passes: int = 4,
+) -> nn.Module:
+    """REPAIR through BatchNorm: each targeted BatchNorm outputs its target channel mean and std.
+
+    ``targets[name] = (mean, std)`` per channel of BatchNorm ``name`` (e.g. the aligned endpoint
+    models' averaged statistics, as :func:`ccatoolkit.merging.api.merge` computes them). The layer's
+    weight becomes the target std and its bias the target mean, then the running statistics are
+    re-estimated on ``data`` (:func:`reset_bn_stats`). A BatchNorm normalises its input, so its output
+    has the target statistics whatever happens upstream: one pass sets every layer at once, where
+    REPAIR on plain layers needs a pass per layer. Then eval-mode passes (at most ``max_passes``)
+    measure the outputs and fold the remaining per-channel affine error into weight and bias (the
+    running variance is unbiased and includes ``eps``, a population std is neither; an upstream fix
+    shifts the layers below it), until every channel is within ``tol`` of its target: a model that
+    already has the target statistics comes back unchanged. Returns a copy; ``model`` is not modified.
+    """
+    new = copy.deepcopy(model)
+    modules = dict(new.named_modules())
+    with torch.no_grad():
+        for name, (mean, std) in targets.items():
+            bn = modules.get(name)
+            if not isinstance(bn, _BN):
+                raise ValueError(f"repair_batchnorm: {name!r} is not a BatchNorm layer of the model")
+            if not bn.affine:
+                warnings.warn(f"repair_batchnorm skips {name!r}: BatchNorm without affine parameters", RuntimeWarning)
+                continue
+            bn.weight.copy_(std.to(bn.weight))
+            bn.bias.copy_(mean.to(bn.bias))
+    new = reset_bn_stats(new, data, max_batches=max_batches, progress=progress)
+    modules = dict(new.named_modules())
+    names = [n for n in targets if isinstance(modules[n], _BN) and modules[n].affine]
+    for _ in range(max_passes if names else 0):
+        measured = channel_stats(new, names, data, max_batches)
+        worst, updates = 0.0, []
+        for name in names:
+            mean, std = measured[name]
+            t_mean, t_std = (t.to(mean.device, torch.float64) for t in targets[name])
+            unit = t_std.clamp_min(1e-5)
+            live = std > 1e-5
+            worst = max(worst, float(((mean - t_mean).abs() / unit).max()))
+            if live.any():
+                worst = max(worst, float(((std - t_std).abs() / unit)[live].max()))
+            updates.append((name, torch.where(live, t_std / std.clamp_min(1e-5), torch.ones_like(std)), mean, t_mean))
+        if worst <= tol:
+            break
+        for name, scale, mean, t_mean in updates:
+            _fold(modules[name], name, scale, mean, t_mean)
     return new
 
 
