@@ -129,18 +129,21 @@ class MergeContext:
         return out
 
 
-def _merge_key(method: str, ridge: float) -> tuple[str, float | None]:
-    return (method, round(float(ridge), 6) if method in CCA_METHODS else None)
+def _merge_key(method: str, ridge: float | str) -> tuple[str, float | str | None]:
+    if method not in CCA_METHODS:
+        return (method, None)
+    return (method, ridge if isinstance(ridge, str) else round(float(ridge), 6))
 
 
-def merge_accuracy(ctx: MergeContext, method: str, ridge: float = 0.01) -> float:
-    """Test accuracy of the models merged by ``method`` (the CCA methods use regularisation ``ridge``); cached."""
+def merge_accuracy(ctx: MergeContext, method: str, ridge: float | str = "auto") -> float:
+    """Test accuracy of the models merged by ``method`` (the CCA methods use ``ridge``: a number, or
+    ``"auto"``, merge's label-free choice); cached."""
     key = _merge_key(method, ridge)
     if key not in ctx.cache:
         if method == "ensemble":
             merged = ensemble(list(ctx.models))
         else:
-            options = {"ridge": float(ridge)} if method in CCA_METHODS else {}
+            options = {"ridge": ridge} if method in CCA_METHODS else {}
             merged = merge(list(ctx.models), method=method, data=ctx.data, progress=False, **options)
         ctx.cache[key] = _accuracy(merged, ctx.test_data)
     return ctx.cache[key]
@@ -199,7 +202,7 @@ class NModelsContext:
     test_data: Iterable[Any]
     methods: Sequence[str] = ("average", "permute", "zipit", "cca", "ensemble")
     ns: Sequence[int] = ()
-    ridge: float = 0.01
+    ridge: float | str = "auto"
     progress: bool = False
     results: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
 
@@ -245,7 +248,7 @@ def n_models_accuracy(ctx: NModelsContext, n: int, method: str, split: str | Non
         if method == "ensemble":
             merged = ensemble(models)
         else:
-            options = {"ridge": float(ctx.ridge)} if method in CCA_METHODS else {}
+            options = {"ridge": ctx.ridge} if method in CCA_METHODS else {}
             merged = merge(models, method=method, data=ctx.data_for(split), progress=False, **options)
         table[n] = _accuracy(merged, ctx.test_data)
     return table[n]

@@ -88,7 +88,7 @@ def correlation_widget(ctx: CorrelationContext, layer: str | None = None) -> Int
                              {"layer": layer_dd, "pair": pair_dd})
 
 
-def merge_widget(ctx: MergeContext, method: str | None = None, ridge: float = 0.01) -> InteractiveFigure:
+def merge_widget(ctx: MergeContext, method: str | None = None, ridge: float = 0.1) -> InteractiveFigure:
     """A method dropdown and a (log-scale) CCA regularisation slider, redrawing :func:`render_merge`."""
     import ipywidgets as W
 

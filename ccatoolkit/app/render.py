@@ -59,7 +59,7 @@ def render_correlation(ctx: CorrelationContext, layer: str, pair: tuple[str, str
     return fig
 
 
-def render_merge(ctx: MergeContext, method: str, ridge: float = 0.01) -> Any:
+def render_merge(ctx: MergeContext, method: str, ridge: float | str = "auto") -> Any:
     """Bar chart of every method's merged accuracy with ``method`` highlighted (its accuracy in the title)."""
     if method not in ctx.methods:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(ctx.methods)}")
@@ -67,7 +67,7 @@ def render_merge(ctx: MergeContext, method: str, ridge: float = 0.01) -> Any:
     fig = new_figure((7, 3.8))
     ax = fig.subplots()
     plot_accuracy_bars(bars, ax=ax, highlight=method, reference=ctx.endpoints())
-    detail = f" (ridge {ridge:g})" if method in CCA_METHODS else ""
+    detail = f" (ridge {ridge if isinstance(ridge, str) else format(ridge, 'g')})" if method in CCA_METHODS else ""
     fig.suptitle(f"{method}{detail}: accuracy {bars[method]:.2%}")
     return fig
 

@@ -67,7 +67,7 @@ class Settings:
     alphas: int = 21                # points along an interpolation path
     plane_resolution: int = 15      # grid points per side of a 2-D loss plane
     curve_epochs: int = 3           # epochs to train a mode-connectivity curve
-    ridge: float = 0.01             # CCA regularisation (ridge * trace(S)/n added to each covariance)
+    ridge: float | str = "auto"     # CCA regularisation (ridge * trace(S)/n per covariance); "auto": merge chooses
     seed: int = 0
     progress: bool = True           # tqdm progress bars in long loops
     threads: int | None = None      # torch CPU threads (None: torch's default; $CCATOOLKIT_THREADS overrides)

@@ -86,7 +86,8 @@ class VGG11(nn.Module):
     ``width`` multiplies every layer's channels (width=1 gives 64..512; width=0.25 gives 16..128).
     Pools use ``ceil_mode`` so both 28x28 (Fashion-MNIST) and 32x32 (CIFAR) inputs reach 1x1.
     Submodules: ``features.conv{i}``, ``features.bn{i}``, ``features.relu{i}``, ``features.pool{j}``,
-    then ``flatten`` and ``head``.
+    then ``flatten`` and ``head``. ``batchnorm=False`` gives the plain VGG11 of the CCA Merge paper's
+    Fashion-MNIST experiments (conv layers with biases, no ``bn{i}``).
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class VGG11(nn.Module):
         width: float = 1.0,
         in_shape: tuple[int, ...] = (1, 28, 28),
         num_classes: int = 10,
+        batchnorm: bool = True,
     ) -> None:
         super().__init__()
         if width <= 0:
@@ -108,14 +110,17 @@ class VGG11(nn.Module):
                 continue
             conv_i += 1
             out = max(1, int(round(int(item) * width)))
-            layers[f"conv{conv_i}"] = nn.Conv2d(channels, out, 3, padding=1, bias=False)
-            layers[f"bn{conv_i}"] = nn.BatchNorm2d(out)
+            layers[f"conv{conv_i}"] = nn.Conv2d(channels, out, 3, padding=1, bias=not batchnorm)
+            if batchnorm:
+                layers[f"bn{conv_i}"] = nn.BatchNorm2d(out)
             layers[f"relu{conv_i}"] = nn.ReLU()
             channels = out
         self.features = nn.Sequential(layers)
         self.flatten = nn.Flatten()
         self.head = nn.Linear(channels, num_classes)
         self.config = dict(name="vgg11", width=width, in_shape=tuple(in_shape), num_classes=num_classes)
+        if not batchnorm:  # recorded only when off, so the keys of cached BatchNorm models stay the same
+            self.config["batchnorm"] = False
         _install_input_check(self, tuple(in_shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
