@@ -147,3 +147,25 @@ def test_cache_errors_and_inplace_detection() -> None:
     with pytest.raises(RuntimeError, match="modified in place"):
         cache["0"]  # the in-place ReLU overwrote the Linear's output after capture
     assert "0: (5, 4)" in repr(cache)
+
+
+def test_repeated_calls_of_one_module_are_separate_capture_points() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.act = nn.Linear(3, 4), nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.fc2(self.act(self.fc1(x)) - 1.0))
+
+    model = Twice()
+    x = torch.randn(5, 3)
+    with capture(model, ["act", "act_1"]) as cache:
+        out = model(x)
+        model(x)  # call counts restart with every forward pass
+    first = torch.relu(model.fc1(x))
+    torch.testing.assert_close(cache["act"], first.detach())
+    torch.testing.assert_close(cache["act_1"], out.detach())
+    with pytest.raises(UnknownLayerError, match="act_x"):
+        with capture(model, ["act_x"]):
+            pass

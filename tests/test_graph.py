@@ -164,17 +164,20 @@ def test_unknown_ops_on_the_input_are_fine() -> None:
     assert merge_graph(model).names == ["2"]
 
 
-def test_shared_relu_raises() -> None:
+def test_a_reused_relu_gives_one_capture_point_per_call() -> None:
+    """torchvision's blocks call one ``self.relu`` twice: its calls are captured as ``relu`` and ``relu_1``."""
+
     class Shared(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.fc1, self.fc2, self.fc3, self.relu = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2), nn.ReLU()
+            self.fc1, self.fc2, self.fc3, self.relu = nn.Linear(3, 4), nn.Linear(4, 5), nn.Linear(5, 2), nn.ReLU()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc3(self.relu(self.fc2(self.relu(self.fc1(x)))))
 
-    with pytest.raises(GraphError, match="more than once"):
-        merge_graph(Shared())
+    graph = merge_graph(Shared())
+    assert [s.capture for s in graph] == [["relu"], ["relu_1"]]
+    assert [s.size for s in graph] == [4, 5]
 
 
 def test_from_spec_matches_automatic_graph() -> None:

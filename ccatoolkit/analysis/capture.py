@@ -4,7 +4,12 @@
 :class:`ActivationCache` (name -> the layer's last output, in the style of TransformerLens) and
 always removes its hooks, also when the body raises. ``capturable_layers(model)`` lists the names a
 layer dropdown should offer. ``forward_hooks`` is the lower-level tool that the statistics code
-builds on: it attaches one callback per named module and guarantees the same clean-up.
+builds on: it attaches one callback per capture point and guarantees the same clean-up.
+
+A *capture point* is a module name (its first call in a forward pass) or, for a module called
+several times per forward pass, ``name_k`` for its call number ``k`` (counting from 0), the way
+``torch.fx`` and torchvision's ``get_graph_node_names`` name repeated calls: torchvision's
+ResNet blocks call one ``self.relu`` twice, giving ``layer1.0.relu`` and ``layer1.0.relu_1``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ __all__ = [
     "capture",
     "forward_hooks",
     "resolve_layers",
+    "capture_point",
+    "split_capture_point",
 ]
 
 # Modules that only group other modules: their output is some child's output.
@@ -43,9 +50,12 @@ def capturable_layers(model: nn.Module) -> list[str]:
     Leaf modules (Linear, Conv, BatchNorm, ReLU, pools, Flatten, Identity, ...) and modules that own
     parameters themselves are listed; the root and pure containers (``nn.Sequential``,
     ``nn.ModuleList``, ``nn.ModuleDict``) and blocks built only from children (a ResNet
-    ``BasicBlock``, whose output is its last ReLU's) are not. Any module name is still accepted by
-    :func:`capture`; this list is what a dropdown should offer.
+    ``BasicBlock``, whose output is its last ReLU's) are not. A module that the forward pass calls
+    several times (found by a ``torch.fx`` trace, when the model can be traced) is followed by its
+    later calls, ``name_1``, ``name_2``, ... Any module name is still accepted by :func:`capture`;
+    this list is what a dropdown should offer.
     """
+    calls = _call_counts(model)
     names: list[str] = []
     for name, module in model.named_modules():
         if not name or isinstance(module, _CONTAINERS):
@@ -53,8 +63,47 @@ def capturable_layers(model: nn.Module) -> list[str]:
         is_leaf = next(iter(module.children()), None) is None
         owns_params = next(iter(module.parameters(recurse=False)), None) is not None
         if is_leaf or owns_params:
-            names.append(name)
+            names += [capture_point(name, k) for k in range(max(1, calls.get(name, 1)))]
     return names
+
+
+def _call_counts(model: nn.Module) -> dict[str, int]:
+    """How often the traced forward pass calls each module (``{}`` when ``torch.fx`` cannot trace it)."""
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    except Exception:  # fx raises many kinds of errors; the list then has one entry per module
+        return {}
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    return counts
+
+
+def capture_point(module: str, call: int) -> str:
+    """The capture-point name of call number ``call`` of ``module`` (``module`` itself for the first call)."""
+    return module if call == 0 else f"{module}_{call}"
+
+
+def split_capture_point(model: nn.Module, name: str, modules: Mapping[str, nn.Module] | None = None) -> tuple[str, int]:
+    """``(module name, call number)`` of a capture point of ``model`` (see the module doc).
+
+    A name that is a module is its first call; ``name_k`` is call ``k`` of module ``name`` when
+    ``name`` is a module and ``name_k`` is not. Raises :class:`UnknownLayerError` otherwise.
+    """
+    modules = dict(model.named_modules()) if modules is None else modules
+    if name in modules and name:
+        return name, 0
+    base, sep, index = name.rpartition("_")
+    if sep and index.isdigit() and base in modules and base and int(index) > 0:
+        return base, int(index)
+    close = difflib.get_close_matches(name, [m for m in modules if m], n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    valid = capturable_layers(model)
+    raise UnknownLayerError(
+        f"{type(model).__name__} has no layer {name!r}.{hint} "
+        f"Capturable layers: {', '.join(valid) if valid else '(none)'}"
+    )
 
 
 def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
@@ -67,18 +116,10 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     if not names:
         raise ValueError("no layers given; pass a layer name or a list of names from capturable_layers(model)")
     modules = dict(model.named_modules())
-    modules.pop("", None)
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"layer names must be strings, got {type(name).__name__}: {name!r}")
-        if name not in modules:
-            close = difflib.get_close_matches(name, list(modules), n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            valid = capturable_layers(model)
-            raise UnknownLayerError(
-                f"{type(model).__name__} has no layer {name!r}.{hint} "
-                f"Capturable layers: {', '.join(valid) if valid else '(none)'}"
-            )
+        split_capture_point(model, name, modules)
     return list(dict.fromkeys(names))
 
 
@@ -86,28 +127,43 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
 def forward_hooks(
     model: nn.Module, callbacks: Mapping[str, Callable[[nn.Module, Any, Any], None]]
 ) -> Iterator[None]:
-    """Attach ``callbacks[name](module, inputs, output)`` as forward hooks; remove them all on exit.
+    """Attach ``callbacks[point](module, inputs, output)`` for each capture point; remove them all on exit.
 
-    Callbacks must not return a value (outputs are never replaced). Hooks are removed even when
-    registering one of them or the body of the ``with`` block raises.
+    ``point`` is a module name or ``name_k`` (call ``k`` of a module called several times per forward
+    pass: calls are counted from the start of each forward pass of ``model``). Callbacks must not
+    return a value (outputs are never replaced). Hooks are removed even when registering one of them
+    or the body of the ``with`` block raises.
     """
     resolve_layers(model, list(callbacks))
     modules = dict(model.named_modules())
+    by_module: dict[str, dict[int, Callable[[nn.Module, Any, Any], None]]] = {}
+    for point, fn in callbacks.items():
+        module, call = split_capture_point(model, point, modules)
+        by_module.setdefault(module, {})[call] = fn
+    calls: dict[str, int] = {}
     handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def reset(_module: nn.Module, _args: Any) -> None:
+        calls.clear()
+
+    def dispatch(name: str, table: dict[int, Callable[[nn.Module, Any, Any], None]]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            k = calls.get(name, 0)
+            calls[name] = k + 1
+            fn = table.get(k)
+            if fn is not None:
+                fn(module, args, output)
+
+        return hook
+
     try:
-        for name, fn in callbacks.items():
-            handles.append(modules[name].register_forward_hook(_no_return(fn)))
+        handles.append(model.register_forward_pre_hook(reset))
+        for name, table in by_module.items():
+            handles.append(modules[name].register_forward_hook(dispatch(name, table)))
         yield
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _no_return(fn: Callable[[nn.Module, Any, Any], None]) -> Callable[[nn.Module, Any, Any], None]:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        fn(module, args, output)
-
-    return hook
 
 
 class ActivationCache(Mapping[str, Any]):

@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ccatoolkit.analysis.capture import UnknownLayerError, split_capture_point
+
 __all__ = ["GraphError", "ParamRef", "Space", "MergeGraph", "SPEC_ADVICE"]
 
 
 SPEC_ADVICE = (
     "Give the spec by hand instead: build MergeGraph(spaces=[Space(name, size, capture=[...], "
     "outputs=[ParamRef(...)], inputs=[ParamRef(...)]), ...]) or call MergeGraph.from_spec(model, "
-    "{space_name: dict(capture=[module names], outputs=[(param, axis), ...], "
+    "{space_name: dict(capture=[module names or 'name_k' calls], outputs=[(param, axis), ...], "
     "inputs=[(param, axis, block), ...])})."
 )
 
@@ -119,9 +121,14 @@ class MergeGraph:
             seen_names.add(s.name)
             if not isinstance(s.size, int) or s.size < 1:
                 raise GraphError(f"space {s.name!r} has size {s.size!r}; it must be a positive integer")
-            for mod in s.capture:
-                if mod not in modules:
-                    raise GraphError(f"space {s.name!r} captures {mod!r}, which is not a module of the model")
+            for point in s.capture:
+                try:
+                    split_capture_point(model, point, modules)
+                except UnknownLayerError:
+                    raise GraphError(
+                        f"space {s.name!r} captures {point!r}, which is not a module of the model (or call "
+                        "'name_k' of one)"
+                    ) from None
             for side, refs in (("output", s.outputs), ("input", s.inputs)):
                 for ref in refs:
                     _check_ref(state, s, side, ref)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ccatoolkit.analysis.capture import capture_point
 from ccatoolkit.merging.graph.spec import SPEC_ADVICE, GraphError, MergeGraph, ParamRef, Space
 
 __all__ = ["merge_graph"]
@@ -131,7 +132,7 @@ class _PendingInput:
 
 
 class _Site(NamedTuple):
-    """A module that produces or activates a space, and its position in the traced order."""
+    """A module (or one call of it: a capture point) that produces or activates a space, and its traced order."""
 
     space: int
     module: str
@@ -266,7 +267,7 @@ class _Builder:
             self.producers.append(_Site(x.space, name, self.index))
             return self.same(x, node)
         if isinstance(mod, _ACTIVATIONS) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1):
-            self.activations.append(_Site(x.space, name, self.index))
+            self.activations.append(_Site(x.space, capture_point(name, self.calls[name] - 1), self.index))
             return self.same(x, node)
         if isinstance(mod, _PASSTHROUGH):
             return self.same(x, node)
@@ -401,20 +402,17 @@ class _Builder:
 
     def capture_layers(self, members: set[int], producer: str) -> list[str]:
         """The modules whose outputs are a space's activations: its activation modules, else its last producer."""
-        acts = sorted((site.order, site.module) for site in self.activations
-                      if site.space in members and self.calls.get(site.module) == 1)
+        acts = sorted((site.order, site.module) for site in self.activations if site.space in members)
         if acts:
-            return [name for _, name in acts]
-        shared = sorted({site.module for site in self.activations
-                         if site.space in members and self.calls.get(site.module, 0) > 1})
+            return [point for _, point in acts]
         nonlin = [desc for space, desc in self.functional_nonlin if space in members]
-        if nonlin or shared:
-            culprit = f"activation module(s) {shared} called more than once" if shared else nonlin[0]
+        if nonlin:
             raise GraphError(
                 f"cannot choose the capture layer of the hidden space produced by {producer!r}: "
-                f"its non-linearity is {culprit}. Statistics are taken from post-activation outputs, so every "
-                "non-linearity must be its own nn.Module instance (e.g. self.relu1 = nn.ReLU(), used once), "
-                "not a functional call like F.relu. " + SPEC_ADVICE
+                f"its non-linearity is {nonlin[0]}. Statistics are taken from post-activation outputs of "
+                "activation modules (an nn.ReLU may be called several times: its calls are captured as "
+                "'relu', 'relu_1', ...), not from a functional call like F.relu: use an nn.Module such as "
+                "self.relu = nn.ReLU(). " + SPEC_ADVICE
             )
         prods = sorted((site.order, site.module) for site in self.producers
                        if site.space in members and self.calls.get(site.module) == 1)
