@@ -225,7 +225,7 @@ def _compute_transforms(
     per: list[Transforms] = [{} for _ in range(n)]
     for space in graph.spaces:
         st = stats[space.name]
-        if method == "permute":
+        if method == "permute" or space.permutation_only:  # e.g. a depthwise conv: no channel mixing
             for k in range(n):
                 if k != ref:
                     per[k][space.name] = _pair(*permutation_transform(match_activations(_np(st.corr(ref, k)))))
@@ -517,8 +517,11 @@ def merge(
     ``seed`` (permute_weight), ``repair_passes`` (cap on REPAIR's passes). ``method="ensemble"``
     returns :func:`ensemble`.
 
+    Spaces that admit only permutations (``Space.permutation_only``, e.g. through a depthwise
+    convolution) are aligned by activation matching whatever the method.
+
     The result carries ``merge_info``: method, reference index, the ridge, how it was chosen and the
-    score of every candidate, the folded BatchNorm layers.
+    score of every candidate, the folded BatchNorm layers, the permutation-only spaces.
     """
     method = _canonical_method(method)
     _check_options(options)
@@ -556,6 +559,7 @@ def merge(
     merged.merge_info = dict(  # type: ignore[assignment]
         method=method, reference=ref, ridge=chosen, ridge_selection=how, ridge_scores=scores,
         reset_bn=reset_bn, repair=repair, num_models=len(models), folded_batchnorm=sorted(plan.folded),
+        permutation_only={s.name: s.permutation_only for s in graph.spaces if s.permutation_only},
     )
     return merged
 

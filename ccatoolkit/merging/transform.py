@@ -72,6 +72,12 @@ def _check_pair(space: Space, pair: object) -> tuple[torch.Tensor, torch.Tensor]
     return out, inp
 
 
+def _is_scaled_permutation(matrix: torch.Tensor) -> bool:
+    """Whether every row and column of ``matrix`` has at most one nonzero entry (a scaled permutation)."""
+    nonzero = torch.as_tensor(matrix).abs() > 1e-12
+    return bool((nonzero.sum(0) <= 1).all() and (nonzero.sum(1) <= 1).all())
+
+
 def _space_of(graph: MergeGraph, name: str) -> Space:
     try:
         return graph.space(name)
@@ -101,6 +107,11 @@ def apply_transforms(
     for name, pair in transforms.items():
         space = _space_of(graph, name)
         out, inp = _check_pair(space, pair)
+        if space.permutation_only and not _is_scaled_permutation(out):
+            raise ValueError(
+                f"space {space.name!r} admits only permutations ({space.permutation_only}), but its transform "
+                "mixes channels; use a permutation (or positive rescaling) there"
+            )
         out = out.to(device=device, dtype=torch.float64)
         inp = inp.to(device=device, dtype=torch.float64)
         for ref in space.outputs:

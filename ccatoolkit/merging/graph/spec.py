@@ -52,13 +52,19 @@ class ParamRef:
 
 @dataclass
 class Space:
-    """A set of channels that one transform acts on (see the module docstring)."""
+    """A set of channels that one transform acts on (see the module docstring).
+
+    ``permutation_only`` (non-empty: the reason, e.g. a depthwise convolution) marks a space whose
+    channels only a permutation (or a positive rescaling) may transform: an operation in it acts on
+    each channel separately with its own parameters, which a channel-mixing map cannot pass through.
+    """
 
     name: str
     size: int
     capture: list[str] = field(default_factory=list)
     outputs: list[ParamRef] = field(default_factory=list)
     inputs: list[ParamRef] = field(default_factory=list)
+    permutation_only: str = ""
 
 
 @dataclass
@@ -103,7 +109,8 @@ class MergeGraph:
         for s in self.spaces:
             outs = ", ".join(r.name for r in s.outputs)
             ins = ", ".join(r.name + (f" (block {r.block})" if r.block > 1 else "") for r in s.inputs)
-            lines.append(f"{s.name} [{s.size}] capture={s.capture} outputs=[{outs}] inputs=[{ins}]")
+            only = f" permutation only ({s.permutation_only})" if s.permutation_only else ""
+            lines.append(f"{s.name} [{s.size}]{only} capture={s.capture} outputs=[{outs}] inputs=[{ins}]")
         return "\n".join(lines)
 
     def validate(self, model: nn.Module) -> MergeGraph:
@@ -154,11 +161,11 @@ class MergeGraph:
         for name, entry in spec.items():
             if not isinstance(entry, Mapping):
                 raise GraphError(f"spec for space {name!r} must be a dict, got {type(entry).__name__}")
-            unknown = set(entry) - {"capture", "outputs", "inputs", "size"}
+            unknown = set(entry) - {"capture", "outputs", "inputs", "size", "permutation_only"}
             if unknown:
                 raise GraphError(
                     f"spec for space {name!r} has unknown keys {sorted(unknown)}; "
-                    "valid keys are capture, outputs, inputs, size"
+                    "valid keys are capture, outputs, inputs, size, permutation_only"
                 )
             capture = entry.get("capture", [])
             capture = [capture] if isinstance(capture, str) else list(capture)
@@ -175,7 +182,10 @@ class MergeGraph:
                 if not -tensor.dim() <= first.axis < tensor.dim():
                     _check_ref(state, Space(name, 1), "output", first)
                 size = int(tensor.shape[first.axis])
-            spaces.append(Space(name=str(name), size=int(size), capture=capture, outputs=outputs, inputs=inputs))
+            only = entry.get("permutation_only", "")
+            only = ("given in the spec" if only is True else "") if isinstance(only, bool) else str(only)
+            spaces.append(Space(name=str(name), size=int(size), capture=capture, outputs=outputs, inputs=inputs,
+                                permutation_only=only))
         return cls(spaces).validate(model)
 
 

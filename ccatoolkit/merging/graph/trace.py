@@ -81,6 +81,7 @@ class _SpaceUnion:
         self.parent: list[int] = []
         self.fixed: list[bool] = []
         self.created_at: list[int] = []  # the node order that created each space: roots are the earliest
+        self.why_permutation_only: dict[int, list[str]] = {}  # root -> the operations that allow only permutations
 
     def new(self, order: int, fixed: bool = False) -> int:
         self.parent.append(len(self.parent))
@@ -102,7 +103,17 @@ class _SpaceUnion:
             ra, rb = rb, ra
         self.parent[rb] = ra
         self.fixed[ra] = self.fixed[ra] or self.fixed[rb]
+        if rb in self.why_permutation_only:
+            self.why_permutation_only.setdefault(ra, []).extend(self.why_permutation_only.pop(rb))
         return ra
+
+    def restrict(self, s: int, reason: str) -> None:
+        """Mark ``s`` as a space that only permutations may transform (``reason``: the operation)."""
+        self.why_permutation_only.setdefault(self.find(s), []).append(reason)
+
+    def permutation_only(self, s: int) -> list[str]:
+        """Why ``s`` admits permutations only (empty: any invertible map)."""
+        return list(self.why_permutation_only.get(self.find(s), []))
 
     def is_fixed(self, s: int) -> bool:
         return self.fixed[self.find(s)]
@@ -247,9 +258,19 @@ class _Builder:
                 return self.opaque(node, "a Linear applied to the last axis of a conv feature map")
             self.inputs.setdefault(x.space, []).append(_PendingInput(f"{name}.weight", 1, x.block, name))
             return self.produce(node, name, mod, chdim=-1)
+        if isinstance(mod, _CONVS) and mod.groups != 1 and mod.groups == mod.in_channels == mod.out_channels:
+            # depthwise: each channel has its own filter, so the channels stay one space; permuting them
+            # permutes the filters (weight rows, bias), but a map that mixes channels cannot pass
+            if not self.channel_first_ok(x):
+                return self.opaque(node, "a depthwise convolution of flattened features")
+            refs = [ParamRef(f"{name}.weight", 0)] + ([ParamRef(f"{name}.bias", 0)] if mod.bias is not None else [])
+            self.outputs.setdefault(x.space, []).extend(refs)
+            self.spaces.restrict(x.space, f"depthwise convolution {name!r}")
+            self.producers.append(_Site(x.space, name, self.index))
+            return self.same(x, node)
         if isinstance(mod, _CONVS + _CONV_TRANSPOSES):
             if mod.groups != 1:
-                return self.opaque(node, f"grouped convolution (groups={mod.groups})")
+                return self.opaque(node, f"grouped convolution (groups={mod.groups}, not depthwise)")
             if not self.channel_first_ok(x):
                 return self.opaque(node, "a convolution of flattened features")
             in_axis, out_axis = (0, 1) if isinstance(mod, _CONV_TRANSPOSES) else (1, 0)
@@ -424,8 +445,8 @@ class _Builder:
             more = f" (and {len(bad) - 1} more: {'; '.join(bad[1:4])})" if len(bad) > 1 else ""
             raise GraphError(
                 f"cannot derive the merge graph of {type(model).__name__}: {bad[0]} acts on hidden channels "
-                f"in a way the automatic graph does not support{more}. Supported are Linear, Conv (groups=1), "
-                "BatchNorm, elementwise activations, dropout, pooling, flatten and residual additions. "
+                f"in a way the automatic graph does not support{more}. Supported are Linear, Conv (groups=1 or "
+                "depthwise), BatchNorm, elementwise activations, dropout, pooling, flatten and residual additions. "
                 + SPEC_ADVICE
             )
         state = model.state_dict()
@@ -446,7 +467,9 @@ class _Builder:
                 k += 1
                 name = f"{base}#{k}"
             used_names.add(name)
-            spaces.append(Space(name=name, size=size, capture=capture, outputs=outputs, inputs=inputs))
+            reasons = self.spaces.permutation_only(next(iter(members)))
+            spaces.append(Space(name=name, size=size, capture=capture, outputs=outputs, inputs=inputs,
+                                permutation_only="; ".join(reasons)))
         return MergeGraph(spaces)
 
 
