@@ -6,6 +6,7 @@ Nothing here depends on another module of the package, so any module may import 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -17,6 +18,11 @@ __all__ = [
     "default_device",
     "resolve_device",
     "model_device",
+    "model_dtype",
+    "to_model",
+    "check_data",
+    "check_passes",
+    "peek_first",
     "batch_count",
     "batch_inputs",
     "batch_targets",
@@ -26,6 +32,8 @@ __all__ = [
     "has_batchnorm",
     "model_signature_mismatch",
     "check_same_architecture",
+    "check_finite_parameters",
+    "check_class_targets",
 ]
 
 #: The BatchNorm layers whose running statistics the package re-estimates, folds and transforms.
@@ -70,7 +78,72 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of a model's first floating parameter (or buffer): what its inputs are cast to; None if it has none."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def to_model(x: torch.Tensor, model: nn.Module, non_blocking: bool = False) -> torch.Tensor:
+    """``x`` on ``model``'s device, floating inputs cast to its floating dtype (float32 data for a float64 model).
+
+    The one place inputs are moved to a model, so mixed dtypes never fail deep inside a layer.
+    """
+    dtype = model_dtype(model) if x.is_floating_point() else None
+    return x.to(device=model_device(model), dtype=dtype, non_blocking=non_blocking)
+
+
 # --- batches ----------------------------------------------------------------------------------------
+
+
+def check_data(data: Any, what: str = "data", *, reiterable: bool = False) -> None:
+    """Refuse ``data`` that would silently give a wrong answer: not an iterable, a bare tensor, or a one-shot iterator.
+
+    Iterating a tensor yields single samples, not batches. ``reiterable``: the caller makes more than
+    one pass over ``data``, which a generator or other iterator (``iter(data) is data``) cannot give;
+    the second pass would find nothing. Checked without starting an iteration (no DataLoader workers).
+    """
+    fix = "a list of batches, e.g. [x] or [(x, y)], or a DataLoader"
+    if isinstance(data, torch.Tensor):
+        raise TypeError(
+            f"{what} is a single tensor of shape {tuple(data.shape)}; {what} must be an iterable of batches: pass {fix}"
+        )
+    if data is None or not isinstance(data, Iterable):
+        raise TypeError(f"{what} must be an iterable of batches ({fix}), got {type(data).__name__}")
+    if reiterable and isinstance(data, Iterator):  # its __iter__ returns itself: a second pass finds it empty
+        raise TypeError(
+            f"{what} is a one-shot iterator ({type(data).__name__}), but this function makes several passes over it "
+            f"and a second pass would find no batches; pass {fix} (e.g. list(generator))"
+        )
+
+
+def check_passes(uses: Sequence[tuple[str, Any, int]]) -> None:
+    """:func:`check_data` for every ``(name, data, passes)`` (``data`` None skipped): data read more than once
+    in all (one object given for several uses counts every use) must be re-iterable."""
+    total: dict[int, int] = {}
+    for _name, data, passes in uses:
+        if data is not None:
+            total[id(data)] = total.get(id(data), 0) + passes
+    for name, data, _passes in uses:
+        if data is not None:
+            check_data(data, name, reiterable=total[id(data)] > 1)
+
+
+def peek_first(data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
+    """``(first batch, data)`` without losing a batch: a one-shot iterator comes back with the first batch chained in front.
+
+    Raises ``ValueError`` when ``data`` gives no batches.
+    """
+    it = iter(data)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError("the data gave no batches; pass a non-empty DataLoader or iterable of batches") from None
+    if it is data:
+        return first, itertools.chain([first], it)
+    return first, data
 
 
 def batch_count(data: Iterable[Any], max_batches: int | None = None) -> int | None:
@@ -166,11 +239,11 @@ def has_batchnorm(model: nn.Module) -> bool:
 # --- architecture ---------------------------------------------------------------------------------
 
 
-def model_signature_mismatch(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> str | None:
-    """The first state_dict difference (key or shape) between ``models[0]`` and the others, or None.
+_WRAPPERS: tuple[type[nn.Module], ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
-    ``names`` label the models in the message (default ``model 0``, ``model 1``, ...).
-    """
+
+def _signature_mismatch(models: Sequence[nn.Module], names: Sequence[str] | None) -> tuple[str, str] | None:
+    """``(what differs, message)`` for the first state_dict difference, or None (see :func:`model_signature_mismatch`)."""
     models = list(models)
     if len(models) < 2:
         return None
@@ -180,17 +253,84 @@ def model_signature_mismatch(models: Sequence[nn.Module], names: Sequence[str] |
         other = model.state_dict()
         for key, tensor in ref.items():
             if key not in other:
-                return f"{labels[0]} has {key!r} of shape {tuple(tensor.shape)} but {label} has no {key!r}"
+                return "architectures", f"{labels[0]} has {key!r} of shape {tuple(tensor.shape)} but {label} has no {key!r}"
             if tuple(other[key].shape) != tuple(tensor.shape):
-                return f"{key!r} has shape {tuple(tensor.shape)} in {labels[0]} but {tuple(other[key].shape)} in {label}"
+                return "architectures", (
+                    f"{key!r} has shape {tuple(tensor.shape)} in {labels[0]} but {tuple(other[key].shape)} in {label}"
+                )
         extra = [k for k in other if k not in ref]
         if extra:
-            return f"{label} has {extra[0]!r} of shape {tuple(other[extra[0]].shape)} but {labels[0]} has no {extra[0]!r}"
+            return "architectures", (
+                f"{label} has {extra[0]!r} of shape {tuple(other[extra[0]].shape)} but {labels[0]} has no {extra[0]!r}"
+            )
+        for key, tensor in ref.items():
+            if other[key].dtype != tensor.dtype:
+                return "dtypes", (
+                    f"{key!r} is {tensor.dtype} in {labels[0]} but {other[key].dtype} in {label}; "
+                    "convert the models to one dtype first, e.g. model.float()"
+                )
     return None
 
 
+def model_signature_mismatch(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> str | None:
+    """The first state_dict difference (key, shape or dtype) between ``models[0]`` and the others, or None.
+
+    ``names`` label the models in the message (default ``model 0``, ``model 1``, ...).
+    """
+    found = _signature_mismatch(models, names)
+    return None if found is None else found[1]
+
+
 def check_same_architecture(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> None:
-    """Raise ``ValueError("models of different architectures: ...")`` naming the first mismatch."""
-    mismatch = model_signature_mismatch(models, names)
-    if mismatch is not None:
-        raise ValueError(f"models of different architectures: {mismatch}")
+    """Raise ``ValueError("models of different architectures: ...")`` (or ``dtypes``) naming the first mismatch.
+
+    A model wrapped in ``DataParallel``/``DistributedDataParallel`` raises ``TypeError`` asking for ``model.module``.
+    """
+    models = list(models)
+    labels = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
+    for label, model in zip(labels, models):
+        if isinstance(model, _WRAPPERS):
+            raise TypeError(
+                f"{label} is wrapped in {type(model).__name__}; pass the model itself (model.module): "
+                "the package runs it on its own device"
+            )
+    found = _signature_mismatch(models, labels)
+    if found is not None:
+        raise ValueError(f"models of different {found[0]}: {found[1]}")
+
+
+def check_finite_parameters(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> None:
+    """Raise ``ValueError`` naming the model and tensor when a parameter or buffer holds NaN or Inf.
+
+    A non-finite weight would turn every result built from the model (a merge, every point of a
+    path, even alpha=0 since ``0 * nan`` is nan) into NaN without saying why.
+    """
+    labels = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
+    for label, model in zip(labels, models):
+        for key, tensor in model.state_dict().items():
+            if tensor.is_floating_point() or tensor.is_complex():
+                bad = ~torch.isfinite(tensor)
+                if bool(bad.any()):
+                    nans = int(torch.isnan(tensor).sum())
+                    raise ValueError(
+                        f"{label} has non-finite values in {key!r} ({nans} NaN, {int(bad.sum()) - nans} Inf of "
+                        f"{tensor.numel()}); it probably diverged in training: retrain it or load a good checkpoint"
+                    )
+
+
+def check_class_targets(targets: torch.Tensor, logits: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``targets`` are integer class indices in ``[0, logits.shape[1])``.
+
+    Cross-entropy would fail deep inside torch (or with a device-side assert on a GPU) otherwise.
+    """
+    classes = int(logits.shape[1]) if logits.dim() >= 2 else 0
+    if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(
+            f"targets must be integer class indices (torch.long), got {targets.dtype}; "
+            "convert them with y.long() (one-hot targets: y.argmax(1))"
+        )
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
+        raise ValueError(
+            f"targets must be class indices in [0, {classes}) for a model with {classes} outputs, "
+            f"got values in [{int(targets.min())}, {int(targets.max())}]; check the labels or the model's num_classes"
+        )

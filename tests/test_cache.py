@@ -131,9 +131,9 @@ def test_full_split_ignores_model_index_and_disjoint_parts_differ(tmp_path: Path
 def test_wrong_architecture_and_damaged_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = trained_model(**{**SMALL, "epochs": 1}, cache_dir=tmp_path)
     path = Path(model.train_info["cache_file"])
-    payload = torch.load(path)
-    payload["value"]["state_dict"] = {"fc1.weight": torch.zeros(3, 3)}  # another architecture, same key
-    atomic_save(payload, path)
+    entry = torch.load(path)
+    value = {"state_dict": {"fc1.weight": torch.zeros(3, 3)}}  # another architecture, same key, old (v1) format
+    atomic_save(dict(format="ccatoolkit-cache-v1", kind="model", key=entry["key"], value=value), path)
     with pytest.raises(CacheError) as info:
         trained_model(**{**SMALL, "epochs": 1}, cache_dir=tmp_path)
     assert str(path) in str(info.value)

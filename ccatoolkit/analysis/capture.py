@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -112,6 +112,10 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     Raises :class:`UnknownLayerError` naming the unknown layer, the closest valid names and the
     capturable ones.
     """
+    if not isinstance(layers, str) and not isinstance(layers, Iterable):
+        raise TypeError(
+            f"layers must be a layer name or a list of names from capturable_layers(model), got {type(layers).__name__}"
+        )
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names:
         raise ValueError("no layers given; pass a layer name or a list of names from capturable_layers(model)")

@@ -15,6 +15,7 @@ layer, rank-deficient ones included. Everything is float64 torch on the covarian
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "symmetrize",
     "regularize",
     "sym_powers",
+    "condition_number",
     "inverse_sqrt",
     "whitened_cross_covariance",
     "canonical_correlations_from_cov",
@@ -79,6 +81,20 @@ def sym_powers(S: torch.Tensor, *powers: float, rtol: float = EIG_RTOL) -> list[
             scaled = vals.clamp_min(0.0) ** p
         out.append((vecs * scaled) @ vecs.T)
     return out
+
+
+def condition_number(S: Any) -> float:
+    """Largest over smallest eigenvalue of a symmetric PSD matrix (``inf`` when singular, 1 when empty).
+
+    How much a (pseudo-)inverse of ``S`` amplifies noise: what a ridge is there to bound.
+    """
+    vals = torch.linalg.eigvalsh(symmetrize(S))
+    if vals.numel() == 0:
+        return 1.0
+    top, low = float(vals[-1]), float(vals[0])
+    if top <= 0:
+        return 1.0
+    return top / low if low > 0 else math.inf
 
 
 def inverse_sqrt(S: Any, ridge: float = 0.0, rtol: float = EIG_RTOL) -> torch.Tensor:

@@ -32,10 +32,13 @@ from torch import nn
 from ccatoolkit._utils import (
     batch_count,
     batch_inputs,
+    check_data,
     check_same_architecture,
     eval_mode,
     model_device,
+    model_dtype,
     progress_bar,
+    to_model,
 )
 from ccatoolkit.analysis.capture import forward_hooks, resolve_layers
 from ccatoolkit.analysis.linalg import EIG_RTOL, canonical_correlations_from_cov, inverse_sqrt
@@ -438,10 +441,16 @@ class StatisticsCollector:
     >>> stats = collector.result()   # {space: JointStats}
 
     ``attached()`` puts the models in eval mode and adds hooks; both are undone on exit.
+    ``same_architecture=False`` accepts models that differ elsewhere (e.g. in width) as long as every
+    model has the layers and they compute in one dtype.
     """
 
     def __init__(
-        self, models: Sequence[nn.Module], layers: Mapping[str, Sequence[str]] | Sequence[str] | str
+        self,
+        models: Sequence[nn.Module],
+        layers: Mapping[str, Sequence[str]] | Sequence[str] | str,
+        *,
+        same_architecture: bool = True,
     ) -> None:
         models = list(models)
         if not models:
@@ -456,12 +465,22 @@ class StatisticsCollector:
                     f"models are on different devices: model 0 on {devices[0]}, model {i} on {dev}; "
                     "move them to one device first (model.to(device))"
                 )
-        check_same_architecture(models)
+        if same_architecture:
+            check_same_architecture(models)
+        else:
+            dtypes = [model_dtype(m) for m in models]
+            for i, dtype in enumerate(dtypes[1:], start=1):
+                if dtype != dtypes[0]:
+                    raise ValueError(
+                        f"models compute in different dtypes: model 0 in {dtypes[0]}, model {i} in {dtype}; "
+                        "convert them to one dtype first, e.g. model.float()"
+                    )
         self.models = models
         self.device = devices[0]
         self.spaces_layers = _normalise_layers(layers)
         for names in self.spaces_layers.values():
-            resolve_layers(models[0], names)
+            for model in models if not same_architecture else models[:1]:
+                resolve_layers(model, names)
         k = len(models)
         self.spaces = {name: _SpaceSums(name, names, k) for name, names in self.spaces_layers.items()}
         self.scratch = _Scratch()
@@ -499,14 +518,19 @@ class StatisticsCollector:
 
     @torch.no_grad()
     def update(self, inputs: torch.Tensor) -> None:
-        """Run every model on ``inputs`` (moved to the models' device) and add the activations to the sums."""
-        x = inputs.to(self.device, non_blocking=True)
+        """Run every model on ``inputs`` (moved to the models' device and dtype) and add the activations to the sums.
+
+        Runs outside ``torch.inference_mode`` (its tensors have no version counter, which the
+        in-place check needs), so a caller inside an inference-mode block gets the same statistics.
+        """
+        x = to_model(inputs, self.models[0], non_blocking=True)
         for p in self.points:
             p.begin()
         try:
-            for i, model in enumerate(self.models):
-                self._active = i
-                model(x)
+            with torch.inference_mode(False):
+                for i, model in enumerate(self.models):
+                    self._active = i
+                    model(x)
         finally:
             self._active = None
         for p in self.points:
@@ -570,6 +594,7 @@ def collect_statistics(
     *,
     max_samples: int | None = None,
     warn: bool = True,
+    same_architecture: bool = True,
 ) -> dict[str, JointStats]:
     """Joint activation statistics of ``models`` on the same inputs, per space.
 
@@ -580,12 +605,14 @@ def collect_statistics(
     ``max_batches`` batches / ``max_samples`` inputs are used. Returns ``{space: JointStats}``.
     Input models are not changed. With fewer samples than channels (over all models) a
     ``RuntimeWarning`` says the statistics are rank-deficient (``warn=False`` silences it).
+    One pass over ``data``: a generator works. ``same_architecture=False``: see :class:`StatisticsCollector`.
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 (or None for all), got {max_batches}")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1 (or None for all), got {max_samples}")
-    collector = StatisticsCollector(models, layers)
+    check_data(data)
+    collector = StatisticsCollector(models, layers, same_architecture=same_architecture)
     total = batch_count(data, max_batches)
     batches: Iterable[torch.Tensor] = _limited(data, max_batches, max_samples)
     if progress:
@@ -620,8 +647,10 @@ def correlation_matrix(
     """Pearson correlations between ``model_a``'s and ``model_b``'s channels at ``layer`` (CPU, ``n_a x n_b``).
 
     ``layer`` is a module name, or a list of names whose samples are pooled. Constant channels give 0.
+    The models may differ in width (or elsewhere): only the layer must exist in both.
     """
-    stats = collect_statistics([model_a, model_b], data, _layer_spec(layer), max_batches, progress)
+    stats = collect_statistics([model_a, model_b], data, _layer_spec(layer), max_batches, progress,
+                               same_architecture=False)
     return next(iter(stats.values())).corr(0, 1).cpu()
 
 
@@ -637,8 +666,10 @@ def canonical_correlations(
     """Canonical correlations between two models' activations at ``layer`` (CPU, descending, in [0, 1]).
 
     ``ridge * trace(S)/n * I`` is added to each model's covariance (scale-free regularisation).
+    The models may differ in width (or elsewhere): only the layer must exist in both.
     """
-    stats = collect_statistics([model_a, model_b], data, _layer_spec(layer), max_batches, progress, warn=False)
+    stats = collect_statistics([model_a, model_b], data, _layer_spec(layer), max_batches, progress, warn=False,
+                               same_architecture=False)
     s = next(iter(stats.values()))
     s.warn_if_rank_deficient(ridge, space=next(iter(stats)))
     return canonical_correlations_from_cov(s.cov(0), s.cov(1), s.cov(0, 1), ridge=ridge).cpu()

@@ -33,10 +33,13 @@ from ccatoolkit._utils import (
     BATCHNORM_TYPES,
     batch_inputs,
     batch_targets,
+    check_finite_parameters,
+    check_passes,
     check_same_architecture,
     has_batchnorm,
     model_device,
     progress_bar,
+    to_model,
 )
 from ccatoolkit.landscape.paths import aligned_endpoint, interpolate, method_name
 from ccatoolkit.landscape.points import combine, estimate_bn_statistics, evaluate_points, float_state
@@ -265,8 +268,7 @@ def _train_control(
         for epoch in progress_bar(range(epochs), progress, desc=f"training {kind} curve"):
             running, count = 0.0, 0
             for batch in data:
-                x, y = batch_inputs(batch), batch_targets(batch)
-                x, y = x.to(device), y.to(device)
+                x, y = to_model(batch_inputs(batch), template), batch_targets(batch).to(device)
                 if total_steps:  # cosine decay of the learning rate over all steps
                     for group in optimizer.param_groups:
                         group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
@@ -314,6 +316,9 @@ def train_curve(
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     check_same_architecture([model_a, model_b], ["model_a", "model_b"])
+    check_finite_parameters([model_a, model_b], ["model_a", "model_b"])
+    check_passes([("data", data, max(epochs, 1) + 1 + (isinstance(align, str) and align_data is None)),
+                  ("align_data", align_data, int(isinstance(align, str)))])
     method = method_name(align)
     device = model_device(model_a)
     template = copy.deepcopy(model_a).eval()

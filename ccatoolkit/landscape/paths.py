@@ -15,7 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ccatoolkit._utils import check_same_architecture, has_batchnorm, model_device, progress_bar
+from ccatoolkit._utils import (
+    check_finite_parameters,
+    check_passes,
+    check_same_architecture,
+    has_batchnorm,
+    model_device,
+    progress_bar,
+)
 from ccatoolkit.landscape.points import combine, estimate_bn_statistics, evaluate_points, float_state
 from ccatoolkit.landscape.results import InterpolationResult, PlaneResult, SimplexResult
 from ccatoolkit.merging.api import align_to
@@ -32,11 +39,24 @@ __all__ = [
 
 
 def alpha_grid(alphas: int | Sequence[float] | np.ndarray) -> np.ndarray:
-    if isinstance(alphas, (int, np.integer)) and not isinstance(alphas, bool):
+    """The alphas to evaluate: ``n`` evenly spaced points in [0, 1] for an int, else a 1-D sequence of numbers.
+
+    Strings, booleans and multi-dimensional arrays are refused (they would be silently reinterpreted).
+    """
+    if isinstance(alphas, (bool, np.bool_)):
+        raise TypeError(f"alphas must be a number of points or a 1-D sequence of numbers, got the bool {alphas!r}")
+    if isinstance(alphas, (int, np.integer)):
         if alphas < 1:
             raise ValueError(f"alphas must be a positive number of points or a sequence, got {alphas}")
         return np.linspace(0.0, 1.0, int(alphas)) if alphas > 1 else np.zeros(1)
-    grid = np.asarray(alphas, dtype=np.float64).reshape(-1)
+    if isinstance(alphas, (str, bytes)):
+        raise TypeError(f"alphas must be a number of points or a 1-D sequence of numbers, got the string {alphas!r}")
+    raw = np.asarray(alphas.detach().cpu() if isinstance(alphas, torch.Tensor) else alphas)
+    if raw.ndim > 1:
+        raise ValueError(f"alphas must be 1-D, got shape {raw.shape}; pass a flat sequence such as np.linspace(0, 1, 11)")
+    if raw.dtype.kind not in "iuf":
+        raise TypeError(f"alphas must be numbers (int or float), got dtype {raw.dtype}: {alphas!r}")
+    grid = raw.astype(np.float64).reshape(-1)
     if grid.size == 0:
         raise ValueError("the alpha grid is empty; pass a number of points (e.g. alphas=11) or a non-empty sequence")
     if not np.isfinite(grid).all():
@@ -101,6 +121,13 @@ def interpolate(
     """
     grid = alpha_grid(alphas)
     check_same_architecture([model_a, model_b], ["model_a", "model_b"])
+    check_finite_parameters([model_a, model_b], ["model_a", "model_b"])
+    uses_bn = reset_bn and has_batchnorm(model_a)
+    check_passes([
+        ("data", data, (1 if batched else len(grid)) + (isinstance(align, str) and align_data is None)),
+        ("align_data", align_data, int(isinstance(align, str))),
+        ("bn_data", bn_data, 2 if repair else int(uses_bn)),
+    ])
     method = method_name(align)
     if isinstance(align, str):
         align_options.setdefault("progress", progress)
@@ -174,6 +201,10 @@ def simplex(
     if resolution < 1:
         raise ValueError(f"resolution must be >= 1, got {resolution}")
     check_same_architecture(models3, list(labels))
+    check_finite_parameters(models3, list(labels))
+    n_points = (resolution + 1) * (resolution + 2) // 2
+    check_passes([("data", data, 1 if batched else n_points),
+                  ("bn_data", bn_data, int(reset_bn and has_batchnorm(models3[0])))])
     device = model_device(models3[0])
     states = [{k: v.to(device) for k, v in float_state(m).items()} for m in models3]
     weights = np.array(
@@ -250,6 +281,9 @@ def loss_plane(
         raise ValueError(f"margin must be >= 0, got {margin}")
     models = [model_a, model_b, model_c]
     check_same_architecture(models, list(labels))
+    check_finite_parameters(models, list(labels))
+    check_passes([("data", data, 1 if batched else resolution * resolution + 3),
+                  ("bn_data", bn_data, int(reset_bn and has_batchnorm(model_a)))])
     norm_u, cx, norm_v = plane_basis(model_a, model_b, model_c)
     coords = np.array([[0.0, 0.0], [norm_u, 0.0], [cx, norm_v]])
     lo, hi = coords.min(axis=0), coords.max(axis=0)

@@ -39,10 +39,13 @@ from ccatoolkit._utils import (
     BATCHNORM_TYPES,
     batch_inputs,
     batch_targets,
+    check_class_targets,
+    check_data,
     check_same_architecture,
     has_batchnorm,
     model_device,
     progress_bar,
+    to_model,
 )
 
 __all__ = ["float_state", "combine", "interpolated_model", "evaluate_points", "estimate_bn_statistics"]
@@ -176,8 +179,9 @@ def estimate_bn_statistics(
     params_only = [{k: v for k, v in s.items() if "running_" not in k} for s in point_states]
     totals: list[list[torch.Tensor] | None] = [None] * len(point_states)
     count = [0] * len(stats.bns)
+    check_data(bn_data, "bn_data")
     for batch in progress_bar(bn_data, progress, desc="BatchNorm statistics", leave=False):
-        x = batch_inputs(batch).to(device)
+        x = to_model(batch_inputs(batch), template).to(device)
         for i, params in enumerate(params_only):
             with torch.no_grad():
                 if batched:
@@ -276,6 +280,7 @@ def evaluate_points(
     for p in template.parameters():
         p.requires_grad_(False)
     n_points = coeffs.shape[0]
+    check_data(data, reiterable=not batched and n_points > 1)
     slices = _chunks(n_points, states, chunk_size, template)
     use_bn = reset_bn and has_batchnorm(template)
     if use_bn and bn_data is None:
@@ -301,8 +306,7 @@ def evaluate_points(
             shared = _SharedFirstLayer(template, states) if share_first_layer else None
             shared = shared if shared is not None and shared.ok else None
             for batch in progress_bar(data, progress, desc=desc, leave=False):
-                x, y = batch_inputs(batch), batch_targets(batch)
-                x, y = x.to(device), y.to(device)
+                x, y = to_model(batch_inputs(batch), template), batch_targets(batch).to(device)
                 anchor_out = shared.anchor_outputs(x) if shared is not None else None
                 for s, state in zip(slices, point_states):
                     pc = s.stop - s.start
@@ -315,6 +319,8 @@ def evaluate_points(
                             logits = forward({k: v[0] for k, v in state.items()}, x[lo : lo + rows]).unsqueeze(0)
                         else:
                             logits = batched_forward(state, x[lo : lo + rows])
+                        if s.start == 0:
+                            check_class_targets(yb, logits[0])
                         n = logits.shape[1]
                         losses = F.cross_entropy(
                             logits.reshape(pc * n, -1).float(), yb.repeat(pc), reduction="none"
@@ -328,9 +334,9 @@ def evaluate_points(
                 model.load_state_dict(point_states[i], strict=False)
                 count = 0
                 for batch in data:
-                    x, y = batch_inputs(batch), batch_targets(batch)
-                    x, y = x.to(device), y.to(device)
+                    x, y = to_model(batch_inputs(batch), model), batch_targets(batch).to(device)
                     logits = model(x)
+                    check_class_targets(y, logits)
                     loss_sum[i] += F.cross_entropy(logits.float(), y, reduction="sum").to(torch.float64)
                     correct[i] += (logits.argmax(dim=-1) == y).sum().to(torch.float64)
                     count += int(y.shape[0])

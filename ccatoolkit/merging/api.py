@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,11 +37,15 @@ from ccatoolkit._utils import (
     BATCHNORM_TYPES,
     batch_count,
     batch_inputs,
+    check_data,
+    check_finite_parameters,
     check_same_architecture,
     eval_mode,
     has_batchnorm,
-    model_device,
+    peek_first,
+    to_model,
 )
+from ccatoolkit.analysis.linalg import condition_number
 from ccatoolkit.analysis.stats import JointStats, collect_statistics
 from ccatoolkit.merging.align.cca import cca_transform, multiview_cca_transforms
 from ccatoolkit.merging.align.permutation import match_activations, permutation_transform, weight_matching
@@ -75,6 +80,10 @@ _STATS_METHODS = {"permute", "zipit", "cca", "cca_multiview"}
 _OPTIONS = {"allow_within_model", "max_iter", "seed", "ridge_grid", "repair_passes"}
 _RIDGE_METHODS = {"cca", "cca_multiview"}
 _LINEAR_MAP_METHODS = {"cca", "cca_multiview", "zipit"}  # transforms that mix channels (not permutations)
+#: A ridge below this meets an ill-conditioned covariance with a warning (CCA then amplifies noise).
+_SMALL_RIDGE = 1e-6
+#: Covariances of live channels with a larger condition number count as ill-conditioned.
+_ILL_CONDITIONED = 1e6
 
 Transforms = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -116,6 +125,7 @@ def _check_models(models: Sequence[nn.Module], min_models: int = 2) -> list[nn.M
         if not isinstance(m, nn.Module):
             raise TypeError(f"model {i} is a {type(m).__name__}, not an nn.Module")
     check_same_architecture(models)
+    check_finite_parameters(models)
     return models
 
 
@@ -136,22 +146,21 @@ def _check_options(options: dict[str, Any]) -> None:
         raise TypeError(f"unknown merge option(s) {', '.join(unknown)}; valid options are: {', '.join(sorted(_OPTIONS))}")
 
 
-def _first_inputs(data: Iterable[Any] | None) -> torch.Tensor | None:
-    if data is None:
-        return None
-    for batch in data:
-        return batch_inputs(batch)
-    raise ValueError("the data gave no batches; pass a non-empty DataLoader or iterable of batches")
+def _graph(
+    model: nn.Module, graph: MergeGraph | None, data: Iterable[Any] | None
+) -> tuple[MergeGraph, Iterable[Any] | None]:
+    """``(graph, data)``: the given graph or one traced with an example from ``data``.
 
-
-def _graph(model: nn.Module, graph: MergeGraph | None, data: Iterable[Any] | None) -> MergeGraph:
+    Use the returned ``data`` afterwards: a one-shot iterator comes back with its first batch
+    chained in front, so the statistics never miss it.
+    """
     if graph is not None:
-        return graph
+        return graph, data
     example = None
-    if getattr(model, "config", None) is None:
-        x = _first_inputs(data)
-        example = None if x is None else x[:2]
-    return merge_graph(model, example_input=example)
+    if getattr(model, "config", None) is None and data is not None:
+        first, data = peek_first(data)
+        example = to_model(batch_inputs(first)[:2], model)
+    return merge_graph(model, example_input=example), data
 
 
 def _require_data(data: Any, method: str, what: str = "activation statistics") -> None:
@@ -159,6 +168,41 @@ def _require_data(data: Any, method: str, what: str = "activation statistics") -
         raise ValueError(
             f"method {method!r} needs data for {what}: pass data=<a DataLoader or iterable of batches> "
             "(training data)"
+        )
+
+
+def _check_ridge(value: float, name: str = "ridge") -> float:
+    """``value`` as a float, refused (naming ``name``) unless it is a finite number >= 0."""
+    try:
+        ridge = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number >= 0 or 'auto', got {value!r}") from None
+    if not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (e.g. 0.1, or ridge='auto'), got {value!r}")
+    return ridge
+
+
+def _warn_if_unreliable(stats: dict[str, JointStats], method: str, ridge: float | None) -> None:
+    """Warn when the statistics cannot support the transforms: fewer samples than channels, or
+    (CCA with a ridge below ``_SMALL_RIDGE``) a covariance of live channels that is ill-conditioned."""
+    for name, st in stats.items():
+        st.warn_if_rank_deficient(ridge, space=name)
+    if ridge is None or ridge >= _SMALL_RIDGE:
+        return
+    bad = []
+    for name, st in stats.items():
+        for k in range(st.num_models):
+            alive = st.alive(k)
+            cond = condition_number(st.cov(k)[alive][:, alive])
+            if cond > _ILL_CONDITIONED:
+                bad.append(f"{name!r} (model {k}: condition number {cond:.2g})")
+    if bad:
+        warnings.warn(
+            f"{method} with ridge={ridge:g} on ill-conditioned covariances of {', '.join(bad)}: the inverse "
+            "square roots amplify noise and the merge can be far worse than its models; use ridge='auto' "
+            "(merge) or a ridge of at least 1e-3",
+            RuntimeWarning,
+            stacklevel=3,
         )
 
 
@@ -412,8 +456,7 @@ def _agreement_scorer(models: list[nn.Module], held_out: Iterable[Any]) -> Any:
     ensemble being the average of the models' predicted distributions. Other outputs: minus the mean
     squared difference from the models' mean output. The ensemble's outputs are computed once.
     """
-    device = model_device(models[0])
-    inputs = [batch_inputs(b).to(device) for b in held_out]
+    inputs = [to_model(batch_inputs(b), models[0]) for b in held_out]
     with eval_mode(*models):
         outs = [torch.stack([m(x) for m in models]) for x in inputs]
     classifier = all(o.dim() == 3 and o.shape[-1] > 1 for o in outs)
@@ -479,6 +522,7 @@ def _select_ridge(
 # --- public API -------------------------------------------------------------------------------------
 
 
+@torch.inference_mode(False)  # called inside inference_mode: the result must still be a normal, trainable model
 def merge(
     models: Sequence[nn.Module],
     method: str = "cca",
@@ -522,25 +566,33 @@ def merge(
 
     The result carries ``merge_info``: method, reference index, the ridge, how it was chosen and the
     score of every candidate, the folded BatchNorm layers, the permutation-only spaces.
+
+    Checked up front: ``data`` and ``val_data`` must be re-iterable (a list of batches or a
+    DataLoader; merge makes several passes), input weights finite, dtypes equal, ridges finite. A
+    ``RuntimeWarning`` names the space when the statistics have fewer samples than channels, or
+    when a ridge below 1e-6 meets an ill-conditioned covariance. Works inside ``torch.inference_mode()``.
     """
     method = _canonical_method(method)
     _check_options(options)
     models = _check_models(models)
     if method == "ensemble":
         return ensemble(models)
+    for what, given in (("data", data), ("val_data", val_data)):
+        if given is not None:
+            check_data(given, what, reiterable=True)
     ref = _reference_index(models, reference, val_data)
     if repair is None:
         repair = method != "average"  # the baselines stay plain: average is what REPAIR is measured against
     uses_ridge = method in _RIDGE_METHODS
-    grid = tuple(float(r) for r in options.pop("ridge_grid", RIDGE_GRID))
+    grid = tuple(_check_ridge(r, "ridge_grid value") for r in options.pop("ridge_grid", RIDGE_GRID))
     if isinstance(ridge, str):
         if ridge != "auto":
             raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
-    elif ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    else:
+        ridge = _check_ridge(ridge)
     if method in _STATS_METHODS:
         _require_data(data, method)
-    graph = _graph(models[ref], graph, data)
+    graph, data = _graph(models[ref], graph, data)
     plan = _Plan.build(method, models, ref, graph, data=data, reset_bn=reset_bn, repair=repair,
                        max_batches=max_batches, progress=progress, options=options)
     scores: dict[float, float] = {}
@@ -553,6 +605,8 @@ def merge(
         chosen, how = float(ridge), "given"
     if stats is None and method in _STATS_METHODS:
         stats = _stats(models, graph, data, max_batches, progress)
+    if stats is not None:
+        _warn_if_unreliable(stats, method, chosen)
     transforms = _compute_transforms(method, models, ref, graph, stats, chosen if chosen is not None else 0.0,
                                      options)
     merged = plan.merged(transforms)
@@ -591,12 +645,16 @@ def alignment_transforms(
         )
     if isinstance(ridge, str):
         raise ValueError("alignment_transforms needs a numeric ridge; ridge='auto' is available in merge()")
+    ridge = _check_ridge(ridge)
     models = _check_models([reference, model])
-    graph = _graph(reference, graph, data)
+    if data is not None:
+        check_data(data)
+    graph, data = _graph(reference, graph, data)
     stats = None
     if method in _STATS_METHODS:
         _require_data(data, method)
         stats = _stats(models, graph, data, max_batches, progress)
+        _warn_if_unreliable(stats, method, ridge if method in _RIDGE_METHODS else None)
     transforms = _compute_transforms(method, models, 0, graph, stats, float(ridge), options)[1]
     if transforms is None:
         eye = {s.name: torch.eye(s.size, dtype=torch.float64) for s in graph.spaces}
@@ -604,6 +662,7 @@ def alignment_transforms(
     return transforms
 
 
+@torch.inference_mode(False)  # called inside inference_mode: the result must still be a normal, trainable model
 def align_to(
     reference: nn.Module,
     model: nn.Module,
@@ -625,9 +684,14 @@ def align_to(
     has neutral BatchNorm layers. ``reset_bn=True`` gives them statistics again: re-estimated on
     ``data`` for permutations, and for CCA set to the model's own channel mean and std as seen
     through the transform (so the aligned model's layers keep the scale they had).
+
+    ``data`` may be a one-shot iterator unless ``reset_bn`` needs a second pass over it.
     """
     method = _canonical_method(method)
-    graph = _graph(reference, graph, data)
+    _check_models([reference, model])
+    if data is not None:
+        check_data(data, reiterable=reset_bn and has_batchnorm(model) and method in _STATS_METHODS)
+    graph, data = _graph(reference, graph, data)
     transforms = alignment_transforms(
         reference, model, method, data, ridge=ridge, max_batches=max_batches, graph=graph, progress=progress,
         **options,

@@ -19,7 +19,15 @@ import torch
 from torch import nn
 
 from ccatoolkit._utils import BATCHNORM_TYPES as _BN
-from ccatoolkit._utils import batch_count, batch_inputs, eval_mode, has_batchnorm, model_device, progress_bar
+from ccatoolkit._utils import (
+    batch_count,
+    batch_inputs,
+    check_data,
+    check_finite_parameters,
+    eval_mode,
+    progress_bar,
+    to_model,
+)
 from ccatoolkit.merging.graph import MergeGraph, merge_graph
 
 __all__ = ["reset_bn_stats", "repair", "repair_batchnorm", "repair_endpoints", "channel_stats"]
@@ -30,6 +38,7 @@ _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _batches(data: Iterable[Any], max_batches: int | None, progress: bool, desc: str) -> Iterator[torch.Tensor]:
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 (or None for all), got {max_batches}")
+    check_data(data)
     total = batch_count(data, max_batches)
     it: Iterable[Any] = data
     if progress:
@@ -47,14 +56,14 @@ def reset_bn_stats(
 
     Every BatchNorm's running statistics are reset and accumulated as a cumulative average over the
     batches (``momentum=None``); other layers (dropout, ...) stay in eval mode. The copy's training
-    flags and momenta are restored afterwards; ``model`` is not modified.
+    flags and momenta are restored afterwards; ``model`` is not modified. One pass: ``data`` may be a generator.
     """
+    check_finite_parameters([model])
     new = copy.deepcopy(model)
     bns = [m for m in new.modules() if isinstance(m, _BN)]
     if not bns:
         return new
     momenta = {m: m.momentum for m in bns}
-    device = model_device(new)
     try:
         with eval_mode(new):
             for m in bns:
@@ -65,7 +74,7 @@ def reset_bn_stats(
             seen = 0
             with torch.no_grad():
                 for x in _batches(data, max_batches, progress, "reset BatchNorm"):
-                    new(x.to(device))
+                    new(to_model(x, new))
                     seen += 1
         if seen == 0:
             raise ValueError("the data gave no batches; pass a non-empty DataLoader or iterable of batches")
@@ -97,7 +106,9 @@ def repair_batchnorm(
     running variance is unbiased and includes ``eps``, a population std is neither; an upstream fix
     shifts the layers below it), until every channel is within ``tol`` of its target: a model that
     already has the target statistics comes back unchanged. Returns a copy; ``model`` is not modified.
+    ``data`` must be re-iterable (a list of batches or a DataLoader): it is read once per pass.
     """
+    check_data(data, reiterable=True)
     new = copy.deepcopy(model)
     modules = dict(new.named_modules())
     with torch.no_grad():
@@ -198,14 +209,13 @@ def channel_stats(
 
         return hook
 
-    device = model_device(model)
     try:
         for n in modules:
             handles.append(named[n].register_forward_hook(make(n)))
         with eval_mode(model), torch.no_grad():
             for x in _batches(data, max_batches, progress, "channel statistics"):
                 try:
-                    model(x.to(device))
+                    model(to_model(x, model))
                 except _Stop:
                     pass
     finally:
@@ -276,8 +286,11 @@ def repair(
     within ``tol`` (relative to the target std) of its targets, or ``max_passes`` (default: the
     number of modules + 1, which makes a chain of modules exact: after pass i the first i are).
     In practice two to four passes suffice. Channels whose merged std is below ``eps`` keep their
-    scale. ``merged`` and the endpoints are not modified.
+    scale. ``merged`` and the endpoints are not modified. ``data`` must be re-iterable (a list of
+    batches or a DataLoader): it is read once per pass.
     """
+    check_data(data, reiterable=True)
+    check_finite_parameters([merged], ["merged"])
     if graph is None:
         graph = merge_graph(merged)
     endpoints = [n for names in repair_endpoints(merged, graph).values() for n in names]

@@ -6,23 +6,39 @@ checked when it is read. Files are written atomically (temporary file + ``os.rep
 interrupted run never leaves a half-written entry under the real name. A file that cannot be
 read or does not match is reported as :class:`CacheError` naming the file — it is never used
 silently, nor silently recomputed.
+
+Format ``ccatoolkit-cache-v2``: the result is serialised on its own (``torch.save``) and stored as
+a byte tensor next to its SHA-256, which is verified on every load, so flipped bytes anywhere in
+the result are caught rather than loaded as different weights. At save time the bytes are read
+back as ``load_or_create`` will read them (``weights_only``), so a result that could never be
+loaded (e.g. a whole ``nn.Module``) is refused then, with a clear error. Entries of the older
+``v1`` format (the result stored directly, no checksum) are still read, unverified.
+
+A finished computation is never lost to an unusable cache folder: the folder is checked before
+``create()`` runs, and if it cannot be written (read-only, or a file) the result goes to a
+temporary folder instead, with a warning naming both paths.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["CacheError", "cache_dir", "key_digest", "cache_path", "atomic_save", "load_or_create"]
+__all__ = [
+    "CacheError", "cache_dir", "key_digest", "cache_path", "writable_cache_path", "atomic_save", "load_or_create",
+]
 
-_FORMAT = "ccatoolkit-cache-v1"
+_FORMAT = "ccatoolkit-cache-v2"
+_OLD_FORMATS = ("ccatoolkit-cache-v1",)  # read without a checksum (unverified)
 _KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -90,6 +106,87 @@ def _broken(path: Path, problem: str) -> CacheError:
     )
 
 
+def _unwritable(directory: Path) -> str | None:
+    """Why nothing can be written into ``directory`` (created if missing), or None when it can."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def writable_cache_path(
+    kind: str, key: dict[str, Any], cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """Where the result of ``kind`` for ``key`` is read from or will be written, checked before any work.
+
+    :func:`cache_path` when that file exists or its folder can be written; otherwise the same file
+    name in ``<temporary folder>/ccatoolkit-cache``, with a ``RuntimeWarning`` naming both paths, so
+    a long computation is not lost when it is finished.
+    """
+    path = cache_path(kind, key, cache_dir)
+    if path.is_file():
+        return path
+    problem = _unwritable(path.parent)
+    if problem is None:
+        return path
+    fallback = Path(tempfile.gettempdir()) / "ccatoolkit-cache"
+    if _unwritable(fallback) is not None:
+        fallback = Path(tempfile.mkdtemp(prefix="ccatoolkit-cache-"))
+    warnings.warn(
+        f"the cache folder {path.parent} cannot be written ({problem}); the result is stored in {fallback} "
+        "instead. Set cache_dir= or $CCATOOLKIT_CACHE to a writable folder to keep results across sessions.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return fallback / path.name
+
+
+def _serialise(value: Any, weights_only: bool) -> bytes:
+    """``torch.save(value)`` as bytes, refused unless it loads back the way :func:`load_or_create` will load it."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    data = buffer.getvalue()
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        raise TypeError(
+            f"cannot cache a result of type {type(value).__name__}: it would not load back with "
+            f"weights_only={weights_only} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+            "Store tensors, dicts, lists, numbers and strings, e.g. model.state_dict() instead of a model."
+        ) from err
+    return data
+
+
+def _read(path: Path, key_json: str, weights_only: bool) -> Any:
+    """The value stored in ``path`` for ``key_json``, checksum verified (v2); :class:`CacheError` otherwise."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        raise _broken(path, f"cannot be read (truncated or not a checkpoint: {type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") not in (_FORMAT, *_OLD_FORMATS):
+        raise _broken(path, "is not a ccatoolkit cache file")
+    if payload.get("key") != key_json:
+        raise _broken(path, f"was stored for another key ({payload.get('key')!r}, expected {key_json!r})")
+    if payload["format"] in _OLD_FORMATS:
+        if "value" not in payload:
+            raise _broken(path, "is not a ccatoolkit cache file")
+        return payload["value"]
+    blob = payload.get("payload")
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise _broken(path, "is not a ccatoolkit cache file (no payload)")
+    data = blob.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != payload.get("sha256"):
+        raise _broken(path, "is damaged (its SHA-256 checksum does not match the stored result)")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        raise _broken(path, f"holds a result that cannot be read ({type(err).__name__}: {err})") from err
+
+
 def load_or_create(
     kind: str,
     key: dict[str, Any],
@@ -104,25 +201,17 @@ def load_or_create(
     everything the result depends on. ``validate(value)`` may raise to reject a loaded value (e.g.
     weights that do not fit the model). Results must be ``torch.save``-able; with
     ``weights_only`` (the safe default) they must consist of tensors, dicts, lists, tuples,
-    strings and numbers. Loaded tensors are on the CPU.
+    strings and numbers (anything else is refused with a ``TypeError`` when it is saved). Loaded
+    tensors are on the CPU. The folder is checked before ``create()`` runs (see
+    :func:`writable_cache_path`).
 
-    Raises :class:`CacheError` naming the file when it is damaged, not a cache file, stored for
-    another key, or rejected by ``validate``.
+    Raises :class:`CacheError` naming the file when it is damaged (checksum mismatch), not a cache
+    file, stored for another key, or rejected by ``validate``.
     """
-    path = cache_path(kind, key, cache_dir)
     key_json = _canonical_json(key)
+    path = writable_cache_path(kind, key, cache_dir)
     if path.exists():
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=weights_only)
-        except Exception as err:
-            raise _broken(path, f"cannot be read (truncated or not a checkpoint: {type(err).__name__}: {err})") from err
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT or "value" not in payload:
-            raise _broken(path, "is not a ccatoolkit cache file")
-        if payload.get("key") != key_json:
-            raise _broken(
-                path, f"was stored for another key ({payload.get('key')!r}, expected {key_json!r})"
-            )
-        value = payload["value"]
+        value = _read(path, key_json, weights_only)
         if validate is not None:
             try:
                 validate(value)
@@ -130,5 +219,12 @@ def load_or_create(
                 raise _broken(path, f"does not fit ({type(err).__name__}: {err})") from err
         return value
     value = create()
-    atomic_save(dict(format=_FORMAT, kind=kind, key=key_json, value=value), path)
+    data = _serialise(value, weights_only)
+    blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    entry = dict(format=_FORMAT, kind=kind, key=key_json, sha256=hashlib.sha256(data).hexdigest(), payload=blob)
+    try:
+        atomic_save(entry, path)
+    except OSError as err:  # e.g. the disk filled up during create(): keep the result, say it was not cached
+        warnings.warn(f"could not write the cache file {path} ({type(err).__name__}: {err}); the result is "
+                      "returned but not cached", RuntimeWarning, stacklevel=2)
     return value

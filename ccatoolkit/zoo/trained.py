@@ -18,7 +18,7 @@ from torch import nn
 from ccatoolkit._utils import resolve_device
 from ccatoolkit.data import VAL_FRACTION, dataset_info, get_loaders
 from ccatoolkit.data.datasets import canonical_name
-from ccatoolkit.zoo.cache import CacheError, cache_path, load_or_create
+from ccatoolkit.zoo.cache import CacheError, load_or_create, writable_cache_path
 from ccatoolkit.zoo.models import build_model, model_config
 from ccatoolkit.zoo.training import default_lr, evaluate, train
 
@@ -101,7 +101,9 @@ def trained_model(
     Returns the model in eval mode on ``device`` (default: the best available), with
     ``model.train_info = dict(test_accuracy, test_loss, n_train, seconds, cache_file)``
     (``seconds``: the training time when it was trained). A checkpoint that does not fit the
-    model raises :class:`ccatoolkit.zoo.cache.CacheError` naming the file.
+    model, or is damaged, raises :class:`ccatoolkit.zoo.cache.CacheError` naming the file. An
+    unwritable cache folder is found before training: the weights then go to a temporary folder
+    (with a warning naming both).
     """
     key_name = canonical_name(dataset)
     info = dataset_info(key_name)
@@ -144,9 +146,10 @@ def trained_model(
             raise ValueError("not a zoo checkpoint (no state_dict)")
         net.load_state_dict(value["state_dict"])  # raises on missing keys or wrong shapes
 
-    value = load_or_create("model", key, create, cache_dir=cache_dir, validate=validate)
+    path = writable_cache_path("model", key, cache_dir)  # checked before training, so the run is never lost
+    value = load_or_create("model", key, create, cache_dir=path.parent, validate=validate)
     net.to(dev).eval()
-    net.train_info = dict(value.get("info", {}), cache_file=str(cache_path("model", key, cache_dir)))
+    net.train_info = dict(value.get("info", {}), cache_file=str(path))
     return net
 
 

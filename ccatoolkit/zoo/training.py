@@ -17,7 +17,17 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from ccatoolkit._utils import batch_inputs, batch_targets, eval_mode, model_device, progress_bar, resolve_device
+from ccatoolkit._utils import (
+    batch_inputs,
+    batch_targets,
+    check_class_targets,
+    check_data,
+    eval_mode,
+    model_device,
+    progress_bar,
+    resolve_device,
+    to_model,
+)
 
 __all__ = ["train", "evaluate", "default_lr", "lr_factor", "SCHEDULES"]
 
@@ -88,6 +98,7 @@ def train(
         raise ValueError(f"unknown schedule {schedule!r}; valid schedules are: {', '.join(SCHEDULES)}")
     dev = resolve_device(device)
     lr = default_lr(model) if lr is None else float(lr)
+    check_data(data)
     torch.manual_seed(int(seed))
     _reseed(data, seed)
     if not isinstance(data, DataLoader) and not hasattr(data, "__len__"):
@@ -116,9 +127,11 @@ def train(
             batch_bar = progress_bar(data, progress, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
                                      total=steps_per_epoch)
             for i, batch in enumerate(batch_bar):
-                x = batch_inputs(batch).to(dev, non_blocking=non_blocking)
+                x = to_model(batch_inputs(batch), model, non_blocking=non_blocking)
                 y = torch.as_tensor(batch_targets(batch)).to(dev, non_blocking=non_blocking)
                 logits = model(x)
+                if epoch == 0:  # the same labels come back every epoch: check them once (a device sync)
+                    check_class_targets(y, logits)
                 loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -156,8 +169,10 @@ def predict(
 
     ``data`` is a DataLoader or any iterable of ``(inputs, targets)`` batches. Runs without
     gradients on the model's own device (or on ``device``, using a copy of the model if it lives
-    elsewhere); every submodule's train/eval flag is restored afterwards.
+    elsewhere); every submodule's train/eval flag is restored afterwards. Targets must be integer
+    class indices below the model's number of outputs (checked, with a clear error).
     """
+    check_data(data)
     if device is not None and resolve_device(device) != model_device(model):
         model = copy.deepcopy(model).to(resolve_device(device))
     dev = model_device(model)
@@ -165,9 +180,10 @@ def predict(
     targets, predictions = [], []
     with eval_mode(model):
         for batch in progress_bar(data, progress, desc="evaluate", unit="batch", leave=False):
-            x = batch_inputs(batch).to(dev)
+            x = to_model(batch_inputs(batch), model)
             y = torch.as_tensor(batch_targets(batch)).to(dev)
             logits = model(x)
+            check_class_targets(y, logits)
             loss_sum += F.cross_entropy(logits.double(), y, reduction="sum")
             targets.append(y.cpu())
             predictions.append(logits.argmax(1).cpu())
