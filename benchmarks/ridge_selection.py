@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--subsets", type=int, default=3)
     p.add_argument("--max-batches", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--grid", nargs="+", type=float, default=list(GRID), help="ridges tried (fixed, and by 'auto')")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -55,12 +56,12 @@ def main() -> None:
         for group in list(itertools.combinations(models, n))[: args.subsets]:
             group = list(group)
             rows.setdefault("ensemble", []).append(acc(merge(group, "ensemble")))
-            for r in GRID:
+            for r in args.grid:
                 rows.setdefault(f"ridge {r:g}", []).append(
                     acc(merge(group, "cca", train, ridge=r, max_batches=args.max_batches, progress=False)))
             for label, extra in (("auto, label-free (default)", {}), ("auto, validation accuracy", {"val_data": val})):
                 m = merge(group, "cca", train, max_batches=args.max_batches, progress=False,
-                          ridge_grid=GRID, **extra)
+                          ridge_grid=tuple(args.grid), **extra)
                 rows.setdefault(label, []).append(acc(m))
                 chosen.setdefault(label, []).append(m.merge_info["ridge"])
         print(f"\nN = {n}: CCA Merge test accuracy (%), mean ± sd over {len(rows['ensemble'])} subsets")

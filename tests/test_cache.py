@@ -151,3 +151,15 @@ def test_trained_model_uses_env_cache(tmp_path: Path, monkeypatch: pytest.Monkey
     assert Path(model.train_info["cache_file"]).parent == tmp_path
     with pytest.raises(ValueError, match="resnet20"):
         trained_model(**{**SMALL, "model": "lenet"})
+
+
+def test_a_seed_gives_the_same_model_whatever_ran_before(tmp_path: Path) -> None:
+    """The initial weights come from ``seed`` alone: a trained model does not depend on the process's history."""
+    torch.manual_seed(123)
+    first = trained_model(**SMALL, cache_dir=tmp_path / "a")
+    torch.rand(1000)  # another global random state
+    second = trained_model(**SMALL, cache_dir=tmp_path / "b")  # trained again, in another cache
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
+    state = torch.random.get_rng_state()
+    trained_model(**SMALL, cache_dir=tmp_path / "a")  # loading from the cache leaves the global RNG alone
+    assert torch.equal(state, torch.random.get_rng_state())

@@ -79,7 +79,8 @@ _HOLD_OUT_EVERY = 4
 _STATS_METHODS = {"permute", "zipit", "cca", "cca_multiview"}
 _OPTIONS = {"allow_within_model", "max_iter", "seed", "ridge_grid", "repair_passes"}
 _RIDGE_METHODS = {"cca", "cca_multiview"}
-_LINEAR_MAP_METHODS = {"cca", "cca_multiview", "zipit"}  # transforms that mix channels (not permutations)
+_LINEAR_MAP_METHODS = {"cca", "cca_multiview", "zipit"}
+_PRODUCER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)  # transforms that mix channels (not permutations)
 #: A ridge below this meets an ill-conditioned covariance with a warning (CCA then amplifies noise).
 _SMALL_RIDGE = 1e-6
 #: Covariances of live channels with a larger condition number count as ill-conditioned.
@@ -241,6 +242,30 @@ def _pair(out: np.ndarray, inp: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]
     return torch.as_tensor(out, dtype=torch.float64), torch.as_tensor(inp, dtype=torch.float64)
 
 
+def _weight_matching_inputs(
+    models: list[nn.Module], ref: int, graph: MergeGraph
+) -> tuple[list[dict[str, torch.Tensor]], set[str] | None]:
+    """The state dicts weight matching compares, and which of their entries (None: its default).
+
+    BatchNorm makes a conv's filters scale-free: their norms say little about what a channel does,
+    and BatchNorm's own vectors say little about which channels correspond. So for BatchNorm
+    networks each BatchNorm's scale is folded into its producer's rows (:mod:`ccatoolkit.merging.folding`)
+    and only conv/linear weights enter the objective (measured on VGG11s: 48.7% -> 70.9% merged
+    accuracy; adding the folded biases back gave 59.6%). The permutations found are applied to
+    the original models, where they are exact.
+    """
+    states = [m.state_dict() for m in models]
+    pairs = foldable_batchnorms(models[ref], graph) if has_batchnorm(models[ref]) else {}
+    if not pairs:
+        return states, None
+    modules = dict(models[ref].named_modules())
+    names = {
+        name for name in graph.param_spaces
+        if name.endswith(".weight") and isinstance(modules.get(name.rpartition(".")[0]), _PRODUCER_TYPES)
+    }
+    return [fold_batchnorm(m, pairs).state_dict() for m in models], names
+
+
 def _compute_transforms(
     method: str,
     models: list[nn.Module],
@@ -256,12 +281,12 @@ def _compute_transforms(
     if method == "average":
         return result
     if method == "permute_weight":
-        ref_state = models[ref].state_dict()
+        states, names = _weight_matching_inputs(models, ref, graph)
         for k in range(n):
             if k != ref:
                 perms = weight_matching(
-                    ref_state, models[k].state_dict(), graph,
-                    max_iter=int(options.get("max_iter", 100)), seed=int(options.get("seed", 0)),
+                    states[ref], states[k], graph, max_iter=int(options.get("max_iter", 100)),
+                    seed=int(options.get("seed", 0)), param_names=names,
                 )
                 result[k] = {s: _pair(*permutation_transform(p)) for s, p in perms.items()}
         return result

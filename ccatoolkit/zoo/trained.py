@@ -26,7 +26,9 @@ __all__ = ["trained_model", "trained_models", "DEFAULT_EPOCHS", "zoo_key", "Cach
 
 #: Epochs used when ``epochs`` is not given.
 DEFAULT_EPOCHS: dict[str, int] = {"mlp": 10, "vgg11": 20, "resnet20": 20}
-_ZOO_VERSION = 1
+# 2: the initial weights are seeded by `seed` (version 1 built the network before seeding, so its
+# initialisation depended on what the process had done before, and models could share one)
+_ZOO_VERSION = 2
 
 
 def zoo_key(
@@ -110,7 +112,9 @@ def trained_model(
     kind = "full" if split is None else split
     kwargs = dict(in_shape=info["in_shape"], num_classes=info["num_classes"])
     kwargs.update(model_kwargs or {})
-    net = build_model(model, **kwargs)
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on `seed` alone, not on earlier work
+        torch.manual_seed(seed)
+        net = build_model(model, **kwargs)
     name = str(model_config(net).get("name", model)).lower()
     epochs = DEFAULT_EPOCHS.get(name, 10) if epochs is None else int(epochs)
     lr = default_lr(net) if lr is None else float(lr)
