@@ -274,6 +274,7 @@ def repair(
     eps: float = 1e-5,
     tol: float = 1e-4,
     max_passes: int | None = None,
+    only: Sequence[str] | None = None,
 ) -> nn.Module:
     """REPAIR: a copy of ``merged`` whose pre-activation channel means/stds equal the endpoints' average.
 
@@ -294,6 +295,8 @@ def repair(
     if graph is None:
         graph = merge_graph(merged)
     endpoints = [n for names in repair_endpoints(merged, graph).values() for n in names]
+    if only is not None:  # e.g. the layers that are not BatchNorm, when BatchNorm layers were set otherwise
+        endpoints = [n for n in endpoints if n in set(only)]
     new = copy.deepcopy(merged)
     if not endpoints:
         return new
