@@ -13,25 +13,7 @@ from ccatoolkit.merging.normalization import channel_stats, repair_batchnorm, re
 from ccatoolkit.merging.transform import apply_permutations, apply_transforms, random_permutations, random_scalings
 from ccatoolkit.zoo.models import MLP, VGG11, ResNet20
 from ccatoolkit.zoo.training import evaluate
-from toybox import SmallRes, digit_batches, fit
-
-
-class ConvBN(nn.Module):
-    """A user's Conv-BatchNorm-ReLU network: three conv layers, global pooling, a linear head."""
-
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        w = width
-        self.conv1, self.bn1, self.relu1 = nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()
-        self.conv2, self.bn2, self.relu2 = nn.Conv2d(w, 2 * w, 3, 2, 1), nn.BatchNorm2d(2 * w), nn.ReLU()
-        self.conv3, self.bn3, self.relu3 = nn.Conv2d(2 * w, 2 * w, 3, 2, 1), nn.BatchNorm2d(2 * w), nn.ReLU()
-        self.pool, self.flatten, self.head = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.relu3(self.bn3(self.conv3(x)))
-        return self.head(self.flatten(self.pool(x)))
+from toybox import ConvBN, SmallRes, digit_batches, fit
 
 
 class PreActivation(nn.Module):

@@ -77,3 +77,21 @@ def user_cnn() -> nn.Sequential:
         nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
         nn.Linear(6 * 16, 10), nn.ReLU(), nn.Linear(10, 3),
     )
+
+
+class ConvBN(nn.Module):
+    """A user's Conv-BatchNorm-ReLU network (the CCA-on-BatchNorm issue's case): three conv layers, pooling, a head."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(w, 2 * w, 3, 2, 1), nn.BatchNorm2d(2 * w), nn.ReLU()
+        self.conv3, self.bn3, self.relu3 = nn.Conv2d(2 * w, 2 * w, 3, 2, 1), nn.BatchNorm2d(2 * w), nn.ReLU()
+        self.pool, self.flatten, self.head = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        return self.head(self.flatten(self.pool(x)))
