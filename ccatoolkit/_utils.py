@@ -15,6 +15,7 @@ from torch import nn
 
 __all__ = [
     "BATCHNORM_TYPES",
+    "LINEAR_LAYER_TYPES",
     "default_device",
     "resolve_device",
     "model_device",
@@ -26,7 +27,6 @@ __all__ = [
     "batch_count",
     "batch_inputs",
     "batch_targets",
-    "iterate_inputs",
     "progress_bar",
     "eval_mode",
     "has_batchnorm",
@@ -38,6 +38,8 @@ __all__ = [
 
 #: The BatchNorm layers whose running statistics the package re-estimates, folds and transforms.
 BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: The layers that produce a space's channels as rows of a weight (what BatchNorm folds into, what REPAIR rescales).
+LINEAR_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 # --- devices ----------------------------------------------------------------------------------------
@@ -174,12 +176,6 @@ def batch_targets(batch: Any) -> torch.Tensor:
         "this batch has no targets: a batch with labels must be a tuple/list (inputs, targets, ...); "
         f"got {type(batch).__name__}"
     )
-
-
-def iterate_inputs(data: Iterable[Any]) -> Iterator[torch.Tensor]:
-    """Yield the inputs of every batch of ``data``."""
-    for batch in data:
-        yield batch_inputs(batch)
 
 
 class _PlainBar:

@@ -8,7 +8,6 @@ weights of its points over a few anchor models and evaluates them with
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -23,7 +22,7 @@ from ccatoolkit._utils import (
     model_device,
     progress_bar,
 )
-from ccatoolkit.landscape.points import combine, estimate_bn_statistics, evaluate_points, float_state
+from ccatoolkit.landscape.points import evaluate_points, float_state, point_model
 from ccatoolkit.landscape.results import InterpolationResult, PlaneResult, SimplexResult
 from ccatoolkit.merging.api import align_to
 from ccatoolkit.merging.graph import merge_graph
@@ -165,14 +164,10 @@ def _repaired_points(
     graph = merge_graph(model_a)
     modules = [n for names in repair_endpoints(model_a, graph).values() for n in names]
     ends = [channel_stats(m, modules, bn_data) for m in (model_a, b_prime)]
-    device = model_device(model_a)
+    point_bn_data = bn_data if reset_bn and has_batchnorm(model_a) else None
     out: list[dict[str, torch.Tensor]] = []
     for row in progress_bar(coeffs, progress, desc="REPAIR", leave=False):
-        state = {k: v[0] for k, v in combine(states, torch.as_tensor(row[None, :])).items()}
-        if reset_bn and has_batchnorm(model_a):
-            estimate_bn_statistics(model_a, [state], bn_data, False, device, False)
-        point = copy.deepcopy(model_a).eval()
-        point.load_state_dict(state, strict=False)
+        point = point_model(model_a, states, row, point_bn_data)
         wa, wb = float(row[0]), float(row[1])
         targets = {
             n: (wa * ends[0][n][0] + wb * ends[1][n][0], wa * ends[0][n][1] + wb * ends[1][n][1]) for n in modules

@@ -48,7 +48,9 @@ from ccatoolkit._utils import (
     to_model,
 )
 
-__all__ = ["float_state", "combine", "interpolated_model", "evaluate_points", "estimate_bn_statistics"]
+__all__ = [
+    "float_state", "combine", "point_model", "interpolated_model", "evaluate_points", "estimate_bn_statistics",
+]
 
 _PARAM_BUDGET_BYTES = 256 * 2**20  # stacked parameters of one chunk of points
 _MAX_CHUNK = 8
@@ -81,6 +83,25 @@ def combine(states: Sequence[dict[str, torch.Tensor]], coeffs: torch.Tensor) -> 
     return out
 
 
+def point_model(
+    template: nn.Module, states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float],
+    bn_data: Iterable[Any] | None = None,
+) -> nn.Module:
+    """A copy of ``template`` (eval mode) at the point ``sum_k weights[k] * states[k]``.
+
+    ``states`` are the anchors' floating state dicts on the template's device. With ``bn_data``
+    the point's BatchNorm running statistics are re-estimated there (its own, not the mix of its
+    anchors'); without, they are the mix.
+    """
+    state = {k: v[0] for k, v in combine(states, torch.tensor([list(map(float, weights))], dtype=torch.float64)).items()}
+    if bn_data is not None:
+        estimate_bn_statistics(template, [state], bn_data, batched=False, device=model_device(template),
+                               progress=False)
+    point = copy.deepcopy(template).eval()
+    point.load_state_dict(state, strict=False)
+    return point
+
+
 def interpolated_model(
     models: Sequence[nn.Module], weights: Sequence[float], bn_data: Iterable[Any] | None = None
 ) -> nn.Module:
@@ -97,16 +118,10 @@ def interpolated_model(
     check_same_architecture(models)
     device = model_device(models[0])
     states = [{k: v.to(device) for k, v in float_state(m).items()} for m in models]
-    state = {k: v[0] for k, v in combine(states, torch.tensor([list(map(float, weights))])).items()}
-    template = models[0]
-    if has_batchnorm(template):
-        if bn_data is None:
-            raise ValueError("this model has BatchNorm layers: pass bn_data (training batches) to re-estimate "
-                             "the interpolated model's statistics")
-        estimate_bn_statistics(template, [state], bn_data, batched=False, device=device, progress=False)
-    point = copy.deepcopy(template).eval()
-    point.load_state_dict(state, strict=False)
-    return point
+    if has_batchnorm(models[0]) and bn_data is None:
+        raise ValueError("this model has BatchNorm layers: pass bn_data (training batches) to re-estimate "
+                         "the interpolated model's statistics")
+    return point_model(models[0], states, weights, bn_data if has_batchnorm(models[0]) else None)
 
 
 # --------------------------------------------------------------------------- batched evaluation

@@ -8,7 +8,7 @@ drawing: :mod:`ccatoolkit.plots.landscape` draws them (``plot_interpolation``, `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -78,8 +78,7 @@ _HOLD_OUT_EVERY = 4
 _STATS_METHODS = {"permute", "zipit", "cca", "cca_multiview"}
 _OPTIONS = {"allow_within_model", "max_iter", "seed", "ridge_grid", "repair_passes"}
 _RIDGE_METHODS = {"cca", "cca_multiview"}
-_LINEAR_MAP_METHODS = {"cca", "cca_multiview", "zipit"}
-_PRODUCER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)  # transforms that mix channels (not permutations)
+_LINEAR_MAP_METHODS = {"cca", "cca_multiview", "zipit"}  # transforms that mix channels (not permutations)
 #: A ridge below this meets an ill-conditioned covariance with a warning (CCA then amplifies noise).
 _SMALL_RIDGE = 1e-6
 #: Covariances of live channels with a larger condition number count as ill-conditioned.
@@ -269,9 +268,9 @@ def _weight_matching_inputs(
     if not pairs:
         return states, None
     modules = dict(models[ref].named_modules())
-    names = {
+    names = {  # the graph's weights other than BatchNorm's: the linear and conv layers'
         name for name in graph.param_spaces
-        if name.endswith(".weight") and isinstance(modules.get(name.rpartition(".")[0]), _PRODUCER_TYPES)
+        if name.endswith(".weight") and not isinstance(modules.get(name.rpartition(".")[0]), BATCHNORM_TYPES)
     }
     return [fold_batchnorm(m, pairs).state_dict() for m in models], names
 
@@ -500,23 +499,28 @@ def _agreement_scorer(models: list[nn.Module], held_out: Iterable[Any]) -> Any:
 
 def _select_ridge(
     plan: _Plan, method: str, grid: Sequence[float], data: Any, val_data: Any, max_batches: int | None, progress: bool
-) -> tuple[float, dict[float, float], str, dict[str, JointStats]]:
-    """``(ridge, scores, how, statistics of all the data)`` for ``ridge="auto"``.
+) -> tuple[float, dict[float, float], str, dict[str, JointStats], nn.Module | None]:
+    """``(ridge, scores, how, statistics of all the data, the merge with that ridge or None)`` for ``ridge="auto"``.
 
     With ``val_data``: the ridge whose merge has the best validation accuracy. Without: fit the
     transforms on 3 of every 4 batches of ``data`` and keep the ridge whose merge agrees best with
-    the ensemble on the held-out batches (no labels needed). The split is made in one pass and the
+    the ensemble on the held-out batches (no labels needed); the final merge then uses all batches,
+    so no candidate is the result. The split is made in one pass and the
     held-out batches are kept, so a shuffling DataLoader cannot mix the two parts. With fewer than
     4 batches there is nothing to hold out, and :data:`DEFAULT_RIDGE` is used.
     """
     models, ref, graph = plan.models, plan.ref, plan.graph
     if val_data is not None:
         stats = _stats(models, graph, data, max_batches, progress)
-        scores = {}
-        for r in grid:
+        scores: dict[float, float] = {}
+        best: tuple[float, nn.Module] | None = None
+        for r in grid:  # on the statistics of all the data: the best candidate is the result
             merged = plan.merged(_compute_transforms(method, models, ref, graph, stats, r, plan.options), False)
             scores[r] = _accuracy(merged, val_data)
-        return max(scores, key=scores.__getitem__), scores, "validation accuracy", stats
+            if best is None or scores[r] > scores[best[0]]:  # the first of equal scores wins, as max() picks it
+                best = (r, merged)
+        assert best is not None
+        return best[0], scores, "validation accuracy", stats, best[1]
     held_out: list[Any] = []
 
     def fit_batches() -> Iterator[Any]:  # one pass: every 4th batch is kept aside, the others feed the statistics
@@ -528,7 +532,7 @@ def _select_ridge(
 
     fit_stats = _stats(models, graph, fit_batches(), None, progress)
     if not held_out:
-        return DEFAULT_RIDGE, {}, f"default (fewer than {_HOLD_OUT_EVERY} batches: none held out)", fit_stats
+        return DEFAULT_RIDGE, {}, f"default (fewer than {_HOLD_OUT_EVERY} batches: none held out)", fit_stats, None
     held_stats = _stats(models, graph, held_out, None, False)
     score = _agreement_scorer(models, held_out)
     scores = {}
@@ -536,7 +540,7 @@ def _select_ridge(
         merged = plan.merged(_compute_transforms(method, models, ref, graph, fit_stats, r, plan.options), False)
         scores[r] = score(merged)
     stats = {name: fit_stats[name] + held_stats[name] for name in fit_stats}
-    return max(scores, key=scores.__getitem__), scores, "agreement with the ensemble on held-out batches", stats
+    return max(scores, key=scores.__getitem__), scores, "agreement with the ensemble on held-out batches", stats, None
 
 
 # --- public API -------------------------------------------------------------------------------------
@@ -623,17 +627,19 @@ def merge(
     chosen: float | None = None
     how = None
     stats = None
+    merged: nn.Module | None = None
     if uses_ridge and ridge == "auto":
-        chosen, scores, how, stats = _select_ridge(plan, method, grid, data, val_data, max_batches, progress)
+        chosen, scores, how, stats, merged = _select_ridge(plan, method, grid, data, val_data, max_batches, progress)
     elif uses_ridge:
         chosen, how = float(ridge), "given"
     if stats is None and method in _STATS_METHODS:
         stats = _stats(models, graph, data, max_batches, progress)
     if stats is not None:
         _warn_if_unreliable(stats, method, chosen)
-    transforms = _compute_transforms(method, models, ref, graph, stats, chosen if chosen is not None else 0.0,
-                                     options)
-    merged = plan.merged(transforms)
+    if merged is None:
+        transforms = _compute_transforms(method, models, ref, graph, stats, chosen if chosen is not None else 0.0,
+                                         options)
+        merged = plan.merged(transforms)
     merged.merge_info = dict(  # type: ignore[assignment]
         method=method, reference=ref, ridge=chosen, ridge_selection=how, ridge_scores=scores,
         reset_bn=reset_bn, repair=repair, num_models=len(models), folded_batchnorm=sorted(plan.folded),

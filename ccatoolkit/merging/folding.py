@@ -24,12 +24,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ccatoolkit._utils import BATCHNORM_TYPES
+from ccatoolkit._utils import BATCHNORM_TYPES, LINEAR_LAYER_TYPES
 from ccatoolkit.merging.graph import MergeGraph
 
 __all__ = ["batchnorm_producers", "foldable_batchnorms", "fold_batchnorm", "folded_graph"]
-
-_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def batchnorm_producers(model: nn.Module) -> dict[str, str]:
@@ -55,7 +53,7 @@ def batchnorm_producers(model: nn.Module) -> dict[str, str]:
         if (
             isinstance(source, torch.fx.Node)
             and source.op == "call_module"
-            and isinstance(modules[str(source.target)], _PRODUCERS)
+            and isinstance(modules[str(source.target)], LINEAR_LAYER_TYPES)
             and uses.get(source, 0) == 1  # the raw producer output is not used elsewhere
         ):
             pairs[str(node.target)] = str(source.target)

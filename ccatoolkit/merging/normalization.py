@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ccatoolkit._utils import BATCHNORM_TYPES as _BN
+from ccatoolkit._utils import LINEAR_LAYER_TYPES as _LINEAR
 from ccatoolkit._utils import (
     batch_count,
     batch_inputs,
@@ -31,8 +32,6 @@ from ccatoolkit._utils import (
 from ccatoolkit.merging.graph import MergeGraph, merge_graph
 
 __all__ = ["reset_bn_stats", "repair", "repair_batchnorm", "repair_endpoints", "channel_stats"]
-
-_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _batches(data: Iterable[Any], max_batches: int | None, progress: bool, desc: str) -> Iterator[torch.Tensor]:
@@ -124,22 +123,8 @@ def repair_batchnorm(
     new = reset_bn_stats(new, data, max_batches=max_batches, progress=progress)
     modules = dict(new.named_modules())
     names = [n for n in targets if isinstance(modules[n], _BN) and modules[n].affine]
-    for _ in range(max_passes if names else 0):
-        measured = channel_stats(new, names, data, max_batches)
-        worst, updates = 0.0, []
-        for name in names:
-            mean, std = measured[name]
-            t_mean, t_std = (t.to(mean.device, torch.float64) for t in targets[name])
-            unit = t_std.clamp_min(1e-5)
-            live = std > 1e-5
-            worst = max(worst, float(((mean - t_mean).abs() / unit).max()))
-            if live.any():
-                worst = max(worst, float(((std - t_std).abs() / unit)[live].max()))
-            updates.append((name, torch.where(live, t_std / std.clamp_min(1e-5), torch.ones_like(std)), mean, t_mean))
-        if worst <= tol:
-            break
-        for name, scale, mean, t_mean in updates:
-            _fold(modules[name], name, scale, mean, t_mean)
+    if names:
+        _correct(new, names, targets, data, max_batches, eps=1e-5, tol=tol, passes=max_passes, progress=False)
     return new
 
 
@@ -262,6 +247,49 @@ def _fold(module: nn.Module, name: str, scale: torch.Tensor, mean: torch.Tensor,
                 )
 
 
+def _correct(
+    model: nn.Module,
+    names: Sequence[str],
+    targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    data: Iterable[Any],
+    max_batches: int | None,
+    *,
+    eps: float,
+    tol: float,
+    passes: int,
+    progress: bool,
+) -> None:
+    """REPAIR's passes, in place on ``model``: each pass measures the channel statistics of ``names``
+    (eval mode) and folds every per-channel affine correction at once, until all are within ``tol``
+    of ``targets`` (relative to the target std) or ``passes`` run out.
+
+    Channels whose std is below ``eps`` keep their scale; a module that cannot shift its means does
+    not hold up convergence.
+    """
+    modules = dict(model.named_modules())
+    it: Iterable[int] = range(passes)
+    if progress:
+        it = progress_bar(it, desc="REPAIR passes", leave=False)
+    for _ in it:
+        stats = channel_stats(model, names, data, max_batches)
+        worst = 0.0
+        updates = []
+        for n in names:
+            mean, std = stats[n]
+            t_mean, t_std = (t.to(mean.device, torch.float64) for t in targets[n])
+            unit = t_std.clamp_min(eps)
+            if _can_shift(modules[n]):
+                worst = max(worst, float(((mean - t_mean).abs() / unit).max()))
+            live = std > eps
+            if live.any():
+                worst = max(worst, float(((std - t_std).abs() / unit)[live].max()))
+            updates.append((n, torch.where(live, t_std / std.clamp_min(eps), torch.ones_like(std)), mean, t_mean))
+        if worst <= tol:
+            break
+        for n, scale, mean, t_mean in updates:
+            _fold(modules[n], n, scale, mean, t_mean)
+
+
 def repair(
     merged: nn.Module,
     aligned_models: Sequence[nn.Module] | None,
@@ -311,28 +339,6 @@ def repair(
             )
             for n in endpoints
         }
-    named = dict(new.named_modules())
     limit = len(endpoints) + 1 if max_passes is None else int(max_passes)
-    it: Iterable[int] = range(limit)
-    if progress:
-        it = progress_bar(it, desc="REPAIR passes", leave=False)
-    for _ in it:
-        stats = channel_stats(new, endpoints, data, max_batches)
-        worst = 0.0
-        updates = []
-        for n in endpoints:
-            mean, std = stats[n]
-            t_mean, t_std = (t.to(mean.device, torch.float64) for t in targets[n])
-            unit = t_std.clamp_min(eps)
-            if _can_shift(named[n]):  # channels that cannot be fixed do not hold up convergence
-                worst = max(worst, float(((mean - t_mean).abs() / unit).max()))
-            live = std > eps
-            if live.any():
-                worst = max(worst, float(((std - t_std).abs() / unit)[live].max()))
-            scale = torch.where(std > eps, t_std / std.clamp_min(eps), torch.ones_like(std))
-            updates.append((n, scale, mean, t_mean))
-        if worst <= tol:
-            break
-        for n, scale, mean, t_mean in updates:
-            _fold(named[n], n, scale, mean, t_mean)
+    _correct(new, endpoints, targets, data, max_batches, eps=eps, tol=tol, passes=limit, progress=progress)
     return new
