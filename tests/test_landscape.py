@@ -67,8 +67,8 @@ def _weight_matching(model_a: MLP, model_b: MLP) -> MLP:
 @pytest.fixture(scope="module")
 def trained_pair(digits) -> tuple[MLP, MLP]:
     train, _ = digits
-    a = fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=0)
-    b = fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=1)
+    a = fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=0, reinit=True)
+    b = fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=1, reinit=True)
     return a, b
 
 
@@ -246,7 +246,7 @@ def test_barrier_definition():
 def test_plane_coordinates_and_model_values(trained_pair, digits):
     a, b = trained_pair
     test = digits[1]
-    c = fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), digits[0], epochs=3, seed=2)
+    c = fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), digits[0], epochs=3, seed=2, reinit=True)
     plane = loss_plane(a, b, c, test, resolution=5, margin=0.1, progress=False, labels=("A", "B", "C"))
     pa, pb, pc = (torch.cat([p.detach().reshape(-1) for p in m.parameters()]).double() for m in (a, b, c))
     np.testing.assert_allclose(plane.coords[0], [0.0, 0.0])
