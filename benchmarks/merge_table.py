@@ -71,6 +71,13 @@ def full_subsets(count: int, n: int, k: int) -> list[tuple[int, ...]]:
     return chosen
 
 
+def _save(results: dict[str, Any], path: str | None) -> None:
+    """Write every number so far (after each cell, so an interrupted run keeps its finished cells)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for family in args.families:
@@ -105,6 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     batchnorm=has_batchnorm(models[0]), zoo=ZOOS[family])
                 print(f"{key}: {len(groups)} groups in {time.time() - t0:.0f}s", flush=True)
                 print(format_cell(cell), flush=True)
+                _save(results, args.json)
     return results
 
 
@@ -152,9 +160,6 @@ def main() -> None:
     print("\nFashion-MNIST test accuracy (%), mean ± sd over the groups; cell = default / without REPAIR")
     print(table(results, args.methods))
     print(f"\n({time.time() - t0:.0f}s, {torch.get_num_threads()} threads)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

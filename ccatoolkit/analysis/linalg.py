@@ -27,6 +27,7 @@ __all__ = [
     "symmetrize",
     "regularize",
     "sym_powers",
+    "RidgePath",
     "condition_number",
     "inverse_sqrt",
     "whitened_cross_covariance",
@@ -67,20 +68,53 @@ def regularize(S: Any, ridge: float) -> torch.Tensor:
     return S + ridge * scale * eye if ridge else S
 
 
+def _scaled_eigenvalues(vals: torch.Tensor, p: float, rtol: float) -> torch.Tensor:
+    """``vals**p`` with the pseudo-inverse floor for negative ``p`` (see the module doc)."""
+    top = float(vals.max()) if vals.numel() else 0.0
+    if p >= 0:
+        return vals.clamp_min(0.0) ** p
+    keep = vals > rtol * top if top > 0 else torch.zeros_like(vals, dtype=torch.bool)
+    safe = torch.where(keep, vals, torch.ones_like(vals))
+    return torch.where(keep, safe**p, torch.zeros_like(vals))
+
+
 def sym_powers(S: torch.Tensor, *powers: float, rtol: float = EIG_RTOL) -> list[torch.Tensor]:
     """``S**p`` of a symmetric PSD matrix for each ``p``, from one eigendecomposition (see the module doc)."""
     vals, vecs = torch.linalg.eigh(symmetrize(S))
-    top = float(vals.max()) if vals.numel() else 0.0
-    keep = vals > rtol * top if top > 0 else torch.zeros_like(vals, dtype=torch.bool)
-    out = []
-    for p in powers:
-        if p < 0:
-            safe = torch.where(keep, vals, torch.ones_like(vals))
-            scaled = torch.where(keep, safe**p, torch.zeros_like(vals))
-        else:
-            scaled = vals.clamp_min(0.0) ** p
-        out.append((vecs * scaled) @ vecs.T)
-    return out
+    return [(vecs * _scaled_eigenvalues(vals, p, rtol)) @ vecs.T for p in powers]
+
+
+class RidgePath:
+    """One eigendecomposition of a covariance ``S`` that serves every ridge.
+
+    ``S + ridge * trace(S)/n * I`` has ``S``'s eigenvectors and eigenvalues shifted by
+    ``ridge * trace(S)/n``, so trying several ridges (``merge(ridge="auto")``) costs one ``eigh``
+    instead of one per ridge: on a 4096-wide layer that is most of the time. :meth:`values` gives
+    the regularised eigenvalues, :meth:`powers` the matrices :func:`sym_powers` would.
+    """
+
+    def __init__(self, S: Any) -> None:
+        S = symmetrize(S)
+        n = S.shape[0]
+        self.scale = float(torch.trace(S)) / max(n, 1)
+        self.vals, self.vecs = torch.linalg.eigh(S)
+        self.degenerate = not math.isfinite(self.scale) or self.scale <= 0  # an all-zero (dead) layer
+
+    def values(self, ridge: float) -> torch.Tensor:
+        """Eigenvalues of ``regularize(S, ridge)`` (all ones for an all-zero ``S``, as :func:`regularize`)."""
+        if not np.isfinite(ridge) or ridge < 0:
+            raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+        if self.degenerate:
+            return torch.ones_like(self.vals)
+        return self.vals + ridge * self.scale if ridge else self.vals
+
+    def scaled(self, ridge: float, p: float, rtol: float = EIG_RTOL) -> torch.Tensor:
+        """The eigenvalues of ``regularize(S, ridge)**p`` (pseudo-inverse floor for ``p < 0``)."""
+        return _scaled_eigenvalues(self.values(ridge), p, rtol)
+
+    def powers(self, ridge: float, *powers: float, rtol: float = EIG_RTOL) -> list[torch.Tensor]:
+        """``regularize(S, ridge)**p`` for each ``p``, without a new decomposition."""
+        return [(self.vecs * self.scaled(ridge, p, rtol)) @ self.vecs.T for p in powers]
 
 
 def condition_number(S: Any) -> float:

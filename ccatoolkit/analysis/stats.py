@@ -146,8 +146,12 @@ class JointStats:
         return (self.gram[bi, bj] - self.count * torch.outer(m[bi], m[bj])) / (self.count - 1)
 
     def var(self, i: int) -> torch.Tensor:
-        """Unbiased variance of model ``i``'s channels (never negative)."""
-        return torch.diagonal(self.cov(i)).clamp_min(0.0)
+        """Unbiased variance of model ``i``'s channels (never negative; the diagonal alone, not the covariance)."""
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
+        b = self.block(i)
+        m = self.sum[b] / self.count
+        return ((torch.diagonal(self.gram[b, b]) - self.count * m * m) / (self.count - 1)).clamp_min(0.0)
 
     def alive(self, i: int) -> torch.Tensor:
         """Boolean mask of model ``i``'s channels that vary (not dead or constant)."""
@@ -161,8 +165,9 @@ class JointStats:
         Constant (e.g. dead ReLU) channels have correlation 0 with everything, never NaN.
         """
         c = self.cov(i, j)
-        si = torch.where(self.alive(i), self.var(i).sqrt(), torch.zeros_like(self.var(i)))
-        sj = torch.where(self.alive(j), self.var(j).sqrt(), torch.zeros_like(self.var(j)))
+        vi, vj = self.var(i), self.var(j)
+        si = torch.where(self.alive(i), vi.sqrt(), torch.zeros_like(vi))
+        sj = torch.where(self.alive(j), vj.sqrt(), torch.zeros_like(vj))
         denom = torch.outer(si, sj)
         out = torch.where(denom > 0, c / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(c))
         return out.clamp(-1.0, 1.0)
@@ -288,7 +293,9 @@ class _SpaceSums:
 
     def add(self, outs: list[torch.Tensor], scratch: _Scratch) -> None:
         """Add one capture point's outputs of all models on one batch (each ``(N, C_i, *spatial)``)."""
-        assert self.sizes is not None and self.shift is not None and self.g is not None
+        assert self.sizes is not None and self.shift is not None and self.s2 is not None, "statistics were released"
+        if self.g is None:
+            self.g = torch.zeros(self.dim, self.dim + 1, dtype=self.dtype, device=self.s2.device)
         n = outs[0].shape[0]
         per_input = outs[0][:1].numel() // max(1, outs[0].shape[1])  # samples per input (spatial positions)
         d = self.dim
@@ -309,9 +316,9 @@ class _SpaceSums:
 
     def flush(self) -> None:
         """Move the running Gram into the float64 sums."""
-        assert self.g is not None and self.s1 is not None and self.s2 is not None and self.bad is not None
         if not self.unflushed:
             return
+        assert self.g is not None and self.s1 is not None and self.s2 is not None and self.bad is not None
         d = self.dim
         for r0, r1 in self.chunks:
             self.s2[r0:r1, r0:] += self.g[r0:r1, r0:d]
@@ -340,17 +347,23 @@ class _SpaceSums:
                 )
             off += size
 
-    def result(self) -> JointStats:
+    def result(self, release: bool = False) -> JointStats:
+        """The statistics so far. ``release``: hand the float64 sums over to the result instead of
+        copying them (no further :meth:`add`); either way the running Gram is freed until the next batch.
+        """
         self.flush()
+        self.g = None  # re-created by the next add(); a 4096-wide space holds 2 x 128 MB less meanwhile
         assert self.s1 is not None and self.s2 is not None and self.shift is not None and self.sizes is not None
-        s2 = self.s2.clone()
-        for r0, r1 in self.chunks:  # fill the lower block triangle from the upper one
-            s2[r1:, r0:r1] = s2[r0:r1, r1:].T
+        for r0, r1 in self.chunks:  # fill the lower block triangle from the upper one (flushes add only above)
+            self.s2[r1:, r0:r1] = self.s2[r0:r1, r1:].T
         # undo the shift k: sum x = s1 + n k;  sum x x^T = s2 + k s1^T + s1 k^T + n k k^T
         k = self.shift.to(torch.float64)
         n = float(self.count)
         u = self.s1 + (n / 2) * k
-        gram = s2.addr_(k, u).addr_(u, k)
+        if release:
+            gram, self.s2 = self.s2.addr_(k, u).addr_(u, k), None
+        else:
+            gram = torch.addr(self.s2, k, u).addr_(u, k)
         return JointStats(self.count, self.s1 + n * k, gram, list(self.sizes), list(self.layers))
 
     def nbytes(self) -> int:
@@ -545,8 +558,12 @@ class StatisticsCollector:
             if space.bad is not None:
                 space.check_finite()
 
-    def result(self, all_reduce: bool | None = None) -> dict[str, JointStats]:
-        """The statistics so far, per space (all-reduced over ranks when ``torch.distributed`` is initialised)."""
+    def result(self, all_reduce: bool | None = None, *, release: bool = False) -> dict[str, JointStats]:
+        """The statistics so far, per space (all-reduced over ranks when ``torch.distributed`` is initialised).
+
+        ``release=True`` hands the collector's float64 sums to the result without a copy (half the
+        peak memory of wide spaces); the collector cannot be updated afterwards.
+        """
         if all_reduce is None:
             all_reduce = torch.distributed.is_available() and torch.distributed.is_initialized()
         empty = [name for name, s in self.spaces.items() if s.count == 0]
@@ -555,7 +572,7 @@ class StatisticsCollector:
         for space in self.spaces.values():
             space.flush()
         self.check_finite()
-        out = {name: space.result() for name, space in self.spaces.items()}
+        out = {name: space.result(release) for name, space in self.spaces.items()}
         if all_reduce:
             for stats in out.values():
                 stats.all_reduce()
@@ -622,7 +639,7 @@ def collect_statistics(
             collector.update(x)
     if collector.batches == 0:
         raise ValueError("the data gave no batches; pass a non-empty DataLoader or iterable of batches")
-    stats = collector.result()
+    stats = collector.result(release=True)
     if warn:
         for name, s in stats.items():
             s.warn_if_rank_deficient(space=name)

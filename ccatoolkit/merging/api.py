@@ -44,16 +44,16 @@ from ccatoolkit._utils import (
     peek_first,
     to_model,
 )
-from ccatoolkit.analysis.linalg import condition_number
+from ccatoolkit.analysis.linalg import RidgePath, condition_number
 from ccatoolkit.analysis.stats import JointStats, collect_statistics
-from ccatoolkit.merging.align.cca import cca_transform, multiview_cca_transforms
+from ccatoolkit.merging.align.cca import CCAProblem, multiview_cca_transforms
 from ccatoolkit.merging.align.permutation import match_activations, permutation_transform, weight_matching
 from ccatoolkit.merging.align.zipit import zipit_transforms
 from ccatoolkit.merging.folding import fold_batchnorm, foldable_batchnorms, folded_graph
 from ccatoolkit.merging.graph import MergeGraph, merge_graph
 from ccatoolkit.merging.normalization import channel_stats, repair_batchnorm, repair_endpoints, reset_bn_stats
 from ccatoolkit.merging.normalization import repair as repair_model
-from ccatoolkit.merging.transform import apply_transforms
+from ccatoolkit.merging.transform import apply_transforms, transformed_state
 from ccatoolkit.zoo.training import evaluate
 
 __all__ = [
@@ -283,8 +283,14 @@ def _compute_transforms(
     stats: dict[str, JointStats] | None,
     ridge: float,
     options: dict[str, Any],
+    cache: dict[Any, Any] | None = None,
 ) -> list[Transforms | None]:
-    """Per model, ``{space: (out, inp)}`` into the merged space (None: the model is used as it is)."""
+    """Per model, ``{space: (out, inp)}`` into the merged space (None: the model is used as it is).
+
+    ``cache``: a dict kept across calls on the same ``stats`` (a ridge grid): CCA's
+    eigendecompositions are made once per layer and model, not once per ridge.
+    """
+    cache = {} if cache is None else cache
     n = len(models)
     result: list[Transforms | None] = [None] * n
     if method == "average":
@@ -308,14 +314,20 @@ def _compute_transforms(
                 if k != ref:
                     per[k][space.name] = _pair(*permutation_transform(match_activations(_np(st.corr(ref, k)))))
         elif method == "cca":
-            S_aa = _np(st.cov(ref, ref))
             for k in range(n):
                 if k != ref:
-                    out, inp = cca_transform(S_aa, _np(st.cov(k, k)), _np(st.cov(ref, k)), ridge=ridge)
-                    per[k][space.name] = _pair(out, inp)
+                    key = ("cca", space.name, ref, k)
+                    if key not in cache:
+                        cache[key] = CCAProblem(st.cov(ref, ref), st.cov(k, k), st.cov(ref, k))  # on the stats' device
+                    out, inp = cache[key].transform(ridge)
+                    per[k][space.name] = (out, inp)
         elif method == "cca_multiview":
             covs = [[_np(st.cov(i, j)) for j in range(n)] for i in range(n)]
-            for k, (out, inp) in enumerate(multiview_cca_transforms(covs, reference=ref, ridge=ridge)):
+            key = ("paths", space.name)
+            if key not in cache:
+                cache[key] = [RidgePath(torch.as_tensor(covs[k][k])) for k in range(n)]
+            pairs = multiview_cca_transforms(covs, reference=ref, ridge=ridge, ridge_paths=cache[key])
+            for k, (out, inp) in enumerate(pairs):
                 if k != ref:
                     per[k][space.name] = _pair(out, inp)
         elif method == "zipit":
@@ -333,19 +345,29 @@ def _compute_transforms(
     return result
 
 
-def _transformed(models: list[nn.Module], graph: MergeGraph, transforms: list[Transforms | None]) -> list[nn.Module]:
-    return [m if t is None else apply_transforms(m, graph, t) for m, t in zip(models, transforms)]
+def _average_into(
+    merged: nn.Module, models: list[nn.Module], graph: MergeGraph, transforms: list[Transforms | None]
+) -> None:
+    """Set ``merged``'s floating-point state to the mean of the models' states after their transforms.
 
-
-def _average_state(models: list[nn.Module], ref: int) -> dict[str, torch.Tensor]:
-    states = [m.state_dict() for m in models]
-    merged = {}
-    for key, value in states[ref].items():
-        if torch.is_floating_point(value):
-            merged[key] = torch.stack([s[key].to(torch.float64) for s in states]).mean(0).to(value.dtype)
-        else:
-            merged[key] = value.clone()
-    return merged
+    Accumulates into ``merged``'s own tensors, one endpoint at a time: memory holds ``merged`` and
+    one endpoint's transformed tensors, not N transformed models (a torchvision VGG11 is 0.5 GB).
+    Integer buffers (e.g. BatchNorm's batch counter) stay as ``merged`` has them.
+    """
+    target = merged.state_dict()
+    with torch.no_grad():
+        for k, (model, t) in enumerate(zip(models, transforms)):
+            state = model.state_dict() if t is None else transformed_state(model, graph, t)
+            for key, value in state.items():
+                if torch.is_floating_point(value):
+                    if k == 0:
+                        target[key].copy_(value)
+                    else:
+                        target[key].add_(value.to(target[key].dtype))
+            del state
+        for value in target.values():
+            if torch.is_floating_point(value):
+                value.div_(len(models))
 
 
 def _repair_targets(
@@ -422,9 +444,8 @@ class _Plan:
 
     def merged(self, transforms: list[Transforms | None], progress: bool | None = None) -> nn.Module:
         """Transform, average and repair: the merged model for these transforms."""
-        aligned = _transformed(self.sources, self.transform_graph, transforms)
         merged = copy.deepcopy(self.models[self.ref])
-        merged.load_state_dict(_average_state(aligned, self.ref))
+        _average_into(merged, self.sources, self.transform_graph, transforms)
         return self.finish(merged, transforms, self.progress if progress is None else progress)
 
     def finish(self, merged: nn.Module, transforms: list[Transforms | None], progress: bool) -> nn.Module:
@@ -514,8 +535,10 @@ def _select_ridge(
         stats = _stats(models, graph, data, max_batches, progress)
         scores: dict[float, float] = {}
         best: tuple[float, nn.Module] | None = None
+        cache: dict[Any, Any] = {}
         for r in grid:  # on the statistics of all the data: the best candidate is the result
-            merged = plan.merged(_compute_transforms(method, models, ref, graph, stats, r, plan.options), False)
+            merged = plan.merged(_compute_transforms(method, models, ref, graph, stats, r, plan.options, cache),
+                                 False)
             scores[r] = _accuracy(merged, val_data)
             if best is None or scores[r] > scores[best[0]]:  # the first of equal scores wins, as max() picks it
                 best = (r, merged)
@@ -536,8 +559,10 @@ def _select_ridge(
     held_stats = _stats(models, graph, held_out, None, False)
     score = _agreement_scorer(models, held_out)
     scores = {}
+    cache: dict[Any, Any] = {}
     for r in grid:
-        merged = plan.merged(_compute_transforms(method, models, ref, graph, fit_stats, r, plan.options), False)
+        merged = plan.merged(_compute_transforms(method, models, ref, graph, fit_stats, r, plan.options, cache),
+                             False)
         scores[r] = score(merged)
     stats = {name: fit_stats[name] + held_stats[name] for name in fit_stats}
     return max(scores, key=scores.__getitem__), scores, "agreement with the ensemble on held-out batches", stats, None
@@ -639,6 +664,7 @@ def merge(
     if merged is None:
         transforms = _compute_transforms(method, models, ref, graph, stats, chosen if chosen is not None else 0.0,
                                          options)
+        stats = None  # the joint Gram matrices of wide layers are large: free them before the models are built
         merged = plan.merged(transforms)
     merged.merge_info = dict(  # type: ignore[assignment]
         method=method, reference=ref, ridge=chosen, ridge_selection=how, ridge_scores=scores,

@@ -234,9 +234,9 @@ def _fold(module: nn.Module, name: str, scale: torch.Tensor, mean: torch.Tensor,
             w.copy_((w.double() * scale).to(w.dtype))
             b.copy_(new_b.to(b.dtype))
         else:
-            w = module.weight
+            w = module.weight  # scaled in place, in its own dtype: a 4096 x 25088 weight has no float64 copy
             shape = (-1,) + (1,) * (w.dim() - 1)
-            w.copy_((w.double() * scale.view(shape)).to(w.dtype))
+            w.mul_(scale.view(shape).to(w.dtype))
             if module.bias is not None:
                 b = module.bias
                 b.copy_(((b.double() - mean) * scale + target).to(b.dtype))

@@ -29,6 +29,7 @@ from ccatoolkit.merging.graph import MergeGraph, ParamRef, Space
 
 __all__ = [
     "apply_transforms",
+    "transformed_state",
     "apply_permutations",
     "permutation_matrix",
     "permutation_transforms",
@@ -49,12 +50,43 @@ def _variance_eps(model: nn.Module, ref: ParamRef) -> float | None:
     return float(getattr(module, "eps", 0.0)) if isinstance(module, nn.modules.batchnorm._NormBase) else 0.0
 
 
+def _as_scaled_permutation(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(index, scale)`` with ``matrix[i, index[i]] = scale[i]`` the only nonzero of row ``i``, when
+    ``matrix`` is a scaled permutation; None otherwise (a map that mixes channels)."""
+    nonzero = matrix != 0
+    if not bool((nonzero.sum(1) == 1).all()):
+        return None
+    index = nonzero.to(torch.int8).argmax(1)
+    if torch.unique(index).numel() != index.numel():
+        return None
+    return index, matrix.gather(1, index[:, None])[:, 0]
+
+
 def _left(tensor: torch.Tensor, ref: ParamRef, matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix @ tensor`` along ``ref.axis``; channel-major blocks of ``ref.block`` entries move together."""
+    """``matrix @ tensor`` along ``ref.axis``; channel-major blocks of ``ref.block`` entries move together.
+
+    A (scaled) permutation is applied by indexing, exactly and in the tensor's own dtype (no dense
+    product: a permuted 25088 x 4096 classifier costs a copy, not a 512 x 512 x 2M product); any
+    other map by a float64 product whose result is cast back to the tensor's dtype.
+    """
+    sparse = _as_scaled_permutation(matrix)
+    if sparse is not None:
+        index, scale = (t.to(tensor.device) for t in sparse)
+        if ref.block > 1:  # channel c owns entries c*block .. c*block + block-1 along the axis
+            offsets = torch.arange(ref.block, device=tensor.device)
+            index = (index[:, None] * ref.block + offsets).reshape(-1)
+            scale = scale.repeat_interleave(ref.block)
+        out = tensor.index_select(ref.axis, index)
+        if not bool((scale == 1).all()):
+            shape = [1] * tensor.dim()
+            shape[ref.axis] = -1
+            out = out * scale.to(tensor.dtype).view(shape)
+        return out
     moved = tensor.movedim(ref.axis, 0)
     shape = moved.shape
     flat = moved.reshape(matrix.shape[1], -1)
-    return (matrix @ flat).reshape(shape).movedim(0, ref.axis)
+    out = (matrix.to(torch.float64) @ flat.to(torch.float64)).to(tensor.dtype)
+    return out.reshape(shape).movedim(0, ref.axis)
 
 
 def _check_pair(space: Space, pair: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,19 +122,32 @@ def apply_transforms(
 ) -> nn.Module:
     """A copy of ``model`` with every space's ``(out, inp)`` transform applied (others unchanged).
 
-    Computes in float64 on the model's device and casts back to each tensor's dtype; ``model`` is
-    never modified.
+    Permutations are applied by indexing, other maps in float64 on the model's device, cast back
+    to each tensor's dtype (:func:`transformed_state`); ``model`` is never modified.
+    """
+    new = copy.deepcopy(model)
+    new.load_state_dict(transformed_state(model, graph, transforms))
+    return new
+
+
+def transformed_state(
+    model: nn.Module, graph: MergeGraph, transforms: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The state dict that :func:`apply_transforms` loads: transformed tensors are new, the others are
+    ``model``'s own (not copied), so a merge can average without building a model per endpoint.
+
+    Each product runs in float64 on the model's device and is cast back to the tensor's dtype at
+    once (a tensor touched by two spaces, rows and columns, is rounded once in between): memory
+    stays one float64 copy of the largest tensor, not of the model.
     """
     device = model_device(model)
     state = model.state_dict()
     work: dict[str, torch.Tensor] = {}
 
     def get(name: str) -> torch.Tensor:
-        if name not in work:
-            if name not in state:
-                raise KeyError(f"merge graph refers to {name!r}, which is not in the model's state_dict")
-            work[name] = state[name].detach().to(torch.float64)
-        return work[name]
+        if name not in state:
+            raise KeyError(f"merge graph refers to {name!r}, which is not in the model's state_dict")
+        return work.get(name, state[name].detach())
 
     for name, pair in transforms.items():
         space = _space_of(graph, name)
@@ -119,15 +164,11 @@ def apply_transforms(
             if eps is None:
                 work[ref.name] = _left(get(ref.name), ref, out)
             else:
-                var = _left(get(ref.name) + eps, ref, out * out) - eps
-                work[ref.name] = var.clamp_min(0.0)
+                var = _left(get(ref.name).to(torch.float64) + eps, ref, out * out) - eps
+                work[ref.name] = var.clamp_min(0.0).to(state[ref.name].dtype)
         for ref in space.inputs:
             work[ref.name] = _left(get(ref.name), ref, inp.T)
-    new = copy.deepcopy(model)
-    if work:
-        updated = {k: v.to(state[k].dtype) for k, v in work.items()}
-        new.load_state_dict({**state, **updated})
-    return new
+    return {**state, **work}
 
 
 def permutation_matrix(perm: torch.Tensor | Sequence[int]) -> torch.Tensor:

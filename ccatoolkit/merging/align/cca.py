@@ -23,20 +23,21 @@ arrays or tensors; results are numpy arrays.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from ccatoolkit.analysis.linalg import (
+    RidgePath,
     as_float64,
     canonical_correlations_from_cov,
     polar_factor,
-    regularize,
-    sym_powers,
     symmetrize,
-    whitened_cross_covariance,
 )
 
 __all__ = [
+    "CCAProblem",
     "cca_transform",
     "cca_directions",
     "multiview_cca_transforms",
@@ -75,6 +76,42 @@ def cca_directions(
     return P_a.cpu().numpy(), P_b.cpu().numpy(), rho.cpu().numpy()
 
 
+class CCAProblem:
+    """CCA Merge between two models' features at one layer, ready for any ridge.
+
+    Decomposes ``S_aa = V_a diag(l_a) V_a^T`` and ``S_bb`` once (:class:`~ccatoolkit.analysis.linalg.RidgePath`)
+    and rotates the cross-covariance into the eigenbases, ``M = V_a^T S_ab V_b``. A ridge then only
+    shifts the eigenvalues: ``K = V_a diag(f_a) M diag(f_b) V_b^T`` with ``f = (l + ridge * tr/n)^(-1/2)``,
+    so its polar factor is ``V_a polar(diag(f_a) M diag(f_b)) V_b^T`` and each ridge costs one SVD and
+    four products instead of two eigendecompositions, an SVD and eight products (a ridge grid on a
+    4096-wide layer: minutes less on a CPU).
+    """
+
+    def __init__(self, S_aa: Any, S_bb: Any, S_ab: Any) -> None:
+        self.a, self.b = RidgePath(S_aa), RidgePath(S_bb)
+        S_ab = as_float64(S_ab, self.a.vecs.device)
+        if tuple(S_ab.shape) != (self.a.vecs.shape[0], self.b.vecs.shape[0]):
+            raise ValueError(
+                f"shape mismatch: S_aa {tuple(self.a.vecs.shape)}, S_bb {tuple(self.b.vecs.shape)}, "
+                f"S_ab {tuple(S_ab.shape)}"
+            )
+        self.M = self.a.vecs.T @ S_ab @ self.b.vecs.to(S_ab.device)
+        self.dead_a = _constant(symmetrize(S_aa).to(S_ab.device))
+        self.dead_b = _constant(symmetrize(S_bb).to(S_ab.device))
+
+    def transform(self, ridge: float, drop_constant: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out, inp)`` float64 tensors: :func:`cca_transform` at ``ridge``."""
+        fa, fb = self.a.scaled(ridge, -0.5), self.b.scaled(ridge, -0.5)
+        ga, gb = self.a.scaled(ridge, 0.5), self.b.scaled(ridge, 0.5)
+        R = polar_factor(fa[:, None] * self.M * fb[None, :])  # in the eigenbases
+        Va, Vb = self.a.vecs, self.b.vecs
+        out = (Va * ga) @ R @ (fb[:, None] * Vb.T)  # S_aa^{1/2} R S_bb^{-1/2}
+        inp = (Vb * gb) @ R.T @ (fa[:, None] * Va.T)  # S_bb^{1/2} R^T S_aa^{-1/2}
+        if drop_constant:
+            out, inp = _drop_constant(out, inp, self.dead_a, self.dead_b)
+        return out, inp
+
+
 def cca_transform(
     S_aa: np.ndarray, S_bb: np.ndarray, S_ab: np.ndarray, ridge: float = 1e-2, drop_constant: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -82,21 +119,21 @@ def cca_transform(
 
     In the paper's row-vector convention ``X_b T ~ X_a`` with ``T = P_b P_a^{-1}``; in our column
     convention ``out = T^T = S_aa^{1/2} U V^T S_bb^{-1/2}`` (applied to B's output-side weights) and
-    ``inp = out^{-1} = S_bb^{1/2} V U^T S_aa^{-1/2}`` (input side of the next layer). When B's features
-    are an invertible linear function ``M`` of A's, ``out = M^{-1}`` (as ``ridge -> 0``).
+    ``inp = out^{-1} = S_bb^{1/2} V U^T S_aa^{-1/2}`` (input side of the next layer), where
+    ``U V^T`` is the polar factor of the whitened cross-covariance ``K = S_aa^{-1/2} S_ab S_bb^{-1/2}``
+    (unique even when canonical correlations tie). When B's features are an invertible linear
+    function ``M`` of A's, ``out = M^{-1}`` (as ``ridge -> 0``). For several ridges on one layer, build
+    a :class:`CCAProblem` once.
 
     Returns ``(out, inp)`` as float64 arrays of shape ``(n, n)``.
     """
-    K, (sa, ia), (sb, ib) = whitened_cross_covariance(S_aa, S_bb, S_ab, ridge)
-    R = polar_factor(K)  # U V^T: unique even when canonical correlations tie
-    out, inp = sa @ R @ ib, sb @ R.T @ ia
-    if drop_constant:
-        out, inp = _drop_constant(out, inp, _constant(symmetrize(S_aa)), _constant(symmetrize(S_bb)))
+    out, inp = CCAProblem(S_aa, S_bb, S_ab).transform(ridge, drop_constant)
     return out.cpu().numpy(), inp.cpu().numpy()
 
 
 def multiview_cca_transforms(
-    covs: list[list[np.ndarray]], reference: int = 0, ridge: float = 1e-2, drop_constant: bool = True
+    covs: list[list[np.ndarray]], reference: int = 0, ridge: float = 1e-2, drop_constant: bool = True,
+    ridge_paths: list[RidgePath] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Align N models' features to one shared space by multi-view (MAXVAR / generalised) CCA.
 
@@ -118,7 +155,7 @@ def multiview_cca_transforms(
     canonical basis would not commute with ReLU), while the correspondence of every model comes from
     the joint estimate rather than a pairwise one. The weighting makes uncorrelated (e.g. dead)
     directions, whose eigenvalues tie, irrelevant to the rotation. For N = 2 it equals CCA Merge
-    (:func:`cca_transform`).
+    (:func:`cca_transform`). ``ridge_paths``: each view's :class:`RidgePath` when several ridges are tried.
     """
     N = len(covs)
     if N < 2 or any(len(row) != N for row in covs):
@@ -126,8 +163,8 @@ def multiview_cca_transforms(
     if not 0 <= reference < N:
         raise ValueError(f"reference index {reference} out of range for {N} models")
     n = as_float64(covs[0][0]).shape[0]
-    regs = [regularize(covs[k][k], ridge).cpu() for k in range(N)]
-    roots = [sym_powers(r, 0.5, -0.5) for r in regs]
+    paths = [RidgePath(as_float64(covs[k][k]).cpu()) for k in range(N)] if ridge_paths is None else ridge_paths
+    roots = [path.powers(ridge, 0.5, -0.5) for path in paths]
     C = torch.zeros(N * n, N * n, dtype=torch.float64)
     for k in range(N):
         for l in range(N):
