@@ -125,7 +125,7 @@ def test_errors() -> None:
         merge([model, model], "zipit", data, allow_within=False)
     with pytest.raises(ValueError, match="zipit"):
         align_to(model, model, "zipit", data)
-    assert set(METHODS) == {"average", "permute", "permute_weight", "zipit", "cca", "cca_multiview", "ensemble"}
+    assert set(METHODS) == {"average", "permute", "permute_weight", "c2m3", "zipit", "cca", "cca_multiview", "ensemble"}
 
 
 def test_dead_relus_give_no_nan() -> None:

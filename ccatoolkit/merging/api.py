@@ -12,6 +12,9 @@ Methods (``METHODS``):
 * ``permute`` (alias ``permute_activation``): activation matching, Hungarian on the correlation
   between the reference's and each model's neurons.
 * ``permute_weight``: Git Re-Basin weight matching (no data needed for the alignment itself).
+* ``c2m3``: cycle-consistent weight matching of all models at once into one shared space (C2M3,
+  Crisostomi et al. 2024; Frank-Wolfe, :mod:`ccatoolkit.merging.align.cycle`), data-free like
+  ``permute_weight``; ``merge_info["cycle"]`` reports its iterations, gap and objective.
 * ``zipit``: ZipIt! feature merging across all models (``allow_within_model=True`` by default).
 * ``cca``: CCA Merge, each model mapped into the reference's space by regularised CCA.
 * ``cca_multiview``: all models mapped to a jointly estimated MAXVAR CCA space, expressed in the
@@ -47,6 +50,7 @@ from ccatoolkit._utils import (
 from ccatoolkit.analysis.linalg import RidgePath, condition_number
 from ccatoolkit.analysis.stats import JointStats, collect_statistics
 from ccatoolkit.merging.align.cca import CCAProblem, multiview_cca_transforms
+from ccatoolkit.merging.align.cycle import cycle_consistent_matching
 from ccatoolkit.merging.align.permutation import match_activations, permutation_transform, weight_matching
 from ccatoolkit.merging.align.zipit import zipit_transforms
 from ccatoolkit.merging.folding import fold_batchnorm, foldable_batchnorms, folded_graph
@@ -67,7 +71,9 @@ __all__ = [
     "alignment_transforms",
 ]
 
-METHODS: tuple[str, ...] = ("average", "permute", "permute_weight", "zipit", "cca", "cca_multiview", "ensemble")
+METHODS: tuple[str, ...] = (
+    "average", "permute", "permute_weight", "c2m3", "zipit", "cca", "cca_multiview", "ensemble",
+)
 _ALIASES = {"permute_activation": "permute", "activation": "permute", "weight": "permute_weight"}
 #: CCA's ridge when one is not chosen from data (``align_to``, or merge data too small to hold out batches).
 DEFAULT_RIDGE = 0.1
@@ -294,6 +300,15 @@ def _compute_transforms(
     n = len(models)
     result: list[Transforms | None] = [None] * n
     if method == "average":
+        return result
+    if method == "c2m3":  # all models into one universe at once: cycle-consistent by construction
+        states, names = _weight_matching_inputs(models, ref, graph)
+        perms, info = cycle_consistent_matching(states, graph, reference=ref, param_names=names,
+                                                max_iter=int(options.get("max_iter", 100)))
+        cache["cycle"] = info
+        for k in range(n):
+            if k != ref:
+                result[k] = {s: _pair(*permutation_transform(p)) for s, p in perms[k].items()}
         return result
     if method == "permute_weight":
         states, names = _weight_matching_inputs(models, ref, graph)
@@ -609,7 +624,7 @@ def merge(
     channels, which a per-channel BatchNorm cannot represent, so each BatchNorm is folded into the
     layer that feeds it before transforming (exact, :mod:`ccatoolkit.merging.folding`) and comes
     back neutral. Other ``options``: ``allow_within_model`` (zipit), ``max_iter`` and
-    ``seed`` (permute_weight), ``repair_passes`` (cap on REPAIR's passes). ``method="ensemble"``
+    ``seed`` (permute_weight; ``max_iter`` also caps c2m3's Frank-Wolfe steps), ``repair_passes`` (cap on REPAIR's passes). ``method="ensemble"``
     returns :func:`ensemble`.
 
     Spaces that admit only permutations (``Space.permutation_only``, e.g. through a depthwise
@@ -661,9 +676,10 @@ def merge(
         stats = _stats(models, graph, data, max_batches, progress)
     if stats is not None:
         _warn_if_unreliable(stats, method, chosen)
+    extra: dict[str, Any] = {}
     if merged is None:
         transforms = _compute_transforms(method, models, ref, graph, stats, chosen if chosen is not None else 0.0,
-                                         options)
+                                         options, extra)
         stats = None  # the joint Gram matrices of wide layers are large: free them before the models are built
         merged = plan.merged(transforms)
     merged.merge_info = dict(  # type: ignore[assignment]
@@ -671,6 +687,8 @@ def merge(
         reset_bn=reset_bn, repair=repair, num_models=len(models), folded_batchnorm=sorted(plan.folded),
         permutation_only={s.name: s.permutation_only for s in graph.spaces if s.permutation_only},
     )
+    if "cycle" in extra:  # c2m3: Frank-Wolfe's iterations, final gap and objective
+        merged.merge_info["cycle"] = extra["cycle"]
     return merged
 
 

@@ -63,7 +63,7 @@ def _permute_axis(W: torch.Tensor, perm: np.ndarray, axis: int, block: int) -> t
     return W.index_select(axis, idx)
 
 
-def _rows(W: torch.Tensor, axis: int, block: int, size: int) -> torch.Tensor:
+def channel_rows(W: torch.Tensor, axis: int, block: int, size: int) -> torch.Tensor:
     """``W`` as a ``(size, -1)`` matrix whose rows are the space's channels."""
     W = W.movedim(axis, 0)
     if block > 1:
@@ -118,7 +118,7 @@ def weight_matching(
                 for other, o_axis, o_block in table[pname]:
                     if (other, o_axis) != (s, axis):
                         Wb = _permute_axis(Wb, perms[other], o_axis, o_block)
-                C += _rows(ref[pname], axis, block, n) @ _rows(Wb, axis, block, n).T
+                C += channel_rows(ref[pname], axis, block, n) @ channel_rows(Wb, axis, block, n).T
             Cn = C.numpy()
             new = match_activations(Cn)
             gain = Cn[np.arange(n), new].sum() - Cn[np.arange(n), perms[s]].sum()

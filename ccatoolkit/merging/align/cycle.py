@@ -1,0 +1,176 @@
+"""Cycle-consistent weight matching of N models (C2M3, Crisostomi et al., NeurIPS 2024).
+
+Pairwise matching to one reference is not cycle-consistent: the map from model A to B composed
+with B to C need not be the map from A to C. C2M3 instead gives every model ``i`` a permutation
+``P_i`` per space into one shared *universe*; every pairwise map is ``P_j^T P_i`` and so every
+cycle composes to the identity by construction. The permutations maximise the weight-matching
+objective summed over all pairs of models,
+
+    f(P) = sum_{i<j} sum_W < U_i(W), U_j(W) >,    U_i(W) = W_i with each of its axes mapped by P_i,
+
+which Frank-Wolfe optimises over the relaxation to doubly stochastic matrices: each step takes
+the gradient for every (model, space), solves one assignment problem per block (the linear
+minimisation oracle, whose answer is a permutation), and moves towards it; at the end each
+matrix is rounded to the nearest permutation. Data-free, like Git Re-Basin's weight matching
+(:func:`ccatoolkit.merging.align.permutation.weight_matching`), whose ``channel_rows`` view of a weight
+as ``(channels, rest)`` and flatten blocks this module shares.
+
+Results are expressed in one model's frame (``reference``): model ``k``'s permutation is
+``perm[u] =`` the neuron of model ``k`` that goes to the reference's position ``u``, the same
+convention as the pairwise matchers, so the merge code treats both alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ccatoolkit.merging.align.permutation import channel_rows, match_activations
+
+__all__ = ["cycle_consistent_matching", "cycle_objective"]
+
+
+def _apply(W: torch.Tensor, matrix: torch.Tensor, axis: int, block: int) -> torch.Tensor:
+    """``matrix @ W`` along ``axis`` (``block`` entries per channel move together)."""
+    moved = W.movedim(axis, 0)
+    shape = moved.shape
+    return (matrix @ moved.reshape(matrix.shape[1], -1)).reshape(shape).movedim(0, axis)
+
+
+class _Problem:
+    """The weights each space touches, for N models, in float64 on one device."""
+
+    def __init__(self, states: Sequence[Mapping[str, torch.Tensor]], graph: Any, param_names: set[str] | None,
+                 device: torch.device) -> None:
+        names = set(param_names) if param_names is not None else {
+            n for n, t in states[0].items()
+            if torch.is_floating_point(t) and not n.endswith(("running_mean", "running_var"))
+        }
+        self.table = {
+            pname: [(space, int(ref.axis), int(ref.block)) for space, ref in entries]
+            for pname, entries in graph.param_spaces.items() if pname in names
+        }
+        self.sizes = {s.name: int(s.size) for s in graph.spaces}
+        self.weights = [{n: s[n].detach().to(device=device, dtype=torch.float64) for n in self.table} for s in states]
+        self.device = device
+
+    def universe(self, i: int, pname: str, P: Sequence[Mapping[str, torch.Tensor]], skip: str | None = None
+                 ) -> torch.Tensor:
+        """Model ``i``'s weight ``pname`` with every axis mapped into the universe (but ``skip``'s)."""
+        W = self.weights[i][pname]
+        for space, axis, block in self.table[pname]:
+            if space != skip:
+                W = _apply(W, P[i][space], axis, block)
+        return W
+
+    def objective(self, P: Sequence[Mapping[str, torch.Tensor]]) -> float:
+        total = 0.0
+        for pname in self.table:
+            mapped = [self.universe(i, pname, P) for i in range(len(P))]
+            s = torch.stack(mapped).sum(0)
+            # sum_{i<j} <U_i, U_j> = (|sum U|^2 - sum |U_i|^2) / 2
+            total += 0.5 * (float((s * s).sum()) - sum(float((u * u).sum()) for u in mapped))
+        return total
+
+    def gradients(self, P: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """``d f / d P_i[s]`` for every model and space."""
+        n = len(P)
+        grads = [{s: torch.zeros(k, k, dtype=torch.float64, device=self.device) for s, k in self.sizes.items()}
+                 for _ in range(n)]
+        for pname, entries in self.table.items():
+            mapped = [self.universe(i, pname, P) for i in range(n)]
+            total = torch.stack(mapped).sum(0)
+            for i in range(n):
+                others = total - mapped[i]  # sum_{j != i} U_j(W)
+                for space, axis, block in entries:
+                    size = self.sizes[space]
+                    partial = self.universe(i, pname, P, skip=space)  # all axes mapped but this one
+                    grads[i][space] += channel_rows(others, axis, block, size) @ channel_rows(partial, axis, block, size).T
+        return grads
+
+
+def _permutation_matrix(perm: np.ndarray, device: torch.device) -> torch.Tensor:
+    n = perm.size
+    P = torch.zeros(n, n, dtype=torch.float64, device=device)
+    P[torch.arange(n, device=device), torch.as_tensor(perm, device=device)] = 1.0
+    return P
+
+
+def _round(P: torch.Tensor) -> np.ndarray:
+    """The permutation nearest a doubly stochastic matrix (maximum overlap)."""
+    return match_activations(P)
+
+
+def cycle_objective(states: Sequence[Mapping[str, torch.Tensor]], graph: Any,
+                    perms: Sequence[Mapping[str, np.ndarray]], param_names: set[str] | None = None) -> float:
+    """The summed pairwise weight-matching objective of models mapped by ``perms`` (higher is better)."""
+    device = next(iter(states[0].values())).device
+    problem = _Problem(states, graph, param_names, device)
+    P = [{s: _permutation_matrix(np.asarray(p[s]), device) for s in problem.sizes} for p in perms]
+    return problem.objective(P)
+
+
+def cycle_consistent_matching(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    graph: Any,
+    *,
+    reference: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-9,
+    param_names: set[str] | None = None,
+) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """Permutations of every model into a shared universe, by Frank-Wolfe (see the module doc).
+
+    ``states``: the models' state dicts (N >= 2); ``graph``: their :class:`MergeGraph`;
+    ``param_names`` restricts the weights in the objective (default: every floating tensor the
+    graph names except BatchNorm running statistics). Starts from the identity for every model,
+    steps ``2 / (t + 2)`` towards the oracle's permutations, and stops when the Frank-Wolfe gap
+    ``<grad, Q - P>`` falls below ``tol`` times the objective's scale or after ``max_iter`` steps.
+
+    Returns ``(perms, info)``: ``perms[k][space]`` maps model ``k`` into ``reference``'s frame
+    (``perms[reference]`` is the identity), ``info`` has the iterations, the final gap and the
+    objective of the rounded permutations.
+    """
+    n = len(states)
+    if n < 2:
+        raise ValueError(f"cycle-consistent matching needs at least 2 models, got {n}")
+    if not 0 <= reference < n:
+        raise ValueError(f"reference index {reference} out of range for {n} models")
+    device = next(iter(states[0].values())).device
+    problem = _Problem(states, graph, param_names, device)
+    eye = {s: torch.eye(k, dtype=torch.float64, device=device) for s, k in problem.sizes.items()}
+    P = [{s: m.clone() for s, m in eye.items()} for _ in range(n)]
+    scale = max(1.0, sum(float((w * w).sum()) for w in problem.weights[0].values()))
+    gap = float("inf")
+    it = 0
+    for it in range(1, max_iter + 1):
+        grads = problem.gradients(P)
+        gap = 0.0
+        targets = []
+        for i in range(n):
+            q = {}
+            for s, G in grads[i].items():
+                Q = _permutation_matrix(match_activations(G), device)
+                gap += float((G * (Q - P[i][s])).sum())
+                q[s] = Q
+            targets.append(q)
+        if gap <= tol * scale:
+            break
+        step = 2.0 / (it + 2.0)
+        for i in range(n):
+            for s in P[i]:
+                P[i][s] = (1.0 - step) * P[i][s] + step * targets[i][s]
+    universe = [{s: _round(P[i][s]) for s in problem.sizes} for i in range(n)]
+    # express in the reference's frame: model k -> universe -> reference, perm_k = perm_ref^{-1} o ... as indices
+    perms: list[dict[str, np.ndarray]] = []
+    for k in range(n):
+        out = {}
+        for s in problem.sizes:
+            inverse_ref = np.argsort(universe[reference][s])  # reference neuron r sits at universe position inverse_ref[r]
+            out[s] = universe[k][s][inverse_ref]
+        perms.append(out)
+    info = {"iterations": it, "gap": gap, "objective": cycle_objective(states, graph, perms, param_names)}
+    return perms, info

@@ -1,0 +1,93 @@
+"""Cycle-consistent N-model matching (C2M3): planted permutations, cycle consistency, the merge."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ccatoolkit.merging.align.cycle import cycle_consistent_matching, cycle_objective
+from ccatoolkit.merging.align.permutation import weight_matching
+from ccatoolkit.merging.api import merge
+from ccatoolkit.merging.graph import merge_graph
+from ccatoolkit.merging.transform import apply_permutations, random_permutations
+
+from toybox import ConvBN
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+
+
+def _permuted_copies(model: nn.Module, count: int) -> tuple[object, list[nn.Module], list[dict]]:
+    graph = merge_graph(model, example_input=torch.randn(2, 6))
+    planted = [{s.name: torch.arange(s.size) for s in graph}]
+    copies = [model]
+    for k in range(1, count):
+        perms = random_permutations(graph, torch.Generator().manual_seed(k))
+        planted.append(perms)
+        copies.append(apply_permutations(model, graph, perms))
+    return graph, copies, planted
+
+
+@pytest.mark.parametrize("count", [3, 5])
+def test_planted_permutations_are_recovered(count: int) -> None:
+    graph, copies, planted = _permuted_copies(_mlp(0), count)
+    perms, info = cycle_consistent_matching([m.state_dict() for m in copies], graph)
+    for k in range(count):
+        for space in graph.names:
+            # copy k's neuron perms[k][u] goes to the reference's position u: it is the planted inverse
+            np.testing.assert_array_equal(planted[k][space].numpy()[perms[k][space]], np.arange(graph.space(space).size))
+    assert info["objective"] == pytest.approx(
+        cycle_objective([m.state_dict() for m in copies], graph, perms), rel=1e-12)
+
+
+def test_pairwise_maps_compose_to_the_identity_around_every_cycle() -> None:
+    models = [_mlp(s) for s in range(4)]  # independent models: the maps are not planted ones
+    graph = merge_graph(models[0], example_input=torch.randn(2, 6))
+    perms, _ = cycle_consistent_matching([m.state_dict() for m in models], graph, max_iter=30)
+
+    def pair(i: int, j: int, space: str) -> np.ndarray:  # index map: model j's neuron for model i's neuron
+        return perms[j][space][np.argsort(perms[i][space])]
+
+    for space in graph.names:
+        for a, b, c in itertools.permutations(range(4), 3):
+            around = pair(c, a, space)[pair(b, c, space)[pair(a, b, space)]]  # a -> b -> c -> a
+            np.testing.assert_array_equal(around, np.arange(graph.space(space).size))
+    assert not all(np.array_equal(perms[1][s], np.arange(graph.space(s).size)) for s in graph.names)
+
+
+def test_objective_is_at_least_that_of_reference_weight_matching() -> None:
+    models = [_mlp(s) for s in range(3)]
+    graph = merge_graph(models[0], example_input=torch.randn(2, 6))
+    states = [m.state_dict() for m in models]
+    perms, info = cycle_consistent_matching(states, graph)
+    pairwise = [{s.name: np.arange(s.size) for s in graph}] + [weight_matching(states[0], st, graph) for st in states[1:]]
+    identity = [{s.name: np.arange(s.size) for s in graph}] * 3
+    assert info["objective"] >= cycle_objective(states, graph, identity)
+    assert info["objective"] >= 0.97 * cycle_objective(states, graph, pairwise)
+
+
+def test_c2m3_merge_of_permuted_copies_gives_back_the_model() -> None:
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    x = torch.randn(32, 1, 8, 8)
+    data = [x[:16], x[16:]]
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(torch.randn(64, 1, 8, 8))
+        model.eval()
+    graph = merge_graph(model, example_input=x[:2])
+    copies = [model] + [apply_permutations(model, graph, random_permutations(graph, torch.Generator().manual_seed(k)))
+                        for k in (1, 2, 3)]
+    merged = merge(copies, "c2m3", data, reset_bn=False, repair=False, progress=False)
+    with torch.no_grad():
+        ref = model(x)
+        assert float((merged(x) - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+    assert merged.merge_info["method"] == "c2m3"
+    assert merged.merge_info["cycle"]["iterations"] >= 1
