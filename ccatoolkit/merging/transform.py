@@ -50,6 +50,10 @@ def _variance_eps(model: nn.Module, ref: ParamRef) -> float | None:
     return float(getattr(module, "eps", 0.0)) if isinstance(module, nn.modules.batchnorm._NormBase) else 0.0
 
 
+#: Dense transforms of tensors up to this many entries run in float64; larger ones in their own dtype.
+_FLOAT64_ENTRIES = 1 << 22
+
+
 def _as_scaled_permutation(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(index, scale)`` with ``matrix[i, index[i]] = scale[i]`` the only nonzero of row ``i``, when
     ``matrix`` is a scaled permutation; None otherwise (a map that mixes channels)."""
@@ -67,7 +71,10 @@ def _left(tensor: torch.Tensor, ref: ParamRef, matrix: torch.Tensor) -> torch.Te
 
     A (scaled) permutation is applied by indexing, exactly and in the tensor's own dtype (no dense
     product: a permuted 25088 x 4096 classifier costs a copy, not a 512 x 512 x 2M product); any
-    other map by a float64 product whose result is cast back to the tensor's dtype.
+    other map by a product cast back to the tensor's dtype, in float64 up to ``_FLOAT64_ENTRIES``
+    entries and in the tensor's own precision (at least float32) above: a CCA map on VGG's
+    4096 x 25088 classifier is 8e11 multiply-adds, twice as fast and half the memory in float32,
+    whose rounding (1e-7 relative) is far below what merging changes.
     """
     sparse = _as_scaled_permutation(matrix)
     if sparse is not None:
@@ -85,7 +92,8 @@ def _left(tensor: torch.Tensor, ref: ParamRef, matrix: torch.Tensor) -> torch.Te
     moved = tensor.movedim(ref.axis, 0)
     shape = moved.shape
     flat = moved.reshape(matrix.shape[1], -1)
-    out = (matrix.to(torch.float64) @ flat.to(torch.float64)).to(tensor.dtype)
+    dtype = torch.float64 if flat.numel() <= _FLOAT64_ENTRIES else torch.promote_types(tensor.dtype, torch.float32)
+    out = (matrix.to(dtype) @ flat.to(dtype)).to(tensor.dtype)
     return out.reshape(shape).movedim(0, ref.axis)
 
 
