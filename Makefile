@@ -2,13 +2,18 @@
 # `make test` (unit tests and the notebooks in smoke mode). `make lab` opens the notebooks.
 PY := .venv/bin/python
 
-.PHONY: setup demo lab test test-fast clean
+.PHONY: setup demo prefetch lab test test-fast clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(PY) scripts/run_notebooks.py --out reports
+
+# Before a workshop: run the sequence once at default settings, so every trained model and learned
+# curve is in the cache ($$CCATOOLKIT_CACHE, default ~/.cache/ccatoolkit) and `make demo` is fast.
+prefetch: setup
+	$(PY) scripts/run_notebooks.py --out reports/prefetch --no-html
 
 lab: setup
 	.venv/bin/jupyter lab notebooks/

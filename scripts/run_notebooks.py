@@ -99,13 +99,15 @@ def run(out: Path, smoke: bool, only: list[str], cell_timeout: int, html: bool) 
 
     rows = []
     start_all = time.perf_counter()
-    for path in notebooks:
+    for index, path in enumerate(notebooks, start=1):
         target = out / path.name
+        print(f"[{index}/{len(notebooks)}] {path.name} ...", flush=True)
         t0 = time.perf_counter()
         status, error = "ok", ""
         try:
             pm.execute_notebook(
-                str(path), str(target), kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False,
+                str(path), str(target), kernel_name="python3", cwd=str(NOTEBOOKS),
+                progress_bar=sys.stderr.isatty(),  # one bar of executed cells per notebook, in a terminal
                 execution_timeout=cell_timeout, parameters={"SMOKE": smoke},
             )
         except Exception as err:  # record it, go on with the others
