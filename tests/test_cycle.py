@@ -69,7 +69,8 @@ def test_objective_is_at_least_that_of_reference_weight_matching() -> None:
     pairwise = [{s.name: np.arange(s.size) for s in graph}] + [weight_matching(states[0], st, graph) for st in states[1:]]
     identity = [{s.name: np.arange(s.size) for s in graph}] * 3
     assert info["objective"] >= cycle_objective(states, graph, identity)
-    assert info["objective"] >= 0.97 * cycle_objective(states, graph, pairwise)
+    assert info["objective"] >= cycle_objective(states, graph, pairwise) - 1e-9  # it starts there, never loses
+    assert info["objective"] == pytest.approx(cycle_objective(states, graph, perms), rel=1e-12)
 
 
 def test_c2m3_merge_of_permuted_copies_gives_back_the_model() -> None:

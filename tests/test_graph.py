@@ -141,9 +141,9 @@ def test_untraceable_raises_with_fx_error_and_advice() -> None:
         merge_graph(DataDependent())
 
 
-def test_functional_relu_raises() -> None:
-    with pytest.raises(GraphError, match="nn.Module"):
-        merge_graph(Functional())
+def test_functional_relu_is_a_node_capture_point() -> None:
+    graph = merge_graph(Functional())
+    assert [(s.name, s.capture, s.size) for s in graph] == [("relu", ["relu"], 4)]
 
 
 @pytest.mark.parametrize(

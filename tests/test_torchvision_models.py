@@ -115,3 +115,70 @@ def test_a_channel_mixing_map_is_refused_on_a_permutation_only_space() -> None:
     mix = torch.eye(8, dtype=torch.float64) + 0.1
     with pytest.raises(ValueError, match="only permutations.*depthwise"):
         apply_transforms(model, graph, {graph.spaces[0].name: (mix, torch.linalg.inv(mix))})
+
+
+class FunctionalBlock(torch.nn.Module):
+    """A residual block written the tutorial way: F.relu calls, no activation modules."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.relu(self.bn1(self.conv1(x)))
+        return torch.nn.functional.relu(self.bn2(self.conv2(y)) + x)
+
+
+class FunctionalNet(torch.nn.Module):
+    """Functional F.relu / torch.relu, and one nn.ReLU module reused for two different spaces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.b1, self.b2 = FunctionalBlock(8), FunctionalBlock(8)
+        self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b2(self.b1(self.act(self.stem(x))))
+        x = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.act(x), 1), 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_functional_relu_is_captured_at_graph_nodes_named_like_torchvision() -> None:
+    from ccatoolkit.analysis.capture import capturable_layers, capture
+
+    model = reset_bn_stats(FunctionalNet(), _images(2, 8), progress=False).eval()
+    names = capturable_layers(model)
+    for point in ("b1.relu", "b1.add", "b1.relu_1", "b2.relu", "relu", "act", "act_1"):
+        assert point in names, (point, names)
+    x = _images(1, 8)[0]
+    with capture(model, ["b1.relu", "b1.relu_1", "relu"]) as cache:
+        out = model(x)
+    assert "forward" not in model.__dict__  # the model's own forward is back
+    with torch.no_grad():
+        stem = model.act(model.stem(x))
+        inner = torch.relu(model.b1.bn1(model.b1.conv1(stem)))
+        block = torch.relu(model.b1.bn2(model.b1.conv2(inner)) + stem)
+        torch.testing.assert_close(cache["b1.relu"], inner)
+        torch.testing.assert_close(cache["b1.relu_1"], block)
+        torch.testing.assert_close(model(x), out)
+    graph = merge_graph(model, example_input=x[:2])
+    assert graph.space("b1.relu").capture == ["b1.relu"]
+    assert graph.spaces[0].capture == ["act", "b1.relu_1", "b2.relu_1", "act_1"]  # the residual stream
+
+
+@pytest.mark.parametrize("method", ["permute", "cca", "permute_weight", "c2m3", "zipit"])
+def test_functional_net_merges_with_a_permuted_copy_into_itself(method: str) -> None:
+    data = _images(6, 8, n=32)
+    torch.manual_seed(0)
+    model = reset_bn_stats(FunctionalNet(), data, progress=False).eval()
+    graph = merge_graph(model, example_input=data[0][:2])
+    other = apply_permutations(model, graph, random_permutations(graph, torch.Generator().manual_seed(1))).eval()
+    merged = merge([model, other], method, data, ridge=1e-6, reset_bn=False, repair=False, progress=False) \
+        if method == "cca" else merge([model, other], method, data, reset_bn=False, repair=False, progress=False)
+    with torch.no_grad():
+        ref = model(data[0])
+        assert float((merged(data[0]) - ref).abs().max()) < 1e-3 * float(ref.abs().max())

@@ -10,19 +10,35 @@ A *capture point* is a module name (its first call in a forward pass) or, for a 
 several times per forward pass, ``name_k`` for its call number ``k`` (counting from 0), the way
 ``torch.fx`` and torchvision's ``get_graph_node_names`` name repeated calls: torchvision's
 ResNet blocks call one ``self.relu`` twice, giving ``layer1.0.relu`` and ``layer1.0.relu_1``.
+
+A functional call in ``forward`` (``F.relu(x)``, ``torch.relu``, ``x.relu()``, ``x + y``) has no
+module to hook, so it is a *node point* of the model's ``torch.fx`` trace, named as torchvision
+names graph nodes: the innermost module's path and the operation (``block.relu``; ``relu`` at the
+top level), with ``_1``, ``_2`` for repeats, and never a name a module call already has. While
+hooks on node points are attached, the model's forward runs through its traced graph with an
+identity *tap* after each such node (same modules, same parameters; restored on exit).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
+import operator
+import re
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
+    "FUNCTIONAL_ACTIVATIONS",
+    "ACTIVATION_METHODS",
+    "CapturePoint",
+    "locate",
     "ActivationCache",
     "UnknownLayerError",
     "capturable_layers",
@@ -36,6 +52,81 @@ __all__ = [
 # Modules that only group other modules: their output is some child's output.
 _CONTAINERS: tuple[type[nn.Module], ...] = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
+_F = torch.nn.functional
+#: Elementwise non-linearities called as functions: their outputs are node points a space captures.
+FUNCTIONAL_ACTIVATIONS = frozenset({
+    _F.relu, _F.leaky_relu, _F.gelu, _F.elu, _F.selu, _F.silu, _F.mish, _F.relu6, _F.softplus, _F.hardtanh,
+    _F.hardswish, _F.hardsigmoid, torch.relu, torch.tanh, torch.sigmoid, _F.tanh, _F.sigmoid,
+})
+#: The same called as tensor methods (``x.relu()``).
+ACTIVATION_METHODS = frozenset({"relu", "relu_", "tanh", "sigmoid", "tanh_", "sigmoid_"})
+# Function nodes offered by capturable_layers besides activations: residual additions.
+_LISTED_FUNCTIONS = FUNCTIONAL_ACTIVATIONS | {operator.add, operator.iadd, torch.add}
+
+
+@dataclass(frozen=True)
+class CapturePoint:
+    """Where a capture point's output comes from: call ``call`` of ``module``, or the fx ``node``."""
+
+    name: str
+    module: str | None = None
+    call: int = 0
+    node: str | None = None  # the traced graph's node name (a function or method call)
+
+
+class _Trace:
+    """A model's fx trace and the names of its capture points (module calls and function nodes)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.graph = torch.fx.Tracer().trace(model)
+        self.calls: dict[str, int] = {}
+        for node in self.graph.nodes:
+            if node.op == "call_module":
+                self.calls[str(node.target)] = self.calls.get(str(node.target), 0) + 1
+        taken = {capture_point(m, k) for m, count in self.calls.items() for k in range(count)}
+        taken |= {name for name, _ in model.named_modules()}
+        self.nodes: dict[str, str] = {}  # point name -> fx node name
+        self.listed: list[tuple[str, str]] = []  # (point, module scope) of the activations and additions
+        for node in self.graph.nodes:
+            if node.op not in ("call_function", "call_method"):
+                continue
+            stack = node.meta.get("nn_module_stack") or {}
+            scope = str(next(reversed(stack))) if stack else ""
+            base = re.sub(r"_\d+$", "", node.name)
+            qualified = f"{scope}.{base}" if scope else base
+            point, k = qualified, 0
+            while point in taken:
+                k += 1
+                point = f"{qualified}_{k}"
+            taken.add(point)
+            self.nodes[point] = node.name
+            is_listed = node.target in _LISTED_FUNCTIONS if node.op == "call_function" else node.target in ACTIVATION_METHODS
+            if is_listed:
+                self.listed.append((point, scope))
+        self.structure = tuple(name for name, _ in model.named_modules())
+
+
+_TRACES: weakref.WeakKeyDictionary[nn.Module, _Trace | None] = weakref.WeakKeyDictionary()
+
+
+def _trace(model: nn.Module) -> _Trace | None:
+    """The model's :class:`_Trace` (cached while its module structure is unchanged), None when fx cannot trace it."""
+    cached = _TRACES.get(model)
+    if cached is not None and cached.structure == tuple(name for name, _ in model.named_modules()):
+        return cached
+    try:
+        trace = _Trace(model)
+    except Exception:  # fx raises many kinds of errors; such a model has module points only
+        return None
+    _TRACES[model] = trace
+    return trace
+
+
+def node_point_names(model: nn.Module) -> dict[str, str]:
+    """``{fx node name: capture point}`` for the function and method calls of ``model``'s trace."""
+    trace = _trace(model)
+    return {} if trace is None else {node: point for point, node in trace.nodes.items()}
+
 
 class UnknownLayerError(KeyError, ValueError):
     """A layer name that the model does not have (a ``KeyError`` and a ``ValueError``)."""
@@ -48,14 +139,16 @@ def capturable_layers(model: nn.Module) -> list[str]:
     """Names of the modules whose outputs can be captured, in registration (roughly forward) order.
 
     Leaf modules (Linear, Conv, BatchNorm, ReLU, pools, Flatten, Identity, ...) and modules that own
-    parameters themselves are listed; the root and pure containers (``nn.Sequential``,
+    parameters themselves are listed, and functional activations and additions called in
+    ``forward`` as node points (``block.relu``, see the module doc); the root and pure containers (``nn.Sequential``,
     ``nn.ModuleList``, ``nn.ModuleDict``) and blocks built only from children (a ResNet
     ``BasicBlock``, whose output is its last ReLU's) are not. A module that the forward pass calls
     several times (found by a ``torch.fx`` trace, when the model can be traced) is followed by its
     later calls, ``name_1``, ``name_2``, ... Any module name is still accepted by :func:`capture`;
     this list is what a dropdown should offer.
     """
-    calls = _call_counts(model)
+    trace = _trace(model)
+    calls = trace.calls if trace is not None else {}
     names: list[str] = []
     for name, module in model.named_modules():
         if not name or isinstance(module, _CONTAINERS):
@@ -64,20 +157,11 @@ def capturable_layers(model: nn.Module) -> list[str]:
         owns_params = next(iter(module.parameters(recurse=False)), None) is not None
         if is_leaf or owns_params:
             names += [capture_point(name, k) for k in range(max(1, calls.get(name, 1)))]
+    if trace is not None:  # functional activations and additions, after the last module of their scope
+        for point, scope in trace.listed:
+            after = [i for i, n in enumerate(names) if scope and (n == scope or n.startswith(scope + "."))]
+            names.insert(after[-1] + 1 if after else len(names), point)
     return names
-
-
-def _call_counts(model: nn.Module) -> dict[str, int]:
-    """How often the traced forward pass calls each module (``{}`` when ``torch.fx`` cannot trace it)."""
-    try:
-        graph = torch.fx.Tracer().trace(model)
-    except Exception:  # fx raises many kinds of errors; the list then has one entry per module
-        return {}
-    counts: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
-    return counts
 
 
 def capture_point(module: str, call: int) -> str:
@@ -85,18 +169,22 @@ def capture_point(module: str, call: int) -> str:
     return module if call == 0 else f"{module}_{call}"
 
 
-def split_capture_point(model: nn.Module, name: str, modules: Mapping[str, nn.Module] | None = None) -> tuple[str, int]:
-    """``(module name, call number)`` of a capture point of ``model`` (see the module doc).
+def locate(model: nn.Module, name: str, modules: Mapping[str, nn.Module] | None = None) -> CapturePoint:
+    """Where capture point ``name`` of ``model`` comes from (see the module doc).
 
-    A name that is a module is its first call; ``name_k`` is call ``k`` of module ``name`` when
-    ``name`` is a module and ``name_k`` is not. Raises :class:`UnknownLayerError` otherwise.
+    A name that is a module is its first call; a node point of the trace is that node; ``name_k``
+    is call ``k`` of module ``name``. Raises :class:`UnknownLayerError` otherwise.
     """
     modules = dict(model.named_modules()) if modules is None else modules
     if name in modules and name:
-        return name, 0
+        return CapturePoint(name, module=name)
     base, sep, index = name.rpartition("_")
-    if sep and index.isdigit() and base in modules and base and int(index) > 0:
-        return base, int(index)
+    module_call = bool(sep and index.isdigit() and base in modules and base and int(index) > 0)
+    trace = _trace(model) if isinstance(model, nn.Module) else None
+    if trace is not None and name in trace.nodes:
+        return CapturePoint(name, node=trace.nodes[name])
+    if module_call:
+        return CapturePoint(name, module=base, call=int(index))
     close = difflib.get_close_matches(name, [m for m in modules if m], n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     valid = capturable_layers(model)
@@ -104,6 +192,14 @@ def split_capture_point(model: nn.Module, name: str, modules: Mapping[str, nn.Mo
         f"{type(model).__name__} has no layer {name!r}.{hint} "
         f"Capturable layers: {', '.join(valid) if valid else '(none)'}"
     )
+
+
+def split_capture_point(model: nn.Module, name: str, modules: Mapping[str, nn.Module] | None = None) -> tuple[str, int]:
+    """``(module name, call number)`` of a module capture point (a ``ValueError`` for a node point)."""
+    point = locate(model, name, modules)
+    if point.module is None:
+        raise ValueError(f"{name!r} is a function call of the traced graph, not a module call")
+    return point.module, point.call
 
 
 def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
@@ -123,7 +219,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"layer names must be strings, got {type(name).__name__}: {name!r}")
-        split_capture_point(model, name, modules)
+        locate(model, name, modules)
     return list(dict.fromkeys(names))
 
 
@@ -141,9 +237,14 @@ def forward_hooks(
     resolve_layers(model, list(callbacks))
     modules = dict(model.named_modules())
     by_module: dict[str, dict[int, Callable[[nn.Module, Any, Any], None]]] = {}
+    by_node: dict[str, Callable[[nn.Module, Any, Any], None]] = {}
     for point, fn in callbacks.items():
-        module, call = split_capture_point(model, point, modules)
-        by_module.setdefault(module, {})[call] = fn
+        where = locate(model, point, modules)
+        if where.node is not None:
+            by_node[where.node] = fn
+        else:
+            assert where.module is not None
+            by_module.setdefault(where.module, {})[where.call] = fn
     calls: dict[str, int] = {}
     handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -164,10 +265,69 @@ def forward_hooks(
         handles.append(model.register_forward_pre_hook(reset))
         for name, table in by_module.items():
             handles.append(modules[name].register_forward_hook(dispatch(name, table)))
+        with _node_taps(model, by_node):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _Tap(nn.Identity):
+    """Passes a traced function node's output on unchanged; capture callbacks hook it."""
+
+
+class _Taps:
+    """A model's traced graph with a :class:`_Tap` after every function node, run as its forward.
+
+    One per model while any :func:`forward_hooks` context with node points is open (contexts nest:
+    the same model may be captured for two roles at once); the model's own ``forward`` is back when
+    the last one closes.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        trace = _trace(model)
+        assert trace is not None  # node points exist only for traceable models
+        graph = copy.deepcopy(trace.graph)
+        self.module = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+        self.taps: dict[str, _Tap] = {}
+        for i, node in enumerate([n for n in graph.nodes if n.name in set(trace.nodes.values())]):
+            tap = self.taps[node.name] = _Tap()
+            self.module.add_submodule(f"_ccatoolkit_tap{i}", tap)
+            with graph.inserting_after(node):
+                out = graph.call_module(f"_ccatoolkit_tap{i}", (node,))
+            node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
+        self.module.recompile()
+        self.depth = 0
+        self.previous = model.__dict__.get("forward")
+
+
+_TAPS: weakref.WeakKeyDictionary[nn.Module, _Taps] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _node_taps(model: nn.Module, callbacks: Mapping[str, Callable[[nn.Module, Any, Any], None]]) -> Iterator[None]:
+    """Run ``model`` through its tapped trace while the block runs, with ``callbacks[node]`` on the taps."""
+    if not callbacks:
+        yield
+        return
+    taps = _TAPS.get(model)
+    if taps is None:
+        taps = _TAPS[model] = _Taps(model)
+        model.forward = taps.module.forward  # type: ignore[method-assign]  # restored by the last exit
+    taps.depth += 1
+    handles = [taps.taps[node].register_forward_hook(fn) for node, fn in callbacks.items()]
+    try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        taps.depth -= 1
+        if taps.depth == 0:
+            del _TAPS[model]
+            if taps.previous is not None:
+                model.forward = taps.previous  # type: ignore[method-assign]
+            else:
+                model.__dict__.pop("forward", None)
 
 
 class ActivationCache(Mapping[str, Any]):

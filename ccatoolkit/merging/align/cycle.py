@@ -9,9 +9,10 @@ objective summed over all pairs of models,
     f(P) = sum_{i<j} sum_W < U_i(W), U_j(W) >,    U_i(W) = W_i with each of its axes mapped by P_i,
 
 which Frank-Wolfe optimises over the relaxation to doubly stochastic matrices: each step takes
-the gradient for every (model, space), solves one assignment problem per block (the linear
-minimisation oracle, whose answer is a permutation), and moves towards it; at the end each
-matrix is rounded to the nearest permutation. Data-free, like Git Re-Basin's weight matching
+the gradient for every (model, space), solves one assignment problem per space (the linear
+minimisation oracle, whose answer is a permutation), and moves all models towards theirs at
+once; at the end each matrix is rounded to the nearest permutation. Unlike weight matching to a
+reference, a model's permutation then depends on all the others, not on the reference alone. Data-free, like Git Re-Basin's weight matching
 (:func:`ccatoolkit.merging.align.permutation.weight_matching`), whose ``channel_rows`` view of a weight
 as ``(channels, rest)`` and flatten blocks this module shares.
 
@@ -28,9 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ccatoolkit.merging.align.permutation import channel_rows, match_activations
+from ccatoolkit.merging.align.permutation import channel_rows, match_activations, weight_matching
 
 __all__ = ["cycle_consistent_matching", "cycle_objective"]
+
+# Steps the line search tries besides Frank-Wolfe's 2 / (t + 2).
+_STEPS = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def _apply(W: torch.Tensor, matrix: torch.Tensor, axis: int, block: int) -> torch.Tensor:
@@ -126,13 +130,20 @@ def cycle_consistent_matching(
 
     ``states``: the models' state dicts (N >= 2); ``graph``: their :class:`MergeGraph`;
     ``param_names`` restricts the weights in the objective (default: every floating tensor the
-    graph names except BatchNorm running statistics). Starts from the identity for every model,
-    steps ``2 / (t + 2)`` towards the oracle's permutations, and stops when the Frank-Wolfe gap
-    ``<grad, Q - P>`` falls below ``tol`` times the objective's scale or after ``max_iter`` steps.
+    graph names except BatchNorm running statistics).
+
+    The universe is the reference's frame: ``f`` does not change when one permutation of the
+    universe is applied to every model, so the reference's matrices stay the identity without
+    loss (and the others do not chase each other). The others start from pairwise weight matching
+    to the reference; each Frank-Wolfe step moves all of them towards the oracle's permutations by
+    the best of a few step sizes (``2 / (t + 2)`` among them; never to a worse relaxed objective),
+    until the Frank-Wolfe gap ``<grad, Q - P>`` falls below ``tol`` times the objective's scale, no
+    step improves, or ``max_iter`` steps. Rounding comes last; if the rounded objective is below the
+    start's, the start is returned (so the result is never worse than reference-based matching).
 
     Returns ``(perms, info)``: ``perms[k][space]`` maps model ``k`` into ``reference``'s frame
-    (``perms[reference]`` is the identity), ``info`` has the iterations, the final gap and the
-    objective of the rounded permutations.
+    (``perms[reference]`` is the identity), ``info`` has the iterations, the final gap, the
+    objective of the result and that of the start.
     """
     n = len(states)
     if n < 2:
@@ -141,9 +152,12 @@ def cycle_consistent_matching(
         raise ValueError(f"reference index {reference} out of range for {n} models")
     device = next(iter(states[0].values())).device
     problem = _Problem(states, graph, param_names, device)
-    eye = {s: torch.eye(k, dtype=torch.float64, device=device) for s, k in problem.sizes.items()}
-    P = [{s: m.clone() for s, m in eye.items()} for _ in range(n)]
+    # start from pairwise weight matching to the reference (the universe is the reference's frame)
+    start = [{s: np.arange(k) for s, k in problem.sizes.items()} if i == reference else
+             weight_matching(states[reference], states[i], graph, param_names=param_names) for i in range(n)]
+    P = [{s: _permutation_matrix(start[i][s], device) for s in problem.sizes} for i in range(n)]
     scale = max(1.0, sum(float((w * w).sum()) for w in problem.weights[0].values()))
+    current = problem.objective(P)
     gap = float("inf")
     it = 0
     for it in range(1, max_iter + 1):
@@ -151,6 +165,9 @@ def cycle_consistent_matching(
         gap = 0.0
         targets = []
         for i in range(n):
+            if i == reference:  # the gauge: f does not change when one permutation of the universe is
+                targets.append(P[i])  # applied to every model, so the reference's stays the identity
+                continue
             q = {}
             for s, G in grads[i].items():
                 Q = _permutation_matrix(match_activations(G), device)
@@ -159,18 +176,20 @@ def cycle_consistent_matching(
             targets.append(q)
         if gap <= tol * scale:
             break
-        step = 2.0 / (it + 2.0)
-        for i in range(n):
-            for s in P[i]:
-                P[i][s] = (1.0 - step) * P[i][s] + step * targets[i][s]
-    universe = [{s: _round(P[i][s]) for s in problem.sizes} for i in range(n)]
-    # express in the reference's frame: model k -> universe -> reference, perm_k = perm_ref^{-1} o ... as indices
-    perms: list[dict[str, np.ndarray]] = []
-    for k in range(n):
-        out = {}
-        for s in problem.sizes:
-            inverse_ref = np.argsort(universe[reference][s])  # reference neuron r sits at universe position inverse_ref[r]
-            out[s] = universe[k][s][inverse_ref]
-        perms.append(out)
-    info = {"iterations": it, "gap": gap, "objective": cycle_objective(states, graph, perms, param_names)}
+        # line search over a few steps (f is a polynomial along the segment): never a worse iterate
+        best_step, best_value = 0.0, current
+        for step in sorted({2.0 / (it + 2.0), *_STEPS}):
+            trial = [{s: (1.0 - step) * P[i][s] + step * targets[i][s] for s in P[i]} for i in range(n)]
+            value = problem.objective(trial)
+            if value > best_value:
+                best_step, best_value, best = step, value, trial
+        if best_step == 0.0:
+            break
+        P, current = best, best_value
+    perms = [{s: _round(P[i][s]) for s in problem.sizes} for i in range(n)]  # the reference's stay identities
+    objective = cycle_objective(states, graph, perms, param_names)
+    initial = cycle_objective(states, graph, start, param_names)
+    if objective < initial:  # rounding lost what the relaxation gained: keep the start
+        perms, objective = start, initial
+    info = {"iterations": it, "gap": gap, "objective": objective, "start_objective": initial}
     return perms, info

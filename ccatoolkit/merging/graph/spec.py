@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccatoolkit.analysis.capture import UnknownLayerError, split_capture_point
+from ccatoolkit.analysis.capture import UnknownLayerError, locate
 
 __all__ = ["GraphError", "ParamRef", "Space", "MergeGraph", "SPEC_ADVICE"]
 
@@ -130,7 +130,7 @@ class MergeGraph:
                 raise GraphError(f"space {s.name!r} has size {s.size!r}; it must be a positive integer")
             for point in s.capture:
                 try:
-                    split_capture_point(model, point, modules)
+                    locate(model, point, modules)
                 except UnknownLayerError:
                     raise GraphError(
                         f"space {s.name!r} captures {point!r}, which is not a module of the model (or call "

@@ -21,7 +21,12 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ccatoolkit._utils import eval_mode
-from ccatoolkit.analysis.capture import capture_point
+from ccatoolkit.analysis.capture import (
+    ACTIVATION_METHODS,
+    FUNCTIONAL_ACTIVATIONS,
+    capture_point,
+    node_point_names,
+)
 from ccatoolkit.merging.graph.spec import SPEC_ADVICE, GraphError, MergeGraph, ParamRef, Space
 
 __all__ = ["merge_graph"]
@@ -46,11 +51,6 @@ _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 _F = torch.nn.functional
-_FUNCTIONAL_ACTIVATIONS = {
-    _F.relu, _F.leaky_relu, _F.gelu, _F.elu, _F.selu, _F.silu, _F.mish, _F.relu6, _F.softplus, _F.hardtanh,
-    _F.hardswish, _F.hardsigmoid, torch.relu, torch.tanh, torch.sigmoid, _F.tanh, _F.sigmoid,
-}
-_ACTIVATION_METHODS = {"relu", "relu_", "tanh", "sigmoid", "tanh_", "sigmoid_"}
 _FUNCTIONAL_PASSTHROUGH = {_F.dropout, _F.dropout2d, _F.dropout1d, _F.dropout3d, _F.alpha_dropout}
 _FUNCTIONAL_POOLS = {
     _F.max_pool1d, _F.max_pool2d, _F.max_pool3d, _F.avg_pool1d, _F.avg_pool2d, _F.avg_pool3d,
@@ -153,15 +153,16 @@ class _Site(NamedTuple):
 class _Builder:
     """Walks the fx graph once, giving every node a :class:`_Feat`, and assembles the :class:`MergeGraph`."""
 
-    def __init__(self, gm: torch.fx.GraphModule, has_shapes: bool) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, has_shapes: bool, node_points: dict[str, str]) -> None:
         self.gm = gm
+        self.node_points = node_points  # fx node name -> capture point (functional activations)
         self.modules = dict(gm.named_modules())
         self.has_shapes = has_shapes
         self.spaces = _SpaceUnion()
         self.feats: dict[torch.fx.Node, _Feat | None] = {}
         self.outputs: dict[int, list[ParamRef]] = {}
         self.inputs: dict[int, list[_PendingInput]] = {}
-        self.activations: list[_Site] = []  # activation modules (capture candidates)
+        self.activations: list[_Site] = []  # activation modules and functional activations (capture points)
         self.producers: list[_Site] = []  # Linear/Conv/BatchNorm modules (capture fallback)
         self.functional_nonlin: list[tuple[int, str]] = []  # (space, description) of F.relu & co
         self.unknown: list[tuple[list[int], str]] = []  # (spaces touched, description)
@@ -364,8 +365,12 @@ class _Builder:
             return self.opaque(node, "a product with a tensor (only scaling by a number keeps the space)")
         if len(feats) != 1:
             return self.opaque(node)
-        if target in _FUNCTIONAL_ACTIVATIONS or (is_method and target in _ACTIVATION_METHODS):
-            self.functional_nonlin.append((x.space, self.describe(node)))
+        if target in FUNCTIONAL_ACTIVATIONS or (is_method and target in ACTIVATION_METHODS):
+            point = self.node_points.get(node.name)
+            if point is None:  # pragma: no cover - the trace that names node points is the same trace
+                self.functional_nonlin.append((x.space, self.describe(node)))
+            else:
+                self.activations.append(_Site(x.space, point, self.index))
             return self.same(x, node)
         if target in _FUNCTIONAL_PASSTHROUGH or (is_method and target in _PASSTHROUGH_METHODS):
             return self.same(x, node)
@@ -521,7 +526,7 @@ def merge_graph(model: nn.Module, example_input: torch.Tensor | None = None) -> 
                     "Pass example_input=<a batch the model accepts> to merge_graph."
                 ) from err
             has_shapes = True
-    builder = _Builder(gm, has_shapes)
+    builder = _Builder(gm, has_shapes, node_point_names(model))
     for node in gm.graph.nodes:
         builder.visit(node)
     return builder.result(model).validate(model)
