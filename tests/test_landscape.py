@@ -112,6 +112,18 @@ def test_permuted_copy_has_barrier_until_aligned(trained_pair, digits):
     assert before.label == "naive"
 
 
+def test_output_gap_is_zero_for_a_permuted_copy_only(trained_pair, digits):
+    from ccatoolkit.zoo.training import output_gap
+
+    a, b = trained_pair
+    test = digits[1]
+    assert output_gap(a, _permuted_mlp(a), test) < 1e-4
+    assert output_gap(a, b, test) > 0.1
+    assert output_gap(a, b, test, max_batches=None) >= output_gap(a, b, test)
+    with pytest.raises(ValueError, match="no batches"):
+        output_gap(a, b, [])
+
+
 def test_permute_alignment_through_merging(trained_pair, digits):
     a, _ = trained_pair
     train, test = digits
@@ -238,6 +250,18 @@ def test_barrier_definition():
         barrier([1.0, 2.0], alphas=[0.2, 0.8])
     with pytest.raises(ValueError, match="metric"):
         barrier([1.0, 2.0], metric="f1")
+
+
+def test_barrier_against_another_paths_ends():
+    grid = np.array([0.0, 0.5, 1.0])
+    to_b = InterpolationResult(alphas=grid, loss=np.array([1.0, 3.0, 1.0]), accuracy=np.array([0.9, 0.5, 0.9]))
+    # a path to a degraded aligned end B' (loss 2 instead of B's 1): flat against its own ends
+    to_b_prime = InterpolationResult(alphas=grid, loss=np.array([1.0, 1.5, 2.0]), accuracy=np.array([0.9, 0.85, 0.8]))
+    assert to_b_prime.ends() == (1.0, 2.0) and to_b_prime.ends("accuracy") == (0.9, 0.8)
+    assert to_b_prime.barrier() == pytest.approx(0.0)
+    assert to_b_prime.barrier(against=to_b) == pytest.approx(1.0)  # 1.5 - 0.5 at the midpoint, 2 - 1 at the end
+    assert barrier(to_b_prime, "accuracy", against=to_b) == pytest.approx(0.1)
+    assert to_b.barrier(against=to_b) == to_b.barrier()
 
 
 # --------------------------------------------------------------------------- planes and simplices
