@@ -317,7 +317,9 @@ def test_plots_draw_into_given_axis(trained_pair, digits):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ccatoolkit.plots.landscape import plot_barriers, plot_interpolation, plot_plane, plot_simplex
+    from ccatoolkit.plots.landscape import (
+        path_end_label, plot_barriers, plot_interpolation, plot_plane, plot_plane_path, plot_simplex,
+    )
 
     a, b = trained_pair
     test = digits[1]
@@ -326,10 +328,20 @@ def test_plots_draw_into_given_axis(trained_pair, digits):
     fig, axes = plt.subplots(1, 4)
     assert plot_interpolation([naive, aligned], ax=axes[0], metric="accuracy") is axes[0]
     assert len(axes[0].get_lines()) == 2
+    # an aligned path ends at B aligned, not at B: the axis says so
+    assert path_end_label([naive]) == "model B" and path_end_label([aligned]) == "B (aligned)"
+    assert axes[0].get_xlabel() == "alpha (0 = model A, 1 = model B, or B (aligned) on aligned paths)"
     assert plot_barriers([naive, aligned], ax=axes[1]) is axes[1]
     assert len(axes[1].patches) == 2
-    plane = loss_plane(a, b, _permuted_mlp(b), test, resolution=4, progress=False)
+    plane = loss_plane(a, b, _permuted_mlp(b), test, resolution=4, progress=False, labels=("A", "B", "C (permuted)"))
     assert plot_plane(plane, ax=axes[2]) is axes[2]
+    assert axes[2].get_xlabel() == "u (towards B)" and axes[2].get_ylabel() == "v (towards C (permuted), orthogonalised)"
+    lines = len(axes[2].get_lines())
+    assert plot_plane_path(plane, [[1, 0, 0], [0.25, 0.25, 0.5], [0, 1, 0]], ax=axes[2], label="path") is axes[2]
+    np.testing.assert_allclose(axes[2].get_lines()[-1].get_xydata()[[0, -1]], plane.coords[:2])  # from A to B
+    assert len(axes[2].get_lines()) == lines + 1
+    with pytest.raises(ValueError, match="sum to 1"):
+        plot_plane_path(plane, [[1, 1, 0]], ax=axes[2])
     assert plot_simplex(simplex([a, b, _permuted_mlp(a)], test, resolution=2, progress=False), ax=axes[3]) is axes[3]
     assert plot_interpolation(naive) is not None
     plt.close("all")
