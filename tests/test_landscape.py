@@ -330,7 +330,7 @@ def test_plots_draw_into_given_axis(trained_pair, digits):
     assert len(axes[0].get_lines()) == 2
     # an aligned path ends at B aligned, not at B: the axis says so
     assert path_end_label([naive]) == "model B" and path_end_label([aligned]) == "B (aligned)"
-    assert axes[0].get_xlabel() == "alpha (0 = model A, 1 = model B, or B (aligned) on aligned paths)"
+    assert axes[0].get_xlabel() == "alpha (0 = model A, 1 = B or B (aligned))"
     assert plot_barriers([naive, aligned], ax=axes[1]) is axes[1]
     assert len(axes[1].patches) == 2
     plane = loss_plane(a, b, _permuted_mlp(b), test, resolution=4, progress=False, labels=("A", "B", "C (permuted)"))

@@ -51,7 +51,7 @@ def path_end_label(results: Sequence[InterpolationResult] | InterpolationResult)
     if aligned == {True}:
         return "B (aligned)"
     if aligned == {True, False}:
-        return "model B, or B (aligned) on aligned paths"
+        return "B or B (aligned)"
     return "model B"
 
 
