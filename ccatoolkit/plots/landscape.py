@@ -152,7 +152,7 @@ def plot_plane_path(plane: PlaneResult, weights: Sequence[Sequence[float]] | np.
     style = {"color": "white", "linewidth": 2, **style}
     ax.plot(xy[:, 0], xy[:, 1], label=label, **style)
     if label:
-        ax.legend(fontsize="small", loc="best")
+        ax.legend(fontsize="small", loc="best", facecolor="0.55", framealpha=0.8)  # grey: white lines stay visible
     return ax
 
 
