@@ -114,10 +114,13 @@ def test_warn_if_near_chance() -> None:
         warnings.simplefilter("error")
         assert warn_if_near_chance(0.9, 10) == []
         assert warn_if_near_chance({"A": 0.9, "B": 0.5}, 10) == []
-    with pytest.warns(UserWarning, match=r"chance \(10% for 10 classes\): B 8.5%"):
+    with pytest.warns(UserWarning, match=r"chance \(10% for 10 classes\) or below: B 8.5%"):
         assert warn_if_near_chance({"A": 0.9, "B": 0.085}, 10) == ["B"]
-    with pytest.warns(UserWarning, match="model 14.0%"):
-        assert warn_if_near_chance(0.14, 10) == ["model"]  # within 5 points above chance
+    with pytest.warns(UserWarning, match="model 17.0%"):
+        assert warn_if_near_chance(0.17, 10) == ["model"]  # within 10 points above chance
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_near_chance(0.25, 10, margin=0.1) == [] and warn_if_near_chance(0.17, 10, margin=0.05) == []
     with pytest.warns(UserWarning, match="mean nothing"):
         assert warn_if_near_chance({"x": 0.52}, 2) == ["x"]
     with pytest.raises(ValueError, match="num_classes"):

@@ -228,13 +228,14 @@ def output_gap(model: nn.Module, other: nn.Module, data: Iterable[Any], max_batc
 
 
 def warn_if_near_chance(
-    accuracy: float | Mapping[str, float] | Any, num_classes: int, margin: float = 0.05
+    accuracy: float | Mapping[str, float] | Any, num_classes: int, margin: float = 0.1
 ) -> list[str]:
     """Warn (``UserWarning``) when any accuracy is within ``margin`` of chance (``1 / num_classes``) or below it.
 
     ``accuracy`` is one number or a mapping name -> accuracy (a dict, or a pandas Series such as an
     accuracy table's column). Returns the names (``"model"`` for a single number) near chance; such
-    models have learned nothing, so their merges and barriers mean nothing either.
+    models have learned nothing, so their merges and barriers mean nothing either. Pass the trained
+    models' accuracies: a merge at chance between two good models is a result, not a warning.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -244,8 +245,9 @@ def warn_if_near_chance(
     if near:
         listed = ", ".join(f"{name} {acc:.1%}" for name, acc in near)
         warnings.warn(
-            f"accuracy near or below chance ({chance:.0%} for {num_classes} classes): {listed}. These models "
-            "have not learned the task; numbers computed from them (merges, barriers) mean nothing.",
+            f"accuracy within {100 * margin:g} points of chance ({chance:.0%} for {num_classes} classes) or below: "
+            f"{listed}. These models have not learned the task; numbers computed from them (merges, barriers) "
+            "mean nothing.",
             UserWarning, stacklevel=2,
         )
     return [name for name, _ in near]
