@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "train": "ccatoolkit.zoo.training",
     "evaluate": "ccatoolkit.zoo.training",
     "predict": "ccatoolkit.zoo.training",
+    "output_gap": "ccatoolkit.zoo.training",
+    "warn_if_near_chance": "ccatoolkit.zoo.training",
     "load_or_create": "ccatoolkit.zoo.cache",
     "CacheError": "ccatoolkit.zoo.cache",
     "trained_model": "ccatoolkit.zoo.trained",

@@ -112,6 +112,18 @@ def test_permuted_copy_has_barrier_until_aligned(trained_pair, digits):
     assert before.label == "naive"
 
 
+def test_output_gap_is_zero_for_a_permuted_copy_only(trained_pair, digits):
+    from ccatoolkit.zoo.training import output_gap
+
+    a, b = trained_pair
+    test = digits[1]
+    assert output_gap(a, _permuted_mlp(a), test) < 1e-4
+    assert output_gap(a, b, test) > 0.1
+    assert output_gap(a, b, test, max_batches=None) >= output_gap(a, b, test)
+    with pytest.raises(ValueError, match="no batches"):
+        output_gap(a, b, [])
+
+
 def test_permute_alignment_through_merging(trained_pair, digits):
     a, _ = trained_pair
     train, test = digits
@@ -240,6 +252,18 @@ def test_barrier_definition():
         barrier([1.0, 2.0], metric="f1")
 
 
+def test_barrier_against_another_paths_ends():
+    grid = np.array([0.0, 0.5, 1.0])
+    to_b = InterpolationResult(alphas=grid, loss=np.array([1.0, 3.0, 1.0]), accuracy=np.array([0.9, 0.5, 0.9]))
+    # a path to a degraded aligned end B' (loss 2 instead of B's 1): flat against its own ends
+    to_b_prime = InterpolationResult(alphas=grid, loss=np.array([1.0, 1.5, 2.0]), accuracy=np.array([0.9, 0.85, 0.8]))
+    assert to_b_prime.ends() == (1.0, 2.0) and to_b_prime.ends("accuracy") == (0.9, 0.8)
+    assert to_b_prime.barrier() == pytest.approx(0.0)
+    assert to_b_prime.barrier(against=to_b) == pytest.approx(1.0)  # 1.5 - 0.5 at the midpoint, 2 - 1 at the end
+    assert barrier(to_b_prime, "accuracy", against=to_b) == pytest.approx(0.1)
+    assert to_b.barrier(against=to_b) == to_b.barrier()
+
+
 # --------------------------------------------------------------------------- planes and simplices
 
 
@@ -293,7 +317,9 @@ def test_plots_draw_into_given_axis(trained_pair, digits):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ccatoolkit.plots.landscape import plot_barriers, plot_interpolation, plot_plane, plot_simplex
+    from ccatoolkit.plots.landscape import (
+        path_end_label, plot_barriers, plot_interpolation, plot_plane, plot_plane_path, plot_simplex,
+    )
 
     a, b = trained_pair
     test = digits[1]
@@ -302,10 +328,20 @@ def test_plots_draw_into_given_axis(trained_pair, digits):
     fig, axes = plt.subplots(1, 4)
     assert plot_interpolation([naive, aligned], ax=axes[0], metric="accuracy") is axes[0]
     assert len(axes[0].get_lines()) == 2
+    # an aligned path ends at B aligned, not at B: the axis says so
+    assert path_end_label([naive]) == "model B" and path_end_label([aligned]) == "B (aligned)"
+    assert axes[0].get_xlabel() == "alpha (0 = model A, 1 = B or B (aligned))"
     assert plot_barriers([naive, aligned], ax=axes[1]) is axes[1]
     assert len(axes[1].patches) == 2
-    plane = loss_plane(a, b, _permuted_mlp(b), test, resolution=4, progress=False)
+    plane = loss_plane(a, b, _permuted_mlp(b), test, resolution=4, progress=False, labels=("A", "B", "C (permuted)"))
     assert plot_plane(plane, ax=axes[2]) is axes[2]
+    assert axes[2].get_xlabel() == "u (towards B)" and axes[2].get_ylabel() == "v (towards C (permuted), orthogonalised)"
+    lines = len(axes[2].get_lines())
+    assert plot_plane_path(plane, [[1, 0, 0], [0.25, 0.25, 0.5], [0, 1, 0]], ax=axes[2], label="path") is axes[2]
+    np.testing.assert_allclose(axes[2].get_lines()[-1].get_xydata()[[0, -1]], plane.coords[:2])  # from A to B
+    assert len(axes[2].get_lines()) == lines + 1
+    with pytest.raises(ValueError, match="sum to 1"):
+        plot_plane_path(plane, [[1, 1, 0]], ax=axes[2])
     assert plot_simplex(simplex([a, b, _permuted_mlp(a)], test, resolution=2, progress=False), ax=axes[3]) is axes[3]
     assert plot_interpolation(naive) is not None
     plt.close("all")

@@ -11,7 +11,7 @@ from torch import nn
 from ccatoolkit.data.loaders import get_loaders, make_loader
 from ccatoolkit.data.datasets import load_dataset
 from ccatoolkit.zoo.models import build_model
-from ccatoolkit.zoo.training import SCHEDULES, default_lr, evaluate, lr_factor, train
+from ccatoolkit.zoo.training import SCHEDULES, default_lr, evaluate, lr_factor, train, warn_if_near_chance
 
 
 def _digits_mlp(seed: int = 0) -> nn.Module:
@@ -105,3 +105,23 @@ def test_mlp_on_real_fashion_mnist() -> None:
     model = build_model("mlp", depth=2, width=256)
     train(model, loaders["train"], epochs=2, seed=0, device="cpu", progress=False)
     assert evaluate(model, loaders["test"])["accuracy"] > 0.8
+
+
+def test_warn_if_near_chance() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_near_chance(0.9, 10) == []
+        assert warn_if_near_chance({"A": 0.9, "B": 0.5}, 10) == []
+    with pytest.warns(UserWarning, match=r"chance \(10% for 10 classes\) or below: B 8.5%"):
+        assert warn_if_near_chance({"A": 0.9, "B": 0.085}, 10) == ["B"]
+    with pytest.warns(UserWarning, match="model 17.0%"):
+        assert warn_if_near_chance(0.17, 10) == ["model"]  # within 10 points above chance
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_near_chance(0.25, 10, margin=0.1) == [] and warn_if_near_chance(0.17, 10, margin=0.05) == []
+    with pytest.warns(UserWarning, match="mean nothing"):
+        assert warn_if_near_chance({"x": 0.52}, 2) == ["x"]
+    with pytest.raises(ValueError, match="num_classes"):
+        warn_if_near_chance(0.5, 1)

@@ -140,6 +140,13 @@ def test_n_models_widget(setup):
         contexts.NModelsContext(zoos, setup["stats"], setup["test"], ns=[2, 5])
 
 
+def test_best_methods_reads_the_winner_off_the_table():
+    results = {"full": {"average": {2: 0.5, 3: 0.4}, "cca": {2: 0.8, 3: 0.7}, "ensemble": {2: 0.9, 3: 0.9}},
+               "skewed": {"average": {2: 0.5, 3: 0.6}, "cca": {2: 0.5, 3: 0.55}, "ensemble": {2: 0.9, 3: 0.9}}}
+    assert contexts.best_methods(results) == {"full": {2: "cca", 3: "cca"}, "skewed": {2: "average = cca", 3: "average"}}
+    assert contexts.best_methods(results, exclude=())["full"] == {2: "ensemble", 3: "ensemble"}
+
+
 def test_a_failing_redraw_shows_the_error_instead_of_raising(setup):
     ctx = contexts.AlphaContext(setup["models"][0], setup["models"][1], [])  # no test data
     box = controls.alpha_widget(ctx)

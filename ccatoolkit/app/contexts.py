@@ -26,6 +26,7 @@ from ccatoolkit.zoo.training import evaluate, predict
 __all__ = [
     "CCA_METHODS", "CorrelationContext", "MergeContext", "AlphaContext", "NModelsContext",
     "correlation_views", "merge_accuracy", "alpha_point", "n_models_accuracy", "activation_layers",
+    "best_methods",
 ]
 
 CCA_METHODS = ("cca", "cca_multiview")
@@ -252,3 +253,24 @@ def n_models_accuracy(ctx: NModelsContext, n: int, method: str, split: str | Non
             merged = merge(models, method=method, data=ctx.data_for(split), progress=False, **options)
         table[n] = _accuracy(merged, ctx.test_data)
     return table[n]
+
+
+def best_methods(
+    results: Mapping[str, Mapping[str, Mapping[int, float]]], exclude: Sequence[str] = ("ensemble",)
+) -> dict[str, dict[int, str]]:
+    """The most accurate method for each split and N of ``results[split][method][N]`` (as ``NModelsContext.compute`` gives).
+
+    Ties are joined with ``" = "``. ``exclude``: methods that are not merges (the ensemble runs all N
+    models, a reference rather than a competitor). Read off the computed numbers, so a notebook's text
+    never has to name a winner that the table may not support.
+    """
+    best: dict[str, dict[int, str]] = {}
+    for split, by_method in results.items():
+        candidates = {m: r for m, r in by_method.items() if m not in exclude}
+        ns = sorted({n for r in candidates.values() for n in r})
+        best[split] = {}
+        for n in ns:
+            scores = {m: float(r[n]) for m, r in candidates.items() if n in r}
+            top = max(scores.values())
+            best[split][n] = " = ".join(m for m, v in scores.items() if v == top)
+    return best

@@ -29,6 +29,7 @@ from ccatoolkit.app.contexts import (
     n_models_accuracy,
 )
 from ccatoolkit.plots.analysis import plot_accuracy_bars, plot_accuracy_vs_n, plot_confusion, plot_correlation
+from ccatoolkit.plots.landscape import path_end_label
 
 __all__ = ["render_correlation", "render_merge", "render_alpha", "render_n_models", "new_figure", "figure_title"]
 
@@ -82,7 +83,7 @@ def render_alpha(ctx: AlphaContext, alpha: float) -> Any:
     ax_curve.axvline(point["alpha"], color="black", linestyle=":", linewidth=1)
     ax_curve.plot([point["alpha"]], [point["accuracy"]], marker="*", markersize=14, color="black",
                   linestyle="none", label=f"alpha = {point['alpha']:.2f}")
-    ax_curve.set_xlabel("alpha (0 = model A, 1 = model B)")
+    ax_curve.set_xlabel(f"alpha (0 = model A, 1 = {path_end_label(ctx.curves) if ctx.curves else 'model B'})")
     ax_curve.set_ylabel("test accuracy")
     ax_curve.set_ylim(0.0, 1.0)
     ax_curve.grid(alpha=0.3)

@@ -26,9 +26,13 @@ class InterpolationResult:
     method: str = "none"
     reset_bn: bool = False
 
-    def barrier(self, metric: str = "loss") -> float:
-        """The barrier of this curve (see :func:`barrier`)."""
-        return barrier(self, metric=metric)
+    def barrier(self, metric: str = "loss", against: "InterpolationResult | None" = None) -> float:
+        """The barrier of this curve (see :func:`barrier`; ``against`` measures it against another path's ends)."""
+        return barrier(self, metric=metric, against=against)
+
+    def ends(self, metric: str = "loss") -> tuple[float, float]:
+        """The values at ``alpha = 0`` (A) and ``alpha = 1`` (this path's end: B, or B aligned)."""
+        return _ends(np.asarray(self.values(metric), dtype=np.float64), np.asarray(self.alphas, dtype=np.float64))
 
     def values(self, metric: str = "loss") -> np.ndarray:
         """The array for ``metric`` (``"loss"`` or ``"accuracy"``)."""
@@ -86,10 +90,18 @@ def check_metric(metric: str) -> str:
 # --------------------------------------------------------------------------- barrier
 
 
+def _ends(values: np.ndarray, grid: np.ndarray) -> tuple[float, float]:
+    start, end = np.flatnonzero(np.isclose(grid, 0.0)), np.flatnonzero(np.isclose(grid, 1.0))
+    if start.size == 0 or end.size == 0:
+        raise ValueError("the barrier is measured against the end points: the alpha grid must contain 0 and 1")
+    return float(values[start[0]]), float(values[end[0]])
+
+
 def barrier(
     result_or_values: InterpolationResult | Sequence[float] | np.ndarray,
     metric: str = "loss",
     alphas: Sequence[float] | np.ndarray | None = None,
+    against: InterpolationResult | None = None,
 ) -> float:
     """The barrier along a curve: the largest gap between the curve and the straight line between its ends.
 
@@ -98,6 +110,10 @@ def barrier(
     contain 0 and 1. ``result_or_values`` is an :class:`InterpolationResult` (or a curve result) or a
     sequence of values, then on ``alphas`` (default: evenly spaced from 0 to 1). A non-finite value
     on the path gives a non-finite barrier.
+
+    ``against``: another path's result whose end values replace this path's in the straight line. A path
+    to an aligned B' ends at B', not at B; when B' computes a different function (CCA alignment through
+    ReLUs), ``barrier(path_to_b_prime, against=path_to_b)`` is the barrier against the real A and B.
     """
     metric = check_metric(metric)
     if isinstance(result_or_values, InterpolationResult):
@@ -110,12 +126,12 @@ def barrier(
         raise ValueError("barrier needs at least the two end points, got no values")
     if grid.shape != values.shape:
         raise ValueError(f"barrier got {values.size} values but {grid.size} alphas; pass one alpha per value")
-    start, end = np.flatnonzero(np.isclose(grid, 0.0)), np.flatnonzero(np.isclose(grid, 1.0))
-    if start.size == 0 or end.size == 0:
-        raise ValueError("the barrier is measured against the end points: the alpha grid must contain 0 and 1")
+    first, last = _ends(values, grid)
+    if against is not None:
+        first, last = against.ends(metric)
     inside = (grid >= -1e-12) & (grid <= 1 + 1e-12)
     a, v = grid[inside], values[inside]
-    line = (1 - a) * values[start[0]] + a * values[end[0]]
+    line = (1 - a) * first + a * last
     gap = v - line if metric == "loss" else line - v
     with np.errstate(invalid="ignore"):
         if np.isnan(gap).any():

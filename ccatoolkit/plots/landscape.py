@@ -13,7 +13,10 @@ import numpy as np
 
 from ccatoolkit.landscape.results import InterpolationResult, PlaneResult, SimplexResult, barrier
 
-__all__ = ["plot_interpolation", "plot_barriers", "plot_plane", "plot_curve_paths", "plot_simplex"]
+__all__ = [
+    "plot_interpolation", "plot_barriers", "plot_plane", "plot_plane_path", "plot_curve_paths", "plot_simplex",
+    "path_end_label",
+]
 
 _YLABEL = {"loss": "test loss", "accuracy": "test accuracy"}
 
@@ -38,6 +41,20 @@ def _as_list(results: Any) -> list[InterpolationResult]:
     return list(results) if isinstance(results, (list, tuple)) else [results]
 
 
+def path_end_label(results: Sequence[InterpolationResult] | InterpolationResult) -> str:
+    """What position 1 of these paths is: ``"model B"`` (unaligned paths), ``"B (aligned)"`` (aligned ones) or both.
+
+    An aligned path ends at B aligned to A, which is B itself only for a permutation: a CCA map is exact
+    only without the non-linearities, so its end computes a different (usually worse) function.
+    """
+    aligned = {getattr(r, "method", "none") != "none" for r in _as_list(results)}
+    if aligned == {True}:
+        return "B (aligned)"
+    if aligned == {True, False}:
+        return "B or B (aligned)"
+    return "model B"
+
+
 def plot_interpolation(results: Sequence[InterpolationResult] | InterpolationResult, ax: Any = None, metric: str = "loss",
                        title: str | None = None) -> Any:
     """Loss or accuracy along alpha for several interpolation results on one axis, with a legend.
@@ -50,7 +67,7 @@ def plot_interpolation(results: Sequence[InterpolationResult] | InterpolationRes
         values = np.asarray(getattr(r, metric), dtype=np.float64)
         values = np.where(np.isfinite(values), values, np.nan)
         ax.plot(r.alphas, values, marker="o", markersize=3, label=getattr(r, "label", None))
-    return _finish_path_axis(ax, "alpha (0 = model A, 1 = model B)", metric, title)
+    return _finish_path_axis(ax, f"alpha (0 = model A, 1 = {path_end_label(results)})", metric, title)
 
 
 def _finish_path_axis(ax: Any, xlabel: str, metric: str, title: str | None) -> Any:
@@ -109,11 +126,33 @@ def plot_plane(plane: PlaneResult, ax: Any = None, metric: str = "loss", levels:
     for (x, y), name in zip(plane.coords, plane.labels):
         ax.plot(x, y, marker="o", color="white", markeredgecolor="black", markersize=8)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontweight="bold")
-    ax.set_xlabel("u (towards B)")
-    ax.set_ylabel("v (towards C, orthogonalised)")
+    ax.set_xlabel(f"u (towards {plane.labels[1]})")
+    ax.set_ylabel(f"v (towards {plane.labels[2]}, orthogonalised)")
     ax.set_aspect("equal", adjustable="box")
     if title:
         ax.set_title(title)
+    return ax
+
+
+def plot_plane_path(plane: PlaneResult, weights: Sequence[Sequence[float]] | np.ndarray, ax: Any = None,
+                    label: str | None = None, **style: Any) -> Any:
+    """Draw a path on a plane's plot: its points given by ``weights`` ``(P, 3)`` on the plane's three models.
+
+    A point ``wa A + wb B + wc C`` (weights summing to 1) lies in the plane at ``weights @ plane.coords``;
+    e.g. a quadratic Bezier curve from A to B with control point C (``curve_coefficients`` gives its
+    weights on A, C, B: reorder the columns to the plane's order). ``style`` goes to ``ax.plot``.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 2 or w.shape[1] != 3:
+        raise ValueError(f"weights must have shape (P, 3) (one weight per model of the plane), got {w.shape}")
+    if not np.allclose(w.sum(axis=1), 1.0, atol=1e-6):
+        raise ValueError("each row of weights must sum to 1 (an affine combination of the plane's three models)")
+    ax = _axis(ax)
+    xy = w @ np.asarray(plane.coords, dtype=np.float64)
+    style = {"color": "white", "linewidth": 2, **style}
+    ax.plot(xy[:, 0], xy[:, 1], label=label, **style)
+    if label:
+        ax.legend(fontsize="small", loc="best", facecolor="0.55", framealpha=0.8)  # grey: white lines stay visible
     return ax
 
 
@@ -131,7 +170,7 @@ def plot_curve_paths(results: Sequence[InterpolationResult] | InterpolationResul
         values = np.where(np.isfinite(values), values, np.nan)
         ax.plot(r.alphas, values, color=colour, linestyle="-" if learned else "--",
                 marker="o" if learned else None, markersize=3, label=getattr(r, "label", None))
-    return _finish_path_axis(ax, "t (0 = model A, 1 = model B)", metric, title)
+    return _finish_path_axis(ax, f"t (0 = model A, 1 = {path_end_label(results)})", metric, title)
 
 
 def plot_simplex(result: SimplexResult, ax: Any = None, metric: str = "loss", levels: int = 20,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Iterable
+import warnings
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from ccatoolkit._utils import (
     to_model,
 )
 
-__all__ = ["train", "evaluate", "default_lr", "lr_factor", "SCHEDULES"]
+__all__ = ["train", "evaluate", "output_gap", "warn_if_near_chance", "default_lr", "lr_factor", "SCHEDULES"]
 
 SCHEDULES: tuple[str, ...] = ("onecycle", "cosine", "constant")
 # peak learning rates that work for SGD + Nesterov momentum 0.9, batch 128-512, on these models
@@ -202,3 +203,51 @@ def evaluate(
     """Accuracy and mean cross-entropy of ``model`` over ``data``: ``dict(accuracy, loss, n)`` (see :func:`predict`)."""
     targets, predictions, loss = predict(model, data, device=device, progress=progress)
     return dict(accuracy=float((targets == predictions).mean()), loss=loss, n=int(targets.size))
+
+
+@torch.no_grad()
+def output_gap(model: nn.Module, other: nn.Module, data: Iterable[Any], max_batches: int | None = 1) -> float:
+    """``max |f(x) - g(x)|`` over the logits of two models on the first ``max_batches`` batches of ``data`` (eval mode).
+
+    About 0 (float rounding) when ``other`` computes the same function as ``model``, e.g. a permuted
+    copy; clearly above 0 for a CCA-aligned copy, whose linear map is exact only without the ReLUs.
+    """
+    check_data(data)
+    gap, seen = 0.0, 0
+    with eval_mode(model, other):
+        for batch in data:
+            if max_batches is not None and seen >= max_batches:
+                break
+            x = batch_inputs(batch)
+            diff = (model(to_model(x, model)).double().cpu() - other(to_model(x, other)).double().cpu()).abs()
+            gap = max(gap, float(diff.max())) if diff.numel() else gap
+            seen += 1
+    if seen == 0:
+        raise ValueError("output_gap got no batches; pass non-empty data")
+    return gap
+
+
+def warn_if_near_chance(
+    accuracy: float | Mapping[str, float] | Any, num_classes: int, margin: float = 0.1
+) -> list[str]:
+    """Warn (``UserWarning``) when any accuracy is within ``margin`` of chance (``1 / num_classes``) or below it.
+
+    ``accuracy`` is one number or a mapping name -> accuracy (a dict, or a pandas Series such as an
+    accuracy table's column). Returns the names (``"model"`` for a single number) near chance; such
+    models have learned nothing, so their merges and barriers mean nothing either. Pass the trained
+    models' accuracies: a merge at chance between two good models is a result, not a warning.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    items = dict(accuracy.items()) if hasattr(accuracy, "items") else {"model": accuracy}
+    chance = 1.0 / num_classes
+    near = [(str(name), float(acc)) for name, acc in items.items() if float(acc) <= chance + margin]
+    if near:
+        listed = ", ".join(f"{name} {acc:.1%}" for name, acc in near)
+        warnings.warn(
+            f"accuracy within {100 * margin:g} points of chance ({chance:.0%} for {num_classes} classes) or below: "
+            f"{listed}. These models have not learned the task; numbers computed from them (merges, barriers) "
+            "mean nothing.",
+            UserWarning, stacklevel=2,
+        )
+    return [name for name, _ in near]
