@@ -149,10 +149,10 @@ def test_functional_relu_is_a_node_capture_point() -> None:
 @pytest.mark.parametrize(
     "model",
     [
-        nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2)),
+        nn.Sequential(nn.Conv2d(2, 4, 1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 1, 1)),
         nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1, groups=2), nn.ReLU(), nn.Conv2d(4, 1, 1)),
     ],
-    ids=["layernorm", "grouped-conv"],
+    ids=["groupnorm-2-groups", "grouped-conv"],
 )
 def test_unsupported_layers_name_the_module(model: nn.Module) -> None:
     with pytest.raises(GraphError, match=r"module '[12]'.*MergeGraph\(spaces="):

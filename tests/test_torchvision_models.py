@@ -182,3 +182,29 @@ def test_functional_net_merges_with_a_permuted_copy_into_itself(method: str) -> 
     with torch.no_grad():
         ref = model(data[0])
         assert float((merged(data[0]) - ref).abs().max()) < 1e-3 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "groupnorm"])
+@pytest.mark.parametrize("method", ["permute", "cca", "zipit", "permute_weight"])
+def test_channel_norms_make_permutation_only_spaces_that_merge_back(norm: str, method: str) -> None:
+    """LayerNorm over features / GroupNorm(1, C) normalise over all channels, then scale each: permutations only."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    if norm == "layernorm":
+        model = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.ReLU(), nn.Linear(12, 3)).eval()
+        data = [torch.randn(64, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(1, 8), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                              nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+        data = _images(4, 8)
+    with torch.no_grad():  # non-trivial affine parameters, so that moving them matters
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    graph = merge_graph(model, example_input=data[0][:2])
+    assert "permutation only" in graph.describe() and type(model[1]).__name__ in graph.spaces[0].permutation_only
+    other = apply_permutations(model, graph, random_permutations(graph, torch.Generator().manual_seed(1))).eval()
+    merged = merge([model, other], method, data, ridge=1e-6, reset_bn=False, repair=False, progress=False) \
+        if method == "cca" else merge([model, other], method, data, reset_bn=False, repair=False, progress=False)
+    with torch.no_grad():
+        ref = model(data[0])
+        assert float((merged(data[0]) - ref).abs().max()) < 1e-3 * float(ref.abs().max())

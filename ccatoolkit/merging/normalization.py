@@ -135,7 +135,8 @@ def repair_endpoints(model: nn.Module, graph: MergeGraph) -> dict[str, list[str]
     """``{space: [module names]}`` whose outputs are each space's pre-activations.
 
     The last output-side module of the space: its BatchNorm layers if it has any, else its
-    Linear/Conv layers (several for a residual stream, one per branch that writes into it).
+    LayerNorm/GroupNorm layers, else its Linear/Conv layers (several for a residual stream, one per
+    branch that writes into it).
     """
     modules = dict(model.named_modules())
     result: dict[str, list[str]] = {}
@@ -143,8 +144,9 @@ def repair_endpoints(model: nn.Module, graph: MergeGraph) -> dict[str, list[str]
         names = list(dict.fromkeys(ref.name.rsplit(".", 1)[0] for ref in space.outputs))
         mods = [n for n in names if n in modules]
         bn = [n for n in mods if isinstance(modules[n], _BN)]
+        norm = [n for n in mods if isinstance(modules[n], (nn.LayerNorm, nn.GroupNorm))]
         lin = [n for n in mods if isinstance(modules[n], _LINEAR)]
-        result[space.name] = bn or lin
+        result[space.name] = bn or norm or lin
     return result
 
 

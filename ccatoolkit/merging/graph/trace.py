@@ -6,7 +6,8 @@ join (union-find, :class:`_SpaceUnion`). Operations the rules do not understand 
 spaces that cannot be transformed anyway (the input, the output); on a hidden space they raise
 :class:`GraphError` naming the operation and the way out (:meth:`MergeGraph.from_spec`).
 Zoo models and a user's own MLPs, CNNs and small residual CNNs built from standard layers need no
-hand-written spec.
+hand-written spec. Depthwise convolutions, LayerNorm over channels and GroupNorm with one group
+keep a space but allow only permutations of it (``Space.permutation_only``).
 """
 
 from __future__ import annotations
@@ -288,6 +289,8 @@ class _Builder:
             self.outputs.setdefault(x.space, []).extend(refs)
             self.producers.append(_Site(x.space, name, self.index))
             return self.same(x, node)
+        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
+            return self.channel_norm(node, name, mod, x)
         if isinstance(mod, _ACTIVATIONS) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1):
             self.activations.append(_Site(x.space, capture_point(name, self.calls[name] - 1), self.index))
             return self.same(x, node)
@@ -302,6 +305,27 @@ class _Builder:
         if isinstance(mod, nn.Unflatten):
             return self.opaque(node)
         return self.opaque(node)
+
+    def channel_norm(self, node: torch.fx.Node, name: str, mod: nn.Module, x: _Feat) -> _Feat | None:
+        """LayerNorm over the channel axis alone, or GroupNorm with one group: permutation-only spaces.
+
+        Both normalise with statistics over all channels (permuting channels does not change them)
+        and then scale and shift each channel with its own parameters, which a permutation moves
+        along but a channel-mixing map cannot pass through. Other shapes (LayerNorm over spatial
+        axes too, GroupNorm with several groups, whose permutations must keep the groups) are opaque.
+        """
+        if isinstance(mod, nn.LayerNorm):
+            channels_last = x.chdim == -1 or x.ndim == 2
+            if len(mod.normalized_shape) != 1 or not channels_last or x.block != 1:
+                return self.opaque(node, "a LayerNorm that normalises more than the channel axis")
+        elif mod.num_groups != 1 or not self.channel_first_ok(x):
+            return self.opaque(node, f"a GroupNorm with {mod.num_groups} groups (permutations would have to keep "
+                                     "each group together)")
+        refs = [ParamRef(f"{name}.{p}", 0) for p in ("weight", "bias") if getattr(mod, p, None) is not None]
+        self.outputs.setdefault(x.space, []).extend(refs)
+        self.spaces.restrict(x.space, f"{type(mod).__name__} {name!r}")
+        self.producers.append(_Site(x.space, name, self.index))
+        return self.same(x, node)
 
     def produce(self, node: torch.fx.Node, name: str, mod: nn.Module, chdim: int, out_axis: int = 0) -> _Feat:
         space = self.new_space()
@@ -451,7 +475,8 @@ class _Builder:
             raise GraphError(
                 f"cannot derive the merge graph of {type(model).__name__}: {bad[0]} acts on hidden channels "
                 f"in a way the automatic graph does not support{more}. Supported are Linear, Conv (groups=1 or "
-                "depthwise), BatchNorm, elementwise activations, dropout, pooling, flatten and residual additions. "
+                "depthwise), BatchNorm, LayerNorm over channels, GroupNorm(1, C), elementwise activations, dropout, "
+                "pooling, flatten and residual additions. "
                 + SPEC_ADVICE
             )
         state = model.state_dict()
