@@ -38,6 +38,8 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "ccatoolkit.zoo.training",
     "predict": "ccatoolkit.zoo.training",
     "output_gap": "ccatoolkit.zoo.training",
+    "train_curve_pam": "ccatoolkit.landscape.pam",
+    "PamResult": "ccatoolkit.landscape.pam",
     "warn_if_near_chance": "ccatoolkit.zoo.training",
     "load_or_create": "ccatoolkit.zoo.cache",
     "CacheError": "ccatoolkit.zoo.cache",

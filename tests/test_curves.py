@@ -106,7 +106,7 @@ def test_curve_cache_hits_on_second_call(pair, digits, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the curve was trained again instead of loaded from the cache")
 
-    monkeypatch.setattr(curves, "_train_control", boom)
+    monkeypatch.setattr(curves, "train_control", boom)
     second = train_curve(a, b, train, epochs=1, cache_dir=str(tmp_path), progress=False)
     for k, v in first.control.items():
         assert torch.equal(v, second.control[k])

@@ -46,7 +46,10 @@ from ccatoolkit.landscape.points import combine, estimate_bn_statistics, evaluat
 from ccatoolkit.landscape.results import InterpolationResult
 from ccatoolkit.zoo.cache import load_or_create
 
-__all__ = ["Curve", "CurveResult", "train_curve", "compare_paths", "curve_coefficients", "state_digest"]
+__all__ = [
+    "Curve", "CurveResult", "train_curve", "train_control", "training_copy", "compare_paths", "curve_coefficients",
+    "state_digest", "CURVE_KINDS",
+]
 
 CURVE_KINDS = ("bezier", "polychain")
 
@@ -158,7 +161,7 @@ class Curve:
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, t: float, train_model: nn.Module | None = None) -> torch.Tensor:
         """Cross-entropy at ``theta(t)`` on one batch, differentiable with respect to the control point only."""
-        model = train_model if train_model is not None else _training_copy(self.template)
+        model = train_model if train_model is not None else training_copy(self.template)
         coeffs = torch.as_tensor(curve_coefficients(self.kind, [t])[0], dtype=torch.float64)
         names = [n for n, _ in model.named_parameters()]
         params = {
@@ -168,7 +171,7 @@ class Curve:
         return F.cross_entropy(functional_call(model, params, (x,)), y)
 
 
-def _training_copy(template: nn.Module) -> nn.Module:
+def training_copy(template: nn.Module) -> nn.Module:
     """A copy in train mode whose BatchNorm layers use batch statistics and never write their buffers."""
     model = copy.deepcopy(template).train()
     for m in model.modules():
@@ -238,7 +241,7 @@ def describe_data(data: Iterable[Any]) -> str:
 # --------------------------------------------------------------------------- training
 
 
-def _train_control(
+def train_control(
     template: nn.Module,
     start: dict[str, torch.Tensor],
     end: dict[str, torch.Tensor],
@@ -250,11 +253,16 @@ def _train_control(
     weight_decay: float,
     seed: int,
     progress: bool,
+    control_init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train a curve's control point (from ``control_init``, default the end points' midpoint)."""
     device = model_device(template)
-    model = _training_copy(template)
+    model = training_copy(template)
     names = [n for n, _ in model.named_parameters()]
-    control = {k: ((start[k] + end[k]) / 2).detach().clone() for k in start}
+    if control_init is None:
+        control = {k: ((start[k] + end[k]) / 2).detach().clone() for k in start}
+    else:
+        control = {k: control_init[k].detach().clone() for k in start}
     leaves = {k: control[k].clone().requires_grad_(True) for k in names}
     curve = Curve(template=template, start=start, end=end, control={**control, **leaves}, kind=kind)
     optimizer = torch.optim.SGD(list(leaves.values()), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -333,7 +341,7 @@ def train_curve(
                                    **align_options)
         check_same_architecture([model_a, b_prime], ["model_a", "aligned model_b"])
         end = {k: v.to(device).clone() for k, v in float_state(b_prime).items()}
-        control, history = _train_control(template, start, end, kind, data, epochs, lr, momentum, weight_decay,
+        control, history = train_control(template, start, end, kind, data, epochs, lr, momentum, weight_decay,
                                           seed, progress)
         return {
             "end": {k: v.cpu() for k, v in end.items()},
