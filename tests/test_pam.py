@@ -46,17 +46,15 @@ def test_pam_keeps_the_exact_permutation_of_a_permuted_copy() -> None:
 
 
 @pytest.mark.slow
-def test_pam_leaves_the_alignment_alone_and_improves_on_the_identity() -> None:
-    """Tatro et al.'s claim on digits MLPs: the aligned permutation is locally optimal for the curve; from the
-    identity, PAM moves neurons and lowers the curve's loss, without reaching the aligned curve."""
+def test_pam_leaves_the_alignment_alone_and_does_not_reach_it_from_the_identity() -> None:
+    """Tatro et al.'s claim on digits MLPs (benchmarks/pam.py, 3 pairs): with moderate steps PAM does not move the
+    aligned permutation; long steps move many neurons, but no identity-started curve reaches the aligned one."""
     train, test = digit_batches()
     a, b = fit(_mlp(), train, epochs=30, seed=0, reinit=True), fit(_mlp(), train, epochs=30, seed=1, reinit=True)
     kw = dict(rounds=3, epochs=3, progress=False)
     aligned = train_curve_pam(a, b, train, start="permute", step=2.0, **kw)
-    assert aligned.moved_from_start == 0.0
-    still = train_curve_pam(a, b, train, start="identity", step=0.0, **kw)
-    moving = train_curve_pam(a, b, train, start="identity", step=8.0, **kw)
-    assert still.moved_from_start == 0.0 and moving.moved_from_start > 0.05
-    mid = {name: float(r.curve.evaluate(test, ts=3, progress=False).loss[1])
-           for name, r in (("aligned", aligned), ("still", still), ("moving", moving))}
-    assert mid["aligned"] < mid["moving"] < mid["still"], mid
+    assert aligned.moved_from_start <= 0.05
+    runs = [train_curve_pam(a, b, train, start="identity", step=step, **kw) for step in (0.0, 8.0)]
+    assert runs[0].moved_from_start == 0.0 and runs[1].moved_from_start > 0.2
+    mid = [float(r.curve.evaluate(test, ts=3, progress=False).loss[1]) for r in [aligned, *runs]]
+    assert mid[0] < min(mid[1:]), mid
