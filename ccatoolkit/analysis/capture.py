@@ -290,7 +290,8 @@ class _Taps:
         graph = copy.deepcopy(trace.graph)
         self.module = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
         self.taps: dict[str, _Tap] = {}
-        for i, node in enumerate([n for n in graph.nodes if n.name in set(trace.nodes.values())]):
+        tapped = set(trace.nodes.values())
+        for i, node in enumerate([n for n in graph.nodes if n.name in tapped]):
             tap = self.taps[node.name] = _Tap()
             self.module.add_submodule(f"_ccatoolkit_tap{i}", tap)
             with graph.inserting_after(node):

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from ccatoolkit._utils import batch_inputs, batch_targets, check_same_architecture, model_device, to_model
 from ccatoolkit.landscape.curves import CURVE_KINDS, Curve, curve_coefficients, train_control, training_copy
 from ccatoolkit.landscape.points import float_state
-from ccatoolkit.merging.align.permutation import channel_rows, match_activations
+from ccatoolkit.merging.align.permutation import match_activations, matching_cost, weight_table
 from ccatoolkit.merging.api import alignment_transforms
 from ccatoolkit.merging.graph import MergeGraph, merge_graph
 from ccatoolkit.merging.transform import apply_permutations
@@ -105,30 +105,10 @@ def _permutation_step(
     w_norm = sum(float(current[k].double().pow(2).sum()) for k in names) ** 0.5
     eta = step * w_norm / g_norm if g_norm > 0 else 0.0
     target = {k: current[k].detach().double().cpu() - eta * grads[k].detach().double().cpu() for k in names}
-    new = {}
-    for space in graph:
-        n = space.size
-        cost = torch.zeros(n, n, dtype=torch.float64)
-        for pname in names:
-            entries = graph.param_spaces[pname]
-            mine = [(ref.axis, ref.block) for s, ref in entries if s == space.name]
-            if not mine:
-                continue
-            axis, block = mine[0]
-            W = state_b[pname].detach().double().cpu()
-            for other, ref in entries:  # the other axes as the current permutations leave them
-                if other != space.name:
-                    W = _index(W, perms[other], ref.axis, ref.block)
-            cost += channel_rows(target[pname], axis, block, n) @ channel_rows(W, axis, block, n).T
-        new[space.name] = match_activations(cost)
-    return new
-
-
-def _index(W: torch.Tensor, perm: np.ndarray, axis: int, block: int) -> torch.Tensor:
-    idx = torch.as_tensor(perm, dtype=torch.long)
-    if block > 1:
-        idx = (idx[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
-    return W.index_select(axis, idx)
+    table = weight_table(state_b, graph, set(names))
+    model = {k: state_b[k].detach().double().cpu() for k in names}
+    return {space.name: match_activations(matching_cost(target, model, table, perms, space.name, space.size))
+            for space in graph}
 
 
 def train_curve_pam(

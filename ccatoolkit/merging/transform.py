@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ccatoolkit._utils import model_device
+from ccatoolkit.merging.align.permutation import channel_index, permute_axis
 from ccatoolkit.merging.graph import MergeGraph, ParamRef, Space
 
 __all__ = [
@@ -78,12 +79,9 @@ def _left(tensor: torch.Tensor, ref: ParamRef, matrix: torch.Tensor) -> torch.Te
     """
     sparse = _as_scaled_permutation(matrix)
     if sparse is not None:
-        index, scale = (t.to(tensor.device) for t in sparse)
-        if ref.block > 1:  # channel c owns entries c*block .. c*block + block-1 along the axis
-            offsets = torch.arange(ref.block, device=tensor.device)
-            index = (index[:, None] * ref.block + offsets).reshape(-1)
-            scale = scale.repeat_interleave(ref.block)
-        out = tensor.index_select(ref.axis, index)
+        index, scale = sparse
+        out = tensor.index_select(ref.axis, channel_index(index, ref.block, tensor.device))
+        scale = scale.to(tensor.device).repeat_interleave(ref.block)
         if not bool((scale == 1).all()):
             shape = [1] * tensor.dim()
             shape[ref.axis] = -1
@@ -220,11 +218,7 @@ def apply_permutations(model: nn.Module, graph: MergeGraph, perms: Mapping[str, 
             if ref.name not in state:
                 raise KeyError(f"merge graph refers to {ref.name!r}, which is not in the model's state_dict")
             tensor = work.get(ref.name, state[ref.name])
-            index = perm.to(tensor.device)
-            if ref.block > 1:
-                offsets = torch.arange(ref.block, device=tensor.device)
-                index = (index[:, None] * ref.block + offsets[None, :]).reshape(-1)
-            work[ref.name] = tensor.index_select(ref.axis, index)
+            work[ref.name] = permute_axis(tensor, perm, ref.axis, ref.block)
     new = copy.deepcopy(model)
     if work:
         new.load_state_dict({**state, **work})

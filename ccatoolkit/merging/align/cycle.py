@@ -29,7 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ccatoolkit.merging.align.permutation import channel_rows, match_activations, weight_matching
+from ccatoolkit.merging.align.permutation import (
+    channel_rows,
+    match_activations,
+    permutation_matrix,
+    weight_matching,
+    weight_table,
+)
 
 __all__ = ["cycle_consistent_matching", "cycle_objective"]
 
@@ -49,14 +55,7 @@ class _Problem:
 
     def __init__(self, states: Sequence[Mapping[str, torch.Tensor]], graph: Any, param_names: set[str] | None,
                  device: torch.device) -> None:
-        names = set(param_names) if param_names is not None else {
-            n for n, t in states[0].items()
-            if torch.is_floating_point(t) and not n.endswith(("running_mean", "running_var"))
-        }
-        self.table = {
-            pname: [(space, int(ref.axis), int(ref.block)) for space, ref in entries]
-            for pname, entries in graph.param_spaces.items() if pname in names
-        }
+        self.table = weight_table(states[0], graph, param_names)
         self.sizes = {s.name: int(s.size) for s in graph.spaces}
         self.weights = [{n: s[n].detach().to(device=device, dtype=torch.float64) for n in self.table} for s in states]
         self.device = device
@@ -79,8 +78,8 @@ class _Problem:
             total += 0.5 * (float((s * s).sum()) - sum(float((u * u).sum()) for u in mapped))
         return total
 
-    def gradients(self, P: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """``d f / d P_i[s]`` for every model and space."""
+    def gradients(self, P: Sequence[Mapping[str, torch.Tensor]], fixed: int) -> list[dict[str, torch.Tensor]]:
+        """``d f / d P_i[s]`` for every space and every model but ``fixed`` (whose entry stays zero)."""
         n = len(P)
         grads = [{s: torch.zeros(k, k, dtype=torch.float64, device=self.device) for s, k in self.sizes.items()}
                  for _ in range(n)]
@@ -88,6 +87,8 @@ class _Problem:
             mapped = [self.universe(i, pname, P) for i in range(n)]
             total = torch.stack(mapped).sum(0)
             for i in range(n):
+                if i == fixed:
+                    continue
                 others = total - mapped[i]  # sum_{j != i} U_j(W)
                 for space, axis, block in entries:
                     size = self.sizes[space]
@@ -96,25 +97,16 @@ class _Problem:
         return grads
 
 
-def _permutation_matrix(perm: np.ndarray, device: torch.device) -> torch.Tensor:
-    n = perm.size
-    P = torch.zeros(n, n, dtype=torch.float64, device=device)
-    P[torch.arange(n, device=device), torch.as_tensor(perm, device=device)] = 1.0
-    return P
-
-
-def _round(P: torch.Tensor) -> np.ndarray:
-    """The permutation nearest a doubly stochastic matrix (maximum overlap)."""
-    return match_activations(P)
+def _matrices(perms: Sequence[Mapping[str, np.ndarray]], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Each model's permutations as matrices (:func:`permutation_matrix`) on ``device``."""
+    return [{s: torch.as_tensor(permutation_matrix(p), device=device) for s, p in perm.items()} for perm in perms]
 
 
 def cycle_objective(states: Sequence[Mapping[str, torch.Tensor]], graph: Any,
                     perms: Sequence[Mapping[str, np.ndarray]], param_names: set[str] | None = None) -> float:
     """The summed pairwise weight-matching objective of models mapped by ``perms`` (higher is better)."""
     device = next(iter(states[0].values())).device
-    problem = _Problem(states, graph, param_names, device)
-    P = [{s: _permutation_matrix(np.asarray(p[s]), device) for s in problem.sizes} for p in perms]
-    return problem.objective(P)
+    return _Problem(states, graph, param_names, device).objective(_matrices(perms, device))
 
 
 def cycle_consistent_matching(
@@ -155,13 +147,13 @@ def cycle_consistent_matching(
     # start from pairwise weight matching to the reference (the universe is the reference's frame)
     start = [{s: np.arange(k) for s, k in problem.sizes.items()} if i == reference else
              weight_matching(states[reference], states[i], graph, param_names=param_names) for i in range(n)]
-    P = [{s: _permutation_matrix(start[i][s], device) for s in problem.sizes} for i in range(n)]
+    P = _matrices(start, device)
     scale = max(1.0, sum(float((w * w).sum()) for w in problem.weights[0].values()))
     current = problem.objective(P)
     gap = float("inf")
     it = 0
     for it in range(1, max_iter + 1):
-        grads = problem.gradients(P)
+        grads = problem.gradients(P, fixed=reference)
         gap = 0.0
         targets = []
         for i in range(n):
@@ -170,7 +162,7 @@ def cycle_consistent_matching(
                 continue
             q = {}
             for s, G in grads[i].items():
-                Q = _permutation_matrix(match_activations(G), device)
+                Q = torch.as_tensor(permutation_matrix(match_activations(G)), device=device)
                 gap += float((G * (Q - P[i][s])).sum())
                 q[s] = Q
             targets.append(q)
@@ -186,9 +178,10 @@ def cycle_consistent_matching(
         if best_step == 0.0:
             break
         P, current = best, best_value
-    perms = [{s: _round(P[i][s]) for s in problem.sizes} for i in range(n)]  # the reference's stay identities
-    objective = cycle_objective(states, graph, perms, param_names)
-    initial = cycle_objective(states, graph, start, param_names)
+    # round each matrix to the permutation that overlaps it most (the reference's stay identities)
+    perms = [{s: match_activations(P[i][s]) for s in problem.sizes} for i in range(n)]
+    objective = problem.objective(_matrices(perms, device))
+    initial = problem.objective(_matrices(start, device))
     if objective < initial:  # rounding lost what the relaxation gained: keep the start
         perms, objective = start, initial
     info = {"iterations": it, "gap": gap, "objective": objective, "start_objective": initial}

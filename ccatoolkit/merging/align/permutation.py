@@ -15,10 +15,15 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 __all__ = [
+    "channel_index",
+    "channel_rows",
     "match_activations",
+    "matching_cost",
+    "permute_axis",
     "permutation_matrix",
     "permutation_transform",
     "weight_matching",
+    "weight_table",
 ]
 
 
@@ -55,12 +60,18 @@ def permutation_transform(perm: Sequence[int] | np.ndarray) -> tuple[np.ndarray,
 # --- weight matching -------------------------------------------------------------------------------
 
 
-def _permute_axis(W: torch.Tensor, perm: np.ndarray, axis: int, block: int) -> torch.Tensor:
-    """Index ``W`` along ``axis`` by ``perm`` (a channel permutation; ``block`` entries per channel)."""
-    idx = torch.as_tensor(perm, dtype=torch.long, device=W.device)
+def channel_index(perm: np.ndarray | torch.Tensor, block: int, device: torch.device | None = None) -> torch.Tensor:
+    """The entries along an axis that a channel permutation ``perm`` selects, ``block`` entries per channel
+    (channel ``c`` owns entries ``c*block .. c*block + block-1``, as after a channel-major flatten)."""
+    idx = torch.as_tensor(perm, dtype=torch.long, device=device)
     if block > 1:
-        idx = (idx[:, None] * block + torch.arange(block, device=W.device)[None, :]).reshape(-1)
-    return W.index_select(axis, idx)
+        idx = (idx[:, None] * block + torch.arange(block, device=idx.device)[None, :]).reshape(-1)
+    return idx
+
+
+def permute_axis(W: torch.Tensor, perm: np.ndarray, axis: int, block: int) -> torch.Tensor:
+    """Index ``W`` along ``axis`` by ``perm`` (a channel permutation; ``block`` entries per channel)."""
+    return W.index_select(axis, channel_index(perm, block, W.device))
 
 
 def channel_rows(W: torch.Tensor, axis: int, block: int, size: int) -> torch.Tensor:
@@ -69,6 +80,48 @@ def channel_rows(W: torch.Tensor, axis: int, block: int, size: int) -> torch.Ten
     if block > 1:
         W = W.reshape(size, block, *W.shape[1:])
     return W.reshape(size, -1)
+
+
+WeightTable = dict[str, list[tuple[str, int, int]]]
+
+
+def weight_table(state: Mapping[str, torch.Tensor], graph: Any, param_names: set[str] | None = None) -> WeightTable:
+    """``{weight name: [(space, axis, block), ...]}``: the weights weight matching compares and their spaces.
+
+    ``param_names`` restricts the weights (default: every floating tensor of ``state`` the graph
+    names except BatchNorm running statistics).
+    """
+    names = set(param_names) if param_names is not None else {
+        n for n, t in state.items()
+        if torch.is_floating_point(t) and not n.endswith(("running_mean", "running_var"))
+    }
+    return {
+        pname: [(space, int(ref.axis), int(ref.block)) for space, ref in entries]
+        for pname, entries in graph.param_spaces.items() if pname in names
+    }
+
+
+def matching_cost(
+    reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], table: WeightTable,
+    perms: Mapping[str, np.ndarray], space: str, size: int,
+) -> torch.Tensor:
+    """Weight matching's cost for one space: ``sum_W rows_s(W_ref) @ rows_s(W_model)^T`` (``size x size``).
+
+    Entry ``[i, j]``: how well the model's channel ``j`` fits the reference's channel ``i``, with the
+    model's other axes permuted by the other spaces' ``perms``. Float64 on the tensors' device.
+    """
+    C: torch.Tensor | None = None
+    for pname, entries in table.items():
+        for s, axis, block in entries:
+            if s != space:
+                continue
+            W = model[pname]
+            for other, o_axis, o_block in entries:
+                if (other, o_axis) != (s, axis):
+                    W = permute_axis(W, perms[other], o_axis, o_block)
+            term = channel_rows(reference[pname], axis, block, size) @ channel_rows(W, axis, block, size).T
+            C = term if C is None else C + term
+    return C if C is not None else torch.zeros(size, size, dtype=torch.float64)
 
 
 def weight_matching(
@@ -89,20 +142,9 @@ def weight_matching(
     ``param_names`` restricts the weights used (default: every floating tensor the graph names
     except BatchNorm running statistics). Returns ``{space name: perm}``.
     """
-    names = set(param_names) if param_names is not None else {
-        n for n, t in reference_state.items()
-        if torch.is_floating_point(t) and not n.endswith(("running_mean", "running_var"))
-    }
-    table = {
-        pname: [(space, int(ref.axis), int(ref.block)) for space, ref in entries]
-        for pname, entries in graph.param_spaces.items() if pname in names
-    }
+    table = weight_table(reference_state, graph, param_names)
     sizes = {s.name: int(s.size) for s in graph.spaces}
     perms = {s: np.arange(n) for s, n in sizes.items()}
-    by_space: dict[str, list[tuple[str, int, int]]] = {s: [] for s in sizes}
-    for pname, entries in table.items():
-        for space, axis, block in entries:
-            by_space[space].append((pname, axis, block))
     ref = {n: reference_state[n].detach().double().cpu() for n in table}
     mod = {n: model_state[n].detach().double().cpu() for n in table}
     rng = np.random.default_rng(seed)
@@ -112,13 +154,7 @@ def weight_matching(
         for i in rng.permutation(len(order)):
             s = order[i]
             n = sizes[s]
-            C = torch.zeros(n, n, dtype=torch.float64)
-            for pname, axis, block in by_space[s]:
-                Wb = mod[pname]
-                for other, o_axis, o_block in table[pname]:
-                    if (other, o_axis) != (s, axis):
-                        Wb = _permute_axis(Wb, perms[other], o_axis, o_block)
-                C += channel_rows(ref[pname], axis, block, n) @ channel_rows(Wb, axis, block, n).T
+            C = matching_cost(ref, mod, table, perms, s, n)
             Cn = C.numpy()
             new = match_activations(Cn)
             gain = Cn[np.arange(n), new].sum() - Cn[np.arange(n), perms[s]].sum()
