@@ -27,7 +27,14 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from ccatoolkit._utils import batch_inputs, batch_targets, check_same_architecture, model_device, to_model
+from ccatoolkit._utils import (
+    batch_inputs,
+    batch_targets,
+    check_same_architecture,
+    model_device,
+    progress_bar,
+    to_model,
+)
 from ccatoolkit.landscape.curves import CURVE_KINDS, Curve, curve_coefficients, train_control, training_copy
 from ccatoolkit.landscape.points import float_state
 from ccatoolkit.merging.align.permutation import match_activations, matching_cost, weight_table
@@ -157,10 +164,10 @@ def train_curve_pam(
     gen = torch.Generator().manual_seed(seed)
     control: dict[str, torch.Tensor] | None = None
     state_b = model_b.state_dict()
-    for r in range(rounds + 1):
+    for r in progress_bar(range(rounds + 1), progress, desc=f"PAM rounds (from {start})"):  # one bar, not one per round
         end = {k: v.clone() for k, v in float_state(apply_permutations(model_b, graph, perms)).items()}
         control, history = train_control(template, a_state, end, kind, data, epochs, lr, momentum, 0.0,
-                                         seed + r, progress, control_init=control)
+                                         seed + r, False, control_init=control)
         losses.append(history[-1])
         curve = Curve(template=template, start=a_state, end=end, control=control, kind=kind, method=f"pam ({start})",
                       history=list(losses))
