@@ -150,9 +150,10 @@ def test_functional_relu_is_a_node_capture_point() -> None:
     "model",
     [
         nn.Sequential(nn.Conv2d(2, 4, 1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 1, 1)),
-        nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1, groups=2), nn.ReLU(), nn.Conv2d(4, 1, 1)),
+        nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.ConvTranspose2d(4, 4, 1, groups=2), nn.ReLU(),
+                      nn.Conv2d(4, 1, 1)),
     ],
-    ids=["groupnorm-2-groups", "grouped-conv"],
+    ids=["groupnorm-2-groups", "grouped-transposed-conv"],
 )
 def test_unsupported_layers_name_the_module(model: nn.Module) -> None:
     with pytest.raises(GraphError, match=r"module '[12]'.*MergeGraph\(spaces="):

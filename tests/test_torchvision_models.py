@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ccatoolkit.merging.api import merge
-from ccatoolkit.merging.graph import merge_graph
+from ccatoolkit.merging.graph import GraphError, MergeGraph, ParamRef, Space, merge_graph
 from ccatoolkit.merging.normalization import reset_bn_stats
 from ccatoolkit.merging.transform import apply_permutations, random_permutations
 
@@ -208,3 +208,127 @@ def test_channel_norms_make_permutation_only_spaces_that_merge_back(norm: str, m
     graph = merge_graph(model, example_input=data[0][:2])
     assert "permutation only" in graph.describe() and type(model[1]).__name__ in graph.spaces[0].permutation_only
     _assert_merges_back_from_a_permuted_copy(model, graph, method, data)
+
+
+# --- concatenation (DenseNet, Inception) and grouped convolutions (ResNeXt, RegNet) -----------------
+
+
+class TinyDenseNet(torch.nn.Module):
+    """Two DenseNet layers (BatchNorm over the growing concatenation) and an Inception-style join."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem, self.stem_bn, self.relu = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()
+        self.norm1, self.conv1 = nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, padding=1)
+        self.norm2, self.conv2 = nn.BatchNorm2d(10), nn.Conv2d(10, 4, 3, padding=1)
+        self.branch_a, self.branch_b = nn.Conv2d(14, 5, 1), nn.Conv2d(14, 3, 3, padding=1)
+        self.fc = nn.Linear(8 * 4, 3)  # a flatten of the joined 2x2 maps: blocks of 4 per channel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.stem_bn(self.stem(x)))
+        x = torch.cat([x, self.conv1(self.relu(self.norm1(x)))], 1)
+        x = torch.cat([x, self.conv2(torch.relu(self.norm2(x)))], 1)
+        joined = torch.cat([torch.relu(self.branch_a(x)), torch.relu(self.branch_b(x))], dim=1)
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(joined, 2), 1))
+
+
+class TinyResNeXt(torch.nn.Module):
+    """A residual block whose middle convolution has 2 groups (ResNeXt, RegNet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem, self.bn0, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.a, self.bn_a = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 12, 3, padding=1, groups=2), nn.BatchNorm2d(12)
+        self.c, self.bn_c = nn.Conv2d(12, 8, 1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn0(self.stem(x)))
+        y = self.relu(self.bn_b(self.b(self.relu(self.bn_a(self.a(x))))))
+        x = self.relu(self.bn_c(self.c(y)) + x)
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _randomised(model: torch.nn.Module, data: list) -> torch.nn.Module:
+    """``model`` with BatchNorm statistics from ``data`` and non-trivial affine parameters, in eval mode."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return reset_bn_stats(model, data, progress=False).eval()
+
+
+def test_concatenated_channels_split_into_the_spaces_they_join() -> None:
+    torch.manual_seed(0)
+    model = TinyDenseNet().eval()
+    graph = merge_graph(model, example_input=torch.randn(2, 3, 8, 8))
+    assert [(s.name, s.size) for s in graph] == [("relu", 6), ("conv1", 4), ("conv2", 4), ("relu_3", 5),
+                                                  ("relu_4", 3)]
+    stem, grown = graph.space("relu"), graph.space("conv2")
+    # the stem's channels are the first 6 of norm2's 10 and of both branches' 14 input channels
+    assert ParamRef("norm2.weight", 0, 1, 0, 10) in stem.outputs
+    assert ParamRef("branch_b.weight", 1, 1, 0, 14) in stem.inputs
+    assert ParamRef("branch_a.weight", 1, 1, 10, 14) in grown.inputs
+    assert "norm2" in graph.space("conv1").permutation_only  # a BatchNorm over a concatenation
+    assert not grown.permutation_only  # read by convolutions only: any invertible map passes
+    # the Inception-style join: 5 + 3 channels, 4 flattened features each, into fc
+    assert graph.space("relu_3").inputs == [ParamRef("fc.weight", 1, 4, 0, 8)]
+    assert graph.space("relu_4").inputs == [ParamRef("fc.weight", 1, 4, 5, 8)]
+    assert "[5:8 of 8]" in graph.describe()
+
+
+def test_overlapping_segments_are_refused() -> None:
+    model = TinyDenseNet()
+    graph = merge_graph(model, example_input=torch.randn(2, 3, 8, 8))
+    overlapping = Space("x", 4, inputs=[ParamRef("norm2.weight", 0, 1, 5, 10)])  # channels 5..8; conv1 has 6..9
+    with pytest.raises(GraphError, match="norm2.weight.*one space only"):
+        MergeGraph([graph.space("conv1"), overlapping]).validate(model)
+    with pytest.raises(GraphError, match="does not fit"):
+        MergeGraph([Space("x", 4, inputs=[ParamRef("conv2.weight", 1, 1, 8, 10)])]).validate(model)
+
+
+def test_grouped_convolutions_keep_their_groups() -> None:
+    torch.manual_seed(0)
+    model = TinyResNeXt().eval()
+    graph = merge_graph(model, example_input=torch.randn(2, 3, 8, 8))
+    middle, out = graph.space("relu_1"), graph.space("relu_2")  # the grouped conv's input and output
+    assert (middle.size, middle.groups, out.size, out.groups) == (8, 2, 12, 2)
+    assert "grouped convolution 'b'" in middle.permutation_only and "within 2 groups" in graph.describe()
+    assert ParamRef("b.weight", 1, groups=2) in middle.inputs
+    perms = random_permutations(graph, torch.Generator().manual_seed(3))
+    assert sorted(perms["relu_1"][:4].tolist()) == [0, 1, 2, 3]  # within the first group
+    from ccatoolkit.merging.align.permutation import match_activations
+
+    corr = torch.eye(8, dtype=torch.float64)[:, [4, 5, 6, 7, 0, 1, 2, 3]]  # best match crosses the groups
+    assert sorted(match_activations(corr, groups=2)[:4].tolist()) == [0, 1, 2, 3]
+    swap = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])
+    with pytest.raises(ValueError, match="between the 2 groups"):
+        apply_permutations(model, graph, {"relu_1": swap})
+
+
+@pytest.mark.parametrize("method", ["permute", "cca", "permute_weight", "c2m3", "zipit"])
+@pytest.mark.parametrize("net", [TinyDenseNet, TinyResNeXt])
+def test_concatenation_and_grouped_nets_merge_with_a_permuted_copy_into_itself(net, method: str) -> None:
+    data = _images(6, 8, n=32)
+    torch.manual_seed(0)
+    model = _randomised(net(), data)
+    graph = merge_graph(model, example_input=data[0][:2])
+    _assert_merges_back_from_a_permuted_copy(model, graph, method, data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["densenet121", "regnet_x_400mf"])
+def test_densenet_and_regnet_merge_with_a_permuted_copy_into_itself(name: str) -> None:
+    """torchvision's DenseNet (concatenations) and RegNet (grouped convolutions) need no spec."""
+    data = _images(10, 64)  # CCA: enough samples for DenseNet's 2x2 last block
+    torch.manual_seed(0)
+    model = reset_bn_stats(getattr(models, name)(num_classes=10), data, progress=False).eval()
+    graph = merge_graph(model, example_input=data[0][:2])
+    assert any(s.groups > 1 for s in graph) if name.startswith("regnet") else any(
+        ref.is_segment for s in graph for ref in s.inputs)
+    for method in ("permute", "cca"):
+        _assert_merges_back_from_a_permuted_copy(model, graph, method, data)

@@ -114,7 +114,8 @@ def _permutation_step(
     target = {k: current[k].detach().double().cpu() - eta * grads[k].detach().double().cpu() for k in names}
     table = weight_table(state_b, graph, set(names))
     model = {k: state_b[k].detach().double().cpu() for k in names}
-    return {space.name: match_activations(matching_cost(target, model, table, perms, space.name, space.size))
+    return {space.name: match_activations(matching_cost(target, model, table, perms, space.name, space.size),
+                                          space.groups)
             for space in graph}
 
 

@@ -327,7 +327,8 @@ def _compute_transforms(
         if method == "permute" or space.permutation_only:  # e.g. a depthwise conv: no channel mixing
             for k in range(n):
                 if k != ref:
-                    per[k][space.name] = _pair(*permutation_transform(match_activations(_np(st.corr(ref, k)))))
+                    per[k][space.name] = _pair(*permutation_transform(
+                        match_activations(_np(st.corr(ref, k)), space.groups)))
         elif method == "cca":
             for k in range(n):
                 if k != ref:

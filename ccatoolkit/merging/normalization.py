@@ -141,7 +141,8 @@ def repair_endpoints(model: nn.Module, graph: MergeGraph) -> dict[str, list[str]
     modules = dict(model.named_modules())
     result: dict[str, list[str]] = {}
     for space in graph.spaces:
-        names = list(dict.fromkeys(ref.name.rsplit(".", 1)[0] for ref in space.outputs))
+        # a BatchNorm over a concatenation holds other spaces' channels too: not this space's endpoint
+        names = list(dict.fromkeys(ref.name.rsplit(".", 1)[0] for ref in space.outputs if not ref.is_segment))
         mods = [n for n in names if n in modules]
         bn = [n for n in mods if isinstance(modules[n], _BN)]
         norm = [n for n in mods if isinstance(modules[n], (nn.LayerNorm, nn.GroupNorm))]

@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 from ccatoolkit._utils import model_device
-from ccatoolkit.merging.align.permutation import channel_index, permute_axis
+from ccatoolkit.merging.align.permutation import (
+    axis_index,
+    grouped_view,
+    permute_axis,
+    replace_segment,
+    segment,
+)
 from ccatoolkit.merging.graph import MergeGraph, ParamRef, Space
 
 __all__ = [
@@ -78,21 +84,34 @@ def _left(tensor: torch.Tensor, ref: ParamRef, matrix: torch.Tensor) -> torch.Te
     whose rounding (1e-7 relative) is far below what merging changes.
     """
     sparse = _as_scaled_permutation(matrix)
+    if sparse is not None and ref.groups > 1:  # a grouped convolution's input: index within each group of rows
+        index, scale = sparse
+        out = permute_axis(tensor, index, ref)
+        if not bool((scale == 1).all()):
+            view = grouped_view(out, ref.groups)
+            shape = (ref.groups, 1, -1, *([1] * (tensor.dim() - 2)))
+            out = (view * scale.to(tensor).view(shape)).reshape(tensor.shape)
+        return out
+    if ref.groups > 1:
+        raise ValueError(f"{ref.name!r} is a grouped convolution's input; only (scaled) permutations within each "
+                         "group can transform it")
     if sparse is not None:
         index, scale = sparse
-        out = tensor.index_select(ref.axis, channel_index(index, ref.block, tensor.device))
-        scale = scale.to(tensor.device).repeat_interleave(ref.block)
+        out = tensor.index_select(ref.axis, axis_index(index, ref, tensor.shape[ref.axis], tensor.device))
         if not bool((scale == 1).all()):
+            full = torch.ones(tensor.shape[ref.axis], dtype=tensor.dtype, device=tensor.device)
+            first = ref.start * ref.block
+            full[first:first + scale.numel() * ref.block] = scale.to(tensor).repeat_interleave(ref.block)
             shape = [1] * tensor.dim()
             shape[ref.axis] = -1
-            out = out * scale.to(tensor.dtype).view(shape)
+            out = out * full.view(shape)
         return out
-    moved = tensor.movedim(ref.axis, 0)
+    moved = segment(tensor, ref, matrix.shape[1]).movedim(ref.axis, 0)
     shape = moved.shape
     flat = moved.reshape(matrix.shape[1], -1)
     dtype = torch.float64 if flat.numel() <= _FLOAT64_ENTRIES else torch.promote_types(tensor.dtype, torch.float32)
     out = (matrix.to(dtype) @ flat.to(dtype)).to(tensor.dtype)
-    return out.reshape(shape).movedim(0, ref.axis)
+    return replace_segment(tensor, ref, out.reshape(shape).movedim(0, ref.axis))
 
 
 def _check_pair(space: Space, pair: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +237,7 @@ def apply_permutations(model: nn.Module, graph: MergeGraph, perms: Mapping[str, 
             if ref.name not in state:
                 raise KeyError(f"merge graph refers to {ref.name!r}, which is not in the model's state_dict")
             tensor = work.get(ref.name, state[ref.name])
-            work[ref.name] = permute_axis(tensor, perm, ref.axis, ref.block)
+            work[ref.name] = permute_axis(tensor, perm, ref)
     new = copy.deepcopy(model)
     if work:
         new.load_state_dict({**state, **work})
@@ -226,8 +245,14 @@ def apply_permutations(model: nn.Module, graph: MergeGraph, perms: Mapping[str, 
 
 
 def random_permutations(graph: MergeGraph, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """A random permutation for every space (``{space: LongTensor}``), for function-preserving copies."""
-    return {s.name: torch.randperm(s.size, generator=generator) for s in graph.spaces}
+    """A random permutation for every space (``{space: LongTensor}``), for function-preserving copies.
+
+    A space read by a grouped convolution (``Space.groups > 1``) is permuted within its groups."""
+    result = {}
+    for s in graph.spaces:  # within each block a grouped convolution reads (one block: any permutation)
+        b = s.size // s.groups
+        result[s.name] = torch.cat([g * b + torch.randperm(b, generator=generator) for g in range(s.groups)])
+    return result
 
 
 def random_scalings(

@@ -24,18 +24,24 @@ convention as the pairwise matchers, so the merge code treats both alike.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ccatoolkit.merging.align.permutation import (
     channel_rows,
+    grouped_view,
     match_activations,
     permutation_matrix,
+    replace_segment,
+    segment,
     weight_matching,
     weight_table,
 )
+
+if TYPE_CHECKING:
+    from ccatoolkit.merging.graph import ParamRef
 
 __all__ = ["cycle_consistent_matching", "cycle_objective"]
 
@@ -43,11 +49,18 @@ __all__ = ["cycle_consistent_matching", "cycle_objective"]
 _STEPS = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
-def _apply(W: torch.Tensor, matrix: torch.Tensor, axis: int, block: int) -> torch.Tensor:
-    """``matrix @ W`` along ``axis`` (``block`` entries per channel move together)."""
-    moved = W.movedim(axis, 0)
+def _apply(W: torch.Tensor, matrix: torch.Tensor, ref: ParamRef) -> torch.Tensor:
+    """``matrix @ W`` along ``ref.axis`` (``block`` entries per channel move together; only ``ref``'s
+    segment of a concatenated axis)."""
+    if ref.groups > 1:  # block-diagonal ``matrix``: rows of group g read the g-th diagonal block
+        view = grouped_view(W, ref.groups)
+        b = view.shape[2]
+        blocks = torch.stack([matrix[g * b:(g + 1) * b, g * b:(g + 1) * b] for g in range(ref.groups)])
+        return torch.einsum("gij,goj...->goi...", blocks, view).reshape(W.shape)
+    moved = segment(W, ref, matrix.shape[1]).movedim(ref.axis, 0)
     shape = moved.shape
-    return (matrix @ moved.reshape(matrix.shape[1], -1)).reshape(shape).movedim(0, axis)
+    mapped = (matrix @ moved.reshape(matrix.shape[1], -1)).reshape(shape).movedim(0, ref.axis)
+    return replace_segment(W, ref, mapped)
 
 
 class _Problem:
@@ -57,6 +70,7 @@ class _Problem:
                  device: torch.device) -> None:
         self.table = weight_table(states[0], graph, param_names)
         self.sizes = {s.name: int(s.size) for s in graph.spaces}
+        self.groups = {s.name: int(s.groups) for s in graph.spaces}  # blocks a permutation keeps in place
         self.weights = [{n: s[n].detach().to(device=device, dtype=torch.float64) for n in self.table} for s in states]
         self.device = device
 
@@ -64,9 +78,9 @@ class _Problem:
                  ) -> torch.Tensor:
         """Model ``i``'s weight ``pname`` with every axis mapped into the universe (but ``skip``'s)."""
         W = self.weights[i][pname]
-        for space, axis, block in self.table[pname]:
+        for space, ref in self.table[pname]:
             if space != skip:
-                W = _apply(W, P[i][space], axis, block)
+                W = _apply(W, P[i][space], ref)
         return W
 
     def objective(self, P: Sequence[Mapping[str, torch.Tensor]]) -> float:
@@ -90,10 +104,10 @@ class _Problem:
                 if i == fixed:
                     continue
                 others = total - mapped[i]  # sum_{j != i} U_j(W)
-                for space, axis, block in entries:
+                for space, ref in entries:
                     size = self.sizes[space]
                     partial = self.universe(i, pname, P, skip=space)  # all axes mapped but this one
-                    grads[i][space] += channel_rows(others, axis, block, size) @ channel_rows(partial, axis, block, size).T
+                    grads[i][space] += channel_rows(others, ref, size) @ channel_rows(partial, ref, size).T
         return grads
 
 
@@ -162,7 +176,7 @@ def cycle_consistent_matching(
                 continue
             q = {}
             for s, G in grads[i].items():
-                Q = torch.as_tensor(permutation_matrix(match_activations(G)), device=device)
+                Q = torch.as_tensor(permutation_matrix(match_activations(G, problem.groups[s])), device=device)
                 gap += float((G * (Q - P[i][s])).sum())
                 q[s] = Q
             targets.append(q)
@@ -179,7 +193,7 @@ def cycle_consistent_matching(
             break
         P, current = best, best_value
     # round each matrix to the permutation that overlaps it most (the reference's stay identities)
-    perms = [{s: match_activations(P[i][s]) for s in problem.sizes} for i in range(n)]
+    perms = [{s: match_activations(P[i][s], problem.groups[s]) for s in problem.sizes} for i in range(n)]
     objective = problem.objective(_matrices(perms, device))
     initial = problem.objective(_matrices(start, device))
     if objective < initial:  # rounding lost what the relaxation gained: keep the start

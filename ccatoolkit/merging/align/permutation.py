@@ -16,30 +16,42 @@ from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "channel_index",
+    "axis_index",
     "channel_rows",
+    "grouped_view",
+    "local_index",
     "match_activations",
     "matching_cost",
     "permute_axis",
     "permutation_matrix",
     "permutation_transform",
+    "replace_segment",
+    "segment",
     "weight_matching",
     "weight_table",
 ]
 
 
-def match_activations(corr: np.ndarray | torch.Tensor) -> np.ndarray:
+def match_activations(corr: np.ndarray | torch.Tensor, groups: int = 1) -> np.ndarray:
     """Hungarian assignment maximising the summed correlation between reference and model neurons.
 
     ``corr[i, j]`` is the correlation of the reference's neuron ``i`` with the model's neuron ``j``.
-    NaNs (constant neurons) count as zero correlation. Returns ``perm`` (see module doc).
+    NaNs (constant neurons) count as zero correlation. ``groups > 1`` (a space read by a grouped
+    convolution, :attr:`Space.groups`): neurons are matched within each of ``groups`` contiguous
+    equal blocks, so every block stays in place. Returns ``perm`` (see module doc).
     """
     C = corr.detach().cpu().double().numpy() if isinstance(corr, torch.Tensor) else np.asarray(corr, dtype=np.float64)
     if C.ndim != 2 or C.shape[0] != C.shape[1]:
         raise ValueError(f"activation matching needs a square correlation matrix, got shape {C.shape}")
+    if groups < 1 or C.shape[0] % groups:
+        raise ValueError(f"groups={groups} does not divide the {C.shape[0]} neurons into equal blocks")
     C = np.nan_to_num(C, nan=0.0, posinf=0.0, neginf=0.0)
-    rows, cols = linear_sum_assignment(C, maximize=True)
+    b = C.shape[0] // groups
     perm = np.empty(C.shape[0], dtype=np.int64)
-    perm[rows] = cols
+    for g in range(groups):
+        block = slice(g * b, (g + 1) * b)
+        rows, cols = linear_sum_assignment(C[block, block], maximize=True)
+        perm[g * b + rows] = g * b + cols
     return perm
 
 
@@ -69,24 +81,83 @@ def channel_index(perm: np.ndarray | torch.Tensor, block: int, device: torch.dev
     return idx
 
 
-def permute_axis(W: torch.Tensor, perm: np.ndarray, axis: int, block: int) -> torch.Tensor:
-    """Index ``W`` along ``axis`` by ``perm`` (a channel permutation; ``block`` entries per channel)."""
-    return W.index_select(axis, channel_index(perm, block, W.device))
+def axis_index(perm: np.ndarray | torch.Tensor, ref: Any, length: int, device: torch.device | None = None
+               ) -> torch.Tensor:
+    """The index along ``ref``'s axis (``length`` entries) that permutes the space's channels by ``perm``.
+
+    ``ref`` is a :class:`~ccatoolkit.merging.graph.ParamRef`: ``block`` entries per channel, and for a
+    segment of a concatenation (``ref.start``) the other spaces' entries stay where they are.
+    """
+    idx = channel_index(perm, ref.block, device)
+    if idx.numel() == length:
+        return idx
+    full = torch.arange(length, device=idx.device)
+    first = ref.start * ref.block
+    full[first:first + idx.numel()] = idx + first
+    return full
 
 
-def channel_rows(W: torch.Tensor, axis: int, block: int, size: int) -> torch.Tensor:
-    """``W`` as a ``(size, -1)`` matrix whose rows are the space's channels."""
-    W = W.movedim(axis, 0)
-    if block > 1:
-        W = W.reshape(size, block, *W.shape[1:])
+def grouped_view(W: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped convolution's weight ``(C_out, C_in/groups, ...)`` as ``(groups, C_out/groups, C_in/groups, ...)``."""
+    return W.reshape(groups, W.shape[0] // groups, *W.shape[1:])
+
+
+def local_index(perm: np.ndarray | torch.Tensor, groups: int, device: torch.device | None = None) -> torch.Tensor:
+    """``perm`` (which keeps ``groups`` blocks in place) as a ``(groups, size/groups)`` index within each block."""
+    idx = torch.as_tensor(perm, dtype=torch.long, device=device).view(groups, -1)
+    local = idx - torch.arange(groups, device=idx.device)[:, None] * idx.shape[1]
+    if bool(((local < 0) | (local >= idx.shape[1])).any()):
+        raise ValueError(f"the permutation moves channels between the {groups} groups of a grouped convolution; "
+                         "only permutations within each group keep its function")
+    return local
+
+
+def permute_axis(W: torch.Tensor, perm: np.ndarray | torch.Tensor, ref: Any) -> torch.Tensor:
+    """Index ``W`` along ``ref.axis`` by ``perm`` (a channel permutation of ``ref``'s space).
+
+    A grouped convolution's input axis (``ref.groups > 1``) is indexed within each group of rows.
+    """
+    if ref.groups > 1:
+        view = grouped_view(W, ref.groups)
+        local = local_index(perm, ref.groups, W.device)
+        index = local.view(ref.groups, 1, -1, *([1] * (W.dim() - 2))).expand(*view.shape[:2], -1, *view.shape[3:])
+        return view.gather(2, index).reshape(W.shape)
+    return W.index_select(ref.axis, axis_index(perm, ref, W.shape[ref.axis], W.device))
+
+
+def segment(W: torch.Tensor, ref: Any, size: int) -> torch.Tensor:
+    """The entries of ``W`` along ``ref.axis`` that belong to ``ref``'s space of ``size`` channels (a view)."""
+    if not ref.is_segment:
+        return W
+    return W.narrow(ref.axis, ref.start * ref.block, size * ref.block)
+
+
+def replace_segment(W: torch.Tensor, ref: Any, values: torch.Tensor) -> torch.Tensor:
+    """``W`` with ``ref``'s segment along its axis replaced by ``values`` (a new tensor; ``W`` unchanged)."""
+    if not ref.is_segment:
+        return values
+    first = ref.start * ref.block
+    rest = W.shape[ref.axis] - first - values.shape[ref.axis]
+    return torch.cat([W.narrow(ref.axis, 0, first), values.to(W.dtype),
+                      W.narrow(ref.axis, W.shape[ref.axis] - rest, rest)], dim=ref.axis)
+
+
+def channel_rows(W: torch.Tensor, ref: Any, size: int) -> torch.Tensor:
+    """``W`` as a ``(size, -1)`` matrix whose rows are the channels of ``ref``'s space."""
+    if ref.groups > 1:  # channel g*b + j: entry j of the rows of group g
+        view = grouped_view(W, ref.groups).movedim(2, 1)
+        return view.reshape(size, -1)
+    W = segment(W, ref, size).movedim(ref.axis, 0)
+    if ref.block > 1:
+        W = W.reshape(size, ref.block, *W.shape[1:])
     return W.reshape(size, -1)
 
 
-WeightTable = dict[str, list[tuple[str, int, int]]]
+WeightTable = dict[str, list[tuple[str, Any]]]
 
 
 def weight_table(state: Mapping[str, torch.Tensor], graph: Any, param_names: set[str] | None = None) -> WeightTable:
-    """``{weight name: [(space, axis, block), ...]}``: the weights weight matching compares and their spaces.
+    """``{weight name: [(space, ParamRef), ...]}``: the weights weight matching compares and their spaces.
 
     ``param_names`` restricts the weights (default: every floating tensor of ``state`` the graph
     names except BatchNorm running statistics).
@@ -95,10 +166,7 @@ def weight_table(state: Mapping[str, torch.Tensor], graph: Any, param_names: set
         n for n, t in state.items()
         if torch.is_floating_point(t) and not n.endswith(("running_mean", "running_var"))
     }
-    return {
-        pname: [(space, int(ref.axis), int(ref.block)) for space, ref in entries]
-        for pname, entries in graph.param_spaces.items() if pname in names
-    }
+    return {pname: list(entries) for pname, entries in graph.param_spaces.items() if pname in names}
 
 
 def matching_cost(
@@ -112,14 +180,14 @@ def matching_cost(
     """
     C: torch.Tensor | None = None
     for pname, entries in table.items():
-        for s, axis, block in entries:
+        for s, ref in entries:
             if s != space:
                 continue
             W = model[pname]
-            for other, o_axis, o_block in entries:
-                if (other, o_axis) != (s, axis):
-                    W = permute_axis(W, perms[other], o_axis, o_block)
-            term = channel_rows(reference[pname], axis, block, size) @ channel_rows(W, axis, block, size).T
+            for other, o_ref in entries:
+                if o_ref.axis % W.dim() != ref.axis % W.dim():  # other segments of this axis are cut away by channel_rows
+                    W = permute_axis(W, perms[other], o_ref)
+            term = channel_rows(reference[pname], ref, size) @ channel_rows(W, ref, size).T
             C = term if C is None else C + term
     return C if C is not None else torch.zeros(size, size, dtype=torch.float64)
 
@@ -144,6 +212,7 @@ def weight_matching(
     """
     table = weight_table(reference_state, graph, param_names)
     sizes = {s.name: int(s.size) for s in graph.spaces}
+    groups = {s.name: int(s.groups) for s in graph.spaces}
     perms = {s: np.arange(n) for s, n in sizes.items()}
     ref = {n: reference_state[n].detach().double().cpu() for n in table}
     mod = {n: model_state[n].detach().double().cpu() for n in table}
@@ -156,7 +225,7 @@ def weight_matching(
             n = sizes[s]
             C = matching_cost(ref, mod, table, perms, s, n)
             Cn = C.numpy()
-            new = match_activations(Cn)
+            new = match_activations(Cn, groups[s])
             gain = Cn[np.arange(n), new].sum() - Cn[np.arange(n), perms[s]].sum()
             if gain > 1e-12 * max(1.0, abs(Cn[np.arange(n), perms[s]].sum())):
                 perms[s] = new

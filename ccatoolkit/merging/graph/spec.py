@@ -44,10 +44,25 @@ class ParamRef:
     name: str  # key in model.state_dict(), e.g. "features.conv1.weight"
     axis: int  # the axis that indexes the space's channels
     block: int = 1  # >1 when a Flatten turned C channels into C*block features (channel-major)
+    start: int = 0  # the space's first channel along the axis (a segment of a concatenation)
+    of: int | None = None  # channels along the axis in all (a concatenation); None: the space's own size
+    groups: int = 1  # >1: a grouped convolution's input axis, holding size/groups entries that rows of
+    #                  group g (axis 0) read from channels g*size/groups ... (g+1)*size/groups - 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.block, int) or self.block < 1:
             raise GraphError(f"ParamRef {self.name!r}: block must be an integer >= 1, got {self.block!r}")
+        if not isinstance(self.groups, int) or self.groups < 1 or (self.groups > 1 and (self.of is not None or self.block > 1)):
+            raise GraphError(f"ParamRef {self.name!r}: groups must be an integer >= 1, and a grouped input "
+                             f"cannot also be a segment or a flatten block, got groups={self.groups!r}")
+        if not isinstance(self.start, int) or self.start < 0 or (self.start and self.of is None):
+            raise GraphError(f"ParamRef {self.name!r}: start must be an integer >= 0 and needs 'of' "
+                             f"(the channels along the axis in all), got start={self.start!r}, of={self.of!r}")
+
+    @property
+    def is_segment(self) -> bool:
+        """Whether the space owns only part of the axis (``start .. start + size`` of ``of`` channels)."""
+        return self.of is not None
 
 
 @dataclass
@@ -65,6 +80,15 @@ class Space:
     outputs: list[ParamRef] = field(default_factory=list)
     inputs: list[ParamRef] = field(default_factory=list)
     permutation_only: str = ""
+    groups: int = 1  # >1: channels form this many contiguous equal blocks that a permutation keeps in place
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.groups, int) or self.groups < 1 or self.size % self.groups:
+            raise GraphError(f"space {self.name!r}: groups={self.groups!r} must be a positive divisor of its "
+                             f"size {self.size}")
+        if self.groups > 1 and not self.permutation_only:
+            raise GraphError(f"space {self.name!r} has groups={self.groups} and must be permutation_only "
+                             "(a map that mixes channels cannot pass a grouped convolution)")
 
 
 @dataclass
@@ -107,9 +131,10 @@ class MergeGraph:
         """A readable one-line-per-space summary (for notebooks and error messages)."""
         lines = []
         for s in self.spaces:
-            outs = ", ".join(r.name for r in s.outputs)
-            ins = ", ".join(r.name + (f" (block {r.block})" if r.block > 1 else "") for r in s.inputs)
+            outs = ", ".join(r.name + _ref_detail(r, s.size) for r in s.outputs)
+            ins = ", ".join(r.name + _ref_detail(r, s.size) for r in s.inputs)
             only = f" permutation only ({s.permutation_only})" if s.permutation_only else ""
+            only += f" within {s.groups} groups" if s.groups > 1 else ""
             lines.append(f"{s.name} [{s.size}]{only} capture={s.capture} outputs=[{outs}] inputs=[{ins}]")
         return "\n".join(lines)
 
@@ -121,7 +146,7 @@ class MergeGraph:
         state = model.state_dict()
         modules = dict(model.named_modules())
         seen_names: set[str] = set()
-        seen_refs: dict[tuple[str, int], str] = {}
+        seen_refs: dict[tuple[str, int], list[tuple[int, int, str]]] = {}  # (param, axis) -> channel ranges
         for s in self.spaces:
             if s.name in seen_names:
                 raise GraphError(f"two spaces are called {s.name!r}; space names must be unique")
@@ -139,14 +164,16 @@ class MergeGraph:
             for side, refs in (("output", s.outputs), ("input", s.inputs)):
                 for ref in refs:
                     _check_ref(state, s, side, ref)
-                    key = (ref.name, ref.axis % state[ref.name].dim())
-                    if key in seen_refs:
-                        raise GraphError(
-                            f"{ref.name!r} axis {ref.axis} is used by both space {seen_refs[key]!r} and space "
-                            f"{s.name!r}; each parameter axis may belong to one space only (shared weights "
-                            "are not supported)"
-                        )
-                    seen_refs[key] = s.name
+                    ranges = seen_refs.setdefault((ref.name, ref.axis % state[ref.name].dim()), [])
+                    lo, hi = ref.start, ref.start + s.size
+                    for a, b, other in ranges:
+                        if lo < b and a < hi:
+                            raise GraphError(
+                                f"{ref.name!r} axis {ref.axis} is used by both space {other!r} and space "
+                                f"{s.name!r}; each channel of a parameter axis may belong to one space only "
+                                "(shared weights are not supported)"
+                            )
+                    ranges.append((lo, hi, s.name))
         return self
 
     @classmethod
@@ -161,11 +188,11 @@ class MergeGraph:
         for name, entry in spec.items():
             if not isinstance(entry, Mapping):
                 raise GraphError(f"spec for space {name!r} must be a dict, got {type(entry).__name__}")
-            unknown = set(entry) - {"capture", "outputs", "inputs", "size", "permutation_only"}
+            unknown = set(entry) - {"capture", "outputs", "inputs", "size", "permutation_only", "groups"}
             if unknown:
                 raise GraphError(
                     f"spec for space {name!r} has unknown keys {sorted(unknown)}; "
-                    "valid keys are capture, outputs, inputs, size, permutation_only"
+                    "valid keys are capture, outputs, inputs, size, permutation_only, groups"
                 )
             capture = entry.get("capture", [])
             capture = [capture] if isinstance(capture, str) else list(capture)
@@ -185,8 +212,18 @@ class MergeGraph:
             only = entry.get("permutation_only", "")
             only = ("given in the spec" if only is True else "") if isinstance(only, bool) else str(only)
             spaces.append(Space(name=str(name), size=int(size), capture=capture, outputs=outputs, inputs=inputs,
-                                permutation_only=only))
+                                permutation_only=only, groups=int(entry.get("groups", 1))))
         return cls(spaces).validate(model)
+
+
+def _ref_detail(ref: ParamRef, size: int) -> str:
+    """`` (block b)`` / `` [start:end of n]`` for :meth:`MergeGraph.describe`."""
+    detail = f" (block {ref.block})" if ref.block > 1 else ""
+    if ref.is_segment:
+        detail += f" [{ref.start}:{ref.start + size} of {ref.of}]"
+    if ref.groups > 1:
+        detail += f" (in {ref.groups} groups)"
+    return detail
 
 
 def _ref_from_item(space: str, key: str, item: Any, with_block: bool) -> ParamRef:
@@ -215,9 +252,17 @@ def _check_ref(state: Mapping[str, torch.Tensor], space: Space, side: str, ref: 
     if ref.block < 1 or (side == "output" and ref.block != 1):
         raise GraphError(f"space {space.name!r}: {side} {ref.name!r} has block {ref.block}; "
                          "only input-side refs may have block > 1")
-    want = space.size * ref.block
+    if ref.is_segment and ref.start + space.size > ref.of:
+        raise GraphError(f"space {space.name!r}: {side} {ref.name!r} holds channels {ref.start}..{ref.start + space.size - 1} "
+                         f"of a concatenation of {ref.of}; the segment does not fit")
+    channels = ref.of if ref.is_segment else space.size
+    if ref.groups > 1 and (space.size % ref.groups or space.groups % ref.groups):
+        raise GraphError(f"space {space.name!r}: {side} {ref.name!r} reads the space in {ref.groups} groups, "
+                         f"but the space keeps {space.groups} groups of its {space.size} channels in place; "
+                         "the groups must divide the space's")
+    want = channels * ref.block // ref.groups
     if shape[ref.axis] != want:
-        detail = f"{space.size} channels x block {ref.block}" if ref.block > 1 else f"{space.size} channels"
+        detail = f"{channels} channels x block {ref.block}" if ref.block > 1 else f"{channels} channels"
         raise GraphError(
             f"space {space.name!r}: {side} {ref.name!r} has {shape[ref.axis]} entries along axis {ref.axis} "
             f"(shape {shape}) but the space has {detail} = {want}; the sizes are inconsistent"

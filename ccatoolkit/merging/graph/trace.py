@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -62,6 +62,12 @@ _PASSTHROUGH_METHODS = {"contiguous", "clone", "detach", "float", "double", "hal
 _NON_TENSOR_METHODS = {"size", "dim", "numel", "ndimension", "element_size", "is_contiguous", "get_device"}
 _ADDS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
 _SCALES = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul}
+_CONCATS = {torch.cat, torch.concat, torch.concatenate}
+# Operations that keep each channel where it is, so a concatenation's segments pass through them.
+_CONCAT_SAFE_FUNCTIONS = (FUNCTIONAL_ACTIVATIONS | _FUNCTIONAL_PASSTHROUGH | _FUNCTIONAL_POOLS
+                          | {torch.flatten, torch.reshape, torch.mean, torch.sum, torch.amax})
+_CONCAT_SAFE_METHODS = (set(ACTIVATION_METHODS) | _PASSTHROUGH_METHODS
+                        | {"flatten", "view", "reshape", "mean", "sum", "amax"})
 
 
 @dataclass
@@ -72,6 +78,11 @@ class _Feat:
     block: int | None = 1  # None: a Flatten whose block is resolved from the consuming Linear
     ndim: int | None = None  # known when shapes were propagated
     chdim: int = 1  # 1 for conv-style (N, C, ...), -1 for Linear outputs (..., F)
+    parts: tuple[tuple[int, int], ...] = ()  # a concatenation: (space, channels) in order along dim 1
+
+    def spaces(self) -> list[int]:
+        """The spaces whose channels the tensor holds (several for a concatenation)."""
+        return [space for space, _ in self.parts] if self.parts else [self.space]
 
 
 class _SpaceUnion:
@@ -83,6 +94,7 @@ class _SpaceUnion:
         self.fixed: list[bool] = []
         self.created_at: list[int] = []  # the node order that created each space: roots are the earliest
         self.why_permutation_only: dict[int, list[str]] = {}  # root -> the operations that allow only permutations
+        self.group_width: dict[int, int] = {}  # root -> channels per block that permutations keep in place
 
     def new(self, order: int, fixed: bool = False) -> int:
         self.parent.append(len(self.parent))
@@ -106,11 +118,24 @@ class _SpaceUnion:
         self.fixed[ra] = self.fixed[ra] or self.fixed[rb]
         if rb in self.why_permutation_only:
             self.why_permutation_only.setdefault(ra, []).extend(self.why_permutation_only.pop(rb))
+        if rb in self.group_width:
+            width = self.group_width.pop(rb)
+            self.group_width[ra] = math.gcd(self.group_width.get(ra, width), width)
         return ra
 
     def restrict(self, s: int, reason: str) -> None:
         """Mark ``s`` as a space that only permutations may transform (``reason``: the operation)."""
         self.why_permutation_only.setdefault(self.find(s), []).append(reason)
+
+    def keep_groups(self, s: int, width: int, reason: str) -> None:
+        """Allow only permutations of ``s`` that keep each block of ``width`` channels in place."""
+        r = self.find(s)
+        self.group_width[r] = math.gcd(self.group_width.get(r, width), width)
+        self.restrict(r, reason)
+
+    def width(self, s: int) -> int | None:
+        """Channels per block that a permutation of ``s`` keeps in place (None: no blocks)."""
+        return self.group_width.get(self.find(s))
 
     def permutation_only(self, s: int) -> list[str]:
         """Why ``s`` admits permutations only (empty: any invertible map)."""
@@ -141,6 +166,9 @@ class _PendingInput:
     axis: int
     block: int | None
     consumer: str
+    start: int = 0  # a segment of a concatenation: the space's first channel, of ``of`` in all
+    of: int | None = None
+    groups: int = 1  # a grouped convolution's input
 
 
 class _Site(NamedTuple):
@@ -213,13 +241,14 @@ class _Builder:
         """An operation the graph does not understand: fine on fixed spaces only (checked at the end)."""
         args = self.tensor_args(node)
         if args:
-            self.unknown.append(([f.space for f in args], self.describe(node) + (f": {reason}" if reason else "")))
+            self.unknown.append(([s for f in args for s in f.spaces()],
+                                 self.describe(node) + (f": {reason}" if reason else "")))
         if self.is_non_tensor(node):
             return None
         return _Feat(self.new_space(fixed=True), 1, self.ndim(node))
 
     def same(self, feat: _Feat, node: torch.fx.Node) -> _Feat:
-        return _Feat(feat.space, feat.block, self.ndim(node) if self.has_shapes else feat.ndim, feat.chdim)
+        return replace(feat, ndim=self.ndim(node) if self.has_shapes else feat.ndim)
 
     def channel_first_ok(self, feat: _Feat) -> bool:
         """True when the channel axis is dim 1 (conv-style or 2-D features) and not flattened."""
@@ -240,7 +269,8 @@ class _Builder:
             self.feats[node] = self.visit_function(node)
         elif op == "output":
             for feat in self.tensor_args(node):
-                self.spaces.union(feat.space, self.input_space)
+                for space in feat.spaces():
+                    self.spaces.union(space, self.input_space)
         else:  # pragma: no cover - fx has no other ops
             self.feats[node] = self.opaque(node)
 
@@ -255,6 +285,8 @@ class _Builder:
         x = self.first_feat(node)
         if x is None or len(self.tensor_args(node)) != 1:
             return self.opaque(node)
+        if x.parts:
+            return self.concat_module(node, name, mod, x)
         if isinstance(mod, nn.Linear):
             if x.ndim is not None and x.ndim > 2 and x.chdim == 1:
                 return self.opaque(node, "a Linear applied to the last axis of a conv feature map")
@@ -270,9 +302,11 @@ class _Builder:
             self.spaces.restrict(x.space, f"depthwise convolution {name!r}")
             self.producers.append(_Site(x.space, name, self.index))
             return self.same(x, node)
+        if isinstance(mod, _CONVS) and mod.groups != 1:
+            return self.grouped_conv(node, name, mod, x)
         if isinstance(mod, _CONVS + _CONV_TRANSPOSES):
             if mod.groups != 1:
-                return self.opaque(node, f"grouped convolution (groups={mod.groups}, not depthwise)")
+                return self.opaque(node, f"grouped transposed convolution (groups={mod.groups})")
             if not self.channel_first_ok(x):
                 return self.opaque(node, "a convolution of flattened features")
             in_axis, out_axis = (0, 1) if isinstance(mod, _CONV_TRANSPOSES) else (1, 0)
@@ -305,6 +339,24 @@ class _Builder:
         if isinstance(mod, nn.Unflatten):
             return self.opaque(node)
         return self.opaque(node)
+
+    def grouped_conv(self, node: torch.fx.Node, name: str, mod: nn.Module, x: _Feat) -> _Feat | None:
+        """A grouped convolution (not depthwise): output group g reads input group g only.
+
+        A permutation passes it when it maps groups to groups; the graph allows those that keep
+        every group in place and permute channels within it (on both sides), so its input and output
+        spaces become permutation-only with ``Space.groups`` blocks. The input side is read per
+        group of rows (``ParamRef.groups``). Permutations that also reorder the groups would have
+        to be shared by the two spaces; they are not searched.
+        """
+        if not self.channel_first_ok(x):
+            return self.opaque(node, "a grouped convolution of flattened features")
+        reason = f"grouped convolution {name!r} ({mod.groups} groups): permutations within each group"
+        self.inputs.setdefault(x.space, []).append(_PendingInput(f"{name}.weight", 1, 1, name, groups=mod.groups))
+        self.spaces.keep_groups(x.space, mod.in_channels // mod.groups, reason)
+        feat = self.produce(node, name, mod, chdim=1)
+        self.spaces.keep_groups(feat.space, mod.out_channels // mod.groups, reason)
+        return feat
 
     def channel_norm(self, node: torch.fx.Node, name: str, mod: nn.Module, x: _Feat) -> _Feat | None:
         """LayerNorm over the channel axis alone, or GroupNorm with one group: permutation-only spaces.
@@ -351,8 +403,8 @@ class _Builder:
             in_shape = self.shape(node.args[0])
             spatial = math.prod(in_shape[2:]) if in_shape is not None else None
             if spatial is None or x.block is None:
-                return _Feat(x.space, None, 2, 1)
-            return _Feat(x.space, x.block * spatial, 2, 1)
+                return replace(x, block=None, ndim=2, chdim=1)
+            return replace(x, block=x.block * spatial, ndim=2, chdim=1)
         if x.chdim == 1 and start >= 2 and x.block == 1:  # spatial dims only: channels stay on dim 1
             return self.same(x, node)
         return self.opaque(node, f"flatten(start_dim={start}, end_dim={end}) mixes the channel axis")
@@ -362,6 +414,8 @@ class _Builder:
         feats = self.tensor_args(node)
         if not feats:  # sizes, shapes and constants built inside forward
             return None
+        if target in _CONCATS:
+            return self.concat(node)
         x = self.first_feat(node)
         is_method = node.op == "call_method"
         if is_method and target in _NON_TENSOR_METHODS:
@@ -372,6 +426,11 @@ class _Builder:
             return None
         if x is None:
             return self.opaque(node)
+        if any(f.parts for f in feats) and not (
+            len(feats) == 1 and (target in _CONCAT_SAFE_FUNCTIONS or (is_method and target in _CONCAT_SAFE_METHODS))
+        ):
+            return self.opaque(node, "an operation on concatenated channels other than an activation, pooling, "
+                                     "dropout or flatten")
         if target in _ADDS or (is_method and target in ("add", "add_", "sub", "sub_")):
             if len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], torch.fx.Node):
                 other = self.feats.get(node.args[1])
@@ -391,6 +450,8 @@ class _Builder:
             return self.opaque(node)
         if target in FUNCTIONAL_ACTIVATIONS or (is_method and target in ACTIVATION_METHODS):
             point = self.node_points.get(node.name)
+            if x.parts:  # concatenated channels: each segment is captured at its own producer or activation
+                return self.same(x, node)
             if point is None:  # pragma: no cover - the trace that names node points is the same trace
                 self.functional_nonlin.append((x.space, self.describe(node)))
             else:
@@ -435,13 +496,95 @@ class _Builder:
             return self.opaque(node, "a reduction that may include the channel axis")
         if nd is not None and any(d % nd in (0, 1) for d in dims):
             return self.opaque(node, "a reduction over the batch or channel axis")
-        return _Feat(x.space, 1, self.ndim(node), 1)
+        return replace(x, block=1, ndim=self.ndim(node), chdim=1)
+
+    # concatenation ------------------------------------------------------------------------
+    def concat(self, node: torch.fx.Node) -> _Feat | None:
+        """``torch.cat`` along the channel axis: a tensor whose channels are segments of the joined spaces.
+
+        Each segment stays its own space: a later layer's weight columns (or a BatchNorm's entries)
+        for it are a slice of the concatenated axis (``ParamRef.start``/``of``). Needs shapes to
+        know each segment's length.
+        """
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or not all(
+            isinstance(t, torch.fx.Node) and self.feats.get(t) is not None for t in tensors
+        ):
+            return self.opaque(node, "a concatenation of tensors the graph cannot follow")
+        nd = self.ndim(node)
+        shapes = [self.shape(t) for t in tensors]
+        if nd is None or any(shape is None for shape in shapes):
+            return self.opaque(node, "a concatenation without shape information: pass example_input to merge_graph")
+        feats = [self.feats[t] for t in tensors]
+        if dim % nd != 1:
+            if len({space for f in feats for space in f.spaces()}) == 1:  # along batch/space: one channel space
+                return self.same(feats[0], node)
+            return self.opaque(node, f"a concatenation along dim {dim}, not the channel axis, of different spaces")
+        parts: list[tuple[int, int]] = []
+        for feat, shape in zip(feats, shapes):
+            if feat.block != 1 or (nd > 2 and feat.chdim != 1):
+                return self.opaque(node, "a concatenation of flattened or channel-last features")
+            parts.extend(feat.parts or [(feat.space, int(shape[1]))])  # type: ignore[index]
+        if len(parts) == 1:
+            return _Feat(parts[0][0], 1, nd, 1)
+        return _Feat(parts[0][0], 1, nd, 1, parts=tuple(parts))
+
+    @staticmethod
+    def segments(x: _Feat) -> list[tuple[int, int, int]]:
+        """``(space, start, size)`` of each segment of a concatenated tensor."""
+        result, start = [], 0
+        for space, size in x.parts:
+            result.append((space, start, size))
+            start += size
+        return result
+
+    def concat_module(self, node: torch.fx.Node, name: str, mod: nn.Module, x: _Feat) -> _Feat | None:
+        """A module applied to concatenated channels: consumers take a slice of columns per segment.
+
+        A BatchNorm over the concatenation scales and shifts each segment with its own entries,
+        which permutations move along but a channel-mixing map cannot pass through (they cannot
+        be folded into the segment's producer, whose output other layers also read): the
+        segment's space becomes permutation-only.
+        """
+        total = sum(size for _, size in x.parts)
+        if isinstance(mod, (nn.Linear, *_CONVS, *_CONV_TRANSPOSES)):
+            if isinstance(mod, nn.Linear):
+                if x.ndim is not None and x.ndim > 2:
+                    return self.opaque(node, "a Linear applied to the last axis of a conv feature map")
+                axis, out_axis, chdim = 1, 0, -1
+            elif mod.groups != 1:
+                return self.opaque(node, f"a grouped convolution (groups={mod.groups}) of concatenated channels")
+            elif x.block != 1:
+                return self.opaque(node, "a convolution of flattened features")
+            else:
+                axis, out_axis = (0, 1) if isinstance(mod, _CONV_TRANSPOSES) else (1, 0)
+                chdim = 1
+            for space, start, _ in self.segments(x):
+                self.inputs.setdefault(space, []).append(
+                    _PendingInput(f"{name}.weight", axis, x.block, name, start=start, of=total))
+            return self.produce(node, name, mod, chdim=chdim, out_axis=out_axis)
+        if isinstance(mod, _BATCHNORMS) and x.block == 1:
+            leaves = (["weight", "bias"] if mod.affine else []) + (
+                ["running_mean", "running_var"] if mod.track_running_stats and mod.running_mean is not None else [])
+            for space, start, _ in self.segments(x):
+                self.outputs.setdefault(space, []).extend(
+                    ParamRef(f"{name}.{leaf}", 0, 1, start, total) for leaf in leaves)
+                self.spaces.restrict(space, f"BatchNorm {name!r} over a concatenation")
+            return self.same(x, node)
+        if isinstance(mod, _ACTIVATIONS + _PASSTHROUGH) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1):
+            return self.same(x, node)  # captured at each segment's own producer or activation
+        if isinstance(mod, _POOLS) and x.block == 1:
+            return self.same(x, node)
+        if isinstance(mod, nn.Flatten):
+            return self.flatten(node, x, mod.start_dim, mod.end_dim)
+        return self.opaque(node, "a module applied to concatenated channels that the graph cannot split")
 
     # result ---------------------------------------------------------------------------------
     def resolve(self, pending: _PendingInput, size: int, state: dict[str, torch.Tensor]) -> ParamRef:
         """The :class:`ParamRef` of an input-side weight, its flatten block read off the consumer when unknown."""
         if pending.block is not None:
-            return ParamRef(pending.name, pending.axis, pending.block)
+            return ParamRef(pending.name, pending.axis, pending.block, pending.start, pending.of, pending.groups)
         features = int(state[pending.name].shape[pending.axis])
         if features % size:
             raise GraphError(
@@ -475,8 +618,8 @@ class _Builder:
             raise GraphError(
                 f"cannot derive the merge graph of {type(model).__name__}: {bad[0]} acts on hidden channels "
                 f"in a way the automatic graph does not support{more}. Supported are Linear, Conv (groups=1 or "
-                "depthwise), BatchNorm, LayerNorm over channels, GroupNorm(1, C), elementwise activations, dropout, "
-                "pooling, flatten and residual additions. "
+                "depthwise), grouped Conv (permuted within groups), BatchNorm, LayerNorm over channels, GroupNorm(1, C), "
+                "elementwise activations, dropout, pooling, flatten, residual additions and channel concatenation. "
                 + SPEC_ADVICE
             )
         state = model.state_dict()
@@ -486,7 +629,7 @@ class _Builder:
             outputs = [ref for s in sorted(members) for ref in self.outputs.get(s, [])]
             if not outputs:  # pragma: no cover - every transformable space starts at a producer
                 continue
-            first = outputs[0]
+            first = next((ref for ref in outputs if not ref.is_segment), outputs[0])
             size = int(state[first.name].shape[first.axis])
             inputs = [self.resolve(p, size, state) for s in sorted(members) for p in self.inputs.get(s, [])]
             producer = first.name.rsplit(".", 1)[0]
@@ -498,8 +641,9 @@ class _Builder:
                 name = f"{base}#{k}"
             used_names.add(name)
             reasons = self.spaces.permutation_only(next(iter(members)))
+            width = self.spaces.width(next(iter(members)))
             spaces.append(Space(name=name, size=size, capture=capture, outputs=outputs, inputs=inputs,
-                                permutation_only="; ".join(reasons)))
+                                permutation_only="; ".join(reasons), groups=size // width if width else 1))
         return MergeGraph(spaces)
 
 
