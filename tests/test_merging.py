@@ -211,3 +211,52 @@ def test_repair_in_merge_matches_endpoint_statistics() -> None:
         torch.testing.assert_close(got[1], std, atol=1e-5, rtol=1e-4)
     before = channel_stats(plain, ["fc2"], data)["fc2"][1]
     assert not torch.allclose(before, std, atol=1e-3)  # repair changed something
+
+
+def test_correlation_ridge_rule_scores_held_out_alignment_without_merging(monkeypatch) -> None:
+    """ridge_rule="correlation" (the default above AGREEMENT_MAX_PARAMETERS) builds one merge, not one per ridge."""
+    import ccatoolkit.merging.api as api
+
+    torch.manual_seed(0)
+    model, other = MLP(depth=2, width=12, in_shape=(6,)).eval(), MLP(depth=2, width=12, in_shape=(6,)).eval()
+    data = [torch.randn(32, 6, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    built = []
+    original = api._Plan.merged
+    monkeypatch.setattr(api._Plan, "merged", lambda self, *a, **k: built.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(api, "AGREEMENT_MAX_PARAMETERS", 0)  # the size rule picks "correlation" for this MLP
+    merged = merge([model, other], "cca", data, progress=False, ridge_grid=(1e-4, 1e-2, 1.0))
+    info = merged.merge_info
+    assert info["ridge_selection"].startswith("correlation") and len(built) == 1
+    assert set(info["ridge_scores"]) == {1e-4, 1e-2, 1.0} and all(-1 <= v <= 1 for v in info["ridge_scores"].values())
+    assert info["ridge"] == max(info["ridge_scores"], key=info["ridge_scores"].get)
+    with pytest.raises(ValueError, match="ridge_rule must be one of"):
+        merge([model, other], "cca", data, progress=False, ridge_rule="accuracy")
+
+
+def test_held_out_correlation_equals_the_correlation_of_transformed_features() -> None:
+    from ccatoolkit.analysis.stats import collect_statistics
+    from ccatoolkit.merging.api import _held_out_correlation
+
+    torch.manual_seed(0)
+    models = [MLP(depth=2, width=12, in_shape=(6,)).eval() for _ in range(2)]
+    graph = merge_graph(models[0])
+    data = [torch.randn(64, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    T = {s.name: (torch.randn(s.size, s.size, dtype=torch.float64), None) for s in graph}
+    held = collect_statistics(models, data, {s.name: s.capture for s in graph}, progress=False)
+    expected = []
+    for space in graph:
+        feats = [torch.cat([_captured(m, space.capture[0], x) for x in data]).double() for m in models]
+        a, b = feats[0], feats[1] @ T[space.name][0].T
+        a, b = a - a.mean(0), b - b.mean(0)
+        denom = a.norm(dim=0) * b.norm(dim=0)  # a dead ReLU neuron counts as correlation 0
+        expected.append(float(torch.where(denom > 0, (a * b).sum(0) / denom, torch.zeros_like(denom)).mean()))
+    got = _held_out_correlation(held, graph, 0, [None, T])
+    assert math.isclose(got, sum(expected) / len(expected), rel_tol=1e-6)
+
+
+def _captured(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    from ccatoolkit.analysis.capture import capture
+
+    with capture(model, [layer]) as cache, torch.no_grad():
+        model(x)
+    return cache[layer].clone()

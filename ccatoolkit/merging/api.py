@@ -64,6 +64,7 @@ __all__ = [
     "METHODS",
     "DEFAULT_RIDGE",
     "RIDGE_GRID",
+    "AGREEMENT_MAX_PARAMETERS",
     "Ensemble",
     "ensemble",
     "merge",
@@ -81,8 +82,12 @@ DEFAULT_RIDGE = 0.1
 RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
 #: Label-free ridge selection holds out every this-many-th batch of the merge data.
 _HOLD_OUT_EVERY = 4
+#: ``ridge="auto"`` without ``val_data`` scores whole merges (rule "agreement") up to this many parameters
+#: per model; above, the held-out correlation of the aligned features (rule "correlation", no merges).
+AGREEMENT_MAX_PARAMETERS = 5_000_000
+_RIDGE_RULES = ("agreement", "correlation")
 _STATS_METHODS = {"permute", "zipit", "cca", "cca_multiview"}
-_OPTIONS = {"allow_within_model", "max_iter", "seed", "ridge_grid", "repair_passes"}
+_OPTIONS = {"allow_within_model", "max_iter", "seed", "ridge_grid", "repair_passes", "ridge_rule"}
 _RIDGE_METHODS = {"cca", "cca_multiview"}
 _LINEAR_MAP_METHODS = {"cca", "cca_multiview", "zipit"}  # transforms that mix channels (not permutations)
 #: A ridge below this meets an ill-conditioned covariance with a warning (CCA then amplifies noise).
@@ -534,6 +539,43 @@ def _agreement_scorer(models: list[nn.Module], held_out: Iterable[Any]) -> Any:
     return score
 
 
+def _held_out_correlation(
+    held: dict[str, JointStats], graph: MergeGraph, ref: int, transforms: list[Transforms | None]
+) -> float:
+    """Mean correlation, on held-out statistics, between the reference's channels and the others' aligned ones.
+
+    For model ``k``'s map ``T`` into the reference's space, channel ``i``'s correlation is
+    ``(S_rk T^T)_ii / sqrt((S_rr)_ii (T S_kk T^T)_ii)`` from the held-out covariances: no forward
+    pass and no merge. Averaged over channels, then over the spaces that admit any map and the
+    models. A ridge too small fits the fitting batches' noise and aligns held-out features worse.
+    """
+    values = []
+    for k, t in enumerate(transforms):
+        if t is None or k == ref:
+            continue
+        for space in graph.spaces:
+            if space.permutation_only or space.name not in t:
+                continue
+            st = held[space.name]
+            T = t[space.name][0].to(st.cov(ref, ref).device, torch.float64)
+            cross = (st.cov(ref, k) * T).sum(1)  # diag(S_rk T^T)
+            var_t = ((T @ st.cov(k, k)) * T).sum(1)  # diag(T S_kk T^T)
+            denom = torch.sqrt(st.var(ref).clamp_min(0) * var_t.clamp_min(0))
+            corr = torch.where(denom > 0, cross / denom.clamp_min(1e-300), torch.zeros_like(cross))
+            values.append(float(corr.mean()))
+    return float(np.mean(values)) if values else 0.0
+
+
+def _ridge_rule(plan: _Plan, rule: str | None) -> str:
+    """The label-free rule for ``ridge="auto"``: ``rule`` if given, else by model size (see :data:`AGREEMENT_MAX_PARAMETERS`)."""
+    if rule is not None:
+        if rule not in _RIDGE_RULES:
+            raise ValueError(f"ridge_rule must be one of {_RIDGE_RULES}, got {rule!r}")
+        return rule
+    size = sum(p.numel() for p in plan.models[plan.ref].parameters())
+    return "agreement" if size <= AGREEMENT_MAX_PARAMETERS else "correlation"
+
+
 def _select_ridge(
     plan: _Plan, method: str, grid: Sequence[float], data: Any, val_data: Any, max_batches: int | None, progress: bool
 ) -> tuple[float, dict[float, float], str, dict[str, JointStats], nn.Module | None]:
@@ -545,6 +587,11 @@ def _select_ridge(
     so no candidate is the result. The split is made in one pass and the
     held-out batches are kept, so a shuffling DataLoader cannot mix the two parts. With fewer than
     4 batches there is nothing to hold out, and :data:`DEFAULT_RIDGE` is used.
+
+    Scoring a whole merge costs its BatchNorm and REPAIR passes per candidate, too much for large
+    models (a torchvision ResNet-50): above :data:`AGREEMENT_MAX_PARAMETERS` parameters (or with
+    ``options['ridge_rule'] = "correlation"``) the candidates are scored by the held-out correlation
+    of the aligned features instead (:func:`_held_out_correlation`), with no merge at all.
     """
     models, ref, graph = plan.models, plan.ref, plan.graph
     if val_data is not None:
@@ -573,15 +620,20 @@ def _select_ridge(
     if not held_out:
         return DEFAULT_RIDGE, {}, f"default (fewer than {_HOLD_OUT_EVERY} batches: none held out)", fit_stats, None
     held_stats = _stats(models, graph, held_out, None, False)
-    score = _agreement_scorer(models, held_out)
+    rule = _ridge_rule(plan, plan.options.get("ridge_rule"))
+    score = _agreement_scorer(models, held_out) if rule == "agreement" else None
     scores = {}
     cache: dict[Any, Any] = {}
     for r in grid:
-        merged = plan.merged(_compute_transforms(method, models, ref, graph, fit_stats, r, plan.options, cache),
-                             False)
-        scores[r] = score(merged)
+        transforms = _compute_transforms(method, models, ref, graph, fit_stats, r, plan.options, cache)
+        if score is None:
+            scores[r] = _held_out_correlation(held_stats, graph, ref, transforms)
+        else:
+            scores[r] = score(plan.merged(transforms, False))
     stats = {name: fit_stats[name] + held_stats[name] for name in fit_stats}
-    return max(scores, key=scores.__getitem__), scores, "agreement with the ensemble on held-out batches", stats, None
+    how = ("agreement with the ensemble on held-out batches" if rule == "agreement"
+           else "correlation of the aligned features on held-out batches")
+    return max(scores, key=scores.__getitem__), scores, how, stats, None
 
 
 # --- public API -------------------------------------------------------------------------------------
@@ -611,7 +663,9 @@ def merge(
 
     ``ridge`` (CCA methods): regularisation ``ridge * trace(S)/n * I``, or ``"auto"`` (the default):
     the value from ``options['ridge_grid']`` (default :data:`RIDGE_GRID`) whose merge agrees best
-    with the ensemble on held-out batches of ``data`` (no labels needed), or, with ``val_data``
+    with the ensemble on held-out batches of ``data`` (no labels needed; models over
+    :data:`AGREEMENT_MAX_PARAMETERS` parameters, or ``ridge_rule="correlation"``: whose aligned
+    features correlate best with the reference's on those batches, with no merge per candidate), or, with ``val_data``
     (a validation split of the training data, never the test set), whose merge is most accurate there.
 
     Statistics after averaging (REPAIR, Jordan et al. 2023): ``repair`` (default: on for every method
@@ -661,6 +715,8 @@ def merge(
         ridge = _check_ridge(ridge)
     if method in _STATS_METHODS:
         _require_data(data, method)
+    if options.get("ridge_rule") is not None and options["ridge_rule"] not in _RIDGE_RULES:
+        raise ValueError(f"ridge_rule must be one of {_RIDGE_RULES}, got {options['ridge_rule']!r}")
     graph, data = _graph(models[ref], graph, data)
     plan = _Plan.build(method, models, ref, graph, data=data, reset_bn=reset_bn, repair=repair,
                        repair_explicit=repair_explicit, max_batches=max_batches, progress=progress, options=options)
