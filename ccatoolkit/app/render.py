@@ -35,7 +35,10 @@ from ccatoolkit.plots.analysis import plot_accuracy_bars, plot_accuracy_vs_n, pl
 from ccatoolkit.landscape.curves import curve_coefficients
 from ccatoolkit.plots.landscape import path_end_label, plot_curve_paths, plot_plane, plot_plane_path
 
-__all__ = ["render_correlation", "render_merge", "render_alpha", "render_curve_point", "render_n_models", "new_figure", "figure_title"]
+__all__ = [
+    "render_correlation", "render_merge", "render_alpha", "render_curve_point", "render_n_models", "new_figure",
+    "figure_title",
+]
 
 
 def new_figure(figsize: tuple[float, float]) -> Any:
@@ -99,7 +102,7 @@ def render_alpha(ctx: AlphaContext, alpha: float) -> Any:
 
 
 def render_curve_point(ctx: CurveContext, t: float) -> Any:
-    """The loss plane with the curve, the straight line and the point at ``t`` marked; the paths' loss along t beside it."""
+    """The loss plane with the curve, the straight line and the point at ``t`` marked; the loss along t beside it."""
     import numpy as np
 
     point = curve_point(ctx, t)

@@ -1,6 +1,7 @@
 """The model zoo: architectures (MLP, VGG11, ResNet20), training and evaluation, and a cache of trained models.
 
-``models`` builds networks, ``adversarial`` makes PGD adversarial examples, ``training`` trains and evaluates them, ``cache`` stores results on disk, ``trained`` ties them together.
+``models`` builds networks, ``adversarial`` makes PGD adversarial examples, ``training`` trains and evaluates
+them, ``cache`` stores results on disk, ``trained`` ties them together.
 """
 
 from ccatoolkit.zoo.adversarial import PGD
