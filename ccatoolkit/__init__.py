@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "train": "ccatoolkit.zoo.training",
     "evaluate": "ccatoolkit.zoo.training",
     "predict": "ccatoolkit.zoo.training",
+    "PGD": "ccatoolkit.zoo.adversarial",
     "output_gap": "ccatoolkit.zoo.training",
     "train_curve_pam": "ccatoolkit.landscape.pam",
     "PamResult": "ccatoolkit.landscape.pam",

@@ -152,3 +152,24 @@ def test_a_failing_redraw_shows_the_error_instead_of_raising(setup):
     box = controls.alpha_widget(ctx)
     assert box.figure is None and "empty" in box.error
     assert "empty" in box.title.value
+
+
+def test_curve_slider_moves_the_point_along_the_curve(setup):
+    from ccatoolkit.landscape.curves import train_curve
+
+    a, b = setup["models"][:2]
+    curve = train_curve(a, b, setup["stats"], align="permute", epochs=1, progress=False, cache=False)
+    start, end = curve.end_models()
+    plane = cc.loss_plane(start, end, curve.control_model(), setup["test"], resolution=4, progress=False)
+    ctx = contexts.CurveContext(curve, plane, setup["test"], paths=[curve.evaluate(setup["test"], ts=5, progress=False)])
+    ends = [contexts.curve_point(ctx, t) for t in (0.0, 1.0)]
+    np.testing.assert_allclose(ends[0]["xy"], plane.coords[0], atol=1e-9)  # t = 0 is A, t = 1 is B'
+    np.testing.assert_allclose(ends[1]["xy"], plane.coords[1], atol=1e-9)
+    assert ends[0]["loss"] == pytest.approx(cc.evaluate(a, setup["test"])["loss"], rel=1e-5)
+    box = controls.curve_widget(ctx, t=0.0)
+    text0 = box.text
+    assert "t = 0.00" in text0 and box.image.value[:4] == b"\x89PNG"
+    box.controls["t"].value = 0.5
+    mid = contexts.curve_point(ctx, 0.5)
+    assert box.redraws == 2 and "t = 0.50" in box.text and f"{mid['loss']:.3f}" in box.text
+    assert mid["loss"] == pytest.approx(float(ctx.paths[0].loss[2]), rel=1e-4)  # the same point as the curve's t = 0.5

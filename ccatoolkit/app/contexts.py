@@ -17,15 +17,17 @@ from torch import nn
 
 from ccatoolkit._utils import progress_bar
 from ccatoolkit.analysis.stats import correlation_matrix
+from ccatoolkit.landscape.curves import Curve, curve_coefficients
 from ccatoolkit.landscape.points import interpolated_model
+from ccatoolkit.landscape.results import PlaneResult
 from ccatoolkit.merging.api import align_to, ensemble, merge
 from ccatoolkit.merging.graph import merge_graph
 from ccatoolkit.plots.analysis import confusion_matrix
 from ccatoolkit.zoo.training import evaluate, predict
 
 __all__ = [
-    "CCA_METHODS", "CorrelationContext", "MergeContext", "AlphaContext", "NModelsContext",
-    "correlation_views", "merge_accuracy", "alpha_point", "n_models_accuracy", "activation_layers",
+    "CCA_METHODS", "CorrelationContext", "MergeContext", "AlphaContext", "CurveContext", "NModelsContext",
+    "correlation_views", "merge_accuracy", "alpha_point", "curve_point", "n_models_accuracy", "activation_layers",
     "best_methods",
 ]
 
@@ -183,6 +185,37 @@ def alpha_point(ctx: AlphaContext, alpha: float) -> dict[str, Any]:
             num_classes = head.out_features
         ctx.cache[key] = dict(alpha=key, accuracy=float((targets == preds).mean()), loss=loss,
                               confusion=confusion_matrix(targets, preds, num_classes))
+    return ctx.cache[key]
+
+
+# --------------------------------------------------------------------------- 05: a point of a learned curve
+
+
+@dataclass
+class CurveContext:
+    """A learned curve, the loss plane through its ends and control point, and test data for the model at ``t``.
+
+    ``plane`` is ``loss_plane(A, B', control)`` (labels in that order); ``paths`` are results along t
+    (e.g. the curve's and the straight line's) drawn behind the marker; ``bn_data`` is needed for
+    BatchNorm models.
+    """
+
+    curve: Curve
+    plane: PlaneResult
+    test_data: Iterable[Any]
+    paths: Sequence[Any] = ()
+    bn_data: Iterable[Any] | None = None
+    cache: dict[float, dict[str, Any]] = field(default_factory=dict)
+
+
+def curve_point(ctx: CurveContext, t: float) -> dict[str, Any]:
+    """The model at ``t`` on the curve: its test loss and accuracy and its coordinates on the plane (cached)."""
+    key = round(float(t), 6)
+    if key not in ctx.cache:
+        result = evaluate(ctx.curve.model_at(key, bn_data=ctx.bn_data), ctx.test_data)
+        weights = curve_coefficients(ctx.curve.kind, [key])[0]  # on (A, control, B)
+        xy = np.array([weights[0], weights[2], weights[1]]) @ np.asarray(ctx.plane.coords, dtype=np.float64)
+        ctx.cache[key] = dict(t=key, accuracy=float(result["accuracy"]), loss=float(result["loss"]), xy=xy)
     return ctx.cache[key]
 
 

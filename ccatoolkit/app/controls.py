@@ -13,10 +13,19 @@ import io
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ccatoolkit.app.contexts import AlphaContext, CorrelationContext, MergeContext, NModelsContext
-from ccatoolkit.app.render import figure_title, render_alpha, render_correlation, render_merge, render_n_models
+from ccatoolkit.app.contexts import AlphaContext, CorrelationContext, CurveContext, MergeContext, NModelsContext
+from ccatoolkit.app.render import (
+    figure_title,
+    render_alpha,
+    render_correlation,
+    render_curve_point,
+    render_merge,
+    render_n_models,
+)
 
-__all__ = ["InteractiveFigure", "correlation_widget", "merge_widget", "alpha_widget", "n_models_widget"]
+__all__ = [
+    "InteractiveFigure", "correlation_widget", "merge_widget", "alpha_widget", "curve_widget", "n_models_widget",
+]
 
 
 def _png(fig: Any) -> bytes:
@@ -106,6 +115,15 @@ def alpha_widget(ctx: AlphaContext, alpha: float = 0.5, step: float = 0.05) -> I
     slider = W.FloatSlider(value=alpha, min=0.0, max=1.0, step=step, description="alpha",
                            continuous_update=False, readout_format=".2f")
     return InteractiveFigure(lambda alpha: render_alpha(ctx, alpha), {"alpha": slider})
+
+
+def curve_widget(ctx: CurveContext, t: float = 0.5, step: float = 0.05) -> InteractiveFigure:
+    """A slider over t in [0, 1], redrawing :func:`render_curve_point` (the point on the plane and its loss)."""
+    import ipywidgets as W
+
+    slider = W.FloatSlider(value=t, min=0.0, max=1.0, step=step, description="t",
+                           continuous_update=False, readout_format=".2f")
+    return InteractiveFigure(lambda t: render_curve_point(ctx, t), {"t": slider})
 
 
 def n_models_widget(ctx: NModelsContext, n: int | None = None, method: str | None = None) -> InteractiveFigure:

@@ -9,6 +9,7 @@ notebook               context                            render / control
 02 looking inside      :class:`CorrelationContext`        :func:`render_correlation` / ``correlation_widget``
 03 merging two models  :class:`MergeContext`              :func:`render_merge` / ``merge_widget``
 04 the landscape       :class:`AlphaContext`              :func:`render_alpha` / ``alpha_widget``
+05 mode connectivity   :class:`CurveContext`              :func:`render_curve_point` / ``curve_widget``
 06 N models            :class:`NModelsContext`            :func:`render_n_models` / ``n_models_widget``
 =====================  =================================  ==========================================
 """
@@ -21,17 +22,23 @@ from ccatoolkit.app.contexts import (
     CCA_METHODS,
     AlphaContext,
     CorrelationContext,
+    CurveContext,
     MergeContext,
     NModelsContext,
     alpha_point,
     correlation_views,
+    curve_point,
     merge_accuracy,
     n_models_accuracy,
 )
 from ccatoolkit.plots.analysis import plot_accuracy_bars, plot_accuracy_vs_n, plot_confusion, plot_correlation
-from ccatoolkit.plots.landscape import path_end_label
+from ccatoolkit.landscape.curves import curve_coefficients
+from ccatoolkit.plots.landscape import path_end_label, plot_curve_paths, plot_plane, plot_plane_path
 
-__all__ = ["render_correlation", "render_merge", "render_alpha", "render_n_models", "new_figure", "figure_title"]
+__all__ = [
+    "render_correlation", "render_merge", "render_alpha", "render_curve_point", "render_n_models", "new_figure",
+    "figure_title",
+]
 
 
 def new_figure(figsize: tuple[float, float]) -> Any:
@@ -91,6 +98,32 @@ def render_alpha(ctx: AlphaContext, alpha: float) -> Any:
     plot_confusion(point["confusion"], ax=ax_conf, title=f"alpha = {point['alpha']:.2f}", class_names=ctx.class_names)
     fig.suptitle(f"{ctx.label}, alpha = {point['alpha']:.2f}: accuracy {point['accuracy']:.2%}, "
                  f"loss {point['loss']:.3f}")
+    return fig
+
+
+def render_curve_point(ctx: CurveContext, t: float) -> Any:
+    """The loss plane with the curve, the straight line and the point at ``t`` marked; the loss along t beside it."""
+    import numpy as np
+
+    point = curve_point(ctx, t)
+    fig = new_figure((12, 4.2))
+    ax_plane, ax_path = fig.subplots(1, 2, width_ratios=[1.2, 1])
+    plot_plane(ctx.plane, ax=ax_plane, metric="loss")
+    on_curve = curve_coefficients(ctx.curve.kind, np.linspace(0, 1, 41))[:, [0, 2, 1]]
+    plot_plane_path(ctx.plane, on_curve, ax=ax_plane, label="learned curve")
+    plot_plane_path(ctx.plane, [[1, 0, 0], [0, 1, 0]], ax=ax_plane, label="straight line", linestyle="--")
+    ax_plane.plot(*point["xy"], marker="*", markersize=16, color="red", markeredgecolor="black", linestyle="none")
+    ax_plane.set_aspect("auto")
+    if ctx.paths:
+        plot_curve_paths(ctx.paths, ax=ax_path, metric="loss")
+    ax_path.axvline(point["t"], color="black", linestyle=":", linewidth=1)
+    ax_path.plot([point["t"]], [point["loss"]], marker="*", markersize=14, color="red", markeredgecolor="black",
+                 linestyle="none", label=f"t = {point['t']:.2f}")
+    ax_path.set_xlabel("t (0 = model A, 1 = the curve's end)")
+    ax_path.set_ylabel("test loss")
+    ax_path.legend(fontsize="small")
+    fig.suptitle(f"{ctx.curve.kind} curve ({ctx.curve.method}), t = {point['t']:.2f}: test loss {point['loss']:.3f}, "
+                 f"accuracy {point['accuracy']:.2%}")
     return fig
 
 

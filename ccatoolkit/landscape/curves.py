@@ -44,6 +44,7 @@ from ccatoolkit._utils import (
 from ccatoolkit.landscape.paths import aligned_endpoint, interpolate, method_name
 from ccatoolkit.landscape.points import combine, estimate_bn_statistics, evaluate_points, float_state
 from ccatoolkit.landscape.results import InterpolationResult
+from ccatoolkit.zoo.adversarial import PGD
 from ccatoolkit.zoo.cache import load_or_create
 
 __all__ = [
@@ -140,8 +141,12 @@ class Curve:
         batched: bool = True,
         progress: bool = True,
         label: str | None = None,
+        attack: PGD | None = None,
     ) -> CurveResult:
-        """Loss and accuracy along the curve at ``ts`` (a number of evenly spaced points, or positions)."""
+        """Loss and accuracy along the curve at ``ts`` (a number of evenly spaced points, or positions).
+
+        ``attack``: the robust loss and accuracy (each point attacked with its own weights).
+        """
         grid = np.linspace(0.0, 1.0, ts) if isinstance(ts, (int, np.integer)) else np.asarray(ts, dtype=np.float64)
         if grid.size == 0:
             raise ValueError("the t grid is empty; pass a number of points (e.g. ts=11) or a non-empty sequence")
@@ -154,13 +159,21 @@ class Curve:
         loss, acc = evaluate_points(
             self.template, [self.start, self.control, self.end], curve_coefficients(self.kind, grid), data,
             reset_bn=bn, bn_data=bn_data, batched=batched, progress=progress, desc=f"{self.kind} curve",
+            attack=attack,
         )
         name = "naive" if self.method == "none" else self.method
+        name += f", {attack.describe()}" if attack is not None else ""
         return CurveResult(alphas=grid, loss=loss, accuracy=acc, label=label or f"{self.kind} ({name})",
                            method=self.method, reset_bn=bn, kind=self.kind)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, t: float, train_model: nn.Module | None = None) -> torch.Tensor:
-        """Cross-entropy at ``theta(t)`` on one batch, differentiable with respect to the control point only."""
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor, t: float, train_model: nn.Module | None = None,
+        adversarial: PGD | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy at ``theta(t)`` on one batch, differentiable with respect to the control point only.
+
+        ``adversarial``: on the batch's PGD adversarial examples against ``theta(t)`` (the robust loss).
+        """
         model = train_model if train_model is not None else training_copy(self.template)
         coeffs = torch.as_tensor(curve_coefficients(self.kind, [t])[0], dtype=torch.float64)
         names = [n for n, _ in model.named_parameters()]
@@ -168,6 +181,9 @@ class Curve:
             k: coeffs[0].item() * self.start[k] + coeffs[1].item() * self.control[k] + coeffs[2].item() * self.end[k]
             for k in names
         }
+        if adversarial is not None:
+            fixed = {k: v.detach() for k, v in params.items()}
+            x = adversarial.perturb(lambda z: functional_call(model, fixed, (z,)), x, y)
         return F.cross_entropy(functional_call(model, params, (x,)), y)
 
 
@@ -254,8 +270,12 @@ def train_control(
     seed: int,
     progress: bool,
     control_init: dict[str, torch.Tensor] | None = None,
+    adversarial: PGD | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Train a curve's control point (from ``control_init``, default the end points' midpoint)."""
+    """Train a curve's control point (from ``control_init``, default the end points' midpoint).
+
+    Returns the control point and the mean training loss of each epoch (on PGD examples with ``adversarial``).
+    """
     device = model_device(template)
     model = training_copy(template)
     names = [n for n, _ in model.named_parameters()]
@@ -281,7 +301,7 @@ def train_control(
                     for group in optimizer.param_groups:
                         group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
                 t = float(torch.rand(1, generator=gen))
-                loss = curve.loss(x, y, t, train_model=model)
+                loss = curve.loss(x, y, t, train_model=model, adversarial=adversarial)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -308,6 +328,7 @@ def train_curve(
     cache: bool = True,
     cache_dir: str | None = None,
     progress: bool = True,
+    adversarial: PGD | None = None,
     **align_options: Any,
 ) -> Curve:
     """Train the control point of a curve from ``model_a`` to ``model_b`` (aligned to A first if ``align``) on ``data``.
@@ -317,7 +338,9 @@ def train_curve(
     ``align_data``, default ``data``) or a callable ``(A, B) -> B'``. SGD with momentum and a cosine
     learning-rate decay, one ``t ~ U(0, 1)`` per batch. With ``cache=True`` the trained control point
     and aligned end point are stored under ``cache_dir`` and a second call with the same inputs loads them.
-    The input models are not modified.
+    The input models are not modified. ``adversarial``: train on the robust loss, the cross-entropy on
+    PGD adversarial examples against ``theta(t)`` (for curves between adversarially trained models).
+    The returned curve's ``history`` is the mean training loss of each epoch.
     """
     if kind not in CURVE_KINDS:
         raise ValueError(f"unknown curve kind {kind!r}; valid kinds are: {', '.join(CURVE_KINDS)}")
@@ -342,7 +365,7 @@ def train_curve(
         check_same_architecture([model_a, b_prime], ["model_a", "aligned model_b"])
         end = {k: v.to(device).clone() for k, v in float_state(b_prime).items()}
         control, history = train_control(template, start, end, kind, data, epochs, lr, momentum, weight_decay,
-                                          seed, progress)
+                                          seed, progress, adversarial=adversarial)
         return {
             "end": {k: v.cpu() for k, v in end.items()},
             "control": {k: v.cpu() for k, v in control.items()},
@@ -356,6 +379,8 @@ def train_curve(
             "lr": float(lr), "momentum": float(momentum), "weight_decay": float(weight_decay), "seed": int(seed),
             "data": describe_data(data),
         }
+        if adversarial is not None:  # clean curves keep the keys they always had
+            key["adversarial"] = adversarial.key()
         def validate(value: Any) -> None:
             for part in ("end", "control"):
                 shapes = {k: tuple(v.shape) for k, v in value[part].items()}
@@ -390,6 +415,8 @@ def compare_paths(
     cache_dir: str | None = None,
     batched: bool = True,
     progress: bool = True,
+    attack: PGD | None = None,
+    adversarial: PGD | None = None,
     **align_options: Any,
 ) -> list[InterpolationResult]:
     """For each alignment in ``aligns``: the linear path and the learned curve from A to (aligned) B, on ``test_data``.
@@ -397,6 +424,8 @@ def compare_paths(
     Returns ``[linear (naive), bezier (naive), linear (permute), bezier (permute), ...]`` results (loss and
     accuracy along t), ready for ``plots.landscape.plot_curve_paths``. BatchNorm statistics are
     re-estimated per point on ``train_data``; alignments use ``align_data`` (default ``train_data``).
+    ``attack``: both paths evaluated under this PGD attack (robust loss and accuracy); ``adversarial``:
+    the curves trained on the robust loss (see :func:`train_curve`).
     """
     bn = has_batchnorm(model_a)
     grid = np.linspace(0.0, 1.0, ts) if isinstance(ts, (int, np.integer)) else np.asarray(ts, dtype=np.float64)
@@ -404,16 +433,17 @@ def compare_paths(
     for align in aligns:
         curve = train_curve(
             model_a, model_b, train_data, kind=kind, align=align, align_data=align_data, epochs=epochs, lr=lr,
-            seed=seed, cache=cache, cache_dir=cache_dir, progress=progress, **align_options,
+            seed=seed, cache=cache, cache_dir=cache_dir, progress=progress, adversarial=adversarial, **align_options,
         )
         name = "naive" if align is None else curve.method
         _, b_prime = curve.end_models()
         linear = interpolate(
             model_a, b_prime, test_data, alphas=grid, reset_bn=bn, bn_data=train_data if bn else None,
-            batched=batched, progress=progress, label=f"linear ({name})",
+            batched=batched, progress=progress, attack=attack,
+            label=f"linear ({name}{', ' + attack.describe() if attack is not None else ''})",
         )
         linear.method = curve.method
         results.append(linear)
         results.append(curve.evaluate(test_data, ts=grid, bn_data=train_data if bn else None, batched=batched,
-                                      progress=progress))
+                                      progress=progress, attack=attack))
     return results

@@ -27,6 +27,7 @@ from ccatoolkit.landscape.results import InterpolationResult, PlaneResult, Simpl
 from ccatoolkit.merging.api import align_to
 from ccatoolkit.merging.graph import merge_graph
 from ccatoolkit.merging.normalization import channel_stats, repair, repair_endpoints
+from ccatoolkit.zoo.adversarial import PGD
 
 __all__ = [
     "interpolate", "simplex", "loss_plane", "aligned_endpoint", "alpha_grid", "method_name",
@@ -102,6 +103,7 @@ def interpolate(
     chunk_size: int | None = None,
     label: str | None = None,
     repair: bool = False,
+    attack: PGD | None = None,
     **align_options: Any,
 ) -> InterpolationResult:
     """Loss and accuracy of ``(1-a) A + a B'`` on ``data`` for each ``a`` in ``alphas``.
@@ -117,6 +119,8 @@ def interpolate(
     point: its pre-activation channel means/stds are set to ``(1-a)`` A's plus ``a`` B''s, measured on
     ``bn_data`` (a per-point step, after the BatchNorm reset when ``reset_bn``); the repaired points are
     then evaluated batched.
+    ``attack`` (a :class:`ccatoolkit.zoo.adversarial.PGD`): the robust loss and accuracy at every point,
+    each point attacked with its own weights; the label gets the attack's description.
     """
     grid = alpha_grid(alphas)
     check_same_architecture([model_a, model_b], ["model_a", "model_b"])
@@ -142,9 +146,10 @@ def interpolate(
         coeffs = np.eye(len(grid))
     loss, acc = evaluate_points(
         model_a, states, coeffs, data, reset_bn=reset_bn and not repair, bn_data=bn_data, batched=batched,
-        chunk_size=chunk_size, progress=progress, desc=f"interpolate ({method})",
+        chunk_size=chunk_size, progress=progress, desc=f"interpolate ({method})", attack=attack,
     )
     default = ("naive" if align is None else method) + (" + REPAIR" if repair else "")
+    default += f", {attack.describe()}" if attack is not None else ""
     return InterpolationResult(
         alphas=grid, loss=loss, accuracy=acc, label=label or default,
         method=method, reset_bn=bool(reset_bn and has_batchnorm(model_a)),

@@ -47,6 +47,7 @@ from ccatoolkit._utils import (
     progress_bar,
     to_model,
 )
+from ccatoolkit.zoo.adversarial import PGD
 
 __all__ = [
     "float_state", "combine", "point_model", "interpolated_model", "evaluate_points", "estimate_bn_statistics",
@@ -279,6 +280,7 @@ def evaluate_points(
     progress: bool = True,
     desc: str = "points",
     share_first_layer: bool = True,
+    attack: PGD | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean cross-entropy loss and accuracy on ``data`` at every point ``sum_k coeffs[p, k] * states[k]``.
 
@@ -286,6 +288,10 @@ def evaluate_points(
     state dicts. Non-finite losses are reported (NaN/inf), not raised. ``share_first_layer``: for
     Sequential models whose first parametric layer is Linear/Conv, compute it once per anchor and
     combine (exact up to float rounding; see :class:`_SharedFirstLayer`).
+
+    ``attack`` (a :class:`ccatoolkit.zoo.adversarial.PGD`): the robust loss and accuracy instead; every
+    point is attacked with its own weights (batched points: one vmapped attack for the chunk). The
+    random starts are seeded by ``attack.seed``.
     """
     coeffs = torch.as_tensor(np.asarray(coeffs, dtype=np.float64))
     if coeffs.dim() != 2 or coeffs.shape[1] != len(states) or coeffs.shape[0] == 0:
@@ -315,10 +321,16 @@ def evaluate_points(
     def forward(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(template, state, (x,))
 
+    generator = torch.Generator().manual_seed(attack.seed) if attack is not None else None
+
+    def attacked(run: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``run`` (inputs -> logits) on ``x``, or on its adversarial examples under ``attack``."""
+        return run(x) if attack is None else run(attack.perturb(run, x, y, generator=generator))
+
     with torch.no_grad():
         if batched:
             batched_forward = vmap(forward, in_dims=(0, None))
-            shared = _SharedFirstLayer(template, states) if share_first_layer else None
+            shared = _SharedFirstLayer(template, states) if share_first_layer and attack is None else None
             shared = shared if shared is not None and shared.ok else None
             for batch in progress_bar(data, progress, desc=desc, leave=False):
                 x, y = to_model(batch_inputs(batch), template), batch_targets(batch).to(device)
@@ -331,9 +343,13 @@ def evaluate_points(
                         if shared is not None:
                             logits = shared.logits(coeffs[s].to(device), anchor_out[:, lo : lo + rows], state)
                         elif pc == 1:  # one point: a plain functional forward, no vmap overhead
-                            logits = forward({k: v[0] for k, v in state.items()}, x[lo : lo + rows]).unsqueeze(0)
-                        else:
+                            single = {k: v[0] for k, v in state.items()}
+                            logits = attacked(lambda z: forward(single, z), x[lo : lo + rows], yb).unsqueeze(0)
+                        elif attack is None:
                             logits = batched_forward(state, x[lo : lo + rows])
+                        else:  # each point attacked with its own weights: inputs (points, samples, ...)
+                            xb = x[lo : lo + rows]
+                            logits = attacked(lambda z: vmap(forward)(state, z), xb.expand(pc, *xb.shape), yb)
                         if s.start == 0:
                             check_class_targets(yb, logits[0])
                         n = logits.shape[1]
@@ -350,7 +366,7 @@ def evaluate_points(
                 count = 0
                 for batch in data:
                     x, y = to_model(batch_inputs(batch), model), batch_targets(batch).to(device)
-                    logits = model(x)
+                    logits = attacked(model, x, y)
                     check_class_targets(y, logits)
                     loss_sum[i] += F.cross_entropy(logits.float(), y, reduction="sum").to(torch.float64)
                     correct[i] += (logits.argmax(dim=-1) == y).sum().to(torch.float64)

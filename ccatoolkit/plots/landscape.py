@@ -107,8 +107,6 @@ def plot_plane(plane: PlaneResult, ax: Any = None, metric: str = "loss", levels:
 
     Loss is drawn on a log scale by default (its range spans orders of magnitude on a plane).
     """
-    import matplotlib.pyplot as plt
-
     metric = _check(metric)
     ax = _axis(ax)
     z = np.asarray(getattr(plane, metric), dtype=np.float64)
@@ -121,7 +119,7 @@ def plot_plane(plane: PlaneResult, ax: Any = None, metric: str = "loss", levels:
         levels = np.linspace(finite.min() - 1e-6, finite.max() + 1e-6, 3)
     contour = ax.contourf(plane.xs, plane.ys, z, levels=levels, cmap="viridis_r" if metric == "loss" else "viridis")
     ax.contour(plane.xs, plane.ys, z, levels=contour.levels, colors="k", linewidths=0.3, alpha=0.5)
-    colorbar = plt.colorbar(contour, ax=ax)
+    colorbar = ax.figure.colorbar(contour, ax=ax)  # this axis's figure, pyplot-managed or not
     colorbar.set_label(f"log10 {metric}" if log else metric)
     for (x, y), name in zip(plane.coords, plane.labels):
         ax.plot(x, y, marker="o", color="white", markeredgecolor="black", markersize=8)
@@ -176,7 +174,6 @@ def plot_curve_paths(results: Sequence[InterpolationResult] | InterpolationResul
 def plot_simplex(result: SimplexResult, ax: Any = None, metric: str = "loss", levels: int = 20,
                  title: str | None = None) -> Any:
     """Filled contours on the triangle of a :class:`~ccatoolkit.landscape.SimplexResult`, corners labelled."""
-    import matplotlib.pyplot as plt
     import matplotlib.tri as mtri
 
     metric = _check(metric)
@@ -187,7 +184,7 @@ def plot_simplex(result: SimplexResult, ax: Any = None, metric: str = "loss", le
     z = np.where(np.isfinite(z), z, np.nanmax(np.where(np.isfinite(z), z, np.nan)) if np.isfinite(z).any() else 0.0)
     tri = mtri.Triangulation(xy[:, 0], xy[:, 1])
     contour = ax.tricontourf(tri, z, levels=levels, cmap="viridis_r" if metric == "loss" else "viridis")
-    plt.colorbar(contour, ax=ax).set_label(metric)
+    ax.figure.colorbar(contour, ax=ax).set_label(metric)
     for (x, y), name in zip(corners, result.labels):
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontweight="bold")
     ax.set_aspect("equal")

@@ -18,6 +18,7 @@ from torch import nn
 from ccatoolkit._utils import resolve_device
 from ccatoolkit.data import VAL_FRACTION, dataset_info, get_loaders
 from ccatoolkit.data.datasets import canonical_name
+from ccatoolkit.zoo.adversarial import PGD
 from ccatoolkit.zoo.cache import CacheError, load_or_create, writable_cache_path
 from ccatoolkit.zoo.models import build_model, model_config
 from ccatoolkit.zoo.training import default_lr, evaluate, train
@@ -90,6 +91,7 @@ def trained_model(
     device: str | torch.device | None = None,
     progress: bool = True,
     root: str | os.PathLike[str] | None = None,
+    adversarial: PGD | None = None,
 ) -> nn.Module:
     """A ``model`` trained on ``dataset`` (part ``model_index`` of an ``n_models`` ``split``), cached.
 
@@ -98,10 +100,13 @@ def trained_model(
     `ccatoolkit.zoo.training.train` on the training loader of :func:`ccatoolkit.data.get_loaders`
     (same meaning of ``split``, ``split_seed``, ``val_fraction``, ``augment``, ``limit``);
     ``seed`` seeds initialisation and shuffling. ``epochs`` defaults to :data:`DEFAULT_EPOCHS`,
-    ``lr`` to `ccatoolkit.zoo.training.default_lr`.
+    ``lr`` to `ccatoolkit.zoo.training.default_lr`. ``adversarial``: PGD adversarial training
+    (a :class:`ccatoolkit.zoo.adversarial.PGD`; without its own mean/std it gets the data set's, so
+    ``eps`` is in pixel units); the attack's settings are part of the cache key.
 
     Returns the model in eval mode on ``device`` (default: the best available), with
-    ``model.train_info = dict(test_accuracy, test_loss, n_train, seconds, cache_file)``
+    ``model.train_info = dict(test_accuracy, test_loss, n_train, seconds, cache_file)`` (and
+    ``robust_test_accuracy``, ``robust_test_loss`` under the training attack when ``adversarial``)
     (``seconds``: the training time when it was trained). A checkpoint that does not fit the
     model, or is damaged, raises :class:`ccatoolkit.zoo.cache.CacheError` naming the file. An
     unwritable cache folder is found before training: the weights then go to a temporary folder
@@ -124,6 +129,9 @@ def trained_model(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
         schedule=schedule, label_smoothing=label_smoothing, nesterov=nesterov, augment=bool(augment),
     )
+    if adversarial is not None:  # standard models keep the keys they always had
+        adversarial = adversarial.with_normalisation(key_name)
+        hyper["adversarial"] = adversarial.key()
     key = zoo_key(net, key_name, kind, n_models, model_index, seed, split_seed, major_fraction,
                   val_fraction, limit, hyper)
     dev = resolve_device(device)
@@ -137,11 +145,14 @@ def trained_model(
         start = time.perf_counter()
         train(net, loaders["train"], epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
               schedule=schedule, label_smoothing=label_smoothing, nesterov=nesterov, seed=seed,
-              device=dev, progress=progress)
+              device=dev, progress=progress, adversarial=adversarial)
         seconds = time.perf_counter() - start
         test = evaluate(net, loaders["test"])
         summary = dict(test_accuracy=float(test["accuracy"]), test_loss=float(test["loss"]),
                        n_train=len(loaders["train"].dataset), seconds=seconds)
+        if adversarial is not None:  # under the training attack
+            robust = evaluate(net, loaders["test"], attack=adversarial)
+            summary.update(robust_test_accuracy=float(robust["accuracy"]), robust_test_loss=float(robust["loss"]))
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         return dict(state_dict=state, info=summary)
 

@@ -29,6 +29,7 @@ from ccatoolkit._utils import (
     resolve_device,
     to_model,
 )
+from ccatoolkit.zoo.adversarial import PGD
 
 __all__ = ["train", "evaluate", "output_gap", "warn_if_near_chance", "default_lr", "lr_factor", "SCHEDULES"]
 
@@ -82,6 +83,7 @@ def train(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    adversarial: PGD | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with SGD for ``epochs`` passes over ``data``; returns the model.
 
@@ -92,6 +94,10 @@ def train(
     ``device`` (default: :func:`ccatoolkit._utils.default_device`) and is trained in place — this
     is the one function that changes its model; its train/eval flag is restored at the end.
     A progress bar over epochs (and a nested one over batches) shows the loss and accuracy.
+
+    ``adversarial``: PGD adversarial training (Madry et al. 2018): every batch is replaced by its
+    adversarial examples against the current model (in train mode) before the SGD step, so the
+    loss and accuracy shown are on those. It costs about ``steps + 1`` times a clean epoch.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -130,6 +136,8 @@ def train(
             for i, batch in enumerate(batch_bar):
                 x = to_model(batch_inputs(batch), model, non_blocking=non_blocking)
                 y = torch.as_tensor(batch_targets(batch)).to(dev, non_blocking=non_blocking)
+                if adversarial is not None:
+                    x = adversarial.perturb(model, x, y)
                 logits = model(x)
                 if epoch == 0:  # the same labels come back every epoch: check them once (a device sync)
                     check_class_targets(y, logits)
@@ -165,6 +173,7 @@ def predict(
     data: Iterable[Any],
     device: str | torch.device | None = None,
     progress: bool = False,
+    attack: PGD | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """``(targets, predictions, mean cross-entropy)`` of ``model`` on labelled ``data``, in eval mode.
 
@@ -172,6 +181,8 @@ def predict(
     gradients on the model's own device (or on ``device``, using a copy of the model if it lives
     elsewhere); every submodule's train/eval flag is restored afterwards. Targets must be integer
     class indices below the model's number of outputs (checked, with a clear error).
+    ``attack``: evaluate on the attack's adversarial examples instead (robust predictions and loss;
+    the random start is seeded by ``attack.seed``, so the numbers repeat).
     """
     check_data(data)
     if device is not None and resolve_device(device) != model_device(model):
@@ -179,10 +190,13 @@ def predict(
     dev = model_device(model)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     targets, predictions = [], []
+    generator = torch.Generator().manual_seed(attack.seed) if attack is not None else None
     with eval_mode(model):
         for batch in progress_bar(data, progress, desc="evaluate", unit="batch", leave=False):
             x = to_model(batch_inputs(batch), model)
             y = torch.as_tensor(batch_targets(batch)).to(dev)
+            if attack is not None:
+                x = attack.perturb(model, x, y, generator=generator)
             logits = model(x)
             check_class_targets(y, logits)
             loss_sum += F.cross_entropy(logits.double(), y, reduction="sum")
@@ -199,9 +213,13 @@ def evaluate(
     data: Iterable[Any],
     device: str | torch.device | None = None,
     progress: bool = False,
+    attack: PGD | None = None,
 ) -> dict[str, float | int]:
-    """Accuracy and mean cross-entropy of ``model`` over ``data``: ``dict(accuracy, loss, n)`` (see :func:`predict`)."""
-    targets, predictions, loss = predict(model, data, device=device, progress=progress)
+    """Accuracy and mean cross-entropy of ``model`` over ``data``: ``dict(accuracy, loss, n)`` (see :func:`predict`).
+
+    With ``attack`` (a :class:`ccatoolkit.zoo.adversarial.PGD`) they are the robust accuracy and loss.
+    """
+    targets, predictions, loss = predict(model, data, device=device, progress=progress, attack=attack)
     return dict(accuracy=float((targets == predictions).mean()), loss=loss, n=int(targets.size))
 
 
