@@ -102,6 +102,7 @@ def interpolate(
     chunk_size: int | None = None,
     label: str | None = None,
     repair: bool = False,
+    confusion: bool = False,
     **align_options: Any,
 ) -> InterpolationResult:
     """Loss and accuracy of ``(1-a) A + a B'`` on ``data`` for each ``a`` in ``alphas``.
@@ -116,7 +117,8 @@ def interpolate(
     ``repair=True`` applies REPAIR (Jordan et al. 2023, :func:`ccatoolkit.merging.normalization.repair`) at every
     point: its pre-activation channel means/stds are set to ``(1-a)`` A's plus ``a`` B''s, measured on
     ``bn_data`` (a per-point step, after the BatchNorm reset when ``reset_bn``); the repaired points are
-    then evaluated batched.
+    then evaluated batched. ``confusion=True`` keeps every point's confusion matrix (``result.confusion``),
+    counted in the same pass: a widget then shows any point of the path without evaluating it again.
     """
     grid = alpha_grid(alphas)
     check_same_architecture([model_a, model_b], ["model_a", "model_b"])
@@ -140,14 +142,14 @@ def interpolate(
             raise ValueError("repair=True needs bn_data: pass the training data to measure the channel statistics")
         states = _repaired_points(model_a, b_prime, states, coeffs, reset_bn, bn_data, progress)
         coeffs = np.eye(len(grid))
-    loss, acc = evaluate_points(
+    loss, acc, *counts = evaluate_points(
         model_a, states, coeffs, data, reset_bn=reset_bn and not repair, bn_data=bn_data, batched=batched,
-        chunk_size=chunk_size, progress=progress, desc=f"interpolate ({method})",
+        chunk_size=chunk_size, progress=progress, desc=f"interpolate ({method})", confusion=confusion,
     )
     default = ("naive" if align is None else method) + (" + REPAIR" if repair else "")
     return InterpolationResult(
         alphas=grid, loss=loss, accuracy=acc, label=label or default,
-        method=method, reset_bn=bool(reset_bn and has_batchnorm(model_a)),
+        method=method, reset_bn=bool(reset_bn and has_batchnorm(model_a)), confusion=counts[0] if counts else None,
     )
 
 

@@ -67,6 +67,7 @@ __all__ = [
     "Ensemble",
     "ensemble",
     "merge",
+    "RidgeSweep",
     "align_to",
     "alignment_transforms",
 ]
@@ -643,6 +644,41 @@ def merge(
     models = _check_models(models)
     if method == "ensemble":
         return ensemble(models)
+    grid = tuple(_check_ridge(r, "ridge_grid value") for r in options.pop("ridge_grid", RIDGE_GRID))
+    if isinstance(ridge, str):
+        if ridge != "auto":
+            raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
+    else:
+        ridge = _check_ridge(ridge)
+    plan = _plan(method, models, data, reference, reset_bn, repair, val_data, max_batches, graph, progress, options)
+    uses_ridge = method in _RIDGE_METHODS
+    scores: dict[float, float] = {}
+    chosen: float | None = None
+    how = None
+    stats = None
+    merged: nn.Module | None = None
+    if uses_ridge and ridge == "auto":
+        chosen, scores, how, stats, merged = _select_ridge(plan, method, grid, plan.data, val_data, max_batches, progress)
+    elif uses_ridge:
+        chosen, how = float(ridge), "given"
+    if stats is None and method in _STATS_METHODS:
+        stats = _stats(models, plan.graph, plan.data, max_batches, progress)
+    if stats is not None:
+        _warn_if_unreliable(stats, method, chosen)
+    extra: dict[str, Any] = {}
+    if merged is None:
+        transforms = _compute_transforms(method, models, plan.ref, plan.graph, stats,
+                                         chosen if chosen is not None else 0.0, options, extra)
+        stats = None  # the joint Gram matrices of wide layers are large: free them before the models are built
+        merged = plan.merged(transforms)
+    return _with_info(merged, plan, chosen, how, scores, extra)
+
+
+def _plan(
+    method: str, models: list[nn.Module], data: Any, reference: str | int, reset_bn: bool, repair: bool | None,
+    val_data: Any, max_batches: int | None, graph: MergeGraph | None, progress: bool, options: dict[str, Any],
+) -> _Plan:
+    """The checks and set-up every merge makes before its statistics: data, reference, REPAIR default, graph."""
     for what, given in (("data", data), ("val_data", val_data)):
         if given is not None:
             check_data(given, what, reiterable=True)
@@ -651,45 +687,59 @@ def merge(
     repair_explicit = repair is True
     if repair is None:
         repair = method != "average"  # the baselines stay plain: average is what REPAIR is measured against
-    uses_ridge = method in _RIDGE_METHODS
-    grid = tuple(_check_ridge(r, "ridge_grid value") for r in options.pop("ridge_grid", RIDGE_GRID))
-    if isinstance(ridge, str):
-        if ridge != "auto":
-            raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
-    else:
-        ridge = _check_ridge(ridge)
     if method in _STATS_METHODS:
         _require_data(data, method)
     graph, data = _graph(models[ref], graph, data)
-    plan = _Plan.build(method, models, ref, graph, data=data, reset_bn=reset_bn, repair=repair,
+    return _Plan.build(method, models, ref, graph, data=data, reset_bn=reset_bn, repair=repair,
                        repair_explicit=repair_explicit, max_batches=max_batches, progress=progress, options=options)
-    scores: dict[float, float] = {}
-    chosen: float | None = None
-    how = None
-    stats = None
-    merged: nn.Module | None = None
-    if uses_ridge and ridge == "auto":
-        chosen, scores, how, stats, merged = _select_ridge(plan, method, grid, data, val_data, max_batches, progress)
-    elif uses_ridge:
-        chosen, how = float(ridge), "given"
-    if stats is None and method in _STATS_METHODS:
-        stats = _stats(models, graph, data, max_batches, progress)
-    if stats is not None:
-        _warn_if_unreliable(stats, method, chosen)
-    extra: dict[str, Any] = {}
-    if merged is None:
-        transforms = _compute_transforms(method, models, ref, graph, stats, chosen if chosen is not None else 0.0,
-                                         options, extra)
-        stats = None  # the joint Gram matrices of wide layers are large: free them before the models are built
-        merged = plan.merged(transforms)
+
+
+def _with_info(merged: nn.Module, plan: _Plan, ridge: float | None, how: str | None, scores: dict[float, float],
+               extra: dict[str, Any]) -> nn.Module:
+    """``merged`` with its ``merge_info``: method, reference, ridge and how it was chosen, folding, permutation-only spaces."""
     merged.merge_info = dict(  # type: ignore[assignment]
-        method=method, reference=ref, ridge=chosen, ridge_selection=how, ridge_scores=scores,
-        reset_bn=reset_bn, repair=repair, num_models=len(models), folded_batchnorm=sorted(plan.folded),
-        permutation_only={s.name: s.permutation_only for s in graph.spaces if s.permutation_only},
+        method=plan.method, reference=plan.ref, ridge=ridge, ridge_selection=how, ridge_scores=scores,
+        reset_bn=plan.reset_bn, repair=plan.repair, num_models=len(plan.models), folded_batchnorm=sorted(plan.folded),
+        permutation_only={s.name: s.permutation_only for s in plan.graph.spaces if s.permutation_only},
     )
     if "cycle" in extra:  # c2m3: Frank-Wolfe's iterations, final gap and objective
         merged.merge_info["cycle"] = extra["cycle"]
     return merged
+
+
+class RidgeSweep:
+    """Merges of the same models by a CCA method at many ridges: ``sweep(ridge)`` is ``merge(..., ridge=ridge)``.
+
+    What does not depend on the ridge is done once, when the sweep is made: the checks, the merge
+    graph and the activation statistics; each layer's eigendecompositions are kept after the first
+    ridge (the cache of :class:`~ccatoolkit.merging.align.cca.CCAProblem`). A new ridge reruns only
+    the CCA solve, the averaging and REPAIR, so a widget's ridge slider answers in a fraction of a
+    full merge. The statistics stay in memory as long as the sweep does.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], method: str = "cca", data: Iterable[Any] | None = None, *,
+                 reference: str | int = "first", reset_bn: bool = True, repair: bool | None = None,
+                 max_batches: int | None = None, graph: MergeGraph | None = None, progress: bool = False,
+                 **options: Any) -> None:
+        method = _canonical_method(method)
+        if method not in _RIDGE_METHODS:
+            raise ValueError(f"a ridge sweep needs a CCA method ({', '.join(sorted(_RIDGE_METHODS))}), got {method!r}")
+        _check_options(options)
+        options.pop("ridge_grid", None)
+        models = _check_models(models)
+        self.plan = _plan(method, models, data, reference, reset_bn, repair, None, max_batches, graph, progress,
+                          options)
+        self.stats = _stats(models, self.plan.graph, self.plan.data, max_batches, progress)
+        self._cache: dict[Any, Any] = {}
+
+    def __call__(self, ridge: float) -> nn.Module:
+        """The merged model at ``ridge`` (a number >= 0; the same model ``merge`` gives for it)."""
+        ridge = _check_ridge(ridge)
+        plan = self.plan
+        _warn_if_unreliable(self.stats, plan.method, ridge)
+        transforms = _compute_transforms(plan.method, plan.models, plan.ref, plan.graph, self.stats, ridge,
+                                         plan.options, self._cache)
+        return _with_info(plan.merged(transforms), plan, ridge, "given", {}, {})
 
 
 def alignment_transforms(

@@ -15,8 +15,10 @@ __all__ = [
     "plot_correlation",
     "plot_cca_spectra",
     "plot_accuracy_bars",
+    "update_accuracy_bars",
     "plot_accuracy_vs_n",
     "plot_confusion",
+    "update_confusion",
     "confusion_matrix",
 ]
 
@@ -99,13 +101,12 @@ def plot_accuracy_bars(accuracies: Mapping[str, float], ax: Any = None, title: s
         raise ValueError(f"highlight {highlight!r} is not one of the bars: {', '.join(accuracies)}")
     ax = _axis(ax, (6, 3.5))
     names = list(accuracies)
-    values = np.array([float(accuracies[n]) for n in names])
-    colors = ["tab:orange" if n == highlight else ("tab:blue" if highlight is None else "lightsteelblue")
-              for n in names]
-    bars = ax.bar(names, values, color=colors)
-    for bar, v in zip(bars, values):
-        ax.annotate(f"{v:.1%}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+    bars = ax.bar(names, np.zeros(len(names)))
+    for bar in bars:
+        ax.annotate("", (bar.get_x() + bar.get_width() / 2, 0.0), ha="center", va="bottom",
                     fontsize="small", xytext=(0, 2), textcoords="offset points")
+    update_accuracy_bars(ax, accuracies, highlight)
+    values = np.array([float(accuracies[n]) for n in names])
     for i, (label, value) in enumerate((reference or {}).items()):
         ax.axhline(float(value), color=f"C{i + 2}", linestyle="--", linewidth=1, label=label)
     if reference:
@@ -115,6 +116,23 @@ def plot_accuracy_bars(accuracies: Mapping[str, float], ax: Any = None, title: s
     ax.tick_params(axis="x", labelrotation=20)
     if title:
         ax.set_title(title)
+    return ax
+
+
+def update_accuracy_bars(ax: Any, accuracies: Mapping[str, float], highlight: str | None = None) -> Any:
+    """Set the bars of :func:`plot_accuracy_bars` (same names, in order) to ``accuracies``: heights, labels, highlight."""
+    names = list(accuracies)
+    bars, labels = ax.patches[: len(names)], [t for t in ax.texts if hasattr(t, "xy")][: len(names)]
+    if len(bars) != len(names) or len(labels) != len(names):
+        raise ValueError(f"this axis has {len(bars)} bars, got {len(names)} accuracies")
+    if highlight is not None and highlight not in accuracies:
+        raise ValueError(f"highlight {highlight!r} is not one of the bars: {', '.join(names)}")
+    for name, bar, label in zip(names, bars, labels):
+        value = float(accuracies[name])
+        bar.set_height(value)
+        bar.set_color("tab:orange" if name == highlight else ("tab:blue" if highlight is None else "lightsteelblue"))
+        label.xy = (bar.get_x() + bar.get_width() / 2, value)
+        label.set_text(f"{value:.1%}")
     return ax
 
 
@@ -165,6 +183,7 @@ def plot_confusion(matrix: Any, ax: Any = None, title: str | None = None,
     """Confusion matrix (rows: true class, columns: predicted) as a heatmap; rows normalised to fractions by default.
 
     ``class_names`` label the axes (e.g. ``dataset_info(name)["classes"]``); default: the class indices.
+    :func:`update_confusion` shows another matrix of the same size in the same axis (a widget's redraw).
     """
     counts = _array(matrix, "matrix", ndim=2)
     if counts.shape[0] != counts.shape[1]:
@@ -173,23 +192,37 @@ def plot_confusion(matrix: Any, ax: Any = None, title: str | None = None,
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
     if len(names) != k:
         raise ValueError(f"{len(names)} class names for a {k}x{k} confusion matrix")
-    shown = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) if normalize else counts
     ax = _axis(ax, (4.5, 4))
-    ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None, interpolation="nearest")
-    if annotate:
-        top = shown.max() if shown.size else 1.0
+    ax.imshow(np.zeros((k, k)), cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None, interpolation="nearest")
+    if annotate:  # one text per cell, empty where the count is 0, so an update only changes strings
         for i in range(k):
             for j in range(k):
-                if shown[i, j] > 0:
-                    text = f"{shown[i, j]:.2f}".lstrip("0") if normalize else f"{int(shown[i, j])}"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=6,
-                            color="white" if shown[i, j] > 0.6 * top else "black")
+                ax.text(j, i, "", ha="center", va="center", fontsize=6)
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize="x-small")
     ax.set_yticklabels(names, fontsize="x-small")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    return update_confusion(ax, counts, title=title, normalize=normalize)
+
+
+def update_confusion(ax: Any, matrix: Any, title: str | None = None, normalize: bool = True) -> Any:
+    """Show ``matrix`` in an axis drawn by :func:`plot_confusion` (same size): image, cell texts and title, in place."""
+    counts = _array(matrix, "matrix", ndim=2)
+    image = ax.get_images()[0]
+    k = image.get_array().shape[0]
+    if counts.shape != (k, k):
+        raise ValueError(f"this axis shows a {k}x{k} confusion matrix, got shape {counts.shape}")
+    shown = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) if normalize else counts
+    image.set_data(shown)
+    if not normalize:
+        image.set_clim(0.0, max(float(shown.max()), 1.0))
+    if len(ax.texts) == k * k:
+        top = shown.max() if shown.size else 1.0
+        for text, value in zip(ax.texts, shown.reshape(-1)):
+            text.set_text("" if value <= 0 else (f"{value:.2f}".lstrip("0") if normalize else f"{int(value)}"))
+            text.set_color("white" if value > 0.6 * top else "black")
     total = counts.sum()
     acc = float(np.trace(counts) / total) if total else float("nan")
     ax.set_title(f"{title} (accuracy {acc:.1%})" if title else f"accuracy {acc:.1%}", fontsize="medium")
