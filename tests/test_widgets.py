@@ -202,6 +202,32 @@ def test_n_models_widget(setup):
         contexts.NModelsContext(zoos, setup["stats"], setup["test"], ns=[2, 5])
 
 
+def test_model_subsets_rotate_before_the_rest():
+    assert contexts.model_subsets(4, 2) == [(0, 1), (1, 2), (2, 3), (0, 3), (0, 2), (1, 3)]  # all 6, windows first
+    assert contexts.model_subsets(4, 2, limit=4) == [(0, 1), (1, 2), (2, 3), (0, 3)]  # each model twice
+    assert contexts.model_subsets(3, 3) == [(0, 1, 2)]
+    with pytest.raises(ValueError, match="size"):
+        contexts.model_subsets(3, 4)
+
+
+def test_n_models_context_merges_every_subset_and_reports_the_spread(setup):
+    ctx = contexts.NModelsContext({"full": setup["models"]}, setup["stats"], setup["test"],
+                                  methods=("average", "permute", "ensemble"), ns=[2])
+    frame = ctx.frame()
+    assert len(frame) == 3 * 3  # 3 pairs x 3 methods
+    assert set(frame["subset"]) == {(0, 1), (1, 2), (0, 2)}
+    pair = frame[(frame["method"] == "permute") & (frame["subset"] == (1, 2))].iloc[0]
+    merged = cc.merge([setup["models"][1], setup["models"][2]], method="permute", data=setup["stats"], progress=False)
+    assert pair["accuracy"] == pytest.approx(float(cc.evaluate(merged, setup["test"])["accuracy"]))
+    ens = float(cc.evaluate(cc.ensemble(setup["models"][1:]), setup["test"])["accuracy"])
+    assert pair["ensemble"] == pytest.approx(ens) and pair["relative"] == pytest.approx(pair["accuracy"] - ens)
+    assert ctx.results["full"]["permute"][2] == pytest.approx(frame[frame["method"] == "permute"]["accuracy"].mean())
+    limited = contexts.NModelsContext({"full": setup["models"]}, setup["stats"], setup["test"],
+                                      methods=("average",), ns=[2], subsets=1)
+    limited.compute()
+    assert list(limited.runs["full"]["average"][2]) == [(0, 1)]
+
+
 def test_best_methods_reads_the_winner_off_the_table():
     results = {"full": {"average": {2: 0.5, 3: 0.4}, "cca": {2: 0.8, 3: 0.7}, "ensemble": {2: 0.9, 3: 0.9}},
                "skewed": {"average": {2: 0.5, 3: 0.6}, "cca": {2: 0.5, 3: 0.55}, "ensemble": {2: 0.9, 3: 0.9}}}

@@ -1,4 +1,5 @@
-"""Analysis plots: correlation heatmaps, canonical-correlation spectra, accuracy bars, accuracy against N, confusion matrices.
+"""Analysis plots: correlation heatmaps, canonical-correlation spectra, accuracy bars, accuracy against N, confusion matrices,
+and the spread of merges over many pairs or subsets (mean +/- sd, relative to the ensemble; seaborn).
 
 Every function draws into the given matplotlib axis (a new figure's axis when ``ax`` is None) and
 returns it, so notebooks and widgets can redraw in place. matplotlib is imported only inside the
@@ -20,6 +21,9 @@ __all__ = [
     "plot_confusion",
     "update_confusion",
     "confusion_matrix",
+    "collapsed_methods",
+    "plot_spread_bars",
+    "plot_spread_vs_n",
 ]
 
 
@@ -226,4 +230,99 @@ def update_confusion(ax: Any, matrix: Any, title: str | None = None, normalize: 
     total = counts.sum()
     acc = float(np.trace(counts) / total) if total else float("nan")
     ax.set_title(f"{title} (accuracy {acc:.1%})" if title else f"accuracy {acc:.1%}", fontsize="medium")
+    return ax
+
+
+def collapsed_methods(frame: Any, y: str = "relative", below: float = -0.2) -> list[str]:
+    """The methods of a runs table (``NModelsContext.frame()``) whose mean ``y`` lies below ``below``.
+
+    A merge that collapses (plain averaging of unaligned models, 10-50% accuracy) is tens of points
+    below the others; on a shared axis it squeezes their differences of a point or two flat, so the
+    spread plots draw it on an axis of its own.
+    """
+    means = frame.groupby("method", sort=False)[y].mean()
+    return [str(m) for m, v in means.items() if v < below]
+
+
+def _side_axis(ax: Any, title: str) -> Any:
+    """An axis of its own scale at the right of ``ax`` (for the methods that collapse)."""
+    side = ax.inset_axes([1.15, 0.0, 0.3, 1.0])
+    side.set_title(title, fontsize="small")
+    side.grid(alpha=0.3, axis="y")
+    return side
+
+
+def _relative_label(y: str) -> str:
+    return "accuracy - ensemble's" if y == "relative" else y
+
+
+def plot_spread_bars(frame: Any, ax: Any = None, y: str = "relative", title: str | None = None,
+                     collapse_below: float = -0.2, exclude: Sequence[str] = ("ensemble",)) -> Any:
+    """Mean +/- sd of ``y`` per method over the runs of a table (one row per run: ``method`` and ``y``), one dot per run.
+
+    ``y="relative"`` (the default) is each merge's accuracy minus the ensemble of the same models:
+    0 is the ensemble. Methods whose mean lies below ``collapse_below`` (:func:`collapsed_methods`)
+    are drawn on an axis of their own at the right, so they do not flatten the others' scale.
+    ``exclude``: rows left out (the ensemble, which is 0 by definition). Needs seaborn.
+    """
+    import seaborn as sns
+
+    frame = frame[~frame["method"].isin(list(exclude))]
+    if frame.empty:
+        raise ValueError("no runs to plot (after leaving out the excluded methods)")
+    low = collapsed_methods(frame, y, collapse_below)
+    ax = _axis(ax, (6, 3.5))
+    parts = [(ax, frame[~frame["method"].isin(low)])]
+    if low:
+        parts.append((_side_axis(ax, "collapsed (own scale)"), frame[frame["method"].isin(low)]))
+    for axis, part in parts:
+        order = list(dict.fromkeys(part["method"]))
+        sns.barplot(data=part, x="method", y=y, order=order, errorbar="sd", color="lightsteelblue", ax=axis,
+                    capsize=0.2, err_kws={"linewidth": 1.2})
+        sns.stripplot(data=part, x="method", y=y, order=order, color="black", size=3, ax=axis)
+        axis.tick_params(axis="x", labelrotation=30)
+        axis.set_xlabel("")
+        if y == "relative":
+            axis.axhline(0.0, color="tab:green", linestyle="--", linewidth=1)
+    ax.set_ylabel(_relative_label(y))
+    if low:
+        parts[1][0].set_ylabel("")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_spread_vs_n(frame: Any, ax: Any = None, y: str = "relative", title: str | None = None,
+                     collapse_below: float = -0.2, exclude: Sequence[str] = ("ensemble",)) -> Any:
+    """Mean +/- sd band of ``y`` against the number of models merged, one line per method (rows: ``method``, ``n``, ``y``).
+
+    As :func:`plot_spread_bars`: ``y="relative"`` puts the ensemble of the same models at 0, and methods
+    that collapse get an axis of their own at the right. Needs seaborn.
+    """
+    import seaborn as sns
+
+    frame = frame[~frame["method"].isin(list(exclude))]
+    if frame.empty:
+        raise ValueError("no runs to plot (after leaving out the excluded methods)")
+    low = collapsed_methods(frame, y, collapse_below)
+    ax = _axis(ax, (5.5, 3.5))
+    methods = list(dict.fromkeys(frame["method"]))
+    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    parts = [(ax, frame[~frame["method"].isin(low)])]
+    if low:
+        parts.append((_side_axis(ax, "collapsed (own scale)"), frame[frame["method"].isin(low)]))
+    ns = sorted({int(n) for n in frame["n"]})
+    for axis, part in parts:
+        sns.lineplot(data=part, x="n", y=y, hue="method", palette=palette, errorbar="sd", marker="o", ax=axis)
+        axis.set_xticks(ns)
+        axis.set_xlabel("number of models merged (N)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="x-small")
+        if y == "relative":
+            axis.axhline(0.0, color="tab:green", linestyle="--", linewidth=1)
+    ax.set_ylabel(_relative_label(y))
+    if low:
+        parts[1][0].set_ylabel("")
+    if title:
+        ax.set_title(title)
     return ax
