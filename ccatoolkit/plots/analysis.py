@@ -323,6 +323,7 @@ def plot_spread_vs_n(frame: Any, ax: Any = None, y: str = "relative", title: str
     ax.set_ylabel(_relative_label(y))
     if low:
         parts[1][0].set_ylabel("")
+        parts[1][0].set_xlabel("N")
     if title:
         ax.set_title(title)
     return ax
