@@ -55,7 +55,14 @@ from ccatoolkit.merging.align.permutation import match_activations, permutation_
 from ccatoolkit.merging.align.zipit import zipit_transforms
 from ccatoolkit.merging.folding import fold_batchnorm, foldable_batchnorms, folded_graph
 from ccatoolkit.merging.graph import MergeGraph, merge_graph
-from ccatoolkit.merging.normalization import channel_stats, repair_batchnorm, repair_endpoints, reset_bn_stats
+from ccatoolkit.merging.normalization import (
+    channel_moments,
+    channel_stats,
+    mapped_channel_stats,
+    repair_batchnorm,
+    repair_endpoints,
+    reset_bn_stats,
+)
 from ccatoolkit.merging.normalization import repair as repair_model
 from ccatoolkit.merging.transform import apply_transforms, transformed_state
 from ccatoolkit.zoo.training import evaluate
@@ -393,8 +400,12 @@ def _repair_targets(
     transforms: list[Transforms | None],
     data: Any,
     max_batches: int | None,
+    moments: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """REPAIR targets per pre-activation module: the endpoints' statistics seen in the merged space.
+
+    ``moments``: each model's :func:`~ccatoolkit.merging.normalization.channel_moments` at these modules,
+    measured once (a ridge sweep): the mapped statistics then follow in closed form, without a pass.
 
     Alignment methods: the mean over models of the channel mean/std of ``out_k @ y_k`` (model k's
     pre-activations mapped by its transform; exact for permutations). ZipIt: each merged channel's
@@ -411,8 +422,11 @@ def _repair_targets(
             for space, names in endpoints.items():
                 if space in t:
                     matrix.update({name: t[space][0] for name in names})
-        stats = channel_stats(model, [m for ns in endpoints.values() for m in ns], data, max_batches,
-                              transform=matrix)
+        names = [m for ns in endpoints.values() for m in ns]
+        if moments is not None:
+            stats = {name: mapped_channel_stats(moments[k][name], matrix.get(name)) for name in names}
+        else:
+            stats = channel_stats(model, names, data, max_batches, transform=matrix)
         for space, names in endpoints.items():
             for name in names:
                 mean, std = stats[name]
@@ -448,6 +462,7 @@ class _Plan:
     max_batches: int | None
     progress: bool
     options: dict[str, Any]
+    moments: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None  # see _repair_targets
 
     @classmethod
     def build(cls, method: str, models: list[nn.Module], ref: int, graph: MergeGraph, **kwargs: Any) -> _Plan:
@@ -484,7 +499,8 @@ class _Plan:
         targets = None
         if bn_targets or iterative:
             _require_data(self.data, self.method, "REPAIR (or pass repair=False)")
-            targets = _repair_targets(self.method, self.models, self.graph, transforms, self.data, self.max_batches)
+            targets = _repair_targets(self.method, self.models, self.graph, transforms, self.data, self.max_batches,
+                                      self.moments)
         if self.reset_bn and has_bn:
             _require_data(self.data, self.method, "the BatchNorm reset (or pass reset_bn=False)")
             if bn_targets:
@@ -711,10 +727,12 @@ class RidgeSweep:
     """Merges of the same models by a CCA method at many ridges: ``sweep(ridge)`` is ``merge(..., ridge=ridge)``.
 
     What does not depend on the ridge is done once, when the sweep is made: the checks, the merge
-    graph and the activation statistics; each layer's eigendecompositions are kept after the first
-    ridge (the cache of :class:`~ccatoolkit.merging.align.cca.CCAProblem`). A new ridge reruns only
-    the CCA solve, the averaging and REPAIR, so a widget's ridge slider answers in a fraction of a
-    full merge. The statistics stay in memory as long as the sweep does.
+    graph, the activation statistics and the moments REPAIR's targets are mapped from
+    (:func:`~ccatoolkit.merging.normalization.channel_moments`); each layer's eigendecompositions are
+    kept after the first ridge (the cache of :class:`~ccatoolkit.merging.align.cca.CCAProblem`). A new
+    ridge reruns only the CCA solve, the averaging and REPAIR's passes on the merged model, so a
+    widget's ridge slider answers in a fraction of a full merge. The statistics stay in memory as
+    long as the sweep does.
     """
 
     def __init__(self, models: Sequence[nn.Module], method: str = "cca", data: Iterable[Any] | None = None, *,
@@ -730,6 +748,9 @@ class RidgeSweep:
         self.plan = _plan(method, models, data, reference, reset_bn, repair, None, max_batches, graph, progress,
                           options)
         self.stats = _stats(models, self.plan.graph, self.plan.data, max_batches, progress)
+        endpoints = [n for names in repair_endpoints(models[0], self.plan.graph).values() for n in names]
+        if self.plan.repair or (reset_bn and has_batchnorm(models[0])):  # REPAIR's targets, without a pass per ridge
+            self.plan.moments = [channel_moments(m, endpoints, self.plan.data, max_batches) for m in models]
         self._cache: dict[Any, Any] = {}
 
     def __call__(self, ridge: float) -> nn.Module:
