@@ -126,6 +126,12 @@ def test_update_confusion_and_bars_change_the_drawing_in_place(ax):
     assert [t.get_text() for t in ax.texts[:3]] == [".50", ".50", ""] and "83.3%" in ax.get_title()
     with pytest.raises(ValueError, match="3x3"):
         update_confusion(ax, np.eye(4))
+    fig, diag = plt.subplots()
+    plot_confusion([[5, 5, 0], [0, 10, 0], [0, 0, 10]], ax=diag, annotate="diagonal")  # recall per class only
+    assert [t.get_text() for t in diag.texts] == [".50", "1.00", "1.00"]
+    update_confusion(diag, np.eye(3))
+    assert [t.get_text() for t in diag.texts] == ["1.00"] * 3
+    plt.close(fig)
     fig, ax2 = plt.subplots()
     plot_accuracy_bars({"a": 0.5, "b": 0.7}, ax=ax2, highlight="a")
     update_accuracy_bars(ax2, {"a": 0.6, "b": 0.4}, highlight="b")

@@ -116,7 +116,8 @@ def alpha_widget(ctx: AlphaContext, alpha: float = 0.5, method: str | None = Non
     """A slider over the paths' alpha grid and a method dropdown, updating an :class:`AlphaView`.
 
     Every grid point was evaluated when the context was made, so the slider updates while it is
-    dragged; ``alpha`` starts at the nearest grid point, ``method`` at the last path (default).
+    dragged; ``alpha`` starts at the nearest grid point, ``method`` at the last path (default). The
+    confusion matrix writes its diagonal (each class's recall); the colours show every cell.
     """
     import ipywidgets as W
 
@@ -125,7 +126,7 @@ def alpha_widget(ctx: AlphaContext, alpha: float = 0.5, method: str | None = Non
     slider = W.SelectionSlider(options=[(f"{a:.2f}", a) for a in grid], value=start, description="alpha",
                                continuous_update=True)
     method_dd = W.Dropdown(options=ctx.methods, value=method or ctx.curve().label, description="path")
-    view = AlphaView(ctx)
+    view = AlphaView(ctx, annotate="diagonal")
     return InteractiveFigure(lambda alpha, method: view.update(alpha, method), {"alpha": slider, "method": method_dd})
 
 

@@ -170,10 +170,12 @@ class AlphaView(LiveFigure):
     """Accuracy along alpha for every path, the chosen path and point marked, and that point's confusion matrix.
 
     Built once from the context's precomputed paths; a change of alpha or method moves the marker,
-    the highlighted path and the confusion image in place (no model is evaluated).
+    the highlighted path and the confusion image in place (no model is evaluated). ``annotate``: which
+    cells carry their value (:func:`~ccatoolkit.plots.analysis.plot_confusion`); the widget writes the
+    diagonal only, as a hundred texts cost more to draw than everything else a move changes.
     """
 
-    def __init__(self, ctx: AlphaContext) -> None:
+    def __init__(self, ctx: AlphaContext, annotate: bool | str = True) -> None:
         super().__init__((10, 4))
         self.ctx = ctx
         ax_curve, ax_conf = self.figure.subplots(1, 2, width_ratios=[1.2, 1])
@@ -191,7 +193,7 @@ class AlphaView(LiveFigure):
         ax_curve.grid(alpha=0.3)
         ax_curve.legend(fontsize="small", loc="lower left")
         first = alpha_point(ctx, ctx.alphas[0])
-        plot_confusion(first["confusion"], ax=ax_conf, title="alpha", class_names=ctx.class_names)
+        plot_confusion(first["confusion"], ax=ax_conf, title="alpha", class_names=ctx.class_names, annotate=annotate)
         self.title = self.figure.suptitle(" ")
         self.dynamic = [self.chosen, self.vline, self.star, *ax_conf.get_images(), *ax_conf.texts, ax_conf.title,
                         self.title]
