@@ -95,7 +95,7 @@ def main() -> None:
     # 06: the N-models widget on precomputed results (one subset per N: the redraw, not the merges, is timed)
     zoos = {split: nb.zoo(S, split, n=S.n_models) for split in ("full", "skewed")}
     nctx = contexts.NModelsContext(zoos, data["stats"], data["test"], methods=["average", "permute", "cca", "ensemble"],
-                                   ridge=S.ridge, subsets=1)
+                                   ridge=0.1, subsets=1)
     rows.append(("N models (06)", "build (merges)", timed(nctx.compute), None))
 
     def first_n() -> None:

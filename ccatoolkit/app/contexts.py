@@ -107,7 +107,11 @@ def correlation_views(ctx: CorrelationContext, layer: str, pair: tuple[str, str]
 
 @dataclass
 class MergeContext:
-    """Models to merge, data for their statistics (``data``) and for evaluation (``test_data``)."""
+    """Models to merge, data for their statistics (``data``) and for evaluation (``test_data``).
+
+    Both are read once into lists of batches: every merge and evaluation (a ridge slider's) reuses the
+    batches instead of collating them again.
+    """
 
     models: Sequence[nn.Module]
     data: Iterable[Any]
@@ -120,6 +124,7 @@ class MergeContext:
     def __post_init__(self) -> None:
         if len(self.models) < 2:
             raise ValueError(f"merging needs at least two models, got {len(self.models)}")
+        self.data, self.test_data = list(self.data), list(self.test_data)
         if not self.names:
             self.names = [f"model {chr(ord('A') + i)}" for i in range(len(self.models))]
 
@@ -283,6 +288,7 @@ class NModelsContext:
     def __post_init__(self) -> None:
         if not self.zoos:
             raise ValueError("zoos is empty; pass a dict split name -> list of models")
+        self.test_data = list(self.test_data)  # read once: every merge's evaluation reuses the batches
         smallest = min(len(z) for z in self.zoos.values())
         if smallest < 2:
             raise ValueError("every split needs at least two models to merge")

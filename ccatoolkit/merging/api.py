@@ -731,8 +731,8 @@ class RidgeSweep:
     (:func:`~ccatoolkit.merging.normalization.channel_moments`); each layer's eigendecompositions are
     kept after the first ridge (the cache of :class:`~ccatoolkit.merging.align.cca.CCAProblem`). A new
     ridge reruns only the CCA solve, the averaging and REPAIR's passes on the merged model, so a
-    widget's ridge slider answers in a fraction of a full merge. The statistics stay in memory as
-    long as the sweep does.
+    widget's ridge slider answers in a fraction of a full merge. ``data``'s batches are read into
+    memory once; they and the statistics stay as long as the sweep does.
     """
 
     def __init__(self, models: Sequence[nn.Module], method: str = "cca", data: Iterable[Any] | None = None, *,
@@ -745,6 +745,9 @@ class RidgeSweep:
         _check_options(options)
         options.pop("ridge_grid", None)
         models = _check_models(models)
+        if data is not None:  # read once: REPAIR's passes at every ridge reuse the batches
+            check_data(data, "data", reiterable=True)
+            data = list(itertools.islice(iter(data), max_batches))
         self.plan = _plan(method, models, data, reference, reset_bn, repair, None, max_batches, graph, progress,
                           options)
         self.stats = _stats(models, self.plan.graph, self.plan.data, max_batches, progress)
