@@ -22,8 +22,6 @@ from typing import Any
 
 import io
 
-import numpy as np
-
 from ccatoolkit.app.contexts import (
     CCA_METHODS,
     AlphaContext,

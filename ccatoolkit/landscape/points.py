@@ -318,7 +318,7 @@ def evaluate_points(
     counts: torch.Tensor | None = None  # (points, classes * classes) confusion counts, made at the first batch
     total = 0
 
-    def count(rows: slice | int, yb: torch.Tensor, logits: torch.Tensor) -> None:
+    def add_confusion(rows: slice, yb: torch.Tensor, logits: torch.Tensor) -> None:
         """Add the predictions ``logits`` (P, N, C) of points ``rows`` to their confusion counts."""
         nonlocal counts
         k = int(logits.shape[-1])
@@ -360,7 +360,7 @@ def evaluate_points(
                         loss_sum[s] += losses.to(torch.float64).sum(dim=1)
                         correct[s] += (logits.argmax(dim=-1) == yb).sum(dim=1).to(torch.float64)
                         if confusion:
-                            count(s, yb, logits)
+                            add_confusion(s, yb, logits)
                 total += int(y.shape[0])
         else:
             for i in progress_bar(range(n_points), progress, desc=desc, leave=False):
@@ -374,7 +374,7 @@ def evaluate_points(
                     loss_sum[i] += F.cross_entropy(logits.float(), y, reduction="sum").to(torch.float64)
                     correct[i] += (logits.argmax(dim=-1) == y).sum().to(torch.float64)
                     if confusion:
-                        count(slice(i, i + 1), y, logits.unsqueeze(0))
+                        add_confusion(slice(i, i + 1), y, logits.unsqueeze(0))
                     count += int(y.shape[0])
                 total = count
     if total == 0:
