@@ -66,6 +66,7 @@ _EXPORTS: dict[str, str] = {
     "apply_permutations": "ccatoolkit.merging.transform",
     "check_same_architecture": "ccatoolkit._utils",
     "merge": "ccatoolkit.merging.api",
+    "RidgeSweep": "ccatoolkit.merging.api",
     "align_to": "ccatoolkit.merging.api",
     "ensemble": "ccatoolkit.merging.api",
     "Ensemble": "ccatoolkit.merging.api",

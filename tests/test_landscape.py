@@ -15,7 +15,10 @@ from toybox import digit_batches, fit, loss_and_accuracy
 
 from ccatoolkit.landscape.results import InterpolationResult, barrier
 from ccatoolkit.landscape.paths import interpolate, loss_plane, plane_coefficients, simplex
+from ccatoolkit.landscape.points import interpolated_model
+from ccatoolkit.plots.analysis import confusion_matrix
 from ccatoolkit.zoo.models import MLP, VGG11
+from ccatoolkit.zoo.training import predict
 
 
 # --------------------------------------------------------------------------- helpers
@@ -363,6 +366,20 @@ def test_shared_first_layer_is_exact(trained_pair, digits):
     with pytest.raises(ValueError, match="shape"):  # the model's own input check still runs
         evaluate_points(a, states, coeffs, [(torch.zeros(4, 1, 9, 9), torch.zeros(4, dtype=torch.long))],
                         progress=False)
+
+
+def test_confusion_matrices_come_from_the_same_pass(trained_pair, digits):
+    """interpolate(confusion=True): each point's confusion counts, equal batched or not, and to the model's own."""
+    a, b = trained_pair
+    test = digits[1]
+    batched = interpolate(a, b, test, alphas=3, confusion=True, progress=False)
+    loop = interpolate(a, b, test, alphas=3, confusion=True, batched=False, progress=False)
+    assert batched.confusion.shape == (3, 10, 10) and interpolate(a, b, test, alphas=2, progress=False).confusion is None
+    np.testing.assert_array_equal(batched.confusion, loop.confusion)
+    np.testing.assert_allclose(np.trace(batched.confusion, axis1=1, axis2=2) / batched.confusion.sum((1, 2)),
+                               batched.accuracy)
+    targets, preds, _ = predict(interpolated_model([a, b], [0.5, 0.5]), test)
+    np.testing.assert_array_equal(batched.confusion[1], confusion_matrix(targets, preds, 10))
 
 
 def test_repair_keeps_endpoints_and_lowers_the_barrier(trained_pair, digits):

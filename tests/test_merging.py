@@ -260,3 +260,24 @@ def _captured(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     with capture(model, [layer]) as cache, torch.no_grad():
         model(x)
     return cache[layer].clone()
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_ridge_sweep_builds_merges_model_at_every_ridge(batchnorm: bool) -> None:
+    """A RidgeSweep keeps the statistics; each ridge's model is the one merge() builds for it."""
+    from ccatoolkit.merging.api import RidgeSweep
+    from ccatoolkit.zoo.models import MLP
+
+    torch.manual_seed(0)
+    models = [MLP(depth=2, width=8, in_shape=(1, 4, 4), num_classes=3, batchnorm=batchnorm).eval() for _ in range(2)]
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 1, 4, 4, generator=g), torch.randint(0, 3, (32,), generator=g)) for _ in range(3)]
+    sweep = RidgeSweep(models, method="cca", data=data)
+    for ridge in (0.01, 1.0):
+        swept = sweep(ridge)
+        direct = merge(models, method="cca", data=data, ridge=ridge, progress=False)
+        for (name, p), q in zip(swept.state_dict().items(), direct.state_dict().values()):
+            torch.testing.assert_close(p, q, msg=name)
+        assert swept.merge_info["ridge"] == ridge and swept.merge_info["ridge_selection"] == "given"
+    with pytest.raises(ValueError, match="CCA method"):
+        RidgeSweep(models, method="permute", data=data)

@@ -10,7 +10,14 @@ from torch import nn
 
 from ccatoolkit.merging.graph.trace import merge_graph
 from ccatoolkit.zoo.models import MLP, VGG11
-from ccatoolkit.merging.normalization import channel_stats, repair, repair_endpoints, reset_bn_stats
+from ccatoolkit.merging.normalization import (
+    channel_moments,
+    channel_stats,
+    mapped_channel_stats,
+    repair,
+    repair_endpoints,
+    reset_bn_stats,
+)
 
 
 def _data(shape: tuple[int, ...], batches: int = 3, n: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -83,3 +90,15 @@ def test_channel_stats_transform_and_conv_layout() -> None:
     torch.testing.assert_close(plain[0], out.mean((0, 2, 3)))
     torch.testing.assert_close(plain[1], out.std((0, 2, 3), unbiased=False))
     torch.testing.assert_close(moved[0], plain[0].flip(0))
+
+
+def test_channel_moments_give_the_statistics_of_any_linear_map_without_a_pass() -> None:
+    model = VGG11(width=0.125, in_shape=(1, 8, 8)).eval()
+    data = [torch.randn(4, 1, 8, 8), torch.randn(3, 1, 8, 8)]
+    mix = torch.randn(8, 8, dtype=torch.float64)
+    moments = channel_moments(model, ["features.conv1"], data)["features.conv1"]
+    measured = channel_stats(model, ["features.conv1"], data, transform={"features.conv1": mix})["features.conv1"]
+    for got, want in zip(mapped_channel_stats(moments, mix), measured):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(mapped_channel_stats(moments), channel_stats(model, ["features.conv1"], data)["features.conv1"]):
+        torch.testing.assert_close(got, want)

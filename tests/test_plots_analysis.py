@@ -13,12 +13,17 @@ import torch
 
 from ccatoolkit.data import dataset_info
 from ccatoolkit.plots.analysis import (
+    collapsed_methods,
     confusion_matrix,
     plot_accuracy_bars,
     plot_accuracy_vs_n,
     plot_cca_spectra,
     plot_confusion,
     plot_correlation,
+    plot_spread_bars,
+    plot_spread_vs_n,
+    update_accuracy_bars,
+    update_confusion,
 )
 
 
@@ -110,3 +115,68 @@ def test_new_axis_when_none_given():
     ax = plot_confusion(np.eye(10), class_names=dataset_info("cifar10")["classes"])
     assert ax.get_xticklabels()[0].get_text() == "airplane"  # names come from the data set
     plt.close(ax.figure)
+
+
+def test_update_confusion_and_bars_change_the_drawing_in_place(ax):
+    plot_confusion(np.eye(3) * 10, ax=ax)
+    texts = list(ax.texts)
+    update_confusion(ax, [[5, 5, 0], [0, 10, 0], [0, 0, 10]])
+    assert list(ax.texts) == texts  # the same artists, new strings
+    np.testing.assert_allclose(ax.get_images()[0].get_array()[0], [0.5, 0.5, 0.0])
+    assert [t.get_text() for t in ax.texts[:3]] == [".50", ".50", ""] and "83.3%" in ax.get_title()
+    with pytest.raises(ValueError, match="3x3"):
+        update_confusion(ax, np.eye(4))
+    fig, diag = plt.subplots()
+    plot_confusion([[5, 5, 0], [0, 10, 0], [0, 0, 10]], ax=diag, annotate="diagonal")  # recall per class only
+    assert [t.get_text() for t in diag.texts] == [".50", "1.00", "1.00"]
+    update_confusion(diag, np.eye(3))
+    assert [t.get_text() for t in diag.texts] == ["1.00"] * 3
+    plt.close(fig)
+    fig, ax2 = plt.subplots()
+    plot_accuracy_bars({"a": 0.5, "b": 0.7}, ax=ax2, highlight="a")
+    update_accuracy_bars(ax2, {"a": 0.6, "b": 0.4}, highlight="b")
+    assert [p.get_height() for p in ax2.patches] == [0.6, 0.4]
+    assert [t.get_text() for t in ax2.texts] == ["60.0%", "40.0%"]
+    assert ax2.patches[1].get_facecolor() != ax2.patches[0].get_facecolor()
+    plt.close(fig)
+
+
+def _runs():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for method, mean in (("average", -0.5), ("permute", -0.03), ("cca", -0.01), ("ensemble", 0.0)):
+        for n in (2, 3):
+            for run in range(4):
+                rows.append(dict(method=method, n=n, relative=mean + (0.0 if method == "ensemble" else rng.normal(0, 0.01))))
+    return pd.DataFrame(rows)
+
+
+def test_spread_bars_show_mean_and_sd_and_put_collapsed_methods_aside(ax):
+    frame = _runs()
+    assert collapsed_methods(frame) == ["average"]
+    plot_spread_bars(frame[frame["n"] == 2], ax=ax)
+    main = frame[(frame["n"] == 2) & frame["method"].isin(["permute", "cca"])].groupby("method", sort=False)["relative"]
+    np.testing.assert_allclose([p.get_height() for p in ax.patches], main.mean().to_numpy())
+    (side,) = ax.child_axes  # the collapsed method, on its own scale
+    assert [t.get_text() for t in side.get_xticklabels()] == ["average"]
+    assert side.patches[0].get_height() == pytest.approx(frame[(frame["n"] == 2) & (frame["method"] == "average")]["relative"].mean())
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["permute", "cca"]  # the ensemble is the 0 line
+    whiskers = [np.nanmax(l.get_ydata()) - np.nanmin(l.get_ydata()) for l in ax.lines[:2]]  # one per bar, capped
+    np.testing.assert_allclose(whiskers, 2 * main.std().to_numpy(), rtol=1e-6)  # mean +/- one sd
+
+
+def test_spread_vs_n_draws_one_band_per_method(ax):
+    frame = _runs()
+    plot_spread_vs_n(frame, ax=ax)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["permute", "cca"] and len(ax.collections) == 2  # the sd bands
+    assert [t.get_text() for t in ax.child_axes[0].get_legend().get_texts()] == ["average"]
+    means = frame[frame["method"] == "cca"].groupby("n")["relative"].mean().to_numpy()
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), means)  # lines in the legend's order: permute, cca
+    no_collapse = frame[frame["method"] != "average"]
+    fig, ax2 = plt.subplots()
+    plot_spread_vs_n(no_collapse, ax=ax2)
+    assert not ax2.child_axes
+    plt.close(fig)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ccatoolkit as cc
 from ccatoolkit.app import contexts, controls, render
+from ccatoolkit.plots import analysis as pa
 from ccatoolkit.zoo.models import MLP
 from ccatoolkit.zoo.training import train
 
@@ -108,10 +109,18 @@ def test_merge_widget_highlights_the_method_and_recomputes_for_a_new_ridge(setup
 
 def test_alpha_slider_changes_the_displayed_accuracy(setup):
     a, b = setup["models"][:2]
-    ctx = contexts.AlphaContext(a, b, setup["test"])
+    ctx = contexts.AlphaContext.from_models(a, b, setup["test"], methods=(None, "permute"), alphas=5,
+                                            align_data=setup["stats"])
+    assert ctx.methods == ["naive", "permute"] and ctx.curve().label == "permute"
     acc_a = float(np.mean(np.equal(*cc.predict(a, setup["test"])[:2])))
     assert contexts.alpha_point(ctx, 0.0)["accuracy"] == pytest.approx(acc_a)
     assert contexts.alpha_point(ctx, 0.0)["confusion"].sum() == 256
+    mid_model = cc.interpolated_model([a, b], [0.5, 0.5])  # the naive path's midpoint, evaluated on its own
+    targets, preds, _ = cc.predict(mid_model, setup["test"])
+    np.testing.assert_array_equal(contexts.alpha_point(ctx, 0.5, "naive")["confusion"],
+                                  pa.confusion_matrix(targets, preds, 3))
+    with pytest.raises(ValueError, match="not on the grid"):
+        contexts.alpha_point(ctx, 0.3)
     box = controls.alpha_widget(ctx, alpha=0.0)
     text0, png0 = box.text, box.image.value
     assert "alpha = 0.00" in text0 and f"{acc_a:.2%}" in text0 and png0[:4] == b"\x89PNG"
@@ -119,9 +128,62 @@ def test_alpha_slider_changes_the_displayed_accuracy(setup):
     assert box.image.value != png0  # the image shown was redrawn
     assert box.redraws == 2 and "alpha = 0.50" in box.text and box.text != text0
     mid = contexts.alpha_point(ctx, 0.5)
-    assert f"{mid['accuracy']:.2%}" in box.text
+    assert f"{mid['accuracy']:.2%}" in box.text and "permute path" in box.text
     conf = box.figure.axes[1].get_images()[0].get_array()
     np.testing.assert_allclose(conf.sum(axis=1), 1.0)  # row-normalised confusion matrix of the model at 0.5
+    box.controls["method"].value = "naive"
+    naive_mid = contexts.alpha_point(ctx, 0.5, "naive")
+    assert "naive path" in box.text and f"{naive_mid['accuracy']:.2%}" in box.text
+
+
+def test_alpha_slider_moves_only_look_up_and_blit(setup, monkeypatch):
+    """What makes a move fast: no model is evaluated and only the dynamic artists are drawn again."""
+    import ccatoolkit.landscape.paths as paths
+    import ccatoolkit.landscape.points as points
+
+    a, b = setup["models"][:2]
+    ctx = contexts.AlphaContext.from_models(a, b, setup["test"], methods=(None, "permute"), alphas=5,
+                                            align_data=setup["stats"])
+    box = controls.alpha_widget(ctx, alpha=0.0)
+    view_draws = []
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a slider move evaluated a model")
+
+    for module in (points, paths):
+        monkeypatch.setattr(module, "evaluate_points", refuse)
+    canvas = box.figure.canvas
+    monkeypatch.setattr(canvas, "draw", lambda *args: view_draws.append(1))  # a full render would count here
+    for alpha in (0.25, 0.5, 1.0, 0.75):
+        box.controls["alpha"].value = alpha
+    box.controls["method"].value = "naive"
+    assert box.error is None and box.redraws == 6 and not view_draws
+    assert "alpha = 0.75" in box.text and "naive path" in box.text
+    star = box.figure.axes[0].get_lines()[-1]
+    assert star.get_xdata()[0] == 0.75
+    assert star.get_ydata()[0] == pytest.approx(contexts.alpha_point(ctx, 0.75, "naive")["accuracy"])
+
+
+def test_merge_ridge_change_reuses_the_statistics(setup, monkeypatch):
+    """A new ridge re-solves on kept statistics: the CCA covariances are not collected again, and the
+    result is the same model merge() gives for that ridge."""
+    import ccatoolkit.merging.api as api
+
+    a, b = setup["models"][:2]
+    ctx = contexts.MergeContext([a, b], setup["stats"], setup["test"], methods=("average", "cca"))
+    first = contexts.merge_accuracy(ctx, "cca", 0.1)
+    collected = []
+    original = api._stats
+    monkeypatch.setattr(api, "_stats", lambda *args, **kw: collected.append(1) or original(*args, **kw))
+    again = contexts.merge_accuracy(ctx, "cca", 1.0)
+    assert not collected and len(ctx.sweeps) == 1
+    reference = cc.merge([a, b], method="cca", data=setup["stats"], ridge=1.0, progress=False)
+    assert again == pytest.approx(float(cc.evaluate(reference, setup["test"])["accuracy"]))
+    swept = ctx.sweeps["cca"](1.0)
+    for p, q in zip(swept.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+    assert swept.merge_info["ridge"] == 1.0 and set(ctx.cache) == {("cca", 0.1), ("cca", 1.0)}
+    assert 0.0 <= first <= 1.0
 
 
 def test_n_models_widget(setup):
@@ -140,6 +202,32 @@ def test_n_models_widget(setup):
         contexts.NModelsContext(zoos, setup["stats"], setup["test"], ns=[2, 5])
 
 
+def test_model_subsets_rotate_before_the_rest():
+    assert contexts.model_subsets(4, 2) == [(0, 1), (1, 2), (2, 3), (0, 3), (0, 2), (1, 3)]  # all 6, windows first
+    assert contexts.model_subsets(4, 2, limit=4) == [(0, 1), (1, 2), (2, 3), (0, 3)]  # each model twice
+    assert contexts.model_subsets(3, 3) == [(0, 1, 2)]
+    with pytest.raises(ValueError, match="size"):
+        contexts.model_subsets(3, 4)
+
+
+def test_n_models_context_merges_every_subset_and_reports_the_spread(setup):
+    ctx = contexts.NModelsContext({"full": setup["models"]}, setup["stats"], setup["test"],
+                                  methods=("average", "permute", "ensemble"), ns=[2])
+    frame = ctx.frame()
+    assert len(frame) == 3 * 3  # 3 pairs x 3 methods
+    assert set(frame["subset"]) == {(0, 1), (1, 2), (0, 2)}
+    pair = frame[(frame["method"] == "permute") & (frame["subset"] == (1, 2))].iloc[0]
+    merged = cc.merge([setup["models"][1], setup["models"][2]], method="permute", data=setup["stats"], progress=False)
+    assert pair["accuracy"] == pytest.approx(float(cc.evaluate(merged, setup["test"])["accuracy"]))
+    ens = float(cc.evaluate(cc.ensemble(setup["models"][1:]), setup["test"])["accuracy"])
+    assert pair["ensemble"] == pytest.approx(ens) and pair["relative"] == pytest.approx(pair["accuracy"] - ens)
+    assert ctx.results["full"]["permute"][2] == pytest.approx(frame[frame["method"] == "permute"]["accuracy"].mean())
+    limited = contexts.NModelsContext({"full": setup["models"]}, setup["stats"], setup["test"],
+                                      methods=("average",), ns=[2], subsets=1)
+    limited.compute()
+    assert list(limited.runs["full"]["average"][2]) == [(0, 1)]
+
+
 def test_best_methods_reads_the_winner_off_the_table():
     results = {"full": {"average": {2: 0.5, 3: 0.4}, "cca": {2: 0.8, 3: 0.7}, "ensemble": {2: 0.9, 3: 0.9}},
                "skewed": {"average": {2: 0.5, 3: 0.6}, "cca": {2: 0.5, 3: 0.55}, "ensemble": {2: 0.9, 3: 0.9}}}
@@ -148,10 +236,10 @@ def test_best_methods_reads_the_winner_off_the_table():
 
 
 def test_a_failing_redraw_shows_the_error_instead_of_raising(setup):
-    ctx = contexts.AlphaContext(setup["models"][0], setup["models"][1], [])  # no test data
-    box = controls.alpha_widget(ctx)
-    assert box.figure is None and "empty" in box.error
-    assert "empty" in box.title.value
+    ctx = contexts.MergeContext(setup["models"][:2], setup["stats"], [], methods=("average",))  # no test data
+    box = controls.merge_widget(ctx)
+    assert box.figure is None and "no samples" in box.error
+    assert "no samples" in box.title.value
 
 
 def test_curve_slider_moves_the_point_along_the_curve(setup):

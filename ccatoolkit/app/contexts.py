@@ -1,34 +1,36 @@
 """What the notebooks' widgets work on: a *context* per widget (models, data, a cache) and the numbers it shows.
 
 A context holds the models and data of one widget plus a cache of what was computed, so moving a
-control back is instant. The functions here compute (correlations, merged accuracies, the model at
-a point of a path); :mod:`ccatoolkit.app.render` draws them and :mod:`ccatoolkit.app.controls`
-wires ipywidgets to the drawing. All computation goes through the library (``merge``,
-``align_to``, ``correlation_matrix``, ``interpolated_model``, ``predict``).
+control back is instant; what a slider runs through is computed ahead (the alpha paths on their
+whole grid, CCA's statistics for the ridge slider), so a move only looks up or re-solves. The
+functions here compute (correlations, merged accuracies, points of a path);
+:mod:`ccatoolkit.app.render` draws them and :mod:`ccatoolkit.app.controls` wires ipywidgets to the
+drawing. All computation goes through the library (``merge``, ``RidgeSweep``, ``align_to``,
+``correlation_matrix``, ``interpolate``).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from torch import nn
 
-from ccatoolkit._utils import progress_bar
+from ccatoolkit._utils import has_batchnorm, progress_bar
 from ccatoolkit.analysis.stats import correlation_matrix
 from ccatoolkit.landscape.curves import Curve, curve_coefficients
-from ccatoolkit.landscape.points import interpolated_model
-from ccatoolkit.landscape.results import PlaneResult
-from ccatoolkit.merging.api import align_to, ensemble, merge
+from ccatoolkit.landscape.paths import interpolate
+from ccatoolkit.landscape.results import InterpolationResult, PlaneResult
+from ccatoolkit.merging.api import RidgeSweep, align_to, ensemble, merge
 from ccatoolkit.merging.graph import merge_graph
-from ccatoolkit.plots.analysis import confusion_matrix
-from ccatoolkit.zoo.training import evaluate, predict
+from ccatoolkit.zoo.training import evaluate
 
 __all__ = [
     "CCA_METHODS", "CorrelationContext", "MergeContext", "AlphaContext", "CurveContext", "NModelsContext",
     "correlation_views", "merge_accuracy", "alpha_point", "curve_point", "n_models_accuracy", "activation_layers",
-    "best_methods",
+    "best_methods", "model_subsets",
 ]
 
 CCA_METHODS = ("cca", "cca_multiview")
@@ -106,7 +108,11 @@ def correlation_views(ctx: CorrelationContext, layer: str, pair: tuple[str, str]
 
 @dataclass
 class MergeContext:
-    """Models to merge, data for their statistics (``data``) and for evaluation (``test_data``)."""
+    """Models to merge, data for their statistics (``data``) and for evaluation (``test_data``).
+
+    Both are read once into lists of batches: every merge and evaluation (a ridge slider's) reuses the
+    batches instead of collating them again.
+    """
 
     models: Sequence[nn.Module]
     data: Iterable[Any]
@@ -114,10 +120,12 @@ class MergeContext:
     methods: Sequence[str] = ("average", "permute", "permute_weight", "cca", "ensemble")
     names: Sequence[str] = ()
     cache: dict[Any, float] = field(default_factory=dict)
+    sweeps: dict[str, RidgeSweep] = field(default_factory=dict)  # per CCA method: statistics kept across ridges
 
     def __post_init__(self) -> None:
         if len(self.models) < 2:
             raise ValueError(f"merging needs at least two models, got {len(self.models)}")
+        self.data, self.test_data = list(self.data), list(self.test_data)
         if not self.names:
             self.names = [f"model {chr(ord('A') + i)}" for i in range(len(self.models))]
 
@@ -140,11 +148,20 @@ def _merge_key(method: str, ridge: float | str) -> tuple[str, float | str | None
 
 def merge_accuracy(ctx: MergeContext, method: str, ridge: float | str = "auto") -> float:
     """Test accuracy of the models merged by ``method`` (the CCA methods use ``ridge``: a number, or
-    ``"auto"``, merge's label-free choice); cached."""
+    ``"auto"``, merge's label-free choice); cached.
+
+    A numeric ridge goes through the method's :class:`~ccatoolkit.merging.api.RidgeSweep` (made at the
+    first one): the statistics and eigendecompositions are reused, so a new ridge costs the solve,
+    the averaging and the evaluation only.
+    """
     key = _merge_key(method, ridge)
     if key not in ctx.cache:
         if method == "ensemble":
             merged = ensemble(list(ctx.models))
+        elif method in CCA_METHODS and not isinstance(ridge, str):
+            if method not in ctx.sweeps:
+                ctx.sweeps[method] = RidgeSweep(list(ctx.models), method=method, data=ctx.data)
+            merged = ctx.sweeps[method](float(ridge))
         else:
             options = {"ridge": ridge} if method in CCA_METHODS else {}
             merged = merge(list(ctx.models), method=method, data=ctx.data, progress=False, **options)
@@ -157,35 +174,75 @@ def merge_accuracy(ctx: MergeContext, method: str, ridge: float | str = "auto") 
 
 @dataclass
 class AlphaContext:
-    """Two end models (B already aligned to A if wanted), test data, optional curves to draw behind the marker.
+    """Paths from model A to B, one per alignment method, each evaluated once on a grid of alphas.
 
-    ``curves`` are interpolation results (``ccatoolkit.landscape.InterpolationResult``) drawn as accuracy
-    along alpha; ``bn_data`` (training batches) is needed for BatchNorm models.
+    ``curves`` are :func:`ccatoolkit.landscape.interpolate` results made with ``confusion=True`` (so
+    each grid point has its confusion matrix) on one alpha grid; their labels name the methods a
+    widget offers. Everything a slider shows is in them: moving it only looks a point up.
+    :meth:`from_models` evaluates the paths itself.
     """
 
-    model_a: nn.Module
-    model_b: nn.Module
-    test_data: Iterable[Any]
-    curves: Sequence[Any] = ()
-    bn_data: Iterable[Any] | None = None
+    curves: Sequence[InterpolationResult]
     label: str = "A to B"
     class_names: Sequence[str] | None = None  # axis labels of the confusion matrix (default: class indices)
-    cache: dict[float, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.curves = list(self.curves)
+        if not self.curves:
+            raise ValueError("no paths: pass interpolate(..., confusion=True) results, one per method")
+        for c in self.curves:
+            if c.confusion is None:
+                raise ValueError(f"path {c.label!r} has no confusion matrices: make it with interpolate(..., confusion=True)")
+        if not all(np.allclose(c.alphas, self.curves[0].alphas) for c in self.curves):
+            raise ValueError("the paths are evaluated on different alpha grids; use one grid for all")
+        labels = [c.label for c in self.curves]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"two paths share a label: {labels}")
+
+    @classmethod
+    def from_models(cls, model_a: nn.Module, model_b: nn.Module, test_data: Iterable[Any],
+                    methods: Sequence[str | None] = (None,), alphas: int | Sequence[float] = 21,
+                    align_data: Iterable[Any] | None = None, bn_data: Iterable[Any] | None = None,
+                    progress: bool = False, **kwargs: Any) -> "AlphaContext":
+        """Evaluate the path from ``model_a`` to ``model_b`` aligned by each of ``methods`` (None: not aligned)."""
+        reset = has_batchnorm(model_a)
+        curves = [interpolate(model_a, model_b, test_data, alphas=alphas, align=m, align_data=align_data,
+                              reset_bn=reset, bn_data=bn_data, confusion=True, progress=progress) for m in methods]
+        return cls(curves, **kwargs)
+
+    @property
+    def methods(self) -> list[str]:
+        """The paths' labels, in order: what the method control offers."""
+        return [c.label for c in self.curves]
+
+    @property
+    def alphas(self) -> np.ndarray:
+        """The grid every path was evaluated on."""
+        return np.asarray(self.curves[0].alphas, dtype=np.float64)
+
+    def curve(self, method: str | None = None) -> InterpolationResult:
+        """The path labelled ``method`` (None: the last, usually the aligned one the notebook is about)."""
+        if method is None:
+            return self.curves[-1]
+        for c in self.curves:
+            if c.label == method:
+                return c
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(self.methods)}")
 
 
-def alpha_point(ctx: AlphaContext, alpha: float) -> dict[str, Any]:
-    """Accuracy, loss, predictions and confusion matrix of the model at ``alpha`` on the test data (cached)."""
-    key = round(float(alpha), 6)
-    if key not in ctx.cache:
-        model = interpolated_model([ctx.model_a, ctx.model_b], [1.0 - key, key], bn_data=ctx.bn_data)
-        targets, preds, loss = predict(model, ctx.test_data)
-        num_classes = int(max(targets.max(), preds.max()) + 1)
-        head = getattr(model, "head", None)
-        if isinstance(head, nn.Linear):
-            num_classes = head.out_features
-        ctx.cache[key] = dict(alpha=key, accuracy=float((targets == preds).mean()), loss=loss,
-                              confusion=confusion_matrix(targets, preds, num_classes))
-    return ctx.cache[key]
+def alpha_point(ctx: AlphaContext, alpha: float, method: str | None = None) -> dict[str, Any]:
+    """Accuracy, loss and confusion counts of the model at ``alpha`` on ``method``'s path: a grid look-up.
+
+    ``alpha`` must be a grid point (within 1e-6); the point's model is never evaluated again.
+    """
+    curve = ctx.curve(method)
+    grid = np.asarray(curve.alphas, dtype=np.float64)
+    i = int(np.argmin(np.abs(grid - float(alpha))))
+    if abs(grid[i] - float(alpha)) > 1e-6:
+        raise ValueError(f"alpha {alpha} is not on the grid; choose one of: {', '.join(f'{a:g}' for a in grid)}")
+    assert curve.confusion is not None
+    return dict(alpha=float(grid[i]), index=i, method=curve.label, accuracy=float(curve.accuracy[i]),
+                loss=float(curve.loss[i]), confusion=curve.confusion[i])
 
 
 # --------------------------------------------------------------------------- 05: a point of a learned curve
@@ -222,13 +279,31 @@ def curve_point(ctx: CurveContext, t: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- 06: N models
 
 
+def model_subsets(n_models: int, size: int, limit: int | None = None) -> list[tuple[int, ...]]:
+    """Which ``size`` of ``n_models`` models to merge: all subsets, or ``limit`` of them chosen in rotation.
+
+    The rotation comes first: windows ``(i, i+1, ..., i+size-1) mod n_models`` for ``i = 0, 1, ...``, so
+    every model is in as many subsets as the others. On a skewed split model ``i`` knows class group
+    ``i`` best, so the classes a subset covers rotate too, instead of being tied to N (the first N
+    models always cover the first N groups). The other subsets follow in lexicographic order.
+    """
+    if not 1 <= size <= n_models:
+        raise ValueError(f"size must lie in [1, {n_models}], got {size}")
+    windows = [tuple(sorted((i + j) % n_models for j in range(size))) for i in range(n_models)]
+    ordered = list(dict.fromkeys(windows + list(itertools.combinations(range(n_models), size))))
+    return ordered if limit is None else ordered[: max(1, int(limit))]
+
+
 @dataclass
 class NModelsContext:
     """Zoos of models per data split (``zoos[split]`` a list), merged N at a time by each method.
 
-    ``data[split]`` gives the statistics data for a split (or one iterable for all splits);
-    ``test_data`` is where merged models are evaluated. Results are filled lazily into ``results``
-    (``results[split][method][N]``) or all at once by :meth:`compute`.
+    Each N is merged on several subsets of the zoo (:func:`model_subsets`: all of them, or
+    ``subsets`` chosen in rotation), so a difference between methods can be read against the spread
+    over subsets. ``data[split]`` gives the statistics data for a split (or one iterable for all
+    splits); ``test_data`` is where merged models are evaluated. ``runs[split][method][N]`` holds
+    each subset's accuracy and ``results[split][method][N]`` their mean, filled lazily or all at once
+    by :meth:`compute`; :meth:`frame` gives the runs as a table (with each subset's ensemble).
     """
 
     zoos: Mapping[str, Sequence[nn.Module]]
@@ -238,11 +313,14 @@ class NModelsContext:
     ns: Sequence[int] = ()
     ridge: float | str = "auto"
     progress: bool = False
+    subsets: int | None = None  # subsets merged per N (None: all)
     results: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
+    runs: dict[str, dict[str, dict[int, dict[tuple[int, ...], float]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.zoos:
             raise ValueError("zoos is empty; pass a dict split name -> list of models")
+        self.test_data = list(self.test_data)  # read once: every merge's evaluation reuses the batches
         smallest = min(len(z) for z in self.zoos.values())
         if smallest < 2:
             raise ValueError("every split needs at least two models to merge")
@@ -256,8 +334,12 @@ class NModelsContext:
             return self.data[split]
         return self.data
 
+    def subsets_for(self, split: str, n: int) -> list[tuple[int, ...]]:
+        """The subsets of ``split``'s zoo merged for ``N = n`` (indices into the zoo)."""
+        return model_subsets(len(self.zoos[split]), n, self.subsets)
+
     def compute(self) -> dict[str, dict[str, dict[int, float]]]:
-        """Fill every (split, method, N) accuracy; returns ``results``."""
+        """Fill every (split, method, N) accuracy over its subsets; returns ``results`` (the means)."""
         cells = [(s, m, n) for s in self.zoos for m in self.methods for n in self.ns]
         iterator: Iterable[Any] = cells
         if self.progress:
@@ -266,9 +348,27 @@ class NModelsContext:
             n_models_accuracy(self, n, method, split)
         return self.results
 
+    def frame(self) -> Any:
+        """The runs as a pandas DataFrame, one row per (split, method, N, subset): ``accuracy``, and when
+        the ensemble is among the methods, ``ensemble`` (that subset's) and ``relative`` (accuracy minus it)."""
+        import pandas as pd
+
+        self.compute()
+        rows = []
+        for split, by_method in self.runs.items():
+            for method, by_n in by_method.items():
+                for n, by_subset in by_n.items():
+                    for subset, acc in by_subset.items():
+                        row = dict(split=split, method=method, n=n, subset=subset, accuracy=acc)
+                        if "ensemble" in self.methods:
+                            row["ensemble"] = self.runs[split]["ensemble"][n][subset]
+                            row["relative"] = acc - row["ensemble"]
+                        rows.append(row)
+        return pd.DataFrame(rows)
+
 
 def n_models_accuracy(ctx: NModelsContext, n: int, method: str, split: str | None = None) -> float:
-    """Test accuracy of the first ``n`` models of ``split`` merged by ``method`` (cached in ``ctx.results``)."""
+    """Mean test accuracy over ``split``'s subsets of ``n`` models merged by ``method`` (each cached in ``ctx.runs``)."""
     split = split if split is not None else next(iter(ctx.zoos))
     if split not in ctx.zoos:
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(ctx.zoos)}")
@@ -278,13 +378,18 @@ def n_models_accuracy(ctx: NModelsContext, n: int, method: str, split: str | Non
         raise ValueError(f"N={n} is not offered; choose one of: {list(ctx.ns)}")
     table = ctx.results.setdefault(split, {}).setdefault(method, {})
     if n not in table:
-        models = list(ctx.zoos[split][:n])
-        if method == "ensemble":
-            merged = ensemble(models)
-        else:
-            options = {"ridge": ctx.ridge} if method in CCA_METHODS else {}
-            merged = merge(models, method=method, data=ctx.data_for(split), progress=False, **options)
-        table[n] = _accuracy(merged, ctx.test_data)
+        runs = ctx.runs.setdefault(split, {}).setdefault(method, {}).setdefault(n, {})
+        for subset in ctx.subsets_for(split, n):
+            if subset in runs:
+                continue
+            models = [ctx.zoos[split][i] for i in subset]
+            if method == "ensemble":
+                merged = ensemble(models)
+            else:
+                options = {"ridge": ctx.ridge} if method in CCA_METHODS else {}
+                merged = merge(models, method=method, data=ctx.data_for(split), progress=False, **options)
+            runs[subset] = _accuracy(merged, ctx.test_data)
+        table[n] = float(np.mean(list(runs.values())))
     return table[n]
 
 

@@ -1,6 +1,8 @@
-"""ipywidgets controls for the notebooks: a control change redraws a ``render_*`` function into an image.
+"""ipywidgets controls for the notebooks: a control change redraws a view (or a ``render_*`` function) into an image.
 
-ipywidgets is imported only when a widget is built. Each builder returns an
+ipywidgets is imported only when a widget is built. The widgets keep one figure each
+(:class:`~ccatoolkit.app.render.LiveFigure` views) and update it in place, so a slider move costs a
+look-up and a partial redraw (``benchmarks/widget_speed.py`` measures it). Each builder returns an
 :class:`InteractiveFigure`: it displays as its ipywidgets box in a notebook and records what it
 last drew (``figure``, ``text``, ``redraws``, ``error``), so tests can set a control's value and
 check the redraw.
@@ -13,14 +15,17 @@ import io
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from ccatoolkit.app.contexts import AlphaContext, CorrelationContext, CurveContext, MergeContext, NModelsContext
 from ccatoolkit.app.render import (
+    AlphaView,
+    LiveFigure,
+    MergeView,
+    NModelsView,
     figure_title,
-    render_alpha,
     render_correlation,
     render_curve_point,
-    render_merge,
-    render_n_models,
 )
 
 __all__ = [
@@ -37,6 +42,9 @@ def _png(fig: Any) -> bytes:
 @dataclass
 class InteractiveFigure:
     """Controls, a title line and an image; any control change redraws ``render(**values)``.
+
+    ``render`` returns a matplotlib figure (encoded whole) or a :class:`LiveFigure` view (encoded by
+    redrawing only its dynamic artists).
 
     The figure is shown as a PNG in an ``ipywidgets.Image`` (no output capture, so it behaves the
     same in JupyterLab, papermill and nbval). A failed redraw shows its message in red instead of
@@ -70,14 +78,16 @@ class InteractiveFigure:
     def redraw(self, _change: Any = None) -> None:
         """Draw ``render(**values)`` into the image (or show the error)."""
         try:
-            fig = self.render(**self.values())
+            out = self.render(**self.values())
+            fig = out.figure if isinstance(out, LiveFigure) else out
+            png = out.png() if isinstance(out, LiveFigure) else _png(fig)
         except Exception as err:  # shown in the widget instead of a traceback
             self.error = f"{type(err).__name__}: {err}"
             self.title.value = f"<span style='color:#b00'>{html.escape(self.error)}</span>"
             return
         self.figure, self.text, self.error = fig, figure_title(fig), None
         self.redraws += 1
-        self.image.value = _png(fig)  # the image first: once the title changes, the picture matches it
+        self.image.value = png  # the image first: once the title changes, the picture matches it
         self.title.value = f"<b>{html.escape(self.text)}</b>"
 
     def _ipython_display_(self) -> None:
@@ -98,23 +108,36 @@ def correlation_widget(ctx: CorrelationContext, layer: str | None = None) -> Int
 
 
 def merge_widget(ctx: MergeContext, method: str | None = None, ridge: float = 0.1) -> InteractiveFigure:
-    """A method dropdown and a (log-scale) CCA regularisation slider, redrawing :func:`render_merge`."""
+    """A method dropdown and a (log-scale) CCA regularisation slider, updating a :class:`MergeView`.
+
+    A new ridge re-solves CCA on the kept statistics (the context's ``RidgeSweep``); a method change only
+    moves the highlight.
+    """
     import ipywidgets as W
 
     method_dd = W.Dropdown(options=list(ctx.methods), value=method or ctx.methods[0], description="method")
     ridge_sl = W.FloatLogSlider(value=ridge, base=10, min=-4, max=1, step=0.5, description="CCA ridge",
                                 continuous_update=False)
-    return InteractiveFigure(lambda method, ridge: render_merge(ctx, method, ridge),
-                             {"method": method_dd, "ridge": ridge_sl})
+    view = MergeView(ctx)
+    return InteractiveFigure(lambda method, ridge: view.update(method, ridge), {"method": method_dd, "ridge": ridge_sl})
 
 
-def alpha_widget(ctx: AlphaContext, alpha: float = 0.5, step: float = 0.05) -> InteractiveFigure:
-    """A slider over alpha in [0, 1], redrawing :func:`render_alpha` (accuracy and confusion matrix)."""
+def alpha_widget(ctx: AlphaContext, alpha: float = 0.5, method: str | None = None) -> InteractiveFigure:
+    """A slider over the paths' alpha grid and a method dropdown, updating an :class:`AlphaView`.
+
+    Every grid point was evaluated when the context was made, so the slider updates while it is
+    dragged; ``alpha`` starts at the nearest grid point, ``method`` at the last path (default). The
+    confusion matrix writes its diagonal (each class's recall); the colours show every cell.
+    """
     import ipywidgets as W
 
-    slider = W.FloatSlider(value=alpha, min=0.0, max=1.0, step=step, description="alpha",
-                           continuous_update=False, readout_format=".2f")
-    return InteractiveFigure(lambda alpha: render_alpha(ctx, alpha), {"alpha": slider})
+    grid = [float(a) for a in ctx.alphas]
+    start = grid[int(np.argmin(np.abs(np.asarray(grid) - float(alpha))))]
+    slider = W.SelectionSlider(options=[(f"{a:.2f}", a) for a in grid], value=start, description="alpha",
+                               continuous_update=True)
+    method_dd = W.Dropdown(options=ctx.methods, value=method or ctx.curve().label, description="path")
+    view = AlphaView(ctx, annotate="diagonal")
+    return InteractiveFigure(lambda alpha, method: view.update(alpha, method), {"alpha": slider, "method": method_dd})
 
 
 def curve_widget(ctx: CurveContext, t: float = 0.5, step: float = 0.05) -> InteractiveFigure:
@@ -127,7 +150,7 @@ def curve_widget(ctx: CurveContext, t: float = 0.5, step: float = 0.05) -> Inter
 
 
 def n_models_widget(ctx: NModelsContext, n: int | None = None, method: str | None = None) -> InteractiveFigure:
-    """Controls for N, the method and the data split, redrawing :func:`render_n_models`."""
+    """Controls for N, the method and the data split, updating an :class:`NModelsView`."""
     import ipywidgets as W
 
     controls: dict[str, Any] = {
@@ -135,4 +158,5 @@ def n_models_widget(ctx: NModelsContext, n: int | None = None, method: str | Non
         "method": W.Dropdown(options=list(ctx.methods), value=method or ctx.methods[0], description="method"),
         "split": W.Dropdown(options=list(ctx.zoos), value=next(iter(ctx.zoos)), description="split"),
     }
-    return InteractiveFigure(lambda n, method, split: render_n_models(ctx, n, method, split), controls)
+    view = NModelsView(ctx)
+    return InteractiveFigure(lambda n, method, split: view.update(n, method, split), controls)

@@ -63,6 +63,7 @@ class Settings:
     stats_limit: int = 5000         # examples used for activation statistics (alignment, merging)
     batch_size: int = 256
     n_models: int = 4               # models per data split (notebooks 1 and 6: merge up to this many)
+    subsets: int | None = None      # subsets of each size N merged in notebook 6 (None: all of them)
     n_seeds: int = 4                # models with different seeds on the full data (notebook 1)
     alphas: int = 21                # points along an interpolation path
     plane_resolution: int = 15      # grid points per side of a 2-D loss plane
@@ -124,7 +125,7 @@ def settings(smoke: bool | None = None, model: str | None = None, device: str | 
     base = Settings(smoke=smoke, model=name, model_kwargs=dict(table[name]), device=_resolve_device(device))
     if smoke:
         base = base.replace(
-            epochs=1, limit=2048, test_limit=512, stats_limit=512, batch_size=64, n_models=3, n_seeds=2,
+            epochs=1, limit=2048, test_limit=512, stats_limit=512, batch_size=64, n_models=3, n_seeds=3, subsets=2,
             alphas=5, plane_resolution=5, curve_epochs=1, progress=False, threads=1,
         )
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Settings)}

@@ -104,6 +104,7 @@ def interpolate(
     label: str | None = None,
     repair: bool = False,
     attack: PGD | None = None,
+    confusion: bool = False,
     **align_options: Any,
 ) -> InterpolationResult:
     """Loss and accuracy of ``(1-a) A + a B'`` on ``data`` for each ``a`` in ``alphas``.
@@ -121,6 +122,8 @@ def interpolate(
     then evaluated batched.
     ``attack`` (a :class:`ccatoolkit.zoo.adversarial.PGD`): the robust loss and accuracy at every point,
     each point attacked with its own weights; the label gets the attack's description.
+    ``confusion=True`` keeps every point's confusion matrix (``result.confusion``), counted in the
+    same pass: a widget then shows any point of the path without evaluating it again.
     """
     grid = alpha_grid(alphas)
     check_same_architecture([model_a, model_b], ["model_a", "model_b"])
@@ -144,15 +147,16 @@ def interpolate(
             raise ValueError("repair=True needs bn_data: pass the training data to measure the channel statistics")
         states = _repaired_points(model_a, b_prime, states, coeffs, reset_bn, bn_data, progress)
         coeffs = np.eye(len(grid))
-    loss, acc = evaluate_points(
+    loss, acc, *counts = evaluate_points(
         model_a, states, coeffs, data, reset_bn=reset_bn and not repair, bn_data=bn_data, batched=batched,
         chunk_size=chunk_size, progress=progress, desc=f"interpolate ({method})", attack=attack,
+        confusion=confusion,
     )
     default = ("naive" if align is None else method) + (" + REPAIR" if repair else "")
     default += f", {attack.describe()}" if attack is not None else ""
     return InterpolationResult(
         alphas=grid, loss=loss, accuracy=acc, label=label or default,
-        method=method, reset_bn=bool(reset_bn and has_batchnorm(model_a)),
+        method=method, reset_bn=bool(reset_bn and has_batchnorm(model_a)), confusion=counts[0] if counts else None,
     )
 
 

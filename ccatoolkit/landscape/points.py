@@ -281,8 +281,13 @@ def evaluate_points(
     desc: str = "points",
     share_first_layer: bool = True,
     attack: PGD | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    confusion: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Mean cross-entropy loss and accuracy on ``data`` at every point ``sum_k coeffs[p, k] * states[k]``.
+
+    ``confusion=True`` also returns each point's confusion matrix, counts ``(points, classes, classes)``
+    (rows: true class), from the same forward passes: what a widget needs to show any point of the
+    grid without evaluating a model again.
 
     ``template`` gives the architecture (and any integer buffers); ``states`` are the anchors' floating
     state dicts. Non-finite losses are reported (NaN/inf), not raised. ``share_first_layer``: for
@@ -316,7 +321,19 @@ def evaluate_points(
 
     loss_sum = torch.zeros(n_points, dtype=torch.float64, device=device)
     correct = torch.zeros(n_points, dtype=torch.float64, device=device)
+    counts: torch.Tensor | None = None  # (points, classes * classes) confusion counts, made at the first batch
     total = 0
+
+    def add_confusion(rows: slice, yb: torch.Tensor, logits: torch.Tensor) -> None:
+        """Add the predictions ``logits`` (P, N, C) of points ``rows`` to their confusion counts."""
+        nonlocal counts
+        k = int(logits.shape[-1])
+        if counts is None:
+            counts = torch.zeros(n_points, k * k, dtype=torch.int64, device=device)
+        p = int(logits.shape[0])
+        cells = yb.unsqueeze(0) * k + logits.argmax(dim=-1)  # (P, N): flat (true, predicted) index
+        cells = cells + torch.arange(p, device=cells.device).unsqueeze(1) * (k * k)  # one block per point
+        counts[rows] += torch.bincount(cells.reshape(-1), minlength=p * k * k).view(p, k * k)
 
     def forward(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(template, state, (x,))
@@ -358,6 +375,8 @@ def evaluate_points(
                         ).view(pc, n)
                         loss_sum[s] += losses.to(torch.float64).sum(dim=1)
                         correct[s] += (logits.argmax(dim=-1) == yb).sum(dim=1).to(torch.float64)
+                        if confusion:
+                            add_confusion(s, yb, logits)
                 total += int(y.shape[0])
         else:
             for i in progress_bar(range(n_points), progress, desc=desc, leave=False):
@@ -370,8 +389,15 @@ def evaluate_points(
                     check_class_targets(y, logits)
                     loss_sum[i] += F.cross_entropy(logits.float(), y, reduction="sum").to(torch.float64)
                     correct[i] += (logits.argmax(dim=-1) == y).sum().to(torch.float64)
+                    if confusion:
+                        add_confusion(slice(i, i + 1), y, logits.unsqueeze(0))
                     count += int(y.shape[0])
                 total = count
     if total == 0:
         raise ValueError("data yielded no samples; pass a non-empty data set")
-    return (loss_sum / total).cpu().numpy(), (correct / total).cpu().numpy()
+    loss, acc = (loss_sum / total).cpu().numpy(), (correct / total).cpu().numpy()
+    if not confusion:
+        return loss, acc
+    assert counts is not None
+    k = int(round(counts.shape[1] ** 0.5))
+    return loss, acc, counts.reshape(n_points, k, k).cpu().numpy()

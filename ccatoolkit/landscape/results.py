@@ -17,7 +17,11 @@ __all__ = ["InterpolationResult", "PlaneResult", "SimplexResult", "barrier", "ch
 
 @dataclass
 class InterpolationResult:
-    """Loss and accuracy along a path between two models, at positions ``alphas`` (0 = A, 1 = B)."""
+    """Loss and accuracy along a path between two models, at positions ``alphas`` (0 = A, 1 = B).
+
+    ``confusion``: each point's confusion counts ``(points, classes, classes)`` (rows: true class),
+    when the path was evaluated with ``confusion=True``; else None.
+    """
 
     alphas: np.ndarray
     loss: np.ndarray
@@ -25,6 +29,7 @@ class InterpolationResult:
     label: str = "linear"
     method: str = "none"
     reset_bn: bool = False
+    confusion: np.ndarray | None = None
 
     def barrier(self, metric: str = "loss", against: "InterpolationResult | None" = None) -> float:
         """The barrier of this curve (see :func:`barrier`; ``against`` measures it against another path's ends)."""

@@ -3,13 +3,13 @@
 ``graph`` finds what each transform acts on, ``align`` computes transforms, ``transform`` applies them, ``normalization`` repairs statistics, ``api`` ties it together.
 """
 
-from ccatoolkit.merging.api import METHODS, Ensemble, align_to, alignment_transforms, ensemble, merge
+from ccatoolkit.merging.api import METHODS, Ensemble, RidgeSweep, align_to, alignment_transforms, ensemble, merge
 from ccatoolkit.merging.graph import GraphError, MergeGraph, ParamRef, Space, merge_graph
 from ccatoolkit.merging.normalization import channel_stats, repair, repair_endpoints, reset_bn_stats
 from ccatoolkit.merging.transform import apply_permutations, apply_transforms
 
 __all__ = [
-    "METHODS", "Ensemble", "align_to", "alignment_transforms", "ensemble", "merge", "GraphError", "MergeGraph",
+    "METHODS", "Ensemble", "RidgeSweep", "align_to", "alignment_transforms", "ensemble", "merge", "GraphError", "MergeGraph",
     "ParamRef", "Space", "merge_graph", "channel_stats", "repair", "repair_endpoints", "reset_bn_stats",
     "apply_permutations", "apply_transforms",
 ]

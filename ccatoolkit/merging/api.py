@@ -55,7 +55,14 @@ from ccatoolkit.merging.align.permutation import match_activations, permutation_
 from ccatoolkit.merging.align.zipit import zipit_transforms
 from ccatoolkit.merging.folding import fold_batchnorm, foldable_batchnorms, folded_graph
 from ccatoolkit.merging.graph import MergeGraph, merge_graph
-from ccatoolkit.merging.normalization import channel_stats, repair_batchnorm, repair_endpoints, reset_bn_stats
+from ccatoolkit.merging.normalization import (
+    channel_moments,
+    channel_stats,
+    mapped_channel_stats,
+    repair_batchnorm,
+    repair_endpoints,
+    reset_bn_stats,
+)
 from ccatoolkit.merging.normalization import repair as repair_model
 from ccatoolkit.merging.transform import apply_transforms, transformed_state
 from ccatoolkit.zoo.training import evaluate
@@ -68,6 +75,7 @@ __all__ = [
     "Ensemble",
     "ensemble",
     "merge",
+    "RidgeSweep",
     "align_to",
     "alignment_transforms",
 ]
@@ -398,8 +406,12 @@ def _repair_targets(
     transforms: list[Transforms | None],
     data: Any,
     max_batches: int | None,
+    moments: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """REPAIR targets per pre-activation module: the endpoints' statistics seen in the merged space.
+
+    ``moments``: each model's :func:`~ccatoolkit.merging.normalization.channel_moments` at these modules,
+    measured once (a ridge sweep): the mapped statistics then follow in closed form, without a pass.
 
     Alignment methods: the mean over models of the channel mean/std of ``out_k @ y_k`` (model k's
     pre-activations mapped by its transform; exact for permutations). ZipIt: each merged channel's
@@ -416,8 +428,11 @@ def _repair_targets(
             for space, names in endpoints.items():
                 if space in t:
                     matrix.update({name: t[space][0] for name in names})
-        stats = channel_stats(model, [m for ns in endpoints.values() for m in ns], data, max_batches,
-                              transform=matrix)
+        names = [m for ns in endpoints.values() for m in ns]
+        if moments is not None:
+            stats = {name: mapped_channel_stats(moments[k][name], matrix.get(name)) for name in names}
+        else:
+            stats = channel_stats(model, names, data, max_batches, transform=matrix)
         for space, names in endpoints.items():
             for name in names:
                 mean, std = stats[name]
@@ -453,6 +468,7 @@ class _Plan:
     max_batches: int | None
     progress: bool
     options: dict[str, Any]
+    moments: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None  # see _repair_targets
 
     @classmethod
     def build(cls, method: str, models: list[nn.Module], ref: int, graph: MergeGraph, **kwargs: Any) -> _Plan:
@@ -489,7 +505,8 @@ class _Plan:
         targets = None
         if bn_targets or iterative:
             _require_data(self.data, self.method, "REPAIR (or pass repair=False)")
-            targets = _repair_targets(self.method, self.models, self.graph, transforms, self.data, self.max_batches)
+            targets = _repair_targets(self.method, self.models, self.graph, transforms, self.data, self.max_batches,
+                                      self.moments)
         if self.reset_bn and has_bn:
             _require_data(self.data, self.method, "the BatchNorm reset (or pass reset_bn=False)")
             if bn_targets:
@@ -698,6 +715,41 @@ def merge(
     models = _check_models(models)
     if method == "ensemble":
         return ensemble(models)
+    grid = tuple(_check_ridge(r, "ridge_grid value") for r in options.pop("ridge_grid", RIDGE_GRID))
+    if isinstance(ridge, str):
+        if ridge != "auto":
+            raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
+    else:
+        ridge = _check_ridge(ridge)
+    plan = _plan(method, models, data, reference, reset_bn, repair, val_data, max_batches, graph, progress, options)
+    uses_ridge = method in _RIDGE_METHODS
+    scores: dict[float, float] = {}
+    chosen: float | None = None
+    how = None
+    stats = None
+    merged: nn.Module | None = None
+    if uses_ridge and ridge == "auto":
+        chosen, scores, how, stats, merged = _select_ridge(plan, method, grid, plan.data, val_data, max_batches, progress)
+    elif uses_ridge:
+        chosen, how = float(ridge), "given"
+    if stats is None and method in _STATS_METHODS:
+        stats = _stats(models, plan.graph, plan.data, max_batches, progress)
+    if stats is not None:
+        _warn_if_unreliable(stats, method, chosen)
+    extra: dict[str, Any] = {}
+    if merged is None:
+        transforms = _compute_transforms(method, models, plan.ref, plan.graph, stats,
+                                         chosen if chosen is not None else 0.0, options, extra)
+        stats = None  # the joint Gram matrices of wide layers are large: free them before the models are built
+        merged = plan.merged(transforms)
+    return _with_info(merged, plan, chosen, how, scores, extra)
+
+
+def _plan(
+    method: str, models: list[nn.Module], data: Any, reference: str | int, reset_bn: bool, repair: bool | None,
+    val_data: Any, max_batches: int | None, graph: MergeGraph | None, progress: bool, options: dict[str, Any],
+) -> _Plan:
+    """The checks and set-up every merge makes before its statistics: data, reference, REPAIR default, graph."""
     for what, given in (("data", data), ("val_data", val_data)):
         if given is not None:
             check_data(given, what, reiterable=True)
@@ -706,47 +758,69 @@ def merge(
     repair_explicit = repair is True
     if repair is None:
         repair = method != "average"  # the baselines stay plain: average is what REPAIR is measured against
-    uses_ridge = method in _RIDGE_METHODS
-    grid = tuple(_check_ridge(r, "ridge_grid value") for r in options.pop("ridge_grid", RIDGE_GRID))
-    if isinstance(ridge, str):
-        if ridge != "auto":
-            raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
-    else:
-        ridge = _check_ridge(ridge)
     if method in _STATS_METHODS:
         _require_data(data, method)
     if options.get("ridge_rule") is not None and options["ridge_rule"] not in _RIDGE_RULES:
         raise ValueError(f"ridge_rule must be one of {_RIDGE_RULES}, got {options['ridge_rule']!r}")
     graph, data = _graph(models[ref], graph, data)
-    plan = _Plan.build(method, models, ref, graph, data=data, reset_bn=reset_bn, repair=repair,
+    return _Plan.build(method, models, ref, graph, data=data, reset_bn=reset_bn, repair=repair,
                        repair_explicit=repair_explicit, max_batches=max_batches, progress=progress, options=options)
-    scores: dict[float, float] = {}
-    chosen: float | None = None
-    how = None
-    stats = None
-    merged: nn.Module | None = None
-    if uses_ridge and ridge == "auto":
-        chosen, scores, how, stats, merged = _select_ridge(plan, method, grid, data, val_data, max_batches, progress)
-    elif uses_ridge:
-        chosen, how = float(ridge), "given"
-    if stats is None and method in _STATS_METHODS:
-        stats = _stats(models, graph, data, max_batches, progress)
-    if stats is not None:
-        _warn_if_unreliable(stats, method, chosen)
-    extra: dict[str, Any] = {}
-    if merged is None:
-        transforms = _compute_transforms(method, models, ref, graph, stats, chosen if chosen is not None else 0.0,
-                                         options, extra)
-        stats = None  # the joint Gram matrices of wide layers are large: free them before the models are built
-        merged = plan.merged(transforms)
+
+
+def _with_info(merged: nn.Module, plan: _Plan, ridge: float | None, how: str | None, scores: dict[float, float],
+               extra: dict[str, Any]) -> nn.Module:
+    """``merged`` with its ``merge_info``: method, reference, ridge and how it was chosen, folding, permutation-only spaces."""
     merged.merge_info = dict(  # type: ignore[assignment]
-        method=method, reference=ref, ridge=chosen, ridge_selection=how, ridge_scores=scores,
-        reset_bn=reset_bn, repair=repair, num_models=len(models), folded_batchnorm=sorted(plan.folded),
-        permutation_only={s.name: s.permutation_only for s in graph.spaces if s.permutation_only},
+        method=plan.method, reference=plan.ref, ridge=ridge, ridge_selection=how, ridge_scores=scores,
+        reset_bn=plan.reset_bn, repair=plan.repair, num_models=len(plan.models), folded_batchnorm=sorted(plan.folded),
+        permutation_only={s.name: s.permutation_only for s in plan.graph.spaces if s.permutation_only},
     )
     if "cycle" in extra:  # c2m3: Frank-Wolfe's iterations, final gap and objective
         merged.merge_info["cycle"] = extra["cycle"]
     return merged
+
+
+class RidgeSweep:
+    """Merges of the same models by a CCA method at many ridges: ``sweep(ridge)`` is ``merge(..., ridge=ridge)``.
+
+    What does not depend on the ridge is done once, when the sweep is made: the checks, the merge
+    graph, the activation statistics and the moments REPAIR's targets are mapped from
+    (:func:`~ccatoolkit.merging.normalization.channel_moments`); each layer's eigendecompositions are
+    kept after the first ridge (the cache of :class:`~ccatoolkit.merging.align.cca.CCAProblem`). A new
+    ridge reruns only the CCA solve, the averaging and REPAIR's passes on the merged model, so a
+    widget's ridge slider answers in a fraction of a full merge. ``data``'s batches are read into
+    memory once; they and the statistics stay as long as the sweep does.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], method: str = "cca", data: Iterable[Any] | None = None, *,
+                 reference: str | int = "first", reset_bn: bool = True, repair: bool | None = None,
+                 max_batches: int | None = None, graph: MergeGraph | None = None, progress: bool = False,
+                 **options: Any) -> None:
+        method = _canonical_method(method)
+        if method not in _RIDGE_METHODS:
+            raise ValueError(f"a ridge sweep needs a CCA method ({', '.join(sorted(_RIDGE_METHODS))}), got {method!r}")
+        _check_options(options)
+        options.pop("ridge_grid", None)
+        models = _check_models(models)
+        if data is not None:  # read once: REPAIR's passes at every ridge reuse the batches
+            check_data(data, "data", reiterable=True)
+            data = list(itertools.islice(iter(data), max_batches))
+        self.plan = _plan(method, models, data, reference, reset_bn, repair, None, max_batches, graph, progress,
+                          options)
+        self.stats = _stats(models, self.plan.graph, self.plan.data, max_batches, progress)
+        endpoints = [n for names in repair_endpoints(models[0], self.plan.graph).values() for n in names]
+        if self.plan.repair or (reset_bn and has_batchnorm(models[0])):  # REPAIR's targets, without a pass per ridge
+            self.plan.moments = [channel_moments(m, endpoints, self.plan.data, max_batches) for m in models]
+        self._cache: dict[Any, Any] = {}
+
+    def __call__(self, ridge: float) -> nn.Module:
+        """The merged model at ``ridge`` (a number >= 0; the same model ``merge`` gives for it)."""
+        ridge = _check_ridge(ridge)
+        plan = self.plan
+        _warn_if_unreliable(self.stats, plan.method, ridge)
+        transforms = _compute_transforms(plan.method, plan.models, plan.ref, plan.graph, self.stats, ridge,
+                                         plan.options, self._cache)
+        return _with_info(plan.merged(transforms), plan, ridge, "given", {}, {})
 
 
 def alignment_transforms(

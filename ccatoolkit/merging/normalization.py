@@ -31,7 +31,10 @@ from ccatoolkit._utils import (
 )
 from ccatoolkit.merging.graph import MergeGraph, merge_graph
 
-__all__ = ["reset_bn_stats", "repair", "repair_batchnorm", "repair_endpoints", "channel_stats"]
+__all__ = [
+    "reset_bn_stats", "repair", "repair_batchnorm", "repair_endpoints", "channel_stats", "channel_moments",
+    "mapped_channel_stats",
+]
 
 
 def _batches(data: Iterable[Any], max_batches: int | None, progress: bool, desc: str) -> Iterator[torch.Tensor]:
@@ -165,33 +168,25 @@ def _reduce_channels(
     return t.sum(0), (t * t).sum(0), t.shape[0]
 
 
-def channel_stats(
+def _accumulate(
     model: nn.Module,
     modules: Sequence[str],
     data: Iterable[Any],
-    max_batches: int | None = None,
-    progress: bool = False,
+    reduce: Mapping[str, Any],
+    max_batches: int | None,
+    progress: bool,
     stop_after: str | None = None,
-    transform: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and (population) std of the outputs of ``modules`` on ``data``, in eval mode.
-
-    Channels are dim 1; conv outputs count every position as a sample. With ``stop_after`` the
-    forward pass ends after that module (cheaper when only early layers matter). ``transform[name]``
-    (a ``C x C`` matrix) maps a module's channels ``y`` to ``transform @ y`` before they are counted
-    (the statistics of a model's features seen in another model's space).
-    """
+) -> dict[str, list[Any]]:
+    """One eval-mode pass over ``data``: ``reduce[name](output)`` of each module, summed over batches (tuples)."""
     named = dict(model.named_modules())
-    acc: dict[str, list[Any]] = {n: [0.0, 0.0, 0] for n in modules}
+    acc: dict[str, list[Any]] = {n: [] for n in modules}
     handles = []
 
     def make(name: str):
-        matrix = None if transform is None or name not in transform else transform[name]
-
         def hook(_m: nn.Module, _a: Any, out: torch.Tensor) -> None:
-            s, ss, c = _reduce_channels(out, matrix)
+            parts = reduce[name](out)
             a = acc[name]
-            a[0], a[1], a[2] = a[0] + s, a[1] + ss, a[2] + c
+            acc[name] = list(parts) if not a else [x + y for x, y in zip(a, parts)]
             if name == stop_after:
                 raise _Stop
 
@@ -209,14 +204,72 @@ def channel_stats(
     finally:
         for h in handles:
             h.remove()
+    for n, a in acc.items():
+        if not a or a[-1] == 0:
+            raise ValueError(f"module {n!r} produced no output on the data; is it used in forward()?")
+    return acc
+
+
+def channel_stats(
+    model: nn.Module,
+    modules: Sequence[str],
+    data: Iterable[Any],
+    max_batches: int | None = None,
+    progress: bool = False,
+    stop_after: str | None = None,
+    transform: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and (population) std of the outputs of ``modules`` on ``data``, in eval mode.
+
+    Channels are dim 1; conv outputs count every position as a sample. With ``stop_after`` the
+    forward pass ends after that module (cheaper when only early layers matter). ``transform[name]``
+    (a ``C x C`` matrix) maps a module's channels ``y`` to ``transform @ y`` before they are counted
+    (the statistics of a model's features seen in another model's space).
+    """
+    transform = transform or {}
+    reduce = {n: (lambda out, m=transform.get(n): _reduce_channels(out, m)) for n in modules}
+    acc = _accumulate(model, modules, data, reduce, max_batches, progress, stop_after)
     result = {}
     for n, (s, ss, c) in acc.items():
-        if c == 0:
-            raise ValueError(f"module {n!r} produced no output on the data; is it used in forward()?")
         mean = s / c
         var = (ss / c - mean * mean).clamp_min(0.0)
         result[n] = (mean, var.sqrt())
     return result
+
+
+def channel_moments(
+    model: nn.Module, modules: Sequence[str], data: Iterable[Any], max_batches: int | None = None,
+    progress: bool = False,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, the channels' mean and second-moment matrix ``E[y y^T]`` (float64; channels dim 1, conv
+    positions count as samples), in eval mode.
+
+    The statistics :func:`channel_stats` counts, for every linear map at once: those of ``M @ y`` follow
+    without another pass over the data (:func:`mapped_channel_stats`). Holds a ``C x C`` matrix per module,
+    so it suits layers of moderate width (a ridge slider re-merging the same models).
+    """
+
+    def reduce(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        t = out.detach().to(torch.float64)
+        t = t.movedim(1, -1).reshape(-1, t.shape[1]) if t.dim() > 2 else t
+        return t.sum(0), t.T @ t, t.shape[0]
+
+    acc = _accumulate(model, modules, data, {n: reduce for n in modules}, max_batches, progress)
+    return {n: (s / c, ss / c) for n, (s, ss, c) in acc.items()}
+
+
+def mapped_channel_stats(
+    moments: tuple[torch.Tensor, torch.Tensor], matrix: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) std of ``matrix @ y`` from ``y``'s :func:`channel_moments` (``y`` itself when None):
+    ``M mean`` and ``sqrt(diag(M E[yy^T] M^T) - (M mean)^2)``, what :func:`channel_stats` with ``transform`` counts."""
+    mean, second = moments
+    if matrix is None:
+        m_mean, m_sq = mean, torch.diagonal(second)
+    else:
+        M = torch.as_tensor(matrix, dtype=torch.float64, device=mean.device)
+        m_mean, m_sq = M @ mean, ((M @ second) * M).sum(1)
+    return m_mean, (m_sq - m_mean * m_mean).clamp_min(0.0).sqrt()
 
 
 def _can_shift(module: nn.Module) -> bool:

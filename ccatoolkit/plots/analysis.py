@@ -1,4 +1,5 @@
-"""Analysis plots: correlation heatmaps, canonical-correlation spectra, accuracy bars, accuracy against N, confusion matrices.
+"""Analysis plots: correlation heatmaps, canonical-correlation spectra, accuracy bars, accuracy against N, confusion matrices,
+and the spread of merges over many pairs or subsets (mean +/- sd, relative to the ensemble; seaborn).
 
 Every function draws into the given matplotlib axis (a new figure's axis when ``ax`` is None) and
 returns it, so notebooks and widgets can redraw in place. matplotlib is imported only inside the
@@ -15,9 +16,14 @@ __all__ = [
     "plot_correlation",
     "plot_cca_spectra",
     "plot_accuracy_bars",
+    "update_accuracy_bars",
     "plot_accuracy_vs_n",
     "plot_confusion",
+    "update_confusion",
     "confusion_matrix",
+    "collapsed_methods",
+    "plot_spread_bars",
+    "plot_spread_vs_n",
 ]
 
 
@@ -99,13 +105,12 @@ def plot_accuracy_bars(accuracies: Mapping[str, float], ax: Any = None, title: s
         raise ValueError(f"highlight {highlight!r} is not one of the bars: {', '.join(accuracies)}")
     ax = _axis(ax, (6, 3.5))
     names = list(accuracies)
-    values = np.array([float(accuracies[n]) for n in names])
-    colors = ["tab:orange" if n == highlight else ("tab:blue" if highlight is None else "lightsteelblue")
-              for n in names]
-    bars = ax.bar(names, values, color=colors)
-    for bar, v in zip(bars, values):
-        ax.annotate(f"{v:.1%}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+    bars = ax.bar(names, np.zeros(len(names)))
+    for bar in bars:
+        ax.annotate("", (bar.get_x() + bar.get_width() / 2, 0.0), ha="center", va="bottom",
                     fontsize="small", xytext=(0, 2), textcoords="offset points")
+    update_accuracy_bars(ax, accuracies, highlight)
+    values = np.array([float(accuracies[n]) for n in names])
     for i, (label, value) in enumerate((reference or {}).items()):
         ax.axhline(float(value), color=f"C{i + 2}", linestyle="--", linewidth=1, label=label)
     if reference:
@@ -115,6 +120,23 @@ def plot_accuracy_bars(accuracies: Mapping[str, float], ax: Any = None, title: s
     ax.tick_params(axis="x", labelrotation=20)
     if title:
         ax.set_title(title)
+    return ax
+
+
+def update_accuracy_bars(ax: Any, accuracies: Mapping[str, float], highlight: str | None = None) -> Any:
+    """Set the bars of :func:`plot_accuracy_bars` (same names, in order) to ``accuracies``: heights, labels, highlight."""
+    names = list(accuracies)
+    bars, labels = ax.patches[: len(names)], [t for t in ax.texts if hasattr(t, "xy")][: len(names)]
+    if len(bars) != len(names) or len(labels) != len(names):
+        raise ValueError(f"this axis has {len(bars)} bars, got {len(names)} accuracies")
+    if highlight is not None and highlight not in accuracies:
+        raise ValueError(f"highlight {highlight!r} is not one of the bars: {', '.join(names)}")
+    for name, bar, label in zip(names, bars, labels):
+        value = float(accuracies[name])
+        bar.set_height(value)
+        bar.set_color("tab:orange" if name == highlight else ("tab:blue" if highlight is None else "lightsteelblue"))
+        label.xy = (bar.get_x() + bar.get_width() / 2, value)
+        label.set_text(f"{value:.1%}")
     return ax
 
 
@@ -161,10 +183,13 @@ def confusion_matrix(targets: Any, predictions: Any, num_classes: int | None = N
 
 def plot_confusion(matrix: Any, ax: Any = None, title: str | None = None,
                    class_names: Sequence[str] | None = None, normalize: bool = True,
-                   annotate: bool = True) -> Any:
+                   annotate: bool | str = True) -> Any:
     """Confusion matrix (rows: true class, columns: predicted) as a heatmap; rows normalised to fractions by default.
 
     ``class_names`` label the axes (e.g. ``dataset_info(name)["classes"]``); default: the class indices.
+    ``annotate``: write every non-zero cell's value (True), none (False) or only the diagonal's
+    (``"diagonal"``, each class's recall: ten texts draw far faster than a hundred, for a slider).
+    :func:`update_confusion` shows another matrix of the same size in the same axis (a widget's redraw).
     """
     counts = _array(matrix, "matrix", ndim=2)
     if counts.shape[0] != counts.shape[1]:
@@ -173,24 +198,135 @@ def plot_confusion(matrix: Any, ax: Any = None, title: str | None = None,
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
     if len(names) != k:
         raise ValueError(f"{len(names)} class names for a {k}x{k} confusion matrix")
-    shown = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) if normalize else counts
     ax = _axis(ax, (4.5, 4))
-    ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None, interpolation="nearest")
-    if annotate:
-        top = shown.max() if shown.size else 1.0
-        for i in range(k):
-            for j in range(k):
-                if shown[i, j] > 0:
-                    text = f"{shown[i, j]:.2f}".lstrip("0") if normalize else f"{int(shown[i, j])}"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=6,
-                            color="white" if shown[i, j] > 0.6 * top else "black")
+    ax.imshow(np.zeros((k, k)), cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None, interpolation="nearest")
+    if annotate not in (True, False, "diagonal"):
+        raise ValueError(f"annotate must be True, False or 'diagonal', got {annotate!r}")
+    cells = [(i, i) for i in range(k)] if annotate == "diagonal" else [(i, j) for i in range(k) for j in range(k)]
+    for i, j in cells if annotate else ():  # one text per cell, empty where the count is 0: an update sets strings
+        ax.text(j, i, "", ha="center", va="center", fontsize=6)
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize="x-small")
     ax.set_yticklabels(names, fontsize="x-small")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    return update_confusion(ax, counts, title=title, normalize=normalize)
+
+
+def update_confusion(ax: Any, matrix: Any, title: str | None = None, normalize: bool = True) -> Any:
+    """Show ``matrix`` in an axis drawn by :func:`plot_confusion` (same size): image, cell texts and title, in place."""
+    counts = _array(matrix, "matrix", ndim=2)
+    image = ax.get_images()[0]
+    k = image.get_array().shape[0]
+    if counts.shape != (k, k):
+        raise ValueError(f"this axis shows a {k}x{k} confusion matrix, got shape {counts.shape}")
+    shown = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) if normalize else counts
+    image.set_data(shown)
+    if not normalize:
+        image.set_clim(0.0, max(float(shown.max()), 1.0))
+    if len(ax.texts) in (k, k * k):  # the diagonal's texts, or every cell's
+        top = shown.max() if shown.size else 1.0
+        for text, value in zip(ax.texts, np.diag(shown) if len(ax.texts) == k else shown.reshape(-1)):
+            text.set_text("" if value <= 0 else (f"{value:.2f}".lstrip("0") if normalize else f"{int(value)}"))
+            text.set_color("white" if value > 0.6 * top else "black")
     total = counts.sum()
     acc = float(np.trace(counts) / total) if total else float("nan")
     ax.set_title(f"{title} (accuracy {acc:.1%})" if title else f"accuracy {acc:.1%}", fontsize="medium")
+    return ax
+
+
+def collapsed_methods(frame: Any, y: str = "relative", below: float = -0.2) -> list[str]:
+    """The methods of a runs table (``NModelsContext.frame()``) whose mean ``y`` lies below ``below``.
+
+    A merge that collapses (plain averaging of unaligned models, 10-50% accuracy) is tens of points
+    below the others; on a shared axis it squeezes their differences of a point or two flat, so the
+    spread plots draw it on an axis of its own.
+    """
+    means = frame.groupby("method", sort=False)[y].mean()
+    return [str(m) for m, v in means.items() if v < below]
+
+
+def _side_axis(ax: Any, title: str) -> Any:
+    """An axis of its own scale at the right of ``ax`` (for the methods that collapse)."""
+    side = ax.inset_axes([1.15, 0.0, 0.3, 1.0])
+    side.set_title(title, fontsize="small")
+    side.grid(alpha=0.3, axis="y")
+    return side
+
+
+def _relative_label(y: str) -> str:
+    return "accuracy - ensemble's" if y == "relative" else y
+
+
+def plot_spread_bars(frame: Any, ax: Any = None, y: str = "relative", title: str | None = None,
+                     collapse_below: float = -0.2, exclude: Sequence[str] = ("ensemble",)) -> Any:
+    """Mean +/- sd of ``y`` per method over the runs of a table (one row per run: ``method`` and ``y``), one dot per run.
+
+    ``y="relative"`` (the default) is each merge's accuracy minus the ensemble of the same models:
+    0 is the ensemble. Methods whose mean lies below ``collapse_below`` (:func:`collapsed_methods`)
+    are drawn on an axis of their own at the right, so they do not flatten the others' scale.
+    ``exclude``: rows left out (the ensemble, which is 0 by definition). Needs seaborn.
+    """
+    import seaborn as sns
+
+    frame = frame[~frame["method"].isin(list(exclude))]
+    if frame.empty:
+        raise ValueError("no runs to plot (after leaving out the excluded methods)")
+    low = collapsed_methods(frame, y, collapse_below)
+    ax = _axis(ax, (6, 3.5))
+    parts = [(ax, frame[~frame["method"].isin(low)])]
+    if low:
+        parts.append((_side_axis(ax, "collapsed (own scale)"), frame[frame["method"].isin(low)]))
+    for axis, part in parts:
+        order = list(dict.fromkeys(part["method"]))
+        sns.barplot(data=part, x="method", y=y, order=order, errorbar="sd", color="lightsteelblue", ax=axis,
+                    capsize=0.2, err_kws={"linewidth": 1.2})
+        sns.stripplot(data=part, x="method", y=y, order=order, color="black", size=3, ax=axis)
+        axis.tick_params(axis="x", labelrotation=30)
+        axis.set_xlabel("")
+        if y == "relative":
+            axis.axhline(0.0, color="tab:green", linestyle="--", linewidth=1)
+    ax.set_ylabel(_relative_label(y))
+    if low:
+        parts[1][0].set_ylabel("")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_spread_vs_n(frame: Any, ax: Any = None, y: str = "relative", title: str | None = None,
+                     collapse_below: float = -0.2, exclude: Sequence[str] = ("ensemble",)) -> Any:
+    """Mean +/- sd band of ``y`` against the number of models merged, one line per method (rows: ``method``, ``n``, ``y``).
+
+    As :func:`plot_spread_bars`: ``y="relative"`` puts the ensemble of the same models at 0, and methods
+    that collapse get an axis of their own at the right. Needs seaborn.
+    """
+    import seaborn as sns
+
+    frame = frame[~frame["method"].isin(list(exclude))]
+    if frame.empty:
+        raise ValueError("no runs to plot (after leaving out the excluded methods)")
+    low = collapsed_methods(frame, y, collapse_below)
+    ax = _axis(ax, (5.5, 3.5))
+    methods = list(dict.fromkeys(frame["method"]))
+    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    parts = [(ax, frame[~frame["method"].isin(low)])]
+    if low:
+        parts.append((_side_axis(ax, "collapsed (own scale)"), frame[frame["method"].isin(low)]))
+    ns = sorted({int(n) for n in frame["n"]})
+    for axis, part in parts:
+        sns.lineplot(data=part, x="n", y=y, hue="method", palette=palette, errorbar="sd", marker="o", ax=axis)
+        axis.set_xticks(ns)
+        axis.set_xlabel("number of models merged (N)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="x-small")
+        if y == "relative":
+            axis.axhline(0.0, color="tab:green", linestyle="--", linewidth=1)
+    ax.set_ylabel(_relative_label(y))
+    if low:
+        parts[1][0].set_ylabel("")
+        parts[1][0].set_xlabel("N")
+    if title:
+        ax.set_title(title)
     return ax
