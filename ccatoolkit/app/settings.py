@@ -63,7 +63,7 @@ class Settings:
     stats_limit: int = 5000         # examples used for activation statistics (alignment, merging)
     batch_size: int = 256
     n_models: int = 4               # models per data split (notebooks 1 and 6: merge up to this many)
-    subsets: int | None = None      # subsets of each size N merged in notebook 6 (None: all of them)
+    subsets: int | None = 3         # subsets of each size N merged in notebook 6, in rotation (None: all)
     n_seeds: int = 4                # models with different seeds on the full data (notebook 1)
     alphas: int = 21                # points along an interpolation path
     plane_resolution: int = 15      # grid points per side of a 2-D loss plane
