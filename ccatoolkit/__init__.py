@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "MLP": "ccatoolkit.zoo.models",
     "VGG11": "ccatoolkit.zoo.models",
     "ResNet20": "ccatoolkit.zoo.models",
+    "torchvision_model": "ccatoolkit.zoo.models",
     "train": "ccatoolkit.zoo.training",
     "evaluate": "ccatoolkit.zoo.training",
     "predict": "ccatoolkit.zoo.training",

@@ -347,3 +347,55 @@ def test_densenet_regnet_vgg_merge_with_a_permuted_copy_into_itself(name: str, m
     tol = 1e-2 if name == "vgg11_bn" else 1e-3
     for method in methods:
         _assert_merges_back_from_a_permuted_copy(model, graph, method, data, tol)
+
+
+# --- torchvision models adapted to the zoo's data sets (notebook 7) -------------------------------------
+
+
+def test_torchvision_model_takes_one_channel_images_and_records_its_config() -> None:
+    from ccatoolkit.zoo.models import build_model, model_config, torchvision_model
+
+    net = torchvision_model("resnet18", in_shape=(1, 28, 28), num_classes=10)
+    assert isinstance(net, models.ResNet) and net.conv1.in_channels == 1
+    assert (net.conv1.kernel_size, net.conv1.stride, net.conv1.padding) == ((7, 7), (2, 2), (3, 3))
+    assert net.training  # built as torchvision builds it (train mode)
+    out = net.eval()(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert model_config(net) == dict(name="torchvision", arch="resnet18", in_shape=(1, 28, 28), num_classes=10)
+    with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):
+        net(torch.randn(2, 3, 28, 28))
+    same = build_model("torchvision", arch="resnet18", in_shape=(3, 32, 32), num_classes=7)
+    assert same.conv1.in_channels == 3 and same.fc.out_features == 7  # torchvision's own stem, untouched
+
+
+def test_torchvision_model_errors_name_the_problem() -> None:
+    from ccatoolkit.zoo.models import torchvision_model
+
+    with pytest.raises(ValueError, match="unknown torchvision model 'resnet7'"):
+        torchvision_model("resnet7")
+    with pytest.raises(ValueError, match=r"cannot take inputs of shape \(1, 8, 8\)"):
+        torchvision_model("vgg11", in_shape=(1, 8, 8))
+
+
+def test_one_channel_torchvision_resnet_merges_a_permuted_copy_back() -> None:
+    from ccatoolkit.zoo.models import torchvision_model
+
+    data = [torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    torch.manual_seed(0)
+    model = reset_bn_stats(torchvision_model("resnet18"), data, progress=False).eval()
+    graph = merge_graph(model, example_input=data[0][:2])
+    _assert_merges_back_from_a_permuted_copy(model, graph, "permute", data)
+
+
+def test_trained_torchvision_model_is_cached_by_the_zoo(tmp_path) -> None:
+    from ccatoolkit.zoo.trained import trained_model
+
+    kwargs = dict(model="torchvision", model_kwargs=dict(arch="resnet18"), dataset="fashion_mnist", epochs=1,
+                  batch_size=32, limit=64, seed=3, cache_dir=tmp_path, device="cpu", progress=False)
+    a = trained_model(**kwargs)
+    files = list(tmp_path.glob("model-*.pt"))
+    assert len(files) == 1 and a.train_info["n_train"] == 64 and not a.training
+    again = trained_model(**kwargs)
+    assert list(tmp_path.glob("model-*.pt")) == files
+    for (name, p), q in zip(a.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name

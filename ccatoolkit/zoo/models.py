@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["MLP", "VGG11", "ResNet20", "BasicBlock", "build_model", "MODEL_NAMES", "model_config"]
+__all__ = ["MLP", "VGG11", "ResNet20", "BasicBlock", "torchvision_model", "build_model", "MODEL_NAMES", "model_config"]
 
 
 def _install_input_check(model: nn.Module, in_shape: tuple[int, ...]) -> None:
@@ -200,15 +200,66 @@ class ResNet20(nn.Module):
         return self.head(self.flatten(self.pool(x)))
 
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "vgg11": VGG11, "resnet20": ResNet20}
-MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+def torchvision_model(
+    arch: str = "resnet18",
+    in_shape: tuple[int, ...] = (1, 28, 28),
+    num_classes: int = 10,
+) -> nn.Module:
+    """A torchvision classification model ``arch`` (randomly initialised, nothing downloaded) fitted to ``in_shape``.
+
+    ``torchvision.models.get_model(arch, weights=None, num_classes=num_classes)`` with its first
+    convolution rebuilt for ``in_shape[0]`` input channels when that differs from 3 (same kernel,
+    stride and padding), so a ResNet takes Fashion-MNIST's 1-channel images as they are. Everything
+    else is torchvision's own model (on 28 x 28 images a ResNet's stem and max-pool leave 7 x 7
+    maps). ``model.config`` records ``name="torchvision"``, ``arch``, ``in_shape`` and
+    ``num_classes``, so trained copies are cached by :func:`ccatoolkit.zoo.trained_model`
+    (``model="torchvision", model_kwargs=dict(arch=...)``). An architecture that cannot take
+    ``in_shape`` (e.g. too small for its down-sampling) raises a ``ValueError`` here.
+    """
+    from torchvision import models as tv_models
+
+    try:
+        net = tv_models.get_model(arch, weights=None, num_classes=num_classes)
+    except ValueError as err:
+        raise ValueError(f"unknown torchvision model {arch!r} ({err})") from None
+    channels = int(in_shape[0])
+    first = next(((name, m) for name, m in net.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        raise ValueError(f"torchvision model {arch!r} has no Conv2d to take {channels}-channel input")
+    name, conv = first
+    if conv.in_channels != channels:
+        if conv.groups != 1:
+            raise ValueError(f"the first convolution of {arch!r} ({name!r}) is grouped; cannot change its input channels")
+        new = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                        dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode)
+        parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+        setattr(parent, name.rpartition(".")[2], new)
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(2, *in_shape))
+    except RuntimeError as err:
+        raise ValueError(f"torchvision model {arch!r} cannot take inputs of shape {tuple(in_shape)}: {err}") from None
+    finally:
+        net.train(was_training)
+    net.config = dict(name="torchvision", arch=str(arch), in_shape=tuple(in_shape), num_classes=num_classes)
+    _install_input_check(net, tuple(in_shape))
+    return net
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP, "vgg11": VGG11, "resnet20": ResNet20, "torchvision": torchvision_model,
+}
+#: The zoo's own architectures (``build_model`` also takes ``"torchvision"``, see :func:`torchvision_model`).
+MODEL_NAMES: tuple[str, ...] = ("mlp", "vgg11", "resnet20")
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a zoo model by name (``"mlp"``, ``"vgg11"``, ``"resnet20"``) with its keyword arguments."""
+    """Build a model by name (``"mlp"``, ``"vgg11"``, ``"resnet20"``, or ``"torchvision"`` with
+    ``arch=...``, see :func:`torchvision_model`) with its keyword arguments."""
     key = name.lower()
     if key not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; valid names are: {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"unknown model {name!r}; valid names are: {', '.join(_REGISTRY)}")
     try:
         return _REGISTRY[key](**kwargs)
     except TypeError as err:
