@@ -214,7 +214,7 @@ def test_repair_in_merge_matches_endpoint_statistics() -> None:
 
 
 def test_correlation_ridge_rule_scores_held_out_alignment_without_merging(monkeypatch) -> None:
-    """ridge_rule="correlation" (the default above AGREEMENT_MAX_PARAMETERS) builds one merge, not one per ridge."""
+    """ridge_rule="correlation" builds one merge, not one per ridge (the default rule builds one per ridge)."""
     import ccatoolkit.merging.api as api
 
     torch.manual_seed(0)
@@ -223,10 +223,12 @@ def test_correlation_ridge_rule_scores_held_out_alignment_without_merging(monkey
     built = []
     original = api._Plan.merged
     monkeypatch.setattr(api._Plan, "merged", lambda self, *a, **k: built.append(1) or original(self, *a, **k))
-    monkeypatch.setattr(api, "AGREEMENT_MAX_PARAMETERS", 0)  # the size rule picks "correlation" for this MLP
-    merged = merge([model, other], "cca", data, progress=False, ridge_grid=(1e-4, 1e-2, 1.0))
+    merged = merge([model, other], "cca", data, progress=False, ridge_grid=(1e-4, 1e-2, 1.0), ridge_rule="correlation")
     info = merged.merge_info
     assert info["ridge_selection"].startswith("correlation") and len(built) == 1
+    built.clear()
+    default = merge([model, other], "cca", data, progress=False, ridge_grid=(1e-4, 1e-2, 1.0))
+    assert default.merge_info["ridge_selection"].startswith("agreement") and len(built) == 4  # 3 candidates + 1
     assert set(info["ridge_scores"]) == {1e-4, 1e-2, 1.0} and all(-1 <= v <= 1 for v in info["ridge_scores"].values())
     assert info["ridge"] == max(info["ridge_scores"], key=info["ridge_scores"].get)
     with pytest.raises(ValueError, match="ridge_rule must be one of"):
