@@ -102,3 +102,21 @@ def test_channel_moments_give_the_statistics_of_any_linear_map_without_a_pass() 
         torch.testing.assert_close(got, want)
     for got, want in zip(mapped_channel_stats(moments), channel_stats(model, ["features.conv1"], data)["features.conv1"]):
         torch.testing.assert_close(got, want)
+
+
+def test_channel_stats_of_a_scaled_permutation_equal_those_of_the_product() -> None:
+    """A (scaled) permutation maps the sums instead of every sample: the same statistics as the dense product."""
+    from ccatoolkit.merging.normalization import channel_stats
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU()).eval()
+    data = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    perm = torch.randperm(6)
+    matrix = torch.zeros(6, 6, dtype=torch.float64)
+    matrix[torch.arange(6), perm] = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+    sparse = channel_stats(model, ["0"], data, transform={"0": matrix})["0"]
+    dense = channel_stats(model, ["0"], data, transform={"0": matrix + 1e-300})["0"]  # not a permutation any more
+    plain = channel_stats(model, ["0"], data)["0"]
+    torch.testing.assert_close(sparse[0], dense[0])
+    torch.testing.assert_close(sparse[1], dense[1])
+    torch.testing.assert_close(sparse[0], matrix @ plain[0])  # the mean of T y is T times the mean of y

@@ -30,6 +30,7 @@ from ccatoolkit._utils import (
     to_model,
 )
 from ccatoolkit.merging.graph import MergeGraph, merge_graph
+from ccatoolkit.merging.transform import scaled_permutation_parts
 
 __all__ = [
     "reset_bn_stats", "repair", "repair_batchnorm", "repair_endpoints", "channel_stats", "channel_moments",
@@ -227,10 +228,16 @@ def channel_stats(
     (the statistics of a model's features seen in another model's space).
     """
     transform = transform or {}
-    reduce = {n: (lambda out, m=transform.get(n): _reduce_channels(out, m)) for n in modules}
+    # a (scaled) permutation maps the sums themselves: no per-sample product (permute, weight matching, C2M3)
+    sparse = {n: scaled_permutation_parts(torch.as_tensor(m)) for n, m in transform.items() if n in modules}
+    reduce = {n: (lambda out, m=None if sparse.get(n) else transform.get(n): _reduce_channels(out, m))
+              for n in modules}
     acc = _accumulate(model, modules, data, reduce, max_batches, progress, stop_after)
     result = {}
     for n, (s, ss, c) in acc.items():
+        if sparse.get(n) is not None:
+            index, scale = (t.to(s.device) for t in sparse[n])
+            s, ss = scale.double() * s[index], scale.double() ** 2 * ss[index]
         mean = s / c
         var = (ss / c - mean * mean).clamp_min(0.0)
         result[n] = (mean, var.sqrt())

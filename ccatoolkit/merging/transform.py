@@ -61,7 +61,7 @@ def _variance_eps(model: nn.Module, ref: ParamRef) -> float | None:
 _FLOAT64_ENTRIES = 1 << 22
 
 
-def _as_scaled_permutation(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def scaled_permutation_parts(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(index, scale)`` with ``matrix[i, index[i]] = scale[i]`` the only nonzero of row ``i``, when
     ``matrix`` is a scaled permutation; None otherwise (a map that mixes channels)."""
     nonzero = matrix != 0
@@ -83,7 +83,7 @@ def _left(tensor: torch.Tensor, ref: ParamRef, matrix: torch.Tensor) -> torch.Te
     4096 x 25088 classifier is 8e11 multiply-adds, twice as fast and half the memory in float32,
     whose rounding (1e-7 relative) is far below what merging changes.
     """
-    sparse = _as_scaled_permutation(matrix)
+    sparse = scaled_permutation_parts(matrix)
     if sparse is not None and ref.groups > 1:  # a grouped convolution's input: index within each group of rows
         index, scale = sparse
         out = permute_axis(tensor, index, ref)
