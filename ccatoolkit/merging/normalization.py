@@ -162,10 +162,17 @@ class _Stop(Exception):
 def _reduce_channels(
     out: torch.Tensor, matrix: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    t = out.detach().to(torch.float64)
+    """Per-channel sum and sum of squares (float64) of ``out`` (or of ``matrix @ out``), and the sample count.
+
+    The product with a dense ``matrix`` runs in the output's precision (at least float32), the sums in
+    float64: the product is the cost (samples x C x C), and its rounding is far below what a merge changes.
+    """
+    t = out.detach()
     t = t.movedim(1, -1).reshape(-1, t.shape[1]) if t.dim() > 2 else t
     if matrix is not None:
-        t = t @ torch.as_tensor(matrix, dtype=torch.float64, device=t.device).T
+        dtype = torch.promote_types(t.dtype, torch.float32)
+        t = t.to(dtype) @ torch.as_tensor(matrix, device=t.device).to(dtype).T
+    t = t.to(torch.float64)
     return t.sum(0), (t * t).sum(0), t.shape[0]
 
 
