@@ -18,11 +18,13 @@ def test_values_in_range_are_ok(capsys):
         ("gap", 1e-7, nb.at_most(1e-5), "{:.1e}"),
         ("correlation", 0.95, nb.at_least(0.9)),
         ("curve lower than line", True, True),
+        ("merge - ensemble", -0.004, nb.around(-0.004, 0.003), "{:+.1%}"),
     ])
     out = capsys.readouterr().out
     assert result.ok and result.failures == []
-    assert [r["status"] for r in result.rows()] == ["ok"] * 5
-    assert "All 5 expectations hold at default settings." in out
+    assert [r["status"] for r in result.rows()] == ["ok"] * 6
+    assert "All 6 expectations hold at default settings." in out
+    assert "-0.4% ± 0.3%" in out  # the sign is the value's, not the tolerance's
     assert "NOT OK" not in out
     assert "88.5% ± 1.0%" in out  # around() of a percentage is written in percent
     assert "0.100 to 0.500" in out and "<= 1.0e-05" in out and ">= 0.900" in out

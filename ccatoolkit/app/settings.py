@@ -334,7 +334,8 @@ class Check:
             return "yes" if r else "no"
         if r.text is not None:
             if "%" in self.fmt:  # around() of a fraction shown in percent: write it in percent too
-                return f"{self.fmt.format(0.5 * (r.low + r.high))} ± {self.fmt.format(0.5 * (r.high - r.low))}"
+                tol_fmt = self.fmt.replace("+", "")  # a signed format ("{:+.1%}") for the value, not the tolerance
+                return f"{self.fmt.format(0.5 * (r.low + r.high))} ± {tol_fmt.format(0.5 * (r.high - r.low))}"
             return r.text
         if r.low is not None and r.high is not None:
             return f"{self.fmt.format(r.low)} to {self.fmt.format(r.high)}"
