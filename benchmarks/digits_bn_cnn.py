@@ -7,6 +7,7 @@ digits batches the tests use). Each pair of models is merged with
 accuracy (%) as mean +/- sd over the pairs. Runs in a minute or two on 2 CPU cores.
 
     .venv/bin/python benchmarks/digits_bn_cnn.py --pairs 5
+    .venv/bin/python benchmarks/digits_bn_cnn.py --n 2 3 4 5 --pairs 3 --no-repair-rows   # N models, C2M3
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from toybox import ConvBN, digit_batches, fit  # noqa: E402  (the same model and data the tests use)
 
 
+METHODS = ("average", "permute", "permute_weight", "c2m3", "zipit", "cca", "cca_multiview")
+
+
 def trained(seed: int, width: int, train: list, epochs: int) -> nn.Module:
     """A ConvBN trained with Adam from initialisation ``seed`` (``toybox.fit``)."""
     torch.manual_seed(seed)
@@ -34,7 +38,10 @@ def trained(seed: int, width: int, train: list, epochs: int) -> nn.Module:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--pairs", type=int, default=5, help="groups of models merged per N (disjoint seeds)")
+    p.add_argument("--n", type=int, nargs="+", default=[2], help="numbers of models merged")
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--no-repair-rows", action="store_true", help="skip the repair=False rows")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
@@ -43,21 +50,28 @@ def main() -> None:
     t0 = time.time()
     train, test = digit_batches(128)
     acc = lambda m: 100.0 * cc.evaluate(m, test)["accuracy"]  # noqa: E731
-    rows: dict[str, list[float]] = {}
-    for pair in range(args.pairs):
-        a, b = (trained(2 * pair + i, args.width, train, args.epochs) for i in range(2))
-        rows.setdefault("endpoints (mean of the two)", []).append((acc(a) + acc(b)) / 2)
-        rows.setdefault("ensemble", []).append(acc(cc.ensemble([a, b])))
-        for method in ("average", "permute", "permute_weight", "zipit", "cca", "cca_multiview"):
-            rows.setdefault(method, []).append(acc(cc.merge([a, b], method=method, data=train, progress=False)))
-            if method != "average":
-                rows.setdefault(f"{method}, repair=False", []).append(
-                    acc(cc.merge([a, b], method=method, data=train, repair=False, progress=False)))
-        rows.setdefault("align_to(a, b, 'cca') on its own", []).append(acc(cc.align_to(a, b, "cca", train, progress=False)))
-    print(f"digits Conv-BN-ReLU (width {args.width}, {args.epochs} epochs Adam), {args.pairs} pairs; test accuracy %")
-    print("| merge | mean ± sd | per pair |\n|---|---|---|")
-    for name, values in rows.items():
-        print(f"| {name} | {np.mean(values):.1f} ± {np.std(values):.1f} | {' '.join(f'{v:.1f}' for v in values)} |")
+    cache: dict[int, nn.Module] = {}
+    for n in args.n:
+        rows: dict[str, list[float]] = {}
+        for group in range(args.pairs):
+            seeds = range(n * group, n * group + n)
+            models = [cache.setdefault(s, trained(s, args.width, train, args.epochs)) for s in seeds]
+            rows.setdefault("endpoints (mean)", []).append(float(np.mean([acc(m) for m in models])))
+            rows.setdefault("ensemble", []).append(acc(cc.ensemble(models)))
+            for method in args.methods:
+                rows.setdefault(method, []).append(acc(cc.merge(models, method=method, data=train, progress=False)))
+                if method != "average" and not args.no_repair_rows:
+                    rows.setdefault(f"{method}, repair=False", []).append(
+                        acc(cc.merge(models, method=method, data=train, repair=False, progress=False)))
+            if n == 2 and not args.no_repair_rows:
+                rows.setdefault("align_to(a, b, 'cca') on its own", []).append(
+                    acc(cc.align_to(models[0], models[1], "cca", train, progress=False)))
+        label = "pairs" if n == 2 else f"groups of {n}"
+        print(f"\ndigits Conv-BN-ReLU (width {args.width}, {args.epochs} epochs Adam), N = {n}, {args.pairs} {label} "
+              "(disjoint seeds); test accuracy %")
+        print("| merge | mean ± sd | per group |\n|---|---|---|")
+        for name, values in rows.items():
+            print(f"| {name} | {np.mean(values):.1f} ± {np.std(values):.1f} | {' '.join(f'{v:.1f}' for v in values)} |")
     print(f"\n({time.time() - t0:.0f}s, {torch.get_num_threads()} threads)")
 
 
