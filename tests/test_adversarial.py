@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from toybox import digit_batches, fit
 
 from ccatoolkit.landscape.curves import train_curve
 from ccatoolkit.landscape.paths import interpolate
@@ -19,18 +18,6 @@ from ccatoolkit.zoo.training import evaluate
 
 # digits from toybox are pixels in [0, 1] (not normalised): mean 0, std 1 keeps them in that range
 PIXELS = dict(mean=(0.0,), std=(1.0,))
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[list, list]:
-    return digit_batches(128)
-
-
-@pytest.fixture(scope="module")
-def pair(digits) -> tuple[MLP, MLP]:
-    train, _ = digits
-    return (fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=0, reinit=True),
-            fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=1, reinit=True))
 
 
 def test_pgd_raises_the_loss_and_lowers_accuracy(pair, digits) -> None:

@@ -7,10 +7,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
 
-from toybox import digit_batches, fit, loss_and_accuracy
+from toybox import fit, loss_and_accuracy
 
 from ccatoolkit.landscape import curves as curves
 from ccatoolkit.landscape.curves import (
@@ -23,18 +21,6 @@ from ccatoolkit.landscape.curves import (
 )
 from ccatoolkit.landscape.paths import interpolate
 from ccatoolkit.zoo.models import MLP
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[list, list]:
-    return digit_batches(128)
-
-
-@pytest.fixture(scope="module")
-def pair(digits) -> tuple[MLP, MLP]:
-    train, _ = digits
-    return (fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=0, reinit=True),
-            fit(MLP(depth=2, width=32, in_shape=(1, 8, 8)), train, seed=1, reinit=True))
 
 
 def test_coefficients():

@@ -95,3 +95,10 @@ class ConvBN(nn.Module):
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.relu3(self.bn3(self.conv3(x)))
         return self.head(self.flatten(self.pool(x)))
+
+
+def digit_mlps(train: list, seeds: tuple[int, ...] = (0, 1), width: int = 32) -> tuple[nn.Module, ...]:
+    """Digits MLPs (2 hidden layers of ``width``) trained by :func:`fit` from a fresh initialisation per seed."""
+    from ccatoolkit.zoo.models import MLP
+
+    return tuple(fit(MLP(depth=2, width=width, in_shape=(1, 8, 8)), train, seed=s, reinit=True) for s in seeds)
