@@ -185,8 +185,7 @@ def test_landscape_notebook_runs_and_the_alpha_slider_redraws(lab: str) -> None:
             assert "alpha = 0.50" in before, before
             slider.scroll_into_view_if_needed()
             slider.focus()
-            for _ in range(2):  # 2 steps of 0.05: alpha 0.50 -> 0.60
-                page.keyboard.press("ArrowRight")
+            page.keyboard.press("ArrowRight")  # one step along the path's grid (smoke: a coarse one)
             readout = page.query_selector_all(".widget-slider .widget-readout")[-1]
             page.wait_for_function("(el) => el.innerText.trim() !== '0.50'", arg=readout, timeout=30_000)
             target = readout.inner_text().strip()
@@ -202,7 +201,8 @@ def test_landscape_notebook_runs_and_the_alpha_slider_redraws(lab: str) -> None:
             page.screenshot(path=str(shot), full_page=False)
             print(f"\nbrowser screenshot: {shot}")
             assert target != "0.50" and after != before, (target, before, after)
-            assert re.search(r"alpha = 0\.(5[5-9]|[6-9]\d)", after), after
+            moved = re.search(r"alpha = (\d\.\d+)", after)
+            assert moved and 0.5 < float(moved.group(1)) <= 1.0 and moved.group(1) == target, (after, target)
             assert re.search(r"accuracy \d+\.\d+%", after), after
             assert not _errors(page)
         finally:
