@@ -101,4 +101,8 @@ def digit_mlps(train: list, seeds: tuple[int, ...] = (0, 1), width: int = 32) ->
     """Digits MLPs (2 hidden layers of ``width``) trained by :func:`fit` from a fresh initialisation per seed."""
     from ccatoolkit.zoo.models import MLP
 
-    return tuple(fit(MLP(depth=2, width=width, in_shape=(1, 8, 8)), train, seed=s, reinit=True) for s in seeds)
+    models = []
+    for s in seeds:
+        torch.manual_seed(s)  # the whole initialisation (biases too) depends on the seed alone
+        models.append(fit(MLP(depth=2, width=width, in_shape=(1, 8, 8)), train, seed=s, reinit=True))
+    return tuple(models)
