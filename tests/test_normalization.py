@@ -120,3 +120,21 @@ def test_channel_stats_of_a_scaled_permutation_equal_those_of_the_product() -> N
     torch.testing.assert_close(sparse[0], dense[0])
     torch.testing.assert_close(sparse[1], dense[1])
     torch.testing.assert_close(sparse[0], matrix @ plain[0])  # the mean of T y is T times the mean of y
+
+
+def test_channel_moments_keep_the_variance_of_channels_with_large_means() -> None:
+    """Each batch's Gram runs in float32 on features shifted by the first batch's means: a channel with
+    mean 1e4 and std 1 keeps its std (an unshifted float32 E[y^2] - mean^2 would lose it to cancellation)."""
+    layer = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(3))
+        layer.bias.copy_(torch.tensor([1e4, -1e4, 0.0]))
+    model = torch.nn.Sequential(layer).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(64, 3, generator=g) * torch.tensor([1.0, 2.0, 0.5]) + 0.3 for _ in range(3)]
+    mean, cov = channel_moments(model, ["0"], data)["0"]
+    with torch.no_grad():  # the model's own float32 outputs, counted in float64
+        y = torch.cat([model(x) for x in data]).double()
+    torch.testing.assert_close(mean, y.mean(0))
+    torch.testing.assert_close(cov, torch.cov(y.T, correction=0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mapped_channel_stats((mean, cov))[1], y.std(0, unbiased=False), rtol=1e-5, atol=1e-6)

@@ -255,35 +255,46 @@ def channel_moments(
     model: nn.Module, modules: Sequence[str], data: Iterable[Any], max_batches: int | None = None,
     progress: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per module, the channels' mean and second-moment matrix ``E[y y^T]`` (float64; channels dim 1, conv
+    """Per module, the channels' mean and covariance matrix (population, float64; channels dim 1, conv
     positions count as samples), in eval mode.
 
     The statistics :func:`channel_stats` counts, for every linear map at once: those of ``M @ y`` follow
-    without another pass over the data (:func:`mapped_channel_stats`). Holds a ``C x C`` matrix per module,
-    so it suits layers of moderate width (a ridge slider re-merging the same models).
+    without another pass over the data (:func:`mapped_channel_stats`), which is how a merge's REPAIR
+    targets for CCA's dense maps cost one pass per model whatever the number of ridges tried. Each
+    batch's Gram matrix is one product in the output's precision (at least float32), of features
+    shifted by the first batch's means so that large means do not cancel the variance away; the sums
+    across batches are float64. Holds a ``C x C`` matrix per module.
     """
 
-    def reduce(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        t = out.detach().to(torch.float64)
+    def reduce(out: torch.Tensor, shift: dict[str, torch.Tensor], name: str) -> tuple[Any, ...]:
+        t = out.detach()
         t = t.movedim(1, -1).reshape(-1, t.shape[1]) if t.dim() > 2 else t
-        return t.sum(0), t.T @ t, t.shape[0]
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
+        if name not in shift:
+            shift[name] = t.mean(0)
+        t = t - shift[name]
+        return t.sum(0, dtype=torch.float64), (t.T @ t).to(torch.float64), t.shape[0]
 
-    acc = _accumulate(model, modules, data, {n: reduce for n in modules}, max_batches, progress)
-    return {n: (s / c, ss / c) for n, (s, ss, c) in acc.items()}
+    shifts: dict[str, torch.Tensor] = {}
+    acc = _accumulate(model, modules, data, {n: (lambda out, n=n: reduce(out, shifts, n)) for n in modules},
+                      max_batches, progress)
+    result = {}
+    for n, (s, gram, c) in acc.items():
+        mean = s / c
+        result[n] = (shifts[n].to(torch.float64) + mean, gram / c - torch.outer(mean, mean))
+    return result
 
 
 def mapped_channel_stats(
     moments: tuple[torch.Tensor, torch.Tensor], matrix: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (population) std of ``matrix @ y`` from ``y``'s :func:`channel_moments` (``y`` itself when None):
-    ``M mean`` and ``sqrt(diag(M E[yy^T] M^T) - (M mean)^2)``, what :func:`channel_stats` with ``transform`` counts."""
-    mean, second = moments
+    ``M mean`` and ``sqrt(diag(M C M^T))``, what :func:`channel_stats` with ``transform`` counts."""
+    mean, cov = moments
     if matrix is None:
-        m_mean, m_sq = mean, torch.diagonal(second)
-    else:
-        M = torch.as_tensor(matrix, dtype=torch.float64, device=mean.device)
-        m_mean, m_sq = M @ mean, ((M @ second) * M).sum(1)
-    return m_mean, (m_sq - m_mean * m_mean).clamp_min(0.0).sqrt()
+        return mean, torch.diagonal(cov).clamp_min(0.0).sqrt()
+    M = torch.as_tensor(matrix, device=mean.device).to(torch.float64)
+    return M @ mean, ((M @ cov) * M).sum(1).clamp_min(0.0).sqrt()
 
 
 def _can_shift(module: nn.Module) -> bool:
