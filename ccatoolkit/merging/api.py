@@ -505,8 +505,8 @@ class _Plan:
         Targets are the aligned models' average channel mean and std at each space's pre-activation
         modules. BatchNorm layers reach theirs in one pass (:func:`repair_batchnorm`; with neither
         folding nor REPAIR, a plain BatchNorm reset) and one correction pass (``repair_passes`` sets
-        more; measured on ResNet20 pairs, 0 to 4 passes merged within 0.5 points of each other, the
-        test set's noise); other layers need REPAIR's passes.
+        more; measured on a ResNet20 pair, 0 to 4 passes merged within 0.5 points of each other with
+        cca and with zipit, the test set's noise); other layers need REPAIR's passes.
         """
         endpoints = repair_endpoints(self.models[self.ref], self.graph)
         modules = dict(merged.named_modules())
