@@ -394,8 +394,8 @@ def repair(
     measures every module's channel statistics (eval mode) and folds all corrections at once; a
     correction upstream shifts the statistics downstream, so passes repeat until every channel is
     within ``tol`` (relative to the target std) of its targets, or ``max_passes`` (default: the
-    number of modules + 1, which makes a chain of modules exact: after pass i the first i are).
-    In practice two to four passes suffice. Channels whose merged std is below ``eps`` keep their
+    number of modules, which makes a chain of modules exact: after pass i the first i are, so the
+    pass that would only confirm it is not run). In practice two to four passes suffice. Channels whose merged std is below ``eps`` keep their
     scale. ``merged`` and the endpoints are not modified. ``data`` must be re-iterable (a list of
     batches or a DataLoader): it is read once per pass.
     """
@@ -420,6 +420,6 @@ def repair(
             )
             for n in endpoints
         }
-    limit = len(endpoints) + 1 if max_passes is None else int(max_passes)
+    limit = len(endpoints) if max_passes is None else int(max_passes)
     _correct(new, endpoints, targets, data, max_batches, eps=eps, tol=tol, passes=limit, progress=progress)
     return new
