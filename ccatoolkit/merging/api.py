@@ -467,6 +467,7 @@ class _Plan:
     progress: bool
     options: dict[str, Any]
     moments: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None  # see _repair_targets
+    keep_moments: bool = True  # False for a merge's last model: the moments go once its targets are computed
 
     @classmethod
     def build(cls, method: str, models: list[nn.Module], ref: int, graph: MergeGraph, **kwargs: Any) -> _Plan:
@@ -485,9 +486,19 @@ class _Plan:
         get their targets without a correction pass (on ResNet20 pairs the same ridge is chosen). REPAIR's
         passes on other layers stay: capped at two, they changed an MLP pair's choice from 1.0 to 0.1.
         """
+        targets = None
+        if not self.keep_moments and self.moments is not None:  # a C x C matrix per module and model: gone
+            targets = self.repair_targets(transforms)  # before the merged model is built (peak memory)
+            self.moments = None
         merged = copy.deepcopy(self.models[self.ref])
         _average_into(merged, self.sources, self.transform_graph, transforms)
-        return self.finish(merged, transforms, self.progress if progress is None else progress, scoring=scoring)
+        return self.finish(merged, transforms, self.progress if progress is None else progress, scoring=scoring,
+                           targets=targets)
+
+    def repair_targets(self, transforms: list[Transforms | None]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """REPAIR's targets for these transforms (:func:`_repair_targets`; from the moments for the CCA methods)."""
+        return _repair_targets(self.method, self.models, self.graph, transforms, self.data, self.max_batches,
+                               self.endpoint_moments())
 
     def endpoint_moments(self) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None:
         """Each model's channel moments at REPAIR's endpoints, for the dense maps of the CCA methods: one pass
@@ -499,14 +510,16 @@ class _Plan:
         return self.moments
 
     def finish(self, merged: nn.Module, transforms: list[Transforms | None], progress: bool,
-               scoring: bool = False) -> nn.Module:
+               scoring: bool = False, targets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+               ) -> nn.Module:
         """Statistics that make sense after averaging (REPAIR, Jordan et al. 2023).
 
         Targets are the aligned models' average channel mean and std at each space's pre-activation
         modules. BatchNorm layers reach theirs in one pass (:func:`repair_batchnorm`; with neither
         folding nor REPAIR, a plain BatchNorm reset) and one correction pass (``repair_passes`` sets
         more; measured on a ResNet20 pair, 0 to 4 passes merged within 0.5 points of each other with
-        cca and with zipit, the test set's noise); other layers need REPAIR's passes.
+        cca and with zipit, the test set's noise); other layers need REPAIR's passes. ``targets``: REPAIR's
+        targets when already computed (:meth:`repair_targets`).
         """
         endpoints = repair_endpoints(self.models[self.ref], self.graph)
         modules = dict(merged.named_modules())
@@ -519,11 +532,11 @@ class _Plan:
         repair_only = None if (self.repair_explicit and not self.reset_bn) else sorted(other_endpoints)
         iterative = self.repair and (repair_only is None or bool(repair_only))
         passes = self.options.get("repair_passes")
-        targets = None
-        if bn_targets or iterative:
+        if (bn_targets or iterative) and targets is None:
             _require_data(self.data, self.method, "REPAIR (or pass repair=False)")
-            targets = _repair_targets(self.method, self.models, self.graph, transforms, self.data, self.max_batches,
-                                      self.endpoint_moments())
+            targets = self.repair_targets(transforms)
+            if not self.keep_moments:
+                self.moments = None
         if self.reset_bn and has_bn:
             _require_data(self.data, self.method, "the BatchNorm reset (or pass reset_bn=False)")
             if bn_targets:
@@ -750,6 +763,7 @@ def merge(
         transforms = _compute_transforms(method, models, plan.ref, plan.graph, stats,
                                          chosen if chosen is not None else 0.0, options, extra)
         stats = None  # the joint Gram matrices of wide layers are large: free them before the models are built
+        plan.keep_moments = False  # and REPAIR's moments, once this merge's targets are computed
         merged = plan.merged(transforms)
     return _with_info(merged, plan, chosen, how, scores, extra)
 
