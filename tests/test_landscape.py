@@ -9,7 +9,6 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torch.nn import functional as F
 
 from toybox import digit_batches, fit, loss_and_accuracy
 

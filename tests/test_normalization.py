@@ -18,21 +18,11 @@ from ccatoolkit.merging.normalization import (
     repair_endpoints,
     reset_bn_stats,
 )
+from toybox import Reiterable
 
 
 def _data(shape: tuple[int, ...], batches: int = 3, n: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(n, *shape) * 2 + 1, torch.randint(0, 10, (n,))) for _ in range(batches)]
-
-
-class _CountedBatches:
-    """A re-iterable list of batches that counts how often it is read."""
-
-    def __init__(self, batches: list) -> None:
-        self.batches, self.passes = batches, 0
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches)
 
 
 def test_reset_bn_stats_equals_batch_statistics_by_hand() -> None:
@@ -83,7 +73,7 @@ def test_repair_matches_endpoint_statistics(batchnorm: bool) -> None:
     fixed = repair(merged, [a, b], data, graph, progress=False)
     assert all(torch.equal(v, merged.state_dict()[k]) for k, v in before.items())  # input untouched
     sa, sb, sf = (channel_stats(m, endpoints, data) for m in (a, b, fixed))
-    counted = _CountedBatches(data)  # the same targets given: no pass for them, one per module of the chain
+    counted = Reiterable(data)  # the same targets given: no pass for them, one per module of the chain
     targets = {n: ((sa[n][0] + sb[n][0]) / 2, (sa[n][1] + sb[n][1]) / 2) for n in endpoints}
     again = repair(merged, None, counted, graph, progress=False, targets=targets)
     assert counted.passes == len(endpoints)  # exact after three passes (checked below), no confirming pass

@@ -21,7 +21,7 @@ import ccatoolkit as cc
 from ccatoolkit._utils import check_same_architecture
 from ccatoolkit.merging.normalization import repair, reset_bn_stats
 from ccatoolkit.zoo.cache import CacheError, atomic_save, cache_path, load_or_create
-from toybox import digit_batches, fit
+from toybox import Reiterable, digit_batches, fit
 
 
 def _mlp(seed: int, width: int = 16, batchnorm: bool = False) -> nn.Sequential:
@@ -42,17 +42,6 @@ def digits() -> tuple[list, list]:
 def pair(digits: tuple[list, list]) -> tuple[nn.Module, nn.Module]:
     train, _ = digits
     return fit(_mlp(0), train, epochs=3, seed=0), fit(_mlp(1), train, epochs=3, seed=1)
-
-
-class Reiterable:
-    """Batches behind ``__iter__`` only (no ``len``): re-iterable like a DataLoader, counting the passes."""
-
-    def __init__(self, batches: list) -> None:
-        self.batches, self.passes = batches, 0
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches)
 
 
 def _same_state(a: nn.Module, b: nn.Module, atol: float = 0.0) -> bool:

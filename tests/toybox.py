@@ -106,3 +106,14 @@ def digit_mlps(train: list, seeds: tuple[int, ...] = (0, 1), width: int = 32) ->
         torch.manual_seed(s)  # the whole initialisation (biases too) depends on the seed alone
         models.append(fit(MLP(depth=2, width=width, in_shape=(1, 8, 8)), train, seed=s, reinit=True))
     return tuple(models)
+
+
+class Reiterable:
+    """Batches behind ``__iter__`` only (no ``len``): re-iterable like a DataLoader, counting the passes."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
