@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ccatoolkit.merging.align.cycle import cycle_consistent_matching, cycle_objective
+from ccatoolkit.merging.align.cycle import _best_step, _Problem, cycle_consistent_matching, cycle_objective
+from ccatoolkit.merging.align.permutation import permutation_matrix
 from ccatoolkit.merging.align.permutation import weight_matching
 from ccatoolkit.merging.api import merge
 from ccatoolkit.merging.graph import merge_graph
@@ -92,3 +93,32 @@ def test_c2m3_merge_of_permuted_copies_gives_back_the_model() -> None:
         assert float((merged(x) - ref).abs().max()) < 1e-4 * float(ref.abs().max())
     assert merged.merge_info["method"] == "c2m3"
     assert merged.merge_info["cycle"]["iterations"] >= 1
+
+
+@pytest.mark.parametrize("make", [lambda: _mlp(0), lambda: ConvBN()])
+def test_objective_along_a_frank_wolfe_segment_is_the_polynomial_the_line_search_maximises(make) -> None:
+    torch.manual_seed(0)
+    models = [make().eval() for _ in range(3)]
+    example = torch.randn(2, 6) if isinstance(models[0], nn.Sequential) else torch.randn(2, 1, 8, 8)
+    graph = merge_graph(models[0], example_input=example)
+    problem = _Problem([m.state_dict() for m in models], graph, None, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+
+    def perms() -> dict[str, np.ndarray]:
+        return {s.name: torch.randperm(s.size, generator=gen).numpy() for s in graph}
+
+    # a relaxed point (mixtures of two permutations) and permutations to move towards; model 0 stays fixed
+    start = [{s.name: torch.eye(s.size, dtype=torch.float64) for s in graph}] + [
+        {s: 0.3 * torch.as_tensor(permutation_matrix(a[s])) + 0.7 * torch.as_tensor(permutation_matrix(b[s]))
+         for s in graph.names} for a, b in [(perms(), perms()) for _ in range(2)]]
+    targets = [None, perms(), perms()]
+    poly = problem.along(start, targets)
+    assert len(poly) == 5  # weights with two axes in spaces: degree 2 each, so f has degree 4
+    for step in (0.0, 0.2, 0.5, 0.9, 1.0):
+        point = [start[0]] + [{s: (1 - step) * start[i][s] + step * torch.as_tensor(permutation_matrix(targets[i][s]))
+                               for s in graph.names} for i in (1, 2)]
+        assert np.polynomial.polynomial.polyval(step, poly) == pytest.approx(problem.objective(point), rel=1e-10)
+    best, value = _best_step(poly)
+    grid = np.linspace(0, 1, 2001)
+    assert 0.0 <= best <= 1.0 and value >= np.polynomial.polynomial.polyval(grid, poly).max() - 1e-9
+
