@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -226,6 +228,29 @@ def test_n_models_context_merges_every_subset_and_reports_the_spread(setup):
                                       methods=("average",), ns=[2], subsets=1)
     limited.compute()
     assert list(limited.runs["full"]["average"][2]) == [(0, 1)]
+
+
+def test_n_models_results_come_back_from_the_disk_cache_only_for_the_same_inputs(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("CCATOOLKIT_CACHE", str(tmp_path))
+
+    def run(zoo: list, cache: bool = True) -> contexts.NModelsContext:
+        ctx = contexts.NModelsContext({"full": zoo}, setup["stats"], setup["test"], methods=("average", "permute"),
+                                      ns=[2], cache=cache)
+        ctx.compute()
+        return ctx
+
+    first = run(setup["models"])
+    assert first.loaded == 0 and len(list(tmp_path.glob("merge-accuracy-*.pt"))) == 6  # 3 pairs x 2 methods
+    again = run(setup["models"])
+    assert again.loaded == 6 and again.runs == first.runs
+    changed = [copy.deepcopy(m) for m in setup["models"]]
+    with torch.no_grad():
+        next(changed[2].parameters()).add_(0.01)
+    third = run(changed)
+    assert third.loaded == 2  # only the pair (0, 1) is the same: its two results are read, four computed
+    assert third.runs["full"]["permute"][2][(0, 1)] == first.runs["full"]["permute"][2][(0, 1)]
+    assert run(setup["models"], cache=False).loaded == 0
+    assert len(list(tmp_path.glob("merge-accuracy-*.pt"))) == 10
 
 
 def test_best_methods_reads_the_winner_off_the_table():

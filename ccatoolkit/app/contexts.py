@@ -11,26 +11,31 @@ drawing. All computation goes through the library (``merge``, ``RidgeSweep``, ``
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
-from ccatoolkit._utils import has_batchnorm, progress_bar
+from ccatoolkit._utils import has_batchnorm, model_device, progress_bar
 from ccatoolkit.analysis.stats import correlation_matrix
-from ccatoolkit.landscape.curves import Curve, curve_coefficients
+from ccatoolkit.landscape.curves import Curve, curve_coefficients, describe_data, state_digest
 from ccatoolkit.landscape.paths import interpolate
 from ccatoolkit.landscape.results import InterpolationResult, PlaneResult
 from ccatoolkit.merging.api import RidgeSweep, align_to, ensemble, merge
 from ccatoolkit.merging.graph import merge_graph
+from ccatoolkit.zoo.cache import load_or_create
 from ccatoolkit.zoo.training import evaluate
 
 __all__ = [
     "CCA_METHODS", "CorrelationContext", "MergeContext", "AlphaContext", "CurveContext", "NModelsContext",
     "correlation_views", "merge_accuracy", "alpha_point", "curve_point", "n_models_accuracy", "activation_layers",
-    "best_methods", "model_subsets",
+    "best_methods", "model_subsets", "merge_code_digest",
 ]
 
 CCA_METHODS = ("cca", "cca_multiview")
@@ -43,6 +48,22 @@ def activation_layers(model: nn.Module) -> list[str]:
 
 def _accuracy(model: nn.Module, data: Iterable[Any]) -> float:
     return float(evaluate(model, data)["accuracy"])
+
+
+@functools.lru_cache(maxsize=1)
+def merge_code_digest() -> str:
+    """SHA-256 of the source that computes a merged model's accuracy (merging, analysis, evaluation).
+
+    Part of the key of every cached merge result, so a result is only read back by the code that
+    computed it: any change to the merge code computes it again.
+    """
+    root = Path(__file__).resolve().parents[1]
+    files = sorted([*(root / "merging").rglob("*.py"), *(root / "analysis").rglob("*.py"),
+                    root / "zoo" / "training.py", root / "_utils.py"])
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- 02: correlations
@@ -303,7 +324,9 @@ class NModelsContext:
     over subsets. ``data[split]`` gives the statistics data for a split (or one iterable for all
     splits); ``test_data`` is where merged models are evaluated. ``runs[split][method][N]`` holds
     each subset's accuracy and ``results[split][method][N]`` their mean, filled lazily or all at once
-    by :meth:`compute`; :meth:`frame` gives the runs as a table (with each subset's ensemble).
+    by :meth:`compute`; :meth:`frame` gives the runs as a table (with each subset's ensemble). With
+    ``cache`` (the default) each run's accuracy is also kept on disk (:meth:`cached_accuracy`), so
+    a second run of the notebook reads them back.
     """
 
     zoos: Mapping[str, Sequence[nn.Module]]
@@ -314,8 +337,11 @@ class NModelsContext:
     ridge: float | str = "auto"
     progress: bool = False
     subsets: int | None = None  # subsets merged per N (None: all)
+    cache: bool = True  # keep each merge's accuracy on disk (zoo cache folder), keyed by models, data, options, code
     results: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
     runs: dict[str, dict[str, dict[int, dict[tuple[int, ...], float]]]] = field(default_factory=dict)
+    loaded: int = 0  # accuracies read from the disk cache rather than computed
+    _digests: dict[Any, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.zoos:
@@ -337,6 +363,39 @@ class NModelsContext:
     def subsets_for(self, split: str, n: int) -> list[tuple[int, ...]]:
         """The subsets of ``split``'s zoo merged for ``N = n`` (indices into the zoo)."""
         return model_subsets(len(self.zoos[split]), n, self.subsets)
+
+    def _digest(self, what: Any, make: Callable[[], str]) -> str:
+        if what not in self._digests:
+            self._digests[what] = make()
+        return self._digests[what]
+
+    def cached_accuracy(self, split: str, subset: tuple[int, ...], method: str, options: Mapping[str, Any],
+                        compute: Callable[[], float]) -> float:
+        """``compute()`` (a merged model's test accuracy), read from the disk cache when this run was made before.
+
+        The key holds everything the number depends on: each model's weights, the statistics and
+        test data (digests of their tensors), the method and its options, the device, and the
+        merge code itself (:func:`merge_code_digest`). So ``make prefetch`` makes a workshop's
+        notebook 6 fast, and a changed model, data set or library computes afresh.
+        """
+        if not self.cache:
+            return compute()
+        models = [self.zoos[split][i] for i in subset]
+        key = {
+            "method": method, "options": repr(sorted(options.items())), "device": str(model_device(models[0])),
+            "models": [self._digest(("model", split, i), lambda m=m: state_digest(m)) for i, m in zip(subset, models)],
+            "data": self._digest(("data", split), lambda: describe_data(self.data_for(split))),
+            "test": self._digest("test", lambda: describe_data(self.test_data)), "code": merge_code_digest(),
+        }
+        computed = []
+
+        def create() -> dict[str, torch.Tensor]:
+            computed.append(True)
+            return {"accuracy": torch.tensor(float(compute()), dtype=torch.float64)}
+
+        value = load_or_create("merge-accuracy", key, create)
+        self.loaded += not computed
+        return float(value["accuracy"])
 
     def compute(self) -> dict[str, dict[str, dict[int, float]]]:
         """Fill every (split, method, N) accuracy over its subsets; returns ``results`` (the means)."""
@@ -379,16 +438,19 @@ def n_models_accuracy(ctx: NModelsContext, n: int, method: str, split: str | Non
     table = ctx.results.setdefault(split, {}).setdefault(method, {})
     if n not in table:
         runs = ctx.runs.setdefault(split, {}).setdefault(method, {}).setdefault(n, {})
+        options = {"ridge": ctx.ridge} if method in CCA_METHODS else {}
         for subset in ctx.subsets_for(split, n):
             if subset in runs:
                 continue
             models = [ctx.zoos[split][i] for i in subset]
-            if method == "ensemble":
-                merged = ensemble(models)
-            else:
-                options = {"ridge": ctx.ridge} if method in CCA_METHODS else {}
+
+            def run(models: list[nn.Module] = models) -> float:
+                if method == "ensemble":
+                    return _accuracy(ensemble(models), ctx.test_data)
                 merged = merge(models, method=method, data=ctx.data_for(split), progress=False, **options)
-            runs[subset] = _accuracy(merged, ctx.test_data)
+                return _accuracy(merged, ctx.test_data)
+
+            runs[subset] = ctx.cached_accuracy(split, subset, method, options, run)
         table[n] = float(np.mean(list(runs.values())))
     return table[n]
 
