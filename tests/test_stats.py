@@ -283,3 +283,23 @@ def test_errors_for_bad_inputs() -> None:
         broken.layer2[0].conv1.weight[3, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"non-finite.*layer2\.0\.relu1.*model 1"):
         collect_statistics([models[0], broken], batches, ["stem.relu", "layer2.0.relu1"], progress=False)
+
+
+def test_top_eigenpairs_are_those_of_the_full_decomposition() -> None:
+    from ccatoolkit.analysis.linalg import top_eigenpairs
+
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(60, 40, dtype=torch.float64, generator=gen)
+    S = A @ A.T  # rank 40: twenty zero eigenvalues below the top ones
+    vals, vecs = torch.linalg.eigh(S)
+    top_vals, top_vecs = top_eigenpairs(S, 12)
+    assert top_vals.shape == (12,) and top_vecs.shape == (60, 12)
+    assert bool((top_vals[:-1] >= top_vals[1:]).all())  # descending
+    torch.testing.assert_close(top_vals, vals.flip(0)[:12], rtol=1e-10, atol=1e-10)
+    ref = vecs.flip(1)[:, :12]
+    torch.testing.assert_close(top_vecs @ top_vecs.T, ref @ ref.T, rtol=0, atol=1e-9)  # same subspace, any signs
+    torch.testing.assert_close(S @ top_vecs, top_vecs * top_vals, rtol=0, atol=1e-8)
+    all_vals, _ = top_eigenpairs(S, 60)
+    torch.testing.assert_close(all_vals, vals.flip(0))
+    with pytest.raises(ValueError, match="k must lie"):
+        top_eigenpairs(S, 0)

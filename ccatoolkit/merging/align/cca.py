@@ -34,6 +34,7 @@ from ccatoolkit.analysis.linalg import (
     canonical_correlations_from_cov,
     polar_factor,
     symmetrize,
+    top_eigenpairs,
 )
 
 __all__ = [
@@ -170,9 +171,8 @@ def multiview_cca_transforms(
         for l in range(N):
             block = torch.eye(n, dtype=torch.float64) if k == l else roots[k][1] @ as_float64(covs[k][l]).cpu() @ roots[l][1]
             C[k * n:(k + 1) * n, l * n:(l + 1) * n] = block
-    vals, vecs = torch.linalg.eigh(0.5 * (C + C.T))
-    E = vecs.flip(1)[:, :n]
-    weight = (vals.flip(0)[:n] - 1.0).clamp_min(0.0)  # each shared variate's cross-view correlation
+    vals, E = top_eigenpairs(0.5 * (C + C.T), n)
+    weight = (vals - 1.0).clamp_min(0.0)  # each shared variate's cross-view correlation
     blocks = [E[k * n:(k + 1) * n] for k in range(N)]
     result = []
     for k in range(N):
