@@ -122,3 +122,38 @@ def test_objective_along_a_frank_wolfe_segment_is_the_polynomial_the_line_search
     grid = np.linspace(0, 1, 2001)
     assert 0.0 <= best <= 1.0 and value >= np.polynomial.polynomial.polyval(grid, poly).max() - 1e-9
 
+
+
+class _Residual(nn.Module):
+    """A stream whose block reads and writes it: ``mix.weight`` has both axes in one space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc_in, self.mix, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc_in(x)
+        x = x + torch.relu(self.mix(x))
+        return self.out(x)
+
+
+@pytest.mark.parametrize("make", [lambda: _mlp(0), _Residual])
+def test_frank_wolfe_gradients_are_the_objectives_derivatives(make) -> None:
+    torch.manual_seed(0)
+    models = [make().eval() for _ in range(3)]
+    graph = merge_graph(models[0], example_input=torch.randn(2, 6))
+    problem = _Problem([m.state_dict() for m in models], graph, None, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(2)
+    P = [{s.name: torch.rand(s.size, s.size, dtype=torch.float64, generator=gen).requires_grad_(i != 0)
+          for s in graph} for i in range(3)]
+    value = 0.0
+    for pname in problem.table:  # f = sum_{i<j} <U_i, U_j>, differentiable
+        mapped = [problem.universe(i, pname, P) for i in range(3)]
+        total = torch.stack(mapped).sum(0)
+        value = value + 0.5 * ((total * total).sum() - sum((u * u).sum() for u in mapped))
+    value.backward()
+    grads = problem.gradients([{s: m.detach() for s, m in p.items()} for p in P], fixed=0)
+    for i in (1, 2):
+        for space in graph.names:
+            torch.testing.assert_close(grads[i][space], P[i][space].grad, rtol=1e-10, atol=1e-10)
+    assert all(float(g.abs().max()) == 0.0 for g in grads[0].values())  # the fixed model's stay zero

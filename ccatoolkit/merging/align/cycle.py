@@ -73,13 +73,11 @@ class _Problem:
         self.weights = [{n: s[n].detach().to(device=device, dtype=torch.float64) for n in self.table} for s in states]
         self.device = device
 
-    def universe(self, i: int, pname: str, P: Sequence[Mapping[str, torch.Tensor]], skip: str | None = None
-                 ) -> torch.Tensor:
-        """Model ``i``'s weight ``pname`` with every axis mapped into the universe (but ``skip``'s)."""
+    def universe(self, i: int, pname: str, P: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        """Model ``i``'s weight ``pname`` with every axis mapped into the universe."""
         W = self.weights[i][pname]
         for space, ref in self.table[pname]:
-            if space != skip:
-                W = _apply(W, P[i][space], ref)
+            W = _apply(W, P[i][space], ref)
         return W
 
     def objective(self, P: Sequence[Mapping[str, torch.Tensor]]) -> float:
@@ -130,20 +128,33 @@ class _Problem:
         return poly
 
     def gradients(self, P: Sequence[Mapping[str, torch.Tensor]], fixed: int) -> list[dict[str, torch.Tensor]]:
-        """``d f / d P_i[s]`` for every space and every model but ``fixed`` (whose entry stays zero)."""
+        """``d f / d P_i[s]`` for every space and every model but ``fixed`` (whose entry stays zero).
+
+        One term per axis of a weight in space ``s``, that axis left unmapped and the others mapped
+        (the product rule, also when a weight has two axes in one space). The mapped prefixes of
+        each weight are shared between its terms and its image ``U_i(W)``.
+        """
         n = len(P)
         grads = [{s: torch.zeros(k, k, dtype=torch.float64, device=self.device) for s, k in self.sizes.items()}
                  for _ in range(n)]
         for pname, entries in self.table.items():
-            mapped = [self.universe(i, pname, P) for i in range(n)]
-            total = torch.stack(mapped).sum(0)
+            # prefixes[i][j]: model i's weight with its first j axes mapped (the last one is U_i(W))
+            prefixes = []
+            for i in range(n):
+                chain = [self.weights[i][pname]]
+                for space, ref in entries:
+                    chain.append(_apply(chain[-1], P[i][space], ref))
+                prefixes.append(chain)
+            total = torch.stack([chain[-1] for chain in prefixes]).sum(0)
             for i in range(n):
                 if i == fixed:
                     continue
-                others = total - mapped[i]  # sum_{j != i} U_j(W)
-                for space, ref in entries:
+                others = total - prefixes[i][-1]  # sum_{j != i} U_j(W)
+                for j, (space, ref) in enumerate(entries):
+                    partial = prefixes[i][j]  # all axes mapped but this one: the prefix, then the axes after it
+                    for later, later_ref in entries[j + 1:]:
+                        partial = _apply(partial, P[i][later], later_ref)
                     size = self.sizes[space]
-                    partial = self.universe(i, pname, P, skip=space)  # all axes mapped but this one
                     grads[i][space] += channel_rows(others, ref, size) @ channel_rows(partial, ref, size).T
         return grads
 
