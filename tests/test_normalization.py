@@ -144,3 +144,37 @@ def test_channel_moments_keep_the_variance_of_channels_with_large_means() -> Non
     torch.testing.assert_close(mean, y.mean(0))
     torch.testing.assert_close(cov, torch.cov(y.T, correction=0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mapped_channel_stats((mean, cov))[1], y.std(0, unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+class _ResidualMLP(nn.Module):
+    """Not a chain: ``mix`` reads the stream that ``fc_in`` writes and adds back into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc_in, self.mix, self.fc_out, self.head = nn.Linear(6, 10), nn.Linear(10, 10), nn.Linear(10, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc_in(x))
+        x = x + torch.relu(self.mix(x))
+        return self.head(torch.relu(self.fc_out(x)))
+
+
+def test_repair_in_forward_order_is_exact_on_a_residual_network_and_stops_each_pass_early() -> None:
+    data = _data((6,))
+    torch.manual_seed(0)
+    merged = _ResidualMLP().eval()
+    endpoints = ["fc_out", "mix", "fc_in"]  # not in forward order: the passes find it
+    gen = torch.Generator().manual_seed(3)
+    targets = {n: (torch.randn(m.out_features, generator=gen, dtype=torch.float64),
+                   torch.rand(m.out_features, generator=gen, dtype=torch.float64) + 0.5)
+               for n, m in merged.named_children() if n in endpoints}
+    calls = {"head": 0}
+    merged.head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))
+    fixed = repair(merged, None, data, progress=False, targets=targets, only=endpoints)
+    # the head (after every module) ran once per batch in the first pass only (the copy keeps the hook):
+    # the two later passes stopped at their module
+    assert calls["head"] == len(data)
+    stats = channel_stats(fixed, endpoints, data)
+    for n in endpoints:
+        torch.testing.assert_close(stats[n][0], targets[n][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats[n][1], targets[n][1], atol=1e-5, rtol=1e-5)
