@@ -224,6 +224,17 @@ def _accumulate(
     return acc
 
 
+def _scale(std: torch.Tensor, t_std: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-channel factors taking ``std`` to ``t_std``; channels whose std is below ``eps`` keep their scale."""
+    return torch.where(std > eps, t_std / std.clamp_min(eps), torch.ones_like(std))
+
+
+def _mean_std(s: torch.Tensor, ss: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population std from per-channel sums and sums of squares."""
+    mean = s / count
+    return mean, (ss / count - mean * mean).clamp_min(0.0).sqrt()
+
+
 def channel_stats(
     model: nn.Module,
     modules: Sequence[str],
@@ -251,9 +262,7 @@ def channel_stats(
         if sparse.get(n) is not None:
             index, scale = (t.to(s.device) for t in sparse[n])
             s, ss = scale.double() * s[index], scale.double() ** 2 * ss[index]
-        mean = s / c
-        var = (ss / c - mean * mean).clamp_min(0.0)
-        result[n] = (mean, var.sqrt())
+        result[n] = _mean_std(s, ss, c)
     return result
 
 
@@ -343,21 +352,46 @@ def _correct(
     *,
     eps: float,
     tol: float,
-    passes: int,
+    passes: int | None,
     progress: bool,
 ) -> None:
-    """REPAIR's passes, in place on ``model``: each pass measures the channel statistics of ``names``
-    (eval mode) and folds every per-channel affine correction at once, until all are within ``tol``
-    of ``targets`` (relative to the target std) or ``passes`` run out.
+    """REPAIR's passes, in place on ``model``: channel statistics measured (eval mode), per-channel
+    affine corrections folded into the modules.
 
-    Channels whose std is below ``eps`` keep their scale; a module that cannot shift its means does
-    not hold up convergence.
+    ``passes=None``: one module at a time in forward order. The first pass measures every module
+    (and records the order they run in) and corrects the first; each later pass measures the next
+    module, with the forward pass stopped right after it, once every module before it has its
+    targets. A module's statistics depend only on the modules that run before it, so after the last
+    pass all are exact, in as many passes as modules, each only as long as the network up to its
+    module (a chain of three 512-wide layers on 784 inputs: 2.1 full passes instead of 3). A module
+    that runs more than once per batch has no single place in the order: then ``len(names)`` passes
+    of the other kind run.
+
+    ``passes=k``: each of at most ``k`` passes measures every module and folds every correction at
+    once, until all are within ``tol`` of ``targets`` (relative to the target std). A module that
+    cannot shift its means does not hold up convergence. Channels whose std is below ``eps`` keep
+    their scale.
     """
     modules = dict(model.named_modules())
-    it: Iterable[int] = range(passes)
+    reduce = {n: _reduce_channels for n in names}
+    order: list[str] = []
+    if passes is None:
+        fired: list[str] = []
+        first = _accumulate(model, names, data, reduce, max_batches, False, fired=fired)
+        order = list(dict.fromkeys(fired))
+        if any(fired.count(n) != fired.count(order[0]) for n in order):  # a module ran twice per batch
+            passes, order = len(names), []
+    steps: Iterable[int] = range(len(order) if order else int(passes or 0))
     if progress:
-        it = progress_bar(it, desc="REPAIR passes", leave=False)
-    for _ in it:
+        steps = progress_bar(steps, desc="REPAIR passes", leave=False)
+    for i in steps:
+        if order:  # in forward order: the first pass's sums, then one module per pass
+            name = order[i]
+            sums = first if i == 0 else _accumulate(model, [name], data, reduce, max_batches, False, stop_after=name)
+            mean, std = _mean_std(*sums[name])
+            t_mean, t_std = (t.to(mean.device, torch.float64) for t in targets[name])
+            _fold(modules[name], name, _scale(std, t_std, eps), mean, t_mean)
+            continue
         stats = channel_stats(model, names, data, max_batches)
         worst = 0.0
         updates = []
@@ -370,59 +404,11 @@ def _correct(
             live = std > eps
             if live.any():
                 worst = max(worst, float(((std - t_std).abs() / unit)[live].max()))
-            updates.append((n, torch.where(live, t_std / std.clamp_min(eps), torch.ones_like(std)), mean, t_mean))
+            updates.append((n, _scale(std, t_std, eps), mean, t_mean))
         if worst <= tol:
             break
         for n, scale, mean, t_mean in updates:
             _fold(modules[n], n, scale, mean, t_mean)
-
-
-def _correct_in_order(
-    model: nn.Module,
-    names: Sequence[str],
-    targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-    data: Iterable[Any],
-    max_batches: int | None,
-    *,
-    eps: float,
-    tol: float,
-    progress: bool,
-) -> None:
-    """REPAIR exactly, in place on ``model``, one module at a time in forward order.
-
-    The first pass measures every module (and records the order they run in) and corrects the first;
-    each later pass measures the next module, with the forward pass stopped right after it, once
-    every module before it has its targets. A module's statistics depend only on the modules that run
-    before it, so after the last pass all are exact, in as many passes as modules, each only as long
-    as the network up to its module (a chain of three 512-wide layers on 784 inputs: 2.1 full passes
-    where the simultaneous passes of :func:`_correct` take 3). A module that runs more than once per
-    batch has no single place in the order: then :func:`_correct`'s passes run instead.
-    """
-    modules = dict(model.named_modules())
-    reduce = {n: _reduce_channels for n in names}
-
-    def fold(name: str, sums: list[Any]) -> None:
-        s, ss, count = sums
-        mean = s / count
-        std = (ss / count - mean * mean).clamp_min(0.0).sqrt()
-        t_mean, t_std = (t.to(mean.device, torch.float64) for t in targets[name])
-        scale = torch.where(std > eps, t_std / std.clamp_min(eps), torch.ones_like(std))
-        _fold(modules[name], name, scale, mean, t_mean)
-
-    fired: list[str] = []
-    acc = _accumulate(model, names, data, reduce, max_batches, False, fired=fired)
-    order = list(dict.fromkeys(fired))
-    batches = fired.count(order[0]) if order else 0
-    if any(fired.count(n) != batches for n in order):
-        _correct(model, names, targets, data, max_batches, eps=eps, tol=tol, passes=len(names), progress=progress)
-        return
-    it: Iterable[int] = range(len(order))
-    if progress:
-        it = progress_bar(it, desc="REPAIR passes", leave=False)
-    for i in it:
-        if i > 0:
-            acc = _accumulate(model, [order[i]], data, reduce, max_batches, False, stop_after=order[i])
-        fold(order[i], acc[order[i]])
 
 
 def repair(
@@ -446,7 +432,7 @@ def repair(
     ``aligned_models`` (the endpoint models after alignment into the merged model's space) of their
     mean and std, or ``targets[module] = (mean, std)`` when given. Each pass over ``data``
     measures channel statistics (eval mode) and folds per-channel corrections. By default the modules
-    are corrected one per pass in forward order (:func:`_correct_in_order`): exact after as many
+    are corrected one per pass in forward order (:func:`_correct`): exact after as many
     passes as modules, each pass stopping after its module. With ``max_passes`` every pass measures
     all modules and folds all corrections at once (a correction upstream shifts the statistics
     downstream), until every channel is within ``tol`` (relative to the target std) of its targets or
@@ -474,9 +460,6 @@ def repair(
             )
             for n in endpoints
         }
-    if max_passes is None:
-        _correct_in_order(new, endpoints, targets, data, max_batches, eps=eps, tol=tol, progress=progress)
-    else:
-        _correct(new, endpoints, targets, data, max_batches, eps=eps, tol=tol, passes=int(max_passes),
-                 progress=progress)
+    _correct(new, endpoints, targets, data, max_batches, eps=eps, tol=tol,
+             passes=None if max_passes is None else int(max_passes), progress=progress)
     return new
