@@ -172,7 +172,7 @@ def test_merge_ridge_change_reuses_the_statistics(setup, monkeypatch):
     import ccatoolkit.merging.api as api
 
     a, b = setup["models"][:2]
-    ctx = contexts.MergeContext([a, b], setup["stats"], setup["test"], methods=("average", "cca"))
+    ctx = contexts.MergeContext([a, b], setup["stats"], setup["test"], methods=("average", "cca"), disk_cache=False)
     first = contexts.merge_accuracy(ctx, "cca", 0.1)
     collected = []
     original = api._stats
@@ -251,6 +251,12 @@ def test_n_models_results_come_back_from_the_disk_cache_only_for_the_same_inputs
     assert third.runs["full"]["permute"][2][(0, 1)] == first.runs["full"]["permute"][2][(0, 1)]
     assert run(setup["models"], cache=False).loaded == 0
     assert len(list(tmp_path.glob("merge-accuracy-*.pt"))) == 10
+    # the two-model widget's context shares the store: a numeric ridge (its sweep) is merge(..., ridge=r)
+    pair = contexts.MergeContext(setup["models"][:2], setup["stats"], setup["test"], methods=("permute", "cca"))
+    assert contexts.merge_accuracy(pair, "permute") == first.runs["full"]["permute"][2][(0, 1)]
+    swept = contexts.merge_accuracy(pair, "cca", 1.0)
+    again = contexts.MergeContext(setup["models"][:2], setup["stats"], setup["test"], methods=("cca",))
+    assert contexts.merge_accuracy(again, "cca", 1.0) == swept and again.store.loaded == 1 and not again.sweeps
 
 
 def test_best_methods_reads_the_winner_off_the_table():

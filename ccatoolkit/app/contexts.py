@@ -35,7 +35,7 @@ from ccatoolkit.zoo.training import evaluate
 __all__ = [
     "CCA_METHODS", "CorrelationContext", "MergeContext", "AlphaContext", "CurveContext", "NModelsContext",
     "correlation_views", "merge_accuracy", "alpha_point", "curve_point", "n_models_accuracy", "activation_layers",
-    "best_methods", "model_subsets", "merge_code_digest",
+    "best_methods", "model_subsets", "merge_code_digest", "MergeResultStore",
 ]
 
 CCA_METHODS = ("cca", "cca_multiview")
@@ -64,6 +64,46 @@ def merge_code_digest() -> str:
     for path in files:
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+@dataclass
+class MergeResultStore:
+    """Merged models' test accuracies kept on disk (the zoo's cache folder), so a notebook's second run reads them.
+
+    The key holds everything a number depends on: each model's weights, the statistics and test data
+    (digests of their tensors), the method and its options, the device, and the merge code itself
+    (:func:`merge_code_digest`). So ``make prefetch`` makes a workshop's run fast, and a changed
+    model, data set or library computes afresh. ``enabled=False`` computes every time.
+    """
+
+    enabled: bool = True
+    loaded: int = 0  # accuracies read back rather than computed
+    _digests: dict[int, str] = field(default_factory=dict, repr=False)  # by id(): the caller keeps the objects
+
+    def _digest(self, obj: Any, make: Callable[[Any], str]) -> str:
+        if id(obj) not in self._digests:
+            self._digests[id(obj)] = make(obj)
+        return self._digests[id(obj)]
+
+    def accuracy(self, models: Sequence[nn.Module], data: Iterable[Any], test_data: Iterable[Any], method: str,
+                 options: Mapping[str, Any], compute: Callable[[], float]) -> float:
+        """``compute()`` (the test accuracy of ``models`` merged by ``method``), or its stored value."""
+        if not self.enabled:
+            return compute()
+        key = {
+            "method": method, "options": repr(sorted(options.items())), "device": str(model_device(models[0])),
+            "models": [self._digest(m, state_digest) for m in models], "data": self._digest(data, describe_data),
+            "test": self._digest(test_data, describe_data), "code": merge_code_digest(),
+        }
+        computed = []
+
+        def create() -> dict[str, torch.Tensor]:
+            computed.append(True)
+            return {"accuracy": torch.tensor(float(compute()), dtype=torch.float64)}
+
+        value = load_or_create("merge-accuracy", key, create)
+        self.loaded += not computed
+        return float(value["accuracy"])
 
 
 # --------------------------------------------------------------------------- 02: correlations
@@ -142,11 +182,14 @@ class MergeContext:
     names: Sequence[str] = ()
     cache: dict[Any, float] = field(default_factory=dict)
     sweeps: dict[str, RidgeSweep] = field(default_factory=dict)  # per CCA method: statistics kept across ridges
+    disk_cache: bool = True  # keep each merge's accuracy on disk too (:class:`MergeResultStore`)
+    store: MergeResultStore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.models) < 2:
             raise ValueError(f"merging needs at least two models, got {len(self.models)}")
         self.data, self.test_data = list(self.data), list(self.test_data)
+        self.store = MergeResultStore(enabled=self.disk_cache)
         if not self.names:
             self.names = [f"model {chr(ord('A') + i)}" for i in range(len(self.models))]
 
@@ -177,16 +220,21 @@ def merge_accuracy(ctx: MergeContext, method: str, ridge: float | str = "auto") 
     """
     key = _merge_key(method, ridge)
     if key not in ctx.cache:
-        if method == "ensemble":
-            merged = ensemble(list(ctx.models))
-        elif method in CCA_METHODS and not isinstance(ridge, str):
-            if method not in ctx.sweeps:
-                ctx.sweeps[method] = RidgeSweep(list(ctx.models), method=method, data=ctx.data)
-            merged = ctx.sweeps[method](float(ridge))
-        else:
-            options = {"ridge": ridge} if method in CCA_METHODS else {}
-            merged = merge(list(ctx.models), method=method, data=ctx.data, progress=False, **options)
-        ctx.cache[key] = _accuracy(merged, ctx.test_data)
+        models = list(ctx.models)
+        options = {"ridge": key[1]} if method in CCA_METHODS else {}
+
+        def run() -> float:
+            if method == "ensemble":
+                merged = ensemble(models)
+            elif method in CCA_METHODS and not isinstance(ridge, str):
+                if method not in ctx.sweeps:
+                    ctx.sweeps[method] = RidgeSweep(models, method=method, data=ctx.data)
+                merged = ctx.sweeps[method](float(ridge))
+            else:
+                merged = merge(models, method=method, data=ctx.data, progress=False, **options)
+            return _accuracy(merged, ctx.test_data)
+
+        ctx.cache[key] = ctx.store.accuracy(models, ctx.data, ctx.test_data, method, options, run)
     return ctx.cache[key]
 
 
@@ -325,7 +373,7 @@ class NModelsContext:
     splits); ``test_data`` is where merged models are evaluated. ``runs[split][method][N]`` holds
     each subset's accuracy and ``results[split][method][N]`` their mean, filled lazily or all at once
     by :meth:`compute`; :meth:`frame` gives the runs as a table (with each subset's ensemble). With
-    ``cache`` (the default) each run's accuracy is also kept on disk (:meth:`cached_accuracy`), so
+    ``cache`` (the default) each run's accuracy is also kept on disk (:class:`MergeResultStore`), so
     a second run of the notebook reads them back.
     """
 
@@ -337,11 +385,10 @@ class NModelsContext:
     ridge: float | str = "auto"
     progress: bool = False
     subsets: int | None = None  # subsets merged per N (None: all)
-    cache: bool = True  # keep each merge's accuracy on disk (zoo cache folder), keyed by models, data, options, code
+    cache: bool = True  # keep each merge's accuracy on disk (:class:`MergeResultStore`)
     results: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
     runs: dict[str, dict[str, dict[int, dict[tuple[int, ...], float]]]] = field(default_factory=dict)
-    loaded: int = 0  # accuracies read from the disk cache rather than computed
-    _digests: dict[Any, str] = field(default_factory=dict, repr=False)
+    store: MergeResultStore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.zoos:
@@ -354,6 +401,12 @@ class NModelsContext:
             self.ns = list(range(2, smallest + 1))
         if max(self.ns) > smallest or min(self.ns) < 2:
             raise ValueError(f"ns must lie in [2, {smallest}] (the smallest zoo), got {list(self.ns)}")
+        self.store = MergeResultStore(enabled=self.cache)
+
+    @property
+    def loaded(self) -> int:
+        """How many accuracies were read back from the disk cache rather than computed."""
+        return self.store.loaded
 
     def data_for(self, split: str) -> Iterable[Any]:
         if isinstance(self.data, Mapping):
@@ -363,39 +416,6 @@ class NModelsContext:
     def subsets_for(self, split: str, n: int) -> list[tuple[int, ...]]:
         """The subsets of ``split``'s zoo merged for ``N = n`` (indices into the zoo)."""
         return model_subsets(len(self.zoos[split]), n, self.subsets)
-
-    def _digest(self, what: Any, make: Callable[[], str]) -> str:
-        if what not in self._digests:
-            self._digests[what] = make()
-        return self._digests[what]
-
-    def cached_accuracy(self, split: str, subset: tuple[int, ...], method: str, options: Mapping[str, Any],
-                        compute: Callable[[], float]) -> float:
-        """``compute()`` (a merged model's test accuracy), read from the disk cache when this run was made before.
-
-        The key holds everything the number depends on: each model's weights, the statistics and
-        test data (digests of their tensors), the method and its options, the device, and the
-        merge code itself (:func:`merge_code_digest`). So ``make prefetch`` makes a workshop's
-        notebook 6 fast, and a changed model, data set or library computes afresh.
-        """
-        if not self.cache:
-            return compute()
-        models = [self.zoos[split][i] for i in subset]
-        key = {
-            "method": method, "options": repr(sorted(options.items())), "device": str(model_device(models[0])),
-            "models": [self._digest(("model", split, i), lambda m=m: state_digest(m)) for i, m in zip(subset, models)],
-            "data": self._digest(("data", split), lambda: describe_data(self.data_for(split))),
-            "test": self._digest("test", lambda: describe_data(self.test_data)), "code": merge_code_digest(),
-        }
-        computed = []
-
-        def create() -> dict[str, torch.Tensor]:
-            computed.append(True)
-            return {"accuracy": torch.tensor(float(compute()), dtype=torch.float64)}
-
-        value = load_or_create("merge-accuracy", key, create)
-        self.loaded += not computed
-        return float(value["accuracy"])
 
     def compute(self) -> dict[str, dict[str, dict[int, float]]]:
         """Fill every (split, method, N) accuracy over its subsets; returns ``results`` (the means)."""
@@ -450,7 +470,7 @@ def n_models_accuracy(ctx: NModelsContext, n: int, method: str, split: str | Non
                 merged = merge(models, method=method, data=ctx.data_for(split), progress=False, **options)
                 return _accuracy(merged, ctx.test_data)
 
-            runs[subset] = ctx.cached_accuracy(split, subset, method, options, run)
+            runs[subset] = ctx.store.accuracy(models, ctx.data_for(split), ctx.test_data, method, options, run)
         table[n] = float(np.mean(list(runs.values())))
     return table[n]
 
