@@ -10,8 +10,9 @@ setup:
 demo: setup
 	$(PY) scripts/run_notebooks.py --out reports
 
-# Before a workshop: run the sequence once at default settings, so every trained model and learned
-# curve is in the cache ($$CCATOOLKIT_CACHE, default ~/.cache/ccatoolkit) and `make demo` is fast.
+# Before a workshop: run the sequence once at default settings, so every trained model, learned curve
+# and notebook 3/6 merge result is in the cache ($$CCATOOLKIT_CACHE, default ~/.cache/ccatoolkit) and
+# `make demo` is fast.
 prefetch: setup
 	$(PY) scripts/run_notebooks.py --out reports/prefetch --no-html
 
