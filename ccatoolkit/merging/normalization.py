@@ -373,25 +373,22 @@ def _correct(
     their scale.
     """
     modules = dict(model.named_modules())
-    reduce = {n: _reduce_channels for n in names}
-    order: list[str] = []
     if passes is None:
+        reduce = {n: _reduce_channels for n in names}
         fired: list[str] = []
-        first = _accumulate(model, names, data, reduce, max_batches, False, fired=fired)
+        sums = _accumulate(model, names, data, reduce, max_batches, False, fired=fired)
         order = list(dict.fromkeys(fired))
         if any(fired.count(n) != fired.count(order[0]) for n in order):  # a module ran twice per batch
-            passes, order = len(names), []
-    steps: Iterable[int] = range(len(order) if order else int(passes or 0))
-    if progress:
-        steps = progress_bar(steps, desc="REPAIR passes", leave=False)
-    for i in steps:
-        if order:  # in forward order: the first pass's sums, then one module per pass
-            name = order[i]
-            sums = first if i == 0 else _accumulate(model, [name], data, reduce, max_batches, False, stop_after=name)
-            mean, std = _mean_std(*sums[name])
-            t_mean, t_std = (t.to(mean.device, torch.float64) for t in targets[name])
-            _fold(modules[name], name, _scale(std, t_std, eps), mean, t_mean)
-            continue
+            passes = len(names)
+        else:
+            for i, name in enumerate(progress_bar(order, progress, desc="REPAIR passes", leave=False)):  # the first pass's sums, then one module per pass
+                if i > 0:
+                    sums = _accumulate(model, [name], data, reduce, max_batches, False, stop_after=name)
+                mean, std = _mean_std(*sums[name])
+                t_mean, t_std = (t.to(mean.device, torch.float64) for t in targets[name])
+                _fold(modules[name], name, _scale(std, t_std, eps), mean, t_mean)
+            return
+    for _ in progress_bar(range(passes), progress, desc="REPAIR passes", leave=False):
         stats = channel_stats(model, names, data, max_batches)
         worst = 0.0
         updates = []
