@@ -489,16 +489,19 @@ class _Plan:
         targets = None
         if not self.keep_moments and self.moments is not None:  # a C x C matrix per module and model: gone
             targets = self.repair_targets(transforms)  # before the merged model is built (peak memory)
-            self.moments = None
         merged = copy.deepcopy(self.models[self.ref])
         _average_into(merged, self.sources, self.transform_graph, transforms)
         return self.finish(merged, transforms, self.progress if progress is None else progress, scoring=scoring,
                            targets=targets)
 
     def repair_targets(self, transforms: list[Transforms | None]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """REPAIR's targets for these transforms (:func:`_repair_targets`; from the moments for the CCA methods)."""
-        return _repair_targets(self.method, self.models, self.graph, transforms, self.data, self.max_batches,
-                               self.endpoint_moments())
+        """REPAIR's targets for these transforms (:func:`_repair_targets`; from the moments for the CCA methods).
+        Without ``keep_moments`` the moments are freed once the targets are computed."""
+        targets = _repair_targets(self.method, self.models, self.graph, transforms, self.data, self.max_batches,
+                                  self.endpoint_moments())
+        if not self.keep_moments:
+            self.moments = None
+        return targets
 
     def endpoint_moments(self) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None:
         """Each model's channel moments at REPAIR's endpoints, for the dense maps of the CCA methods: one pass
@@ -535,8 +538,6 @@ class _Plan:
         if (bn_targets or iterative) and targets is None:
             _require_data(self.data, self.method, "REPAIR (or pass repair=False)")
             targets = self.repair_targets(transforms)
-            if not self.keep_moments:
-                self.moments = None
         if self.reset_bn and has_bn:
             _require_data(self.data, self.method, "the BatchNorm reset (or pass reset_bn=False)")
             if bn_targets:
