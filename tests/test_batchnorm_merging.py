@@ -185,3 +185,25 @@ def test_cca_aligned_batchnorm_model_with_its_statistics_restored(digits_pairs) 
     raw = evaluate(align_to(a, b, "cca", train, progress=False), test)["accuracy"]
     restored = evaluate(align_to(a, b, "cca", train, reset_bn=True, progress=False), test)["accuracy"]
     assert restored > 0.5 and restored > raw
+
+
+def test_ridge_candidates_estimate_batchnorm_on_a_quarter_of_the_batches(monkeypatch) -> None:
+    """Each ridge candidate's BatchNorm statistics read as many batches as are held out; the result reads all."""
+    import ccatoolkit.merging.api as api
+
+    torch.manual_seed(0)
+    data = [torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    a, b = (_randomised_bn(ConvBN(), data) for _ in range(2))
+    read: list[int | None] = []
+    original = api.repair_batchnorm
+    monkeypatch.setattr(api, "repair_batchnorm", lambda *x, **k: read.append(k["max_batches"]) or original(*x, **k))
+    merged = merge([a, b], "cca", data, progress=False)
+    assert read == [2] * len(RIDGE_GRID) + [None]  # 8 batches: every 4th held out, 2 of them
+    seconds = merged.merge_info["seconds"]
+    assert set(seconds) == {"graph", "ridge_selection", "alignment", "average_and_repair"}
+    assert all(v >= 0 for v in seconds.values())
+    read.clear()
+    capped = merge([a, b], "cca", data, progress=False, max_batches=5)  # 1 held out (batch 4 of 5)
+    assert read == [1] * len(RIDGE_GRID) + [5] and set(capped.merge_info["seconds"]) >= {"ridge_selection"}
+    given = merge([a, b], "cca", data, ridge=0.1, progress=False)
+    assert set(given.merge_info["seconds"]) == {"graph", "statistics", "alignment", "average_and_repair"}

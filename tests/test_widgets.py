@@ -93,7 +93,7 @@ def test_correlation_widget_redraws_when_the_layer_changes(setup):
 def test_merge_widget_highlights_the_method_and_recomputes_for_a_new_ridge(setup):
     a, b = setup["models"][:2]
     ctx = contexts.MergeContext([a, b], setup["stats"], setup["test"], methods=("average", "permute", "cca", "ensemble"))
-    box = controls.merge_widget(ctx, method="average")
+    box = controls.merge_widget(ctx, method="average", precompute=False)
     assert box.text.startswith("average") and box.error is None
     heights = [p.get_height() for p in box.figure.axes[0].patches]
     assert len(heights) == 4 and all(0.0 <= h <= 1.0 for h in heights)
@@ -107,6 +107,25 @@ def test_merge_widget_highlights_the_method_and_recomputes_for_a_new_ridge(setup
     box.controls["ridge"].value = 10.0
     assert len(ctx.cache) == n_cached + 1 and "ridge 10" in box.text  # only CCA recomputed
     assert ctx.endpoints().keys() == {"model A", "model B"}
+
+
+def test_merge_widget_precomputes_every_slider_ridge_so_a_move_is_a_look_up(setup):
+    a, b = setup["models"][:2]
+    ctx = contexts.MergeContext([a, b], setup["stats"], setup["test"], methods=("average", "cca"))
+    ridges = controls.ridge_slider_values()
+    assert len(ridges) == 11 and ridges[0] == pytest.approx(1e-4) and ridges[-1] == pytest.approx(10.0)
+    box = controls.merge_widget(ctx, method="cca")
+    assert {key for key in ctx.cache if key[0] == "cca"} == {("cca", round(r, 6)) for r in ridges}
+    n_cached = len(ctx.cache)
+    for exponent in (-2.5, 1.0, -4.0):  # the values the slider sends
+        box.controls["ridge"].value = 10.0**exponent
+        assert f"ridge {10.0**exponent:g}" in box.text and box.error is None
+    assert len(ctx.cache) == n_cached  # every move was a look-up
+    assert contexts.merge_accuracy(ctx, "cca", 10.0**-2.5) == pytest.approx(
+        contexts._accuracy(cc.merge([a, b], "cca", setup["stats"], ridge=10.0**-2.5, progress=False), setup["test"]))
+    again = contexts.MergeContext([a, b], setup["stats"], setup["test"], methods=("average", "cca"))
+    assert contexts.precompute_ridges(again, ridges, progress=False) == 0  # all read back from the disk store
+    assert again.store.loaded == len(ridges)
 
 
 def test_alpha_slider_changes_the_displayed_accuracy(setup):

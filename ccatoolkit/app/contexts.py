@@ -35,7 +35,7 @@ from ccatoolkit.zoo.training import evaluate
 __all__ = [
     "CCA_METHODS", "CorrelationContext", "MergeContext", "AlphaContext", "CurveContext", "NModelsContext",
     "correlation_views", "merge_accuracy", "alpha_point", "curve_point", "n_models_accuracy", "activation_layers",
-    "best_methods", "model_subsets", "merge_code_digest", "MergeResultStore",
+    "best_methods", "model_subsets", "merge_code_digest", "MergeResultStore", "precompute_ridges",
 ]
 
 CCA_METHODS = ("cca", "cca_multiview")
@@ -236,6 +236,22 @@ def merge_accuracy(ctx: MergeContext, method: str, ridge: float | str = "auto") 
 
         ctx.cache[key] = ctx.store.accuracy(models, ctx.data, ctx.test_data, method, options, run)
     return ctx.cache[key]
+
+
+def precompute_ridges(ctx: MergeContext, ridges: Sequence[float], progress: bool = True) -> int:
+    """Merge with every CCA method of ``ctx`` at each of ``ridges`` ahead of time (:func:`merge_accuracy`).
+
+    A widget's ridge slider then only looks results up: a new ridge costs a CCA solve, the averaging,
+    REPAIR's passes and an evaluation (about 1.5 s for two 3 x 512 MLPs on 2 CPU cores), paid here once,
+    and the results stay in the disk store for later runs. Returns how many merges were computed
+    (0 when all were cached).
+    """
+    todo = [(m, float(r)) for m in ctx.methods if m in CCA_METHODS for r in ridges
+            if _merge_key(m, float(r)) not in ctx.cache]
+    before = ctx.store.loaded
+    for method, ridge in progress_bar(todo, progress, desc="CCA merges for the ridge slider"):
+        merge_accuracy(ctx, method, ridge)
+    return len(todo) - (ctx.store.loaded - before)
 
 
 # --------------------------------------------------------------------------- 04: along alpha

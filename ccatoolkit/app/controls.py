@@ -17,7 +17,14 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ccatoolkit.app.contexts import AlphaContext, CorrelationContext, CurveContext, MergeContext, NModelsContext
+from ccatoolkit.app.contexts import (
+    AlphaContext,
+    CorrelationContext,
+    CurveContext,
+    MergeContext,
+    NModelsContext,
+    precompute_ridges,
+)
 from ccatoolkit.app.render import (
     AlphaView,
     LiveFigure,
@@ -29,7 +36,7 @@ from ccatoolkit.app.render import (
 )
 
 __all__ = [
-    "InteractiveFigure", "correlation_widget", "merge_widget", "alpha_widget", "curve_widget", "n_models_widget",
+    "InteractiveFigure", "correlation_widget", "merge_widget", "ridge_slider_values", "alpha_widget", "curve_widget", "n_models_widget",
 ]
 
 
@@ -107,16 +114,31 @@ def correlation_widget(ctx: CorrelationContext, layer: str | None = None) -> Int
                              {"layer": layer_dd, "pair": pair_dd})
 
 
-def merge_widget(ctx: MergeContext, method: str | None = None, ridge: float = 0.1) -> InteractiveFigure:
+RIDGE_EXPONENTS = (-4.0, 1.0, 0.5)  # the merge widget's ridge slider: 10**-4 .. 10**1, in half decades
+
+
+def ridge_slider_values() -> list[float]:
+    """The ridges the merge widget's slider can take (``10**e`` for e in :data:`RIDGE_EXPONENTS`' range)."""
+    lo, hi, step = RIDGE_EXPONENTS
+    return [float(10.0**e) for e in np.arange(lo, hi + step / 2, step)]
+
+
+def merge_widget(ctx: MergeContext, method: str | None = None, ridge: float = 0.1,
+                 precompute: bool = True) -> InteractiveFigure:
     """A method dropdown and a (log-scale) CCA regularisation slider, updating a :class:`MergeView`.
 
-    A new ridge re-solves CCA on the kept statistics (the context's ``RidgeSweep``); a method change only
-    moves the highlight.
+    ``precompute`` (default): every slider ridge is merged before the widget shows
+    (:func:`~ccatoolkit.app.contexts.precompute_ridges`, kept in the disk store), so a ridge change is a
+    look-up. Without it a new ridge re-solves CCA on the kept statistics (the context's ``RidgeSweep``)
+    when the slider lands on it. A method change only moves the highlight.
     """
     import ipywidgets as W
 
+    if precompute:
+        precompute_ridges(ctx, ridge_slider_values())
+    lo, hi, step = RIDGE_EXPONENTS
     method_dd = W.Dropdown(options=list(ctx.methods), value=method or ctx.methods[0], description="method")
-    ridge_sl = W.FloatLogSlider(value=ridge, base=10, min=-4, max=1, step=0.5, description="CCA ridge",
+    ridge_sl = W.FloatLogSlider(value=ridge, base=10, min=lo, max=hi, step=step, description="CCA ridge",
                                 continuous_update=False)
     view = MergeView(ctx)
     return InteractiveFigure(lambda method, ridge: view.update(method, ridge), {"method": method_dd, "ridge": ridge_sl})

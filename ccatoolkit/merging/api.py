@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -467,6 +468,7 @@ class _Plan:
     progress: bool
     options: dict[str, Any]
     moments: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None  # see _repair_targets
+    scoring_batches: int | None = None  # batches for a ridge candidate's BatchNorm statistics (see finish)
     keep_moments: bool = True  # False for a merge's last model: the moments go once its targets are computed
 
     @classmethod
@@ -483,8 +485,10 @@ class _Plan:
         """Transform, average and repair: the merged model for these transforms.
 
         ``scoring``: a candidate of the ridge selection, which only has to rank the ridges: BatchNorm layers
-        get their targets without a correction pass (on ResNet20 pairs the same ridge is chosen). REPAIR's
-        passes on other layers stay: capped at two, they changed an MLP pair's choice from 1.0 to 0.1.
+        get their targets without a correction pass (on ResNet20 pairs the same ridge is chosen), and their
+        running statistics from the first ``scoring_batches`` batches (as many as are held out, a quarter;
+        see :func:`_select_ridge` for what it changed). REPAIR's passes on other layers stay: capped at two,
+        they changed an MLP pair's choice from 1.0 to 0.1.
         """
         targets = None
         if not self.keep_moments and self.moments is not None:  # a C x C matrix per module and model: gone
@@ -540,13 +544,16 @@ class _Plan:
             targets = self.repair_targets(transforms)
         if self.reset_bn and has_bn:
             _require_data(self.data, self.method, "the BatchNorm reset (or pass reset_bn=False)")
+            bn_batches = self.max_batches
+            if scoring and self.scoring_batches is not None:
+                bn_batches = min(self.scoring_batches, bn_batches or self.scoring_batches)
             if bn_targets:
                 assert targets is not None
                 bn_passes = 0 if scoring else (_BATCHNORM_PASSES if passes is None else int(passes))
                 merged = repair_batchnorm(merged, {n: targets[n] for n in bn_endpoints}, self.data,
-                                          max_batches=self.max_batches, progress=progress, max_passes=bn_passes)
+                                          max_batches=bn_batches, progress=progress, max_passes=bn_passes)
             else:
-                merged = reset_bn_stats(merged, self.data, max_batches=self.max_batches, progress=progress)
+                merged = reset_bn_stats(merged, self.data, max_batches=bn_batches, progress=progress)
         if iterative:
             merged = repair_model(merged, None, self.data, self.graph, max_batches=self.max_batches,
                                   progress=progress, targets=targets, max_passes=passes, only=repair_only)
@@ -627,7 +634,13 @@ def _select_ridge(
     4 batches there is nothing to hold out, and :data:`DEFAULT_RIDGE` is used.
 
     Scoring a whole merge costs its BatchNorm and REPAIR passes per candidate, which is slow on large
-    models (a torchvision ResNet-50 on a CPU). ``options['ridge_rule'] = "correlation"`` scores the
+    models (a torchvision ResNet-50 on a CPU). A candidate's BatchNorm statistics therefore come from as
+    many batches as are held out (:meth:`_Plan.finish`), a quarter of the pass. Measured on three pairs
+    of Fashion-MNIST models (8 batches of 256, one thread, shared cores): ResNet20 chose the same ridge
+    (1.0) in 3 of 3 pairs and merged to 76.7-78.7% as before, in 35-39 s instead of 43-65 s; VGG11
+    (width 0.25, BatchNorm) chose another ridge in 2 of 3 pairs, where the candidates' scores differ
+    by a few thousandths, and merged to 83.43% on average against 83.47% (every ridge merges VGG11
+    within 0.3 points). ``options['ridge_rule'] = "correlation"`` scores the
     candidates by the held-out correlation of the aligned features instead
     (:func:`_held_out_correlation`), with no merge at all. It is cheaper but picks worse ridges:
     measured on notebook 7's ResNet-18s (Fashion-MNIST) it chose 0.01 and merged to 49.8% where the
@@ -662,6 +675,7 @@ def _select_ridge(
     held_stats = _stats(models, graph, held_out, None, False)
     rule = plan.options.get("ridge_rule") or _RIDGE_RULES[0]
     score = _agreement_scorer(models, held_out) if rule == "agreement" else None
+    plan.scoring_batches = len(held_out)
     scores = {}
     cache: dict[Any, Any] = {}
     for r in grid:
@@ -726,7 +740,9 @@ def merge(
     convolution) are aligned by activation matching whatever the method.
 
     The result carries ``merge_info``: method, reference index, the ridge, how it was chosen and the
-    score of every candidate, the folded BatchNorm layers, the permutation-only spaces.
+    score of every candidate, the folded BatchNorm layers, the permutation-only spaces, and
+    ``seconds``: wall-clock time per phase (``graph``; ``ridge_selection``, which includes its
+    statistics and candidate merges; ``statistics``; ``alignment``; ``average_and_repair``).
 
     Checked up front: ``data`` and ``val_data`` must be re-iterable (a list of batches or a
     DataLoader; merge makes several passes), input weights finite, dtypes equal, ridges finite. A
@@ -744,7 +760,9 @@ def merge(
             raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
     else:
         ridge = _check_ridge(ridge)
+    clock = _PhaseClock()
     plan = _plan(method, models, data, reference, reset_bn, repair, val_data, max_batches, graph, progress, options)
+    clock.lap("graph")
     uses_ridge = method in _RIDGE_METHODS
     scores: dict[float, float] = {}
     chosen: float | None = None
@@ -753,20 +771,37 @@ def merge(
     merged: nn.Module | None = None
     if uses_ridge and ridge == "auto":
         chosen, scores, how, stats, merged = _select_ridge(plan, method, grid, plan.data, val_data, max_batches, progress)
+        clock.lap("ridge_selection")
     elif uses_ridge:
         chosen, how = float(ridge), "given"
     if stats is None and method in _STATS_METHODS:
         stats = _stats(models, plan.graph, plan.data, max_batches, progress)
+        clock.lap("statistics")
     if stats is not None:
         _warn_if_unreliable(stats, method, chosen)
     extra: dict[str, Any] = {}
     if merged is None:
         transforms = _compute_transforms(method, models, plan.ref, plan.graph, stats,
                                          chosen if chosen is not None else 0.0, options, extra)
+        clock.lap("alignment")
         stats = None  # the joint Gram matrices of wide layers are large: free them before the models are built
         plan.keep_moments = False  # and REPAIR's moments, once this merge's targets are computed
         merged = plan.merged(transforms)
-    return _with_info(merged, plan, chosen, how, scores, extra)
+        clock.lap("average_and_repair")
+    return _with_info(merged, plan, chosen, how, scores, extra, clock.seconds)
+
+
+class _PhaseClock:
+    """Wall-clock seconds per phase of a merge, for ``merge_info["seconds"]``: where a slow merge spends its time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
 
 
 def _plan(
@@ -792,12 +827,14 @@ def _plan(
 
 
 def _with_info(merged: nn.Module, plan: _Plan, ridge: float | None, how: str | None, scores: dict[float, float],
-               extra: dict[str, Any]) -> nn.Module:
-    """``merged`` with its ``merge_info``: method, reference, ridge and how it was chosen, folding, permutation-only spaces."""
+               extra: dict[str, Any], seconds: dict[str, float] | None = None) -> nn.Module:
+    """``merged`` with its ``merge_info``: method, reference, ridge and how it was chosen, folding, permutation-only
+    spaces, and the seconds spent per phase."""
     merged.merge_info = dict(  # type: ignore[assignment]
         method=plan.method, reference=plan.ref, ridge=ridge, ridge_selection=how, ridge_scores=scores,
         reset_bn=plan.reset_bn, repair=plan.repair, num_models=len(plan.models), folded_batchnorm=sorted(plan.folded),
         permutation_only={s.name: s.permutation_only for s in plan.graph.spaces if s.permutation_only},
+        seconds=dict(seconds or {}),
     )
     if "cycle" in extra:  # c2m3: Frank-Wolfe's iterations, final gap and objective
         merged.merge_info["cycle"] = extra["cycle"]
@@ -841,9 +878,13 @@ class RidgeSweep:
         ridge = _check_ridge(ridge)
         plan = self.plan
         _warn_if_unreliable(self.stats, plan.method, ridge)
+        clock = _PhaseClock()
         transforms = _compute_transforms(plan.method, plan.models, plan.ref, plan.graph, self.stats, ridge,
                                          plan.options, self._cache)
-        return _with_info(plan.merged(transforms), plan, ridge, "given", {}, {})
+        clock.lap("alignment")
+        merged = plan.merged(transforms)
+        clock.lap("average_and_repair")
+        return _with_info(merged, plan, ridge, "given", {}, {}, clock.seconds)
 
 
 def alignment_transforms(
