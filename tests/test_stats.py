@@ -260,6 +260,32 @@ def test_statistics_memory_does_not_grow() -> None:
     assert collector.result()["stream"].count == 5 * 6 * 64 * 2
 
 
+def test_a_large_running_gram_is_freed_after_every_batch_with_the_same_result(monkeypatch) -> None:
+    """Wide spaces (vgg11_bn's 4096-wide classifier) flush their running Gram each batch and free it."""
+    import ccatoolkit.analysis.stats as stats_module
+
+    models = _resnets()
+    batches = _batches(4, (1, 8, 8))
+    layers = {"stream": ["layer1.0.relu2", "layer1.1.relu2"], "inner": ["layer2.0.relu1"]}
+    kept = collect_statistics(models, batches, layers, progress=False)
+    monkeypatch.setattr(stats_module, "_LARGE_RUNNING_GRAM", 4 * 32 * 33)  # "inner" (32 + 32 channels), not "stream" (16 + 16)
+    collector = StatisticsCollector(models, layers)
+    with collector.attached():
+        for x in batches:
+            collector.update(x)
+            assert collector.spaces["inner"].g is None and collector.spaces["stream"].g is not None
+    freed = collector.result()
+    for name in layers:
+        torch.testing.assert_close(freed[name].gram, kept[name].gram, rtol=1e-5, atol=1e-5)  # float32 sums, flushed apart
+        torch.testing.assert_close(freed[name].sum, kept[name].sum, rtol=1e-5, atol=1e-5)
+    broken = ResNet20(width=1, in_shape=(1, 8, 8))
+    broken.load_state_dict(models[1].state_dict())
+    with torch.no_grad():
+        broken.layer2[0].conv1.weight[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite.*layer2\.0\.relu1.*model 1"):  # found at the flush
+        collect_statistics([models[0], broken], batches, layers, progress=False)
+
+
 def test_errors_for_bad_inputs() -> None:
     models = _resnets()
     batches = _batches(1, (1, 8, 8))

@@ -60,6 +60,9 @@ VAR_RTOL = 1e-10
 _CHUNK_ROWS = 32
 # The running Gram (a sum over at most this many samples, of shifted data) is flushed into float64.
 _FLUSH_SAMPLES = 1 << 17
+# A running Gram larger than this (bytes; a joint space of about 4096 channels) is flushed and freed after
+# every batch: vgg11_bn's two 4096-wide classifier spaces would otherwise hold 2 x 268 MB throughout.
+_LARGE_RUNNING_GRAM = 64 << 20
 
 
 
@@ -143,7 +146,9 @@ class JointStats:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
         bi, bj = self.block(i), self.block(j)
         m = self.sum / self.count
-        return (self.gram[bi, bj] - self.count * torch.outer(m[bi], m[bj])) / (self.count - 1)
+        # in place on one copy of the block: a 4096-wide layer's block is 134 MB in float64
+        out = self.gram[bi, bj].clone().addr_(m[bi], m[bj], alpha=-self.count)
+        return out.div_(self.count - 1)
 
     def var(self, i: int) -> torch.Tensor:
         """Unbiased variance of model ``i``'s channels (never negative; the diagonal alone, not the covariance)."""
@@ -165,12 +170,13 @@ class JointStats:
         Constant (e.g. dead ReLU) channels have correlation 0 with everything, never NaN.
         """
         c = self.cov(i, j)
-        vi, vj = self.var(i), self.var(j)
-        si = torch.where(self.alive(i), vi.sqrt(), torch.zeros_like(vi))
-        sj = torch.where(self.alive(j), vj.sqrt(), torch.zeros_like(vj))
-        denom = torch.outer(si, sj)
-        out = torch.where(denom > 0, c / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(c))
-        return out.clamp(-1.0, 1.0)
+
+        def inverse_std(k: int) -> torch.Tensor:  # 0 for constant channels: their correlations become 0
+            sd = self.var(k).sqrt()
+            return torch.where(self.alive(k) & (sd > 0), 1.0 / sd.clamp_min(1e-300), torch.zeros_like(sd))
+
+        # scaled in place: no temporaries of the block's size (the peak memory of a wide layer's matching)
+        return c.mul_(inverse_std(i)[:, None]).mul_(inverse_std(j)[None, :]).clamp_(-1.0, 1.0)
 
     def canonical_correlations(self, i: int = 0, j: int = 1, ridge: float = 0.0) -> torch.Tensor:
         """Canonical correlations between model ``i``'s and ``j``'s channels (descending, in [0, 1])."""
@@ -251,7 +257,8 @@ class _SpaceSums:
     The joint samples of a batch are written into a matrix ``z`` (one column per sample: the
     channels minus a fixed shift, then a row of ones); its Gram matrix (upper block triangle; the
     ones row gives the sums) is added into a float32 running total that is flushed into the
-    float64 sums every ``_FLUSH_SAMPLES`` samples.
+    float64 sums every ``_FLUSH_SAMPLES`` samples, or after every batch (and freed) when it is
+    larger than ``_LARGE_RUNNING_GRAM`` bytes.
     """
 
     def __init__(self, name: str, layers: list[str], num_models: int) -> None:
@@ -311,8 +318,11 @@ class _SpaceSums:
             self.g[r0:r1, r0:].addmm_(z[r0:r1], z[r0 : d + 1].T)
         self.count += n * per_input
         self.unflushed += n * per_input
-        if self.unflushed >= _FLUSH_SAMPLES:
+        large = self.g.numel() * self.g.element_size() > _LARGE_RUNNING_GRAM
+        if self.unflushed >= _FLUSH_SAMPLES or large:
             self.flush()
+        if large:  # re-created by the next add(): of several wide spaces, only one holds a running Gram at a time
+            self.g = None
 
     def flush(self) -> None:
         """Move the running Gram into the float64 sums."""
@@ -441,7 +451,8 @@ class _Point:
                 )
         space.add(outs, self.scratch)
         if device.type == "cpu":  # free without a device sync: name the exact layer at once
-            space.check_finite(torch.diagonal(space.g), layer=self.name)  # type: ignore[arg-type]
+            # the running Gram's diagonal, or (just flushed into the sums) the flags the flush set
+            space.check_finite(torch.diagonal(space.g) if space.unflushed else None, layer=self.name)  # type: ignore[arg-type]
 
 
 class StatisticsCollector:

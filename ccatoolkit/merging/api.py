@@ -65,7 +65,7 @@ from ccatoolkit.merging.normalization import (
     reset_bn_stats,
 )
 from ccatoolkit.merging.normalization import repair as repair_model
-from ccatoolkit.merging.transform import apply_transforms, transformed_state
+from ccatoolkit.merging.transform import apply_transforms, transformed_tensors
 from ccatoolkit.zoo.training import evaluate
 
 __all__ = [
@@ -302,11 +302,14 @@ def _compute_transforms(
     ridge: float,
     options: dict[str, Any],
     cache: dict[Any, Any] | None = None,
+    release_stats: bool = False,
 ) -> list[Transforms | None]:
     """Per model, ``{space: (out, inp)}`` into the merged space (None: the model is used as it is).
 
     ``cache``: a dict kept across calls on the same ``stats`` (a ridge grid): CCA's
-    eigendecompositions are made once per layer and model, not once per ridge.
+    eigendecompositions are made once per layer and model, not once per ridge. ``release_stats``:
+    each space's statistics are removed from ``stats`` once its transforms are made (the last use:
+    a 4096-wide space's joint Gram matrix is 0.5 GB, so the next space is solved without it).
     """
     cache = {} if cache is None else cache
     n = len(models)
@@ -335,7 +338,7 @@ def _compute_transforms(
     assert stats is not None
     per: list[Transforms] = [{} for _ in range(n)]
     for space in graph.spaces:
-        st = stats[space.name]
+        st = stats.pop(space.name) if release_stats else stats[space.name]
         if method == "permute" or space.permutation_only:  # e.g. a depthwise conv: no channel mixing
             for k in range(n):
                 if k != ref:
@@ -378,21 +381,25 @@ def _average_into(
 ) -> None:
     """Set ``merged``'s floating-point state to the mean of the models' states after their transforms.
 
-    Accumulates into ``merged``'s own tensors, one endpoint at a time: memory holds ``merged`` and
-    one endpoint's transformed tensors, not N transformed models (a torchvision VGG11 is 0.5 GB).
-    Integer buffers (e.g. BatchNorm's batch counter) stay as ``merged`` has them.
+    Accumulates into ``merged``'s own tensors, one endpoint and one tensor at a time
+    (:func:`~ccatoolkit.merging.transform.transformed_tensors`): memory holds ``merged`` and one
+    transformed tensor, not a transformed model (a torchvision VGG11 is 0.5 GB). Integer buffers
+    (e.g. BatchNorm's batch counter) stay as ``merged`` has them.
     """
     target = merged.state_dict()
     with torch.no_grad():
         for k, (model, t) in enumerate(zip(models, transforms)):
-            state = model.state_dict() if t is None else transformed_state(model, graph, t)
-            for key, value in state.items():
+            state = model.state_dict()
+            changed = transformed_tensors(model, graph, t) if t is not None else iter(())
+            done = set()
+            for key, value in itertools.chain(changed, ((n, v) for n, v in state.items() if n not in done)):
+                done.add(key)
                 if torch.is_floating_point(value):
                     if k == 0:
                         target[key].copy_(value)
                     else:
                         target[key].add_(value.to(target[key].dtype))
-            del state
+                del value
         for value in target.values():
             if torch.is_floating_point(value):
                 value.div_(len(models))
@@ -526,7 +533,8 @@ class _Plan:
         folding nor REPAIR, a plain BatchNorm reset) and one correction pass (``repair_passes`` sets
         more; measured on a ResNet20 pair, 0 to 4 passes merged within 0.5 points of each other with
         cca and with zipit, the test set's noise); other layers need REPAIR's passes. ``targets``: REPAIR's
-        targets when already computed (:meth:`repair_targets`).
+        targets when already computed (:meth:`repair_targets`). ``merged`` is this merge's own new model and
+        is corrected in place: a large model (vgg11_bn, 0.5 GB) is never held twice.
         """
         endpoints = repair_endpoints(self.models[self.ref], self.graph)
         modules = dict(merged.named_modules())
@@ -551,12 +559,14 @@ class _Plan:
                 assert targets is not None
                 bn_passes = 0 if scoring else (_BATCHNORM_PASSES if passes is None else int(passes))
                 merged = repair_batchnorm(merged, {n: targets[n] for n in bn_endpoints}, self.data,
-                                          max_batches=bn_batches, progress=progress, max_passes=bn_passes)
+                                          max_batches=bn_batches, progress=progress, max_passes=bn_passes,
+                                          inplace=True)
             else:
-                merged = reset_bn_stats(merged, self.data, max_batches=bn_batches, progress=progress)
+                merged = reset_bn_stats(merged, self.data, max_batches=bn_batches, progress=progress, inplace=True)
         if iterative:
             merged = repair_model(merged, None, self.data, self.graph, max_batches=self.max_batches,
-                                  progress=progress, targets=targets, max_passes=passes, only=repair_only)
+                                  progress=progress, targets=targets, max_passes=passes, only=repair_only,
+                                  inplace=True)
         return merged
 
 
@@ -782,7 +792,7 @@ def merge(
     extra: dict[str, Any] = {}
     if merged is None:
         transforms = _compute_transforms(method, models, plan.ref, plan.graph, stats,
-                                         chosen if chosen is not None else 0.0, options, extra)
+                                         chosen if chosen is not None else 0.0, options, extra, release_stats=True)
         clock.lap("alignment")
         stats = None  # the joint Gram matrices of wide layers are large: free them before the models are built
         plan.keep_moments = False  # and REPAIR's moments, once this merge's targets are computed

@@ -53,16 +53,18 @@ def _batches(data: Iterable[Any], max_batches: int | None, progress: bool, desc:
 
 
 def reset_bn_stats(
-    model: nn.Module, data: Iterable[Any], max_batches: int | None = None, progress: bool = True
+    model: nn.Module, data: Iterable[Any], max_batches: int | None = None, progress: bool = True, *,
+    inplace: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``data``.
 
     Every BatchNorm's running statistics are reset and accumulated as a cumulative average over the
     batches (``momentum=None``); other layers (dropout, ...) stay in eval mode. The copy's training
     flags and momenta are restored afterwards; ``model`` is not modified. One pass: ``data`` may be a generator.
+    ``inplace``: change and return ``model`` itself (a merge's own new model: no copy of a large model).
     """
     check_finite_parameters([model])
-    new = copy.deepcopy(model)
+    new = model if inplace else copy.deepcopy(model)
     bns = [m for m in new.modules() if isinstance(m, _BN)]
     if not bns:
         return new
@@ -96,6 +98,7 @@ def repair_batchnorm(
     *,
     tol: float = 1e-4,
     max_passes: int = 4,
+    inplace: bool = False,
 ) -> nn.Module:
     """REPAIR through BatchNorm: each targeted BatchNorm outputs its target channel mean and std.
 
@@ -108,11 +111,12 @@ def repair_batchnorm(
     measure the outputs and fold the remaining per-channel affine error into weight and bias (the
     running variance is unbiased and includes ``eps``, a population std is neither; an upstream fix
     shifts the layers below it), until every channel is within ``tol`` of its target: a model that
-    already has the target statistics comes back unchanged. Returns a copy; ``model`` is not modified.
-    ``data`` must be re-iterable (a list of batches or a DataLoader): it is read once per pass.
+    already has the target statistics comes back unchanged. Returns a copy; ``model`` is not modified
+    (``inplace``: ``model`` itself is changed and returned). ``data`` must be re-iterable (a list of
+    batches or a DataLoader): it is read once per pass.
     """
     check_data(data, reiterable=True)
-    new = copy.deepcopy(model)
+    new = model if inplace else copy.deepcopy(model)
     modules = dict(new.named_modules())
     with torch.no_grad():
         for name, (mean, std) in targets.items():
@@ -124,7 +128,7 @@ def repair_batchnorm(
                 continue
             bn.weight.copy_(std.to(bn.weight))
             bn.bias.copy_(mean.to(bn.bias))
-    new = reset_bn_stats(new, data, max_batches=max_batches, progress=progress)
+    new = reset_bn_stats(new, data, max_batches=max_batches, progress=progress, inplace=True)
     modules = dict(new.named_modules())
     names = [n for n in targets if isinstance(modules[n], _BN) and modules[n].affine]
     if names:
@@ -421,6 +425,7 @@ def repair(
     tol: float = 1e-4,
     max_passes: int | None = None,
     only: Sequence[str] | None = None,
+    inplace: bool = False,
 ) -> nn.Module:
     """REPAIR: a copy of ``merged`` whose pre-activation channel means/stds equal the endpoints' average.
 
@@ -433,8 +438,9 @@ def repair(
     passes as modules, each pass stopping after its module. With ``max_passes`` every pass measures
     all modules and folds all corrections at once (a correction upstream shifts the statistics
     downstream), until every channel is within ``tol`` (relative to the target std) of its targets or
-    the passes run out. Channels whose merged std is below ``eps`` keep their scale. ``merged`` and the endpoints are not modified. ``data`` must be re-iterable (a list of
-    batches or a DataLoader): it is read once per pass.
+    the passes run out. Channels whose merged std is below ``eps`` keep their scale. ``merged`` and the
+    endpoints are not modified (``inplace``: ``merged`` itself is corrected and returned). ``data`` must
+    be re-iterable (a list of batches or a DataLoader): it is read once per pass.
     """
     check_data(data, reiterable=True)
     check_finite_parameters([merged], ["merged"])
@@ -443,7 +449,7 @@ def repair(
     endpoints = [n for names in repair_endpoints(merged, graph).values() for n in names]
     if only is not None:  # e.g. the layers that are not BatchNorm, when BatchNorm layers were set otherwise
         endpoints = [n for n in endpoints if n in set(only)]
-    new = copy.deepcopy(merged)
+    new = merged if inplace else copy.deepcopy(merged)
     if not endpoints:
         return new
     if targets is None:

@@ -19,7 +19,7 @@ exactly by indexing.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from ccatoolkit.merging.graph import MergeGraph, ParamRef, Space
 __all__ = [
     "apply_transforms",
     "transformed_state",
+    "transformed_tensors",
     "apply_permutations",
     "permutation_matrix",
     "permutation_transforms",
@@ -159,21 +160,24 @@ def transformed_state(
     model: nn.Module, graph: MergeGraph, transforms: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
     """The state dict that :func:`apply_transforms` loads: transformed tensors are new, the others are
-    ``model``'s own (not copied), so a merge can average without building a model per endpoint.
+    ``model``'s own (not copied). See :func:`transformed_tensors`."""
+    return {**model.state_dict(), **dict(transformed_tensors(model, graph, transforms))}
 
-    Each product runs in float64 on the model's device and is cast back to the tensor's dtype at
-    once (a tensor touched by two spaces, rows and columns, is rounded once in between): memory
-    stays one float64 copy of the largest tensor, not of the model.
+
+def transformed_tensors(
+    model: nn.Module, graph: MergeGraph, transforms: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for each state tensor the transforms change, one at a time, in state order.
+
+    Every transform touching a tensor (its rows as a space's output, its columns as another's input)
+    is applied before it is yielded, in the order of ``transforms``; each product runs in float64 up to
+    ``_FLOAT64_ENTRIES`` entries (:func:`_left`) and is cast back to the tensor's dtype at once. Memory
+    holds one transformed tensor (and its predecessor while it is made), not a transformed model: a
+    merge averages a torchvision VGG11 (0.5 GB) without a second copy of it.
     """
     device = model_device(model)
     state = model.state_dict()
-    work: dict[str, torch.Tensor] = {}
-
-    def get(name: str) -> torch.Tensor:
-        if name not in state:
-            raise KeyError(f"merge graph refers to {name!r}, which is not in the model's state_dict")
-        return work.get(name, state[name].detach())
-
+    steps: dict[str, list[tuple[ParamRef, torch.Tensor, bool]]] = {}  # name -> (ref, matrix, is a space's output)
     for name, pair in transforms.items():
         space = _space_of(graph, name)
         out, inp = _check_pair(space, pair)
@@ -185,15 +189,22 @@ def transformed_state(
         out = out.to(device=device, dtype=torch.float64)
         inp = inp.to(device=device, dtype=torch.float64)
         for ref in space.outputs:
-            eps = _variance_eps(model, ref)
-            if eps is None:
-                work[ref.name] = _left(get(ref.name), ref, out)
-            else:
-                var = _left(get(ref.name).to(torch.float64) + eps, ref, out * out) - eps
-                work[ref.name] = var.clamp_min(0.0).to(state[ref.name].dtype)
+            steps.setdefault(ref.name, []).append((ref, out, True))
         for ref in space.inputs:
-            work[ref.name] = _left(get(ref.name), ref, inp.T)
-    return {**state, **work}
+            steps.setdefault(ref.name, []).append((ref, inp.T, False))
+    missing = [n for n in steps if n not in state]
+    if missing:
+        raise KeyError(f"merge graph refers to {missing[0]!r}, which is not in the model's state_dict")
+    for name in [n for n in state if n in steps]:
+        tensor = state[name].detach()
+        for ref, matrix, is_output in steps[name]:
+            eps = _variance_eps(model, ref) if is_output else None
+            if eps is None:
+                tensor = _left(tensor, ref, matrix)
+            else:  # a running variance: the diagonal of out C out^T, with BatchNorm's eps kept
+                var = _left(tensor.to(torch.float64) + eps, ref, matrix * matrix) - eps
+                tensor = var.clamp_min(0.0).to(state[name].dtype)
+        yield name, tensor
 
 
 def permutation_matrix(perm: torch.Tensor | Sequence[int]) -> torch.Tensor:
