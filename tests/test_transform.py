@@ -101,6 +101,34 @@ def test_permutation_by_matrices_equals_indexing(case: str) -> None:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_rows_and_columns_moved_in_one_gather_equal_two_steps(case: str, monkeypatch) -> None:
+    """A weight between two permuted spaces is gathered once (no second copy); the values are the same."""
+    import ccatoolkit.merging.transform as transform_module
+
+    model, _, graph = _setup(case)
+    gen = torch.Generator().manual_seed(4)
+    perms = random_permutations(graph, gen)
+    scales = random_scalings(graph, gen, 0.5, 2.0)
+    scaled_perms = {name: (torch.as_tensor(scales[name][0]) @ P, Pinv @ torch.as_tensor(scales[name][1]))
+                    for name, (P, Pinv) in permutation_transforms(perms).items()}
+    gathered = []
+    original = transform_module._permuted_both_axes
+
+    def recording(tensor, steps):
+        out = original(tensor, steps)
+        gathered.append(out is not None)
+        return out
+
+    monkeypatch.setattr(transform_module, "_permuted_both_axes", recording)
+    fused = transform_module.transformed_state(model, graph, scaled_perms)
+    monkeypatch.setattr(transform_module, "_permuted_both_axes", lambda tensor, steps: None)
+    stepwise = transform_module.transformed_state(model, graph, scaled_perms)
+    assert any(gathered)  # some weight sits between two spaces and took the one-gather path
+    for k in fused:
+        torch.testing.assert_close(fused[k], stepwise[k], atol=0, rtol=0)
+
+
 def test_scaling_is_exact_when_running_var_is_near_eps() -> None:
     """running_var -> s^2 (running_var + eps) - eps keeps BatchNorm's output exactly (not just up to eps)."""
     gen = torch.Generator().manual_seed(6)

@@ -52,7 +52,7 @@ from ccatoolkit.analysis.linalg import RidgePath, condition_number
 from ccatoolkit.analysis.stats import JointStats, collect_statistics
 from ccatoolkit.merging.align.cca import CCAProblem, multiview_cca_transforms
 from ccatoolkit.merging.align.cycle import cycle_consistent_matching
-from ccatoolkit.merging.align.permutation import match_activations, permutation_transform, weight_matching
+from ccatoolkit.merging.align.permutation import match_activations, permutation_matrix, weight_matching
 from ccatoolkit.merging.align.zipit import zipit_transforms
 from ccatoolkit.merging.folding import fold_batchnorm, foldable_batchnorms, folded_graph
 from ccatoolkit.merging.graph import MergeGraph, merge_graph
@@ -269,6 +269,13 @@ def _pair(out: np.ndarray, inp: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]
     return torch.as_tensor(out, dtype=torch.float64), torch.as_tensor(inp, dtype=torch.float64)
 
 
+def _permutation_pair(perm: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, P^T)`` of a permutation, the inverse a view of ``P`` (a 4096-wide space's matrix is 134 MB:
+    held once per model, not twice; transforms are read, never written)."""
+    P = torch.as_tensor(permutation_matrix(perm), dtype=torch.float64)
+    return P, P.T
+
+
 def _weight_matching_inputs(
     models: list[nn.Module], ref: int, graph: MergeGraph
 ) -> tuple[list[dict[str, torch.Tensor]], set[str] | None]:
@@ -323,7 +330,7 @@ def _compute_transforms(
         cache["cycle"] = info
         for k in range(n):
             if k != ref:
-                result[k] = {s: _pair(*permutation_transform(p)) for s, p in perms[k].items()}
+                result[k] = {s: _permutation_pair(p) for s, p in perms[k].items()}
         return result
     if method == "permute_weight":
         states, names = _weight_matching_inputs(models, ref, graph)
@@ -333,7 +340,7 @@ def _compute_transforms(
                     states[ref], states[k], graph, max_iter=int(options.get("max_iter", 100)),
                     seed=int(options.get("seed", 0)), param_names=names,
                 )
-                result[k] = {s: _pair(*permutation_transform(p)) for s, p in perms.items()}
+                result[k] = {s: _permutation_pair(p) for s, p in perms.items()}
         return result
     assert stats is not None
     per: list[Transforms] = [{} for _ in range(n)]
@@ -342,8 +349,7 @@ def _compute_transforms(
         if method == "permute" or space.permutation_only:  # e.g. a depthwise conv: no channel mixing
             for k in range(n):
                 if k != ref:
-                    per[k][space.name] = _pair(*permutation_transform(
-                        match_activations(_np(st.corr(ref, k)), space.groups)))
+                    per[k][space.name] = _permutation_pair(match_activations(_np(st.corr(ref, k)), space.groups))
         elif method == "cca":
             for k in range(n):
                 if k != ref:

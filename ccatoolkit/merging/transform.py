@@ -99,20 +99,44 @@ def _left(tensor: torch.Tensor, ref: ParamRef, matrix: torch.Tensor) -> torch.Te
     if sparse is not None:
         index, scale = sparse
         out = tensor.index_select(ref.axis, axis_index(index, ref, tensor.shape[ref.axis], tensor.device))
-        if not bool((scale == 1).all()):
-            full = torch.ones(tensor.shape[ref.axis], dtype=tensor.dtype, device=tensor.device)
-            first = ref.start * ref.block
-            full[first:first + scale.numel() * ref.block] = scale.to(tensor).repeat_interleave(ref.block)
-            shape = [1] * tensor.dim()
-            shape[ref.axis] = -1
-            out = out * full.view(shape)
-        return out
+        return _scale_axis(out, ref, scale)
     moved = segment(tensor, ref, matrix.shape[1]).movedim(ref.axis, 0)
     shape = moved.shape
     flat = moved.reshape(matrix.shape[1], -1)
     dtype = torch.float64 if flat.numel() <= _FLOAT64_ENTRIES else torch.promote_types(tensor.dtype, torch.float32)
     out = (matrix.to(dtype) @ flat.to(dtype)).to(tensor.dtype)
     return replace_segment(tensor, ref, out.reshape(shape).movedim(0, ref.axis))
+
+
+def _scale_axis(out: torch.Tensor, ref: ParamRef, scale: torch.Tensor) -> torch.Tensor:
+    """``out`` (a new tensor) with the space's channels along ``ref.axis`` multiplied by ``scale``, in place."""
+    if bool((scale == 1).all()):
+        return out
+    full = torch.ones(out.shape[ref.axis], dtype=out.dtype, device=out.device)
+    first = ref.start * ref.block
+    full[first:first + scale.numel() * ref.block] = scale.to(out).repeat_interleave(ref.block)
+    shape = [1] * out.dim()
+    shape[ref.axis] = -1
+    return out.mul_(full.view(shape))
+
+
+def _permuted_both_axes(tensor: torch.Tensor, steps: list[tuple[ParamRef, torch.Tensor, bool]]) -> torch.Tensor | None:
+    """Rows and columns of ``tensor`` moved by two (scaled) permutations in one gather, or None when the
+    steps are not that. Two ``index_select`` calls would hold two new copies at once: 0.8 GB for the
+    first classifier layer of a torchvision VGG (4096 x 25088)."""
+    if len(steps) != 2 or tensor.dim() < 2 or {ref.axis for ref, _, _ in steps} != {0, 1}:
+        return None
+    parts = []
+    for ref, matrix, _ in steps:  # (a running variance is 1-D: never here)
+        sparse = scaled_permutation_parts(matrix)
+        if sparse is None or ref.groups > 1:
+            return None
+        parts.append((ref, sparse))
+    index = {ref.axis: axis_index(sparse[0], ref, tensor.shape[ref.axis], tensor.device) for ref, sparse in parts}
+    out = tensor[index[0][:, None], index[1][None, :]]
+    for ref, (_, scale) in parts:  # in the steps' order: the same rounding as two steps
+        out = _scale_axis(out, ref, scale)
+    return out
 
 
 def _check_pair(space: Space, pair: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +221,10 @@ def transformed_tensors(
         raise KeyError(f"merge graph refers to {missing[0]!r}, which is not in the model's state_dict")
     for name in [n for n in state if n in steps]:
         tensor = state[name].detach()
+        both = _permuted_both_axes(tensor, steps[name])
+        if both is not None:
+            yield name, both
+            continue
         for ref, matrix, is_output in steps[name]:
             eps = _variance_eps(model, ref) if is_output else None
             if eps is None:
