@@ -55,7 +55,8 @@ def one(name: str, method: str, images: int, batch: int, device: str, threads: i
     for seed in (0, 1):
         torch.manual_seed(seed)
         model = getattr(models, name)(num_classes=10).to(device)
-        pair.append(reset_bn_stats(model, data[:2], progress=False).eval())
+        pair.append(reset_bn_stats(model, data[:2], progress=False, inplace=True).eval())
+    del model  # (the loop variable would keep a third model alive through the merge)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
