@@ -688,8 +688,10 @@ def _select_ridge(
     fit_stats = _stats(models, graph, fit_batches(), None, progress)
     if not held_out:
         return DEFAULT_RIDGE, {}, f"default (fewer than {_HOLD_OUT_EVERY} batches: none held out)", fit_stats, None
-    held_stats = _stats(models, graph, held_out, None, False)
     rule = plan.options.get("ridge_rule") or _RIDGE_RULES[0]
+    # the agreement rule reads the held-out batches' statistics only for the final merge: they are
+    # collected after the candidates, so a wide model never holds two sets of joint Gram matrices with them
+    held_stats = _stats(models, graph, held_out, None, False) if rule != "agreement" else None
     score = _agreement_scorer(models, held_out) if rule == "agreement" else None
     plan.scoring_batches = len(held_out)
     scores = {}
@@ -697,10 +699,15 @@ def _select_ridge(
     for r in grid:
         transforms = _compute_transforms(method, models, ref, graph, fit_stats, r, plan.options, cache)
         if score is None:
+            assert held_stats is not None
             scores[r] = _held_out_correlation(held_stats, graph, ref, transforms)
         else:
             scores[r] = score(plan.merged(transforms, False, scoring=True))
-    stats = {name: fit_stats[name] + held_stats[name] for name in fit_stats}
+        del transforms  # before the next candidate's are made (dense maps of every space)
+    cache.clear()  # the eigendecompositions of the fitting statistics
+    if held_stats is None:
+        held_stats = _stats(models, graph, held_out, None, False)
+    stats = {name: fit_stats.pop(name) + held_stats.pop(name) for name in list(fit_stats)}
     how = ("agreement with the ensemble on held-out batches" if rule == "agreement"
            else "correlation of the aligned features on held-out batches")
     return max(scores, key=scores.__getitem__), scores, how, stats, None
