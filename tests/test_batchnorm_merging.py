@@ -207,3 +207,23 @@ def test_ridge_candidates_estimate_batchnorm_on_a_quarter_of_the_batches(monkeyp
     assert read == [1] * len(RIDGE_GRID) + [5] and set(capped.merge_info["seconds"]) >= {"ridge_selection"}
     given = merge([a, b], "cca", data, ridge=0.1, progress=False)
     assert set(given.merge_info["seconds"]) == {"graph", "statistics", "alignment", "average_and_repair"}
+
+
+def test_a_merge_source_shares_what_folding_leaves_alone_and_the_input_stays_untouched() -> None:
+    torch.manual_seed(0)
+    data = [torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    model = _randomised_bn(VGG11(width=0.125, in_shape=(1, 8, 8)), data)
+    pairs = foldable_batchnorms(model, merge_graph(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shared = fold_batchnorm(model, pairs, share_unchanged=True)
+    private = fold_batchnorm(model, pairs)
+    x = torch.cat(data)
+    torch.testing.assert_close(shared(x), model(x), atol=1e-5, rtol=1e-5)
+    for name, value in shared.state_dict().items():
+        owner = name.rpartition(".")[0]
+        touched = owner in pairs or owner in pairs.values()
+        assert (value.data_ptr() == model.state_dict()[name].data_ptr()) == (not touched), name
+        torch.testing.assert_close(value, private.state_dict()[name], atol=0, rtol=0)
+    assert any(p.data_ptr() == q.data_ptr() for p, q in zip(shared.parameters(), model.parameters()))  # e.g. the head
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -489,7 +489,7 @@ class _Plan:
         folded: dict[str, str] = {}
         if method in _LINEAR_MAP_METHODS and has_batchnorm(models[ref]):
             folded = foldable_batchnorms(models[ref], graph)
-        sources = [fold_batchnorm(m, folded) for m in models] if folded else list(models)
+        sources = [fold_batchnorm(m, folded, share_unchanged=True) for m in models] if folded else list(models)
         transform_graph = folded_graph(graph, folded) if folded else graph
         return cls(method, models, ref, graph, folded, sources, transform_graph, **kwargs)
 

@@ -19,7 +19,9 @@ BatchNorm layers statistics that mean something again.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,13 +87,20 @@ def foldable_batchnorms(model: nn.Module, graph: MergeGraph) -> dict[str, str]:
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module, pairs: dict[str, str]) -> nn.Module:
+def fold_batchnorm(model: nn.Module, pairs: dict[str, str], share_unchanged: bool = False) -> nn.Module:
     """A copy of ``model`` with each BatchNorm of ``pairs`` folded into its producer (see the module doc).
 
     ``pairs`` is ``{batchnorm: producer}`` (from :func:`foldable_batchnorms`). Exact in eval mode
-    up to float rounding; ``model`` is not modified.
+    up to float rounding; ``model`` is not modified. ``share_unchanged``: the copy shares with
+    ``model`` every parameter and buffer that folding leaves alone (a merge's read-only sources: a
+    torchvision VGG's 0.5 GB classifier is not copied); never change such a copy in place.
     """
-    new = copy.deepcopy(model)
+    memo: dict[int, Any] = {}
+    if share_unchanged:
+        changed = set(pairs) | set(pairs.values())
+        tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+        memo = {id(t): t for name, t in tensors if name.rpartition(".")[0] not in changed}
+    new = copy.deepcopy(model, memo)
     modules = dict(new.named_modules())
     for bn_name, producer_name in pairs.items():
         bn, producer = modules[bn_name], modules[producer_name]
