@@ -287,7 +287,7 @@ class _SpaceSums:
         self.shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         self.s1 = torch.zeros(d, dtype=torch.float64, device=device)
         self.s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
-        self.g = torch.zeros(d, d + 1, dtype=self.dtype, device=device)
+        self.g = None  # made by add(): wide spaces free theirs after each batch, so they never all hold one
         self.bad = torch.zeros(d, dtype=torch.bool, device=device)
         # Row chunks: split at model boundaries and large blocks further, so that only the upper
         # block triangle of the Gram matrix is computed.
