@@ -60,8 +60,9 @@ VAR_RTOL = 1e-10
 _CHUNK_ROWS = 32
 # The running Gram (a sum over at most this many samples, of shifted data) is flushed into float64.
 _FLUSH_SAMPLES = 1 << 17
-# A running Gram larger than this (bytes; a joint space of about 4096 channels) is flushed and freed after
-# every batch: vgg11_bn's two 4096-wide classifier spaces would otherwise hold 2 x 268 MB throughout.
+# A space whose running Gram would be larger than this (bytes; a joint space of about 4096 channels) has
+# none: each batch's products go into the float64 sums chunk by chunk (vgg11_bn's two 4096-wide classifier
+# spaces would otherwise hold 2 x 268 MB throughout).
 _LARGE_RUNNING_GRAM = 64 << 20
 
 
@@ -257,8 +258,9 @@ class _SpaceSums:
     The joint samples of a batch are written into a matrix ``z`` (one column per sample: the
     channels minus a fixed shift, then a row of ones); its Gram matrix (upper block triangle; the
     ones row gives the sums) is added into a float32 running total that is flushed into the
-    float64 sums every ``_FLUSH_SAMPLES`` samples, or after every batch (and freed) when it is
-    larger than ``_LARGE_RUNNING_GRAM`` bytes.
+    float64 sums every ``_FLUSH_SAMPLES`` samples. A space whose running Gram would be larger than
+    ``_LARGE_RUNNING_GRAM`` bytes has none: each chunk's product of a batch is added to the float64
+    sums at once (a buffer of one chunk of rows).
     """
 
     def __init__(self, name: str, layers: list[str], num_models: int) -> None:
@@ -287,7 +289,7 @@ class _SpaceSums:
         self.shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         self.s1 = torch.zeros(d, dtype=torch.float64, device=device)
         self.s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
-        self.g = None  # made by add(): wide spaces free theirs after each batch, so they never all hold one
+        self.g = None  # made by the first add(), never for a wide space (see add)
         self.bad = torch.zeros(d, dtype=torch.bool, device=device)
         # Row chunks: split at model boundaries and large blocks further, so that only the upper
         # block triangle of the Gram matrix is computed.
@@ -301,12 +303,14 @@ class _SpaceSums:
     def add(self, outs: list[torch.Tensor], scratch: _Scratch) -> None:
         """Add one capture point's outputs of all models on one batch (each ``(N, C_i, *spatial)``)."""
         assert self.sizes is not None and self.shift is not None and self.s2 is not None, "statistics were released"
-        if self.g is None:
-            self.g = torch.zeros(self.dim, self.dim + 1, dtype=self.dtype, device=self.s2.device)
+        d = self.dim
+        # a wide space has no running Gram: each chunk's product goes straight into the float64 sums
+        direct = d * (d + 1) * self.dtype.itemsize > _LARGE_RUNNING_GRAM
+        if self.g is None and not direct:
+            self.g = torch.zeros(d, d + 1, dtype=self.dtype, device=self.s2.device)
         n = outs[0].shape[0]
         per_input = outs[0][:1].numel() // max(1, outs[0].shape[1])  # samples per input (spatial positions)
-        d = self.dim
-        z = scratch.get(d + 1, n * per_input, self.dtype, self.g.device)
+        z = scratch.get(d + 1, n * per_input, self.dtype, self.s2.device)
         off = 0
         for out, size in zip(outs, self.sizes):
             part = out.transpose(0, 1)
@@ -314,15 +318,24 @@ class _SpaceSums:
             torch.sub(part, shift, out=z[off : off + size].view(part.shape))
             off += size
         z[d].fill_(1.0)
+        self.count += n * per_input
+        if direct:
+            assert self.s1 is not None and self.bad is not None
+            rows = max(r1 - r0 for r0, r1 in self.chunks)
+            buffer = torch.empty(rows * (d + 1), dtype=self.dtype, device=self.s2.device)
+            for r0, r1 in self.chunks:
+                block = buffer[: (r1 - r0) * (d + 1 - r0)].view(r1 - r0, d + 1 - r0)
+                torch.mm(z[r0:r1], z[r0 : d + 1].T, out=block)
+                self.s2[r0:r1, r0:] += block[:, : d - r0]
+                self.s1[r0:r1] += block[:, d - r0]
+                self.bad[r0:r1] |= ~torch.isfinite(torch.diagonal(block[:, : r1 - r0]))
+            return
+        assert self.g is not None
         for r0, r1 in self.chunks:
             self.g[r0:r1, r0:].addmm_(z[r0:r1], z[r0 : d + 1].T)
-        self.count += n * per_input
         self.unflushed += n * per_input
-        large = self.g.numel() * self.g.element_size() > _LARGE_RUNNING_GRAM
-        if self.unflushed >= _FLUSH_SAMPLES or large:
+        if self.unflushed >= _FLUSH_SAMPLES:
             self.flush()
-        if large:  # re-created by the next add(): of several wide spaces, only one holds a running Gram at a time
-            self.g = None
 
     def flush(self) -> None:
         """Move the running Gram into the float64 sums."""
