@@ -393,19 +393,24 @@ def _average_into(
     (e.g. BatchNorm's batch counter) stay as ``merged`` has them.
     """
     target = merged.state_dict()
+
+    def accumulate(first: bool, key: str, value: torch.Tensor) -> None:
+        if torch.is_floating_point(value):
+            if first:
+                target[key].copy_(value)
+            else:
+                target[key].add_(value.to(target[key].dtype))
+
     with torch.no_grad():
         for k, (model, t) in enumerate(zip(models, transforms)):
-            state = model.state_dict()
-            changed = transformed_tensors(model, graph, t) if t is not None else iter(())
-            done = set()
-            for key, value in itertools.chain(changed, ((n, v) for n, v in state.items() if n not in done)):
-                done.add(key)
-                if torch.is_floating_point(value):
-                    if k == 0:
-                        target[key].copy_(value)
-                    else:
-                        target[key].add_(value.to(target[key].dtype))
-                del value
+            changed = set()
+            for key, value in transformed_tensors(model, graph, t) if t is not None else ():
+                accumulate(k == 0, key, value)
+                changed.add(key)
+                del value  # dropped before the next transformed tensor is made
+            for key, value in model.state_dict().items():
+                if key not in changed:
+                    accumulate(k == 0, key, value)
         for value in target.values():
             if torch.is_floating_point(value):
                 value.div_(len(models))

@@ -74,17 +74,20 @@ def scaled_permutation_parts(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.
     return index, matrix.gather(1, index[:, None])[:, 0]
 
 
-def _left(tensor: torch.Tensor, ref: ParamRef, matrix: torch.Tensor) -> torch.Tensor:
+_Parts = tuple[torch.Tensor, torch.Tensor] | None  # scaled_permutation_parts of a map (None: it mixes channels)
+
+
+def _left(tensor: torch.Tensor, ref: ParamRef, matrix: torch.Tensor, sparse: _Parts) -> torch.Tensor:
     """``matrix @ tensor`` along ``ref.axis``; channel-major blocks of ``ref.block`` entries move together.
 
-    A (scaled) permutation is applied by indexing, exactly and in the tensor's own dtype (no dense
+    ``sparse`` is ``scaled_permutation_parts(matrix)``, found once per map by the caller (a map moves
+    every tensor of its space). A (scaled) permutation is applied by indexing, exactly and in the tensor's own dtype (no dense
     product: a permuted 25088 x 4096 classifier costs a copy, not a 512 x 512 x 2M product); any
     other map by a product cast back to the tensor's dtype, in float64 up to ``_FLOAT64_ENTRIES``
     entries and in the tensor's own precision (at least float32) above: a CCA map on VGG's
     4096 x 25088 classifier is 8e11 multiply-adds, twice as fast and half the memory in float32,
     whose rounding (1e-7 relative) is far below what merging changes.
     """
-    sparse = scaled_permutation_parts(matrix)
     if sparse is not None and ref.groups > 1:  # a grouped convolution's input: index within each group of rows
         index, scale = sparse
         out = permute_axis(tensor, index, ref)
@@ -120,22 +123,23 @@ def _scale_axis(out: torch.Tensor, ref: ParamRef, scale: torch.Tensor) -> torch.
     return out.mul_(full.view(shape))
 
 
-def _permuted_both_axes(tensor: torch.Tensor, steps: list[tuple[ParamRef, torch.Tensor, bool]]) -> torch.Tensor | None:
+# one transform acting on a tensor: (its ref, the map, the map's scaled_permutation_parts, a space's output?)
+_Step = tuple[ParamRef, torch.Tensor, _Parts, bool]
+
+
+def _permuted_both_axes(tensor: torch.Tensor, steps: list[_Step]) -> torch.Tensor | None:
     """Rows and columns of ``tensor`` moved by two (scaled) permutations in one gather, or None when the
     steps are not that. Two ``index_select`` calls would hold two new copies at once: 0.8 GB for the
     first classifier layer of a torchvision VGG (4096 x 25088)."""
-    if len(steps) != 2 or tensor.dim() < 2 or {ref.axis for ref, _, _ in steps} != {0, 1}:
+    if len(steps) != 2 or tensor.dim() < 2 or {ref.axis for ref, *_ in steps} != {0, 1}:
         return None
-    parts = []
-    for ref, matrix, _ in steps:  # (a running variance is 1-D: never here)
-        sparse = scaled_permutation_parts(matrix)
-        if sparse is None or ref.groups > 1:
-            return None
-        parts.append((ref, sparse))
-    index = {ref.axis: axis_index(sparse[0], ref, tensor.shape[ref.axis], tensor.device) for ref, sparse in parts}
+    if any(sparse is None or ref.groups > 1 for ref, _, sparse, _ in steps):  # (a running variance is 1-D)
+        return None
+    index = {ref.axis: axis_index(sparse[0], ref, tensor.shape[ref.axis], tensor.device)
+             for ref, _, sparse, _ in steps}
     out = tensor[index[0][:, None], index[1][None, :]]
-    for ref, (_, scale) in parts:  # in the steps' order: the same rounding as two steps
-        out = _scale_axis(out, ref, scale)
+    for ref, _, sparse, _ in steps:  # in the steps' order: the same rounding as two steps
+        out = _scale_axis(out, ref, sparse[1])
     return out
 
 
@@ -201,7 +205,7 @@ def transformed_tensors(
     """
     device = model_device(model)
     state = model.state_dict()
-    steps: dict[str, list[tuple[ParamRef, torch.Tensor, bool]]] = {}  # name -> (ref, matrix, is a space's output)
+    steps: dict[str, list[_Step]] = {}
     for name, pair in transforms.items():
         space = _space_of(graph, name)
         out, inp = _check_pair(space, pair)
@@ -212,10 +216,11 @@ def transformed_tensors(
             )
         out = out.to(device=device, dtype=torch.float64)
         inp = inp.to(device=device, dtype=torch.float64)
+        out_parts, inp_parts = scaled_permutation_parts(out), scaled_permutation_parts(inp.T)
         for ref in space.outputs:
-            steps.setdefault(ref.name, []).append((ref, out, True))
+            steps.setdefault(ref.name, []).append((ref, out, out_parts, True))
         for ref in space.inputs:
-            steps.setdefault(ref.name, []).append((ref, inp.T, False))
+            steps.setdefault(ref.name, []).append((ref, inp.T, inp_parts, False))
     missing = [n for n in steps if n not in state]
     if missing:
         raise KeyError(f"merge graph refers to {missing[0]!r}, which is not in the model's state_dict")
@@ -225,12 +230,13 @@ def transformed_tensors(
         if both is not None:
             yield name, both
             continue
-        for ref, matrix, is_output in steps[name]:
+        for ref, matrix, sparse, is_output in steps[name]:
             eps = _variance_eps(model, ref) if is_output else None
             if eps is None:
-                tensor = _left(tensor, ref, matrix)
+                tensor = _left(tensor, ref, matrix, sparse)
             else:  # a running variance: the diagonal of out C out^T, with BatchNorm's eps kept
-                var = _left(tensor.to(torch.float64) + eps, ref, matrix * matrix) - eps
+                squared = None if sparse is None else (sparse[0], sparse[1] * sparse[1])
+                var = _left(tensor.to(torch.float64) + eps, ref, matrix * matrix, squared) - eps
                 tensor = var.clamp_min(0.0).to(state[name].dtype)
         yield name, tensor
 
