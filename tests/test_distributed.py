@@ -46,6 +46,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         models, batches = _setup()
         stats = collect_statistics(models, batches[rank::world], LAYERS, progress=False, warn=False)
         torch.save({k: (s.count, s.sum, s.gram, s.sizes) for k, s in stats.items()}, Path(out_dir) / f"rank{rank}.pt")
+        cross = collect_statistics(models, batches[rank::world], LAYERS, progress=False, warn=False, reference=1)
+        torch.save({k: (s.cov(1, 0), s.var(0)) for k, s in cross.items()}, Path(out_dir) / f"cross{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -66,3 +68,8 @@ def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
             scale = ref.joint_cov().abs().max().item()
             torch.testing.assert_close(stats.joint_cov(), ref.joint_cov(), rtol=1e-5, atol=1e-6 * scale)
         torch.testing.assert_close(ranks[0][name][2], ranks[1][name][2], rtol=0, atol=0)  # identical on all ranks
+        for r in range(2):  # cross-only statistics are all-reduced too
+            cov, var = torch.load(tmp_path / f"cross{r}.pt")[name]
+            scale = ref.joint_cov().abs().max().item()
+            torch.testing.assert_close(cov, ref.cov(1, 0), rtol=1e-5, atol=1e-6 * scale)
+            torch.testing.assert_close(var, ref.var(0), rtol=1e-5, atol=1e-6 * scale)

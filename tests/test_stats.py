@@ -329,3 +329,51 @@ def test_top_eigenpairs_are_those_of_the_full_decomposition() -> None:
     torch.testing.assert_close(all_vals, vals.flip(0))
     with pytest.raises(ValueError, match="k must lie"):
         top_eigenpairs(S, 0)
+
+
+@pytest.mark.parametrize("reference", [0, 2])
+def test_cross_only_statistics_equal_the_joint_ones_where_they_exist(reference: int) -> None:
+    """``reference=r``: the covariances of model r with each other model and every variance, as the full
+    statistics give them, in less memory; every other block is refused with a message naming the fix."""
+    torch.manual_seed(1)
+    models = [ResNet20(width=1, in_shape=(1, 8, 8)) for _ in range(3)]
+    batches = _batches(4, (1, 8, 8))
+    layers = {"stream": ["stem.relu", "layer1.0.relu2"], "inner": ["layer2.0.relu1"], "head": ["head"]}
+    full = collect_statistics(models, batches, layers, progress=False, warn=False)
+    collector = StatisticsCollector(models, layers, reference=reference)
+    with collector.attached():
+        for x in batches:
+            collector.update(x)
+    cross_bytes = collector.nbytes()["sums"]
+    stats = collector.result()
+    others = [k for k in range(3) if k != reference]
+    for name, s in stats.items():
+        f = full[name]
+        assert s.gram is None and s.reference == reference and sorted(s.cross) == others and s.count == f.count
+        torch.testing.assert_close(s.mean(), f.mean(), rtol=1e-6, atol=1e-6)
+        for k in range(3):
+            torch.testing.assert_close(s.var(k), f.var(k), rtol=1e-5, atol=1e-6)
+        for k in others:
+            torch.testing.assert_close(s.cov(reference, k), f.cov(reference, k), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(s.cov(k, reference), f.cov(k, reference), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(s.corr(reference, k), f.corr(reference, k), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match=rf"cross-only \(collected with reference={reference}\).*reference=None"):
+            s.cov(others[0], others[1])
+        with pytest.raises(ValueError, match="cross-only"):
+            s.cov(reference)
+        with pytest.raises(ValueError, match="reference=None"):
+            s.joint_cov()
+    full_collector = StatisticsCollector(models, layers)
+    with full_collector.attached():
+        full_collector.update(batches[0])
+    assert cross_bytes < 0.5 * full_collector.nbytes()["sums"]
+    # sums over two halves add up; kinds do not mix
+    a = collect_statistics(models, batches[:2], layers, progress=False, warn=False, reference=reference)
+    b = collect_statistics(models, batches[2:], layers, progress=False, warn=False, reference=reference)
+    both = (a["inner"] + b["inner"]).to("cpu")
+    torch.testing.assert_close(both.cov(reference, others[1]), full["inner"].cov(reference, others[1]),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="different kinds"):
+        a["inner"] + full["inner"]
+    with pytest.raises(ValueError, match="reference must be a model index"):
+        StatisticsCollector(models, layers, reference=3)

@@ -95,13 +95,29 @@ class JointStats:
     ``count`` samples; ``sum`` (float64, length ``sum(sizes)``) and ``gram`` (float64,
     ``sum(sizes)`` square, the sum of outer products); ``sizes[i]`` channels of model ``i``.
     Covariances are unbiased (divided by ``count - 1``).
+
+    *Cross-only* statistics (``reference`` set, ``gram`` None) hold just what matching every model
+    to one reference needs: ``cross[k]``, the sum of ``x_ref x_k^T`` for each other model ``k``, and
+    ``square_sum``, each channel's sum of squares (its variance). For two 4096-wide models that is a
+    quarter of the joint Gram matrix. :meth:`cov` of any other pair of models raises.
     """
 
     count: int
     sum: torch.Tensor
-    gram: torch.Tensor
+    gram: torch.Tensor | None
     sizes: list[int]
     layers: list[str] = field(default_factory=list)
+    reference: int | None = None
+    cross: dict[int, torch.Tensor] = field(default_factory=dict)
+    square_sum: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.gram is None) == (self.reference is None):
+            raise ValueError("JointStats needs either a joint gram (full statistics) or a reference (cross-only)")
+        if self.reference is not None:
+            missing = [k for k in range(len(self.sizes)) if k != self.reference and k not in self.cross]
+            if missing or self.square_sum is None:
+                raise ValueError(f"cross-only statistics lack the blocks of models {missing} or the squares")
 
     # ---- layout -------------------------------------------------------------------------
     @property
@@ -124,6 +140,22 @@ class JointStats:
         off = self.offsets
         return slice(off[i], off[i + 1])
 
+    def _gram_block(self, i: int, j: int) -> torch.Tensor:
+        """The sum of ``x_i x_j^T`` (a view, not a copy)."""
+        bi, bj = self.block(i), self.block(j)
+        if self.gram is not None:
+            return self.gram[bi, bj]
+        i, j = i % self.num_models, j % self.num_models
+        if i == self.reference and j in self.cross:
+            return self.cross[j]
+        if j == self.reference and i in self.cross:
+            return self.cross[i].T
+        raise ValueError(
+            f"these statistics are cross-only (collected with reference={self.reference}): they hold the "
+            f"cross-covariances of model {self.reference} with each other model and every channel's variance, "
+            f"not the covariance of models {i} and {j}; collect them with reference=None for that"
+        )
+
     # ---- moments ------------------------------------------------------------------------
     def mean(self, i: int | None = None) -> torch.Tensor:
         """Mean activation of model ``i``'s channels (of all models' channels when ``i`` is None)."""
@@ -136,6 +168,8 @@ class JointStats:
         """Unbiased covariance of all models' channels concatenated (``sum(sizes)`` square)."""
         if self.count < 2:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
+        if self.gram is None:
+            raise ValueError("cross-only statistics have no joint covariance; collect them with reference=None")
         m = self.sum / self.count
         cov = (self.gram - self.count * torch.outer(m, m)) / (self.count - 1)
         return (cov + cov.T) / 2
@@ -148,7 +182,7 @@ class JointStats:
         bi, bj = self.block(i), self.block(j)
         m = self.sum / self.count
         # in place on one copy of the block: a 4096-wide layer's block is 134 MB in float64
-        out = self.gram[bi, bj].clone().addr_(m[bi], m[bj], alpha=-self.count)
+        out = self._gram_block(i, j).clone().addr_(m[bi], m[bj], alpha=-self.count)
         return out.div_(self.count - 1)
 
     def var(self, i: int) -> torch.Tensor:
@@ -157,7 +191,8 @@ class JointStats:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
         b = self.block(i)
         m = self.sum[b] / self.count
-        return ((torch.diagonal(self.gram[b, b]) - self.count * m * m) / (self.count - 1)).clamp_min(0.0)
+        squares = torch.diagonal(self.gram[b, b]) if self.gram is not None else self.square_sum[b]  # type: ignore[index]
+        return ((squares - self.count * m * m) / (self.count - 1)).clamp_min(0.0)
 
     def alive(self, i: int) -> torch.Tensor:
         """Boolean mask of model ``i``'s channels that vary (not dead or constant)."""
@@ -205,25 +240,45 @@ class JointStats:
         return True
 
     # ---- combining ------------------------------------------------------------------------
+    def _tensors(self) -> list[torch.Tensor]:
+        """The sums, in a fixed order (what adding, moving and all-reducing act on)."""
+        if self.gram is not None:
+            return [self.sum, self.gram]
+        assert self.square_sum is not None
+        return [self.sum, self.square_sum] + [self.cross[k] for k in sorted(self.cross)]
+
+    def _with(self, count: int, tensors: list[torch.Tensor]) -> JointStats:
+        if self.gram is not None:
+            return JointStats(count, tensors[0], tensors[1], list(self.sizes), list(self.layers))
+        keys = sorted(self.cross)
+        return JointStats(count, tensors[0], None, list(self.sizes), list(self.layers), reference=self.reference,
+                          cross=dict(zip(keys, tensors[2:])), square_sum=tensors[1])
+
     def __add__(self, other: JointStats) -> JointStats:
         """Statistics of the union of two disjoint sample sets (sums add)."""
         if list(self.sizes) != list(other.sizes):
             raise ValueError(f"cannot add statistics with channel sizes {self.sizes} and {other.sizes}")
-        return JointStats(self.count + other.count, self.sum + other.sum, self.gram + other.gram, list(self.sizes),
-                          list(self.layers))
+        if self.reference != other.reference:
+            raise ValueError(f"cannot add statistics of different kinds (reference {self.reference} and "
+                             f"{other.reference}; None: full)")
+        return self._with(self.count + other.count, [a + b for a, b in zip(self._tensors(), other._tensors())])
 
     def to(self, device: torch.device | str) -> JointStats:
-        return JointStats(self.count, self.sum.to(device), self.gram.to(device), list(self.sizes), list(self.layers))
+        return self._with(self.count, [t.to(device) for t in self._tensors()])
 
     def all_reduce(self) -> JointStats:
-        """Sum ``count``, ``sum`` and ``gram`` over all ``torch.distributed`` ranks (in place; returns self)."""
-        d = self.sum.numel()
-        packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device),
-                            self.sum, self.gram.reshape(-1)])
+        """Sum ``count`` and the sums over all ``torch.distributed`` ranks (in place; returns self)."""
+        tensors = self._tensors()
+        packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)]
+                           + [t.reshape(-1) for t in tensors])
         torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
-        self.count = int(round(packed[0].item()))
-        self.sum = packed[1 : 1 + d].clone()
-        self.gram = packed[1 + d :].reshape(d, d).clone()
+        reduced, start = [], 1
+        for t in tensors:
+            reduced.append(packed[start : start + t.numel()].reshape(t.shape).clone())
+            start += t.numel()
+        new = self._with(int(round(packed[0].item())), reduced)
+        self.count, self.sum, self.gram = new.count, new.sum, new.gram
+        self.cross, self.square_sum = new.cross, new.square_sum
         return self
 
 
@@ -261,10 +316,16 @@ class _SpaceSums:
     float64 sums every ``_FLUSH_SAMPLES`` samples. A space whose running Gram would be larger than
     ``_LARGE_RUNNING_GRAM`` bytes has none: each chunk's product of a batch is added to the float64
     sums at once (a buffer of one chunk of rows).
+
+    With ``reference`` (cross-only statistics) only the products of the reference's rows with each
+    other model's rows (one float64 block per model) and each channel's sum of squares are kept.
     """
 
-    def __init__(self, name: str, layers: list[str], num_models: int) -> None:
+    def __init__(self, name: str, layers: list[str], num_models: int, reference: int | None = None) -> None:
         self.name, self.layers, self.num_models = name, layers, num_models
+        self.reference = reference
+        self.cross: dict[int, torch.Tensor] = {}  # cross-only: model k -> float64 sum of (x_ref - k)(x_k - k)^T
+        self.squares: torch.Tensor | None = None  # cross-only: float64 sum of (x - shift)^2 per channel
         self.sizes: list[int] | None = None
         self.dtype = torch.float32  # dtype of the blocks and of the running Gram
         self.shift: torch.Tensor | None = None  # per joint channel, in self.dtype
@@ -288,7 +349,13 @@ class _SpaceSums:
         shift = torch.cat([_channels_mean(t) for t in first]).to(self.dtype)
         self.shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         self.s1 = torch.zeros(d, dtype=torch.float64, device=device)
-        self.s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
+        if self.reference is None:
+            self.s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
+        else:
+            r = self.reference
+            self.cross = {k: torch.zeros(sizes[r], size, dtype=torch.float64, device=device)
+                          for k, size in enumerate(sizes) if k != r}
+            self.squares = torch.zeros(d, dtype=torch.float64, device=device)
         self.g = None  # made by the first add(), never for a wide space (see add)
         self.bad = torch.zeros(d, dtype=torch.bool, device=device)
         # Row chunks: split at model boundaries and large blocks further, so that only the upper
@@ -302,8 +369,12 @@ class _SpaceSums:
 
     def add(self, outs: list[torch.Tensor], scratch: _Scratch) -> None:
         """Add one capture point's outputs of all models on one batch (each ``(N, C_i, *spatial)``)."""
-        assert self.sizes is not None and self.shift is not None and self.s2 is not None, "statistics were released"
+        assert self.sizes is not None and self.shift is not None and self.s1 is not None, "statistics were released"
         d = self.dim
+        if self.reference is not None:
+            self._add_cross(outs, scratch)
+            return
+        assert self.s2 is not None
         # a wide space has no running Gram: each chunk's product goes straight into the float64 sums
         direct = d * (d + 1) * self.dtype.itemsize > _LARGE_RUNNING_GRAM
         if self.g is None and not direct:
@@ -336,6 +407,32 @@ class _SpaceSums:
         self.unflushed += n * per_input
         if self.unflushed >= _FLUSH_SAMPLES:
             self.flush()
+
+    def _add_cross(self, outs: list[torch.Tensor], scratch: _Scratch) -> None:
+        """Cross-only: the reference's products with each other model, every channel's sum and square."""
+        assert self.sizes is not None and self.shift is not None and self.s1 is not None
+        assert self.squares is not None and self.bad is not None
+        n = outs[0].shape[0]
+        samples = n * (outs[0][:1].numel() // max(1, outs[0].shape[1]))
+        off = [0]
+        for size in self.sizes:
+            off.append(off[-1] + size)
+        z = scratch.get(self.dim, samples, self.dtype, self.s1.device)
+        for i, out in enumerate(outs):  # (channels, samples) of each model, minus the fixed shift
+            part = out.transpose(0, 1)
+            shift = self.shift[off[i] : off[i + 1]].view(-1, *([1] * (part.dim() - 1)))
+            torch.sub(part, shift, out=z[off[i] : off[i + 1]].view(part.shape))
+        self.count += samples
+        for r0 in range(0, self.dim, _CHUNK_ROWS):  # sums and squares in row chunks: no copy of z
+            rows = z[r0 : r0 + _CHUNK_ROWS]
+            self.s1[r0 : r0 + _CHUNK_ROWS] += rows.sum(1, dtype=torch.float64)
+            self.squares[r0 : r0 + _CHUNK_ROWS] += (rows * rows).sum(1, dtype=torch.float64)
+        self.bad |= ~torch.isfinite(self.squares)
+        r = self.reference
+        assert r is not None
+        z_ref = z[off[r] : off[r + 1]]
+        for k, block in self.cross.items():
+            block += torch.mm(z_ref, z[off[k] : off[k + 1]].T)
 
     def flush(self) -> None:
         """Move the running Gram into the float64 sums."""
@@ -376,6 +473,8 @@ class _SpaceSums:
         """
         self.flush()
         self.g = None  # re-created by the next add(); a 4096-wide space holds 2 x 128 MB less meanwhile
+        if self.reference is not None:
+            return self._cross_result(release)
         assert self.s1 is not None and self.s2 is not None and self.shift is not None and self.sizes is not None
         for r0, r1 in self.chunks:  # fill the lower block triangle from the upper one (flushes add only above)
             self.s2[r1:, r0:r1] = self.s2[r0:r1, r1:].T
@@ -389,10 +488,30 @@ class _SpaceSums:
             gram = torch.addr(self.s2, k, u).addr_(u, k)
         return JointStats(self.count, self.s1 + n * k, gram, list(self.sizes), list(self.layers))
 
+    def _cross_result(self, release: bool) -> JointStats:
+        """Cross-only statistics with the shift undone (see :meth:`result`)."""
+        assert self.s1 is not None and self.squares is not None and self.shift is not None and self.sizes is not None
+        r = self.reference
+        assert r is not None
+        k = self.shift.to(torch.float64)
+        n = float(self.count)
+        u = self.s1 + (n / 2) * k
+        ref = slice(sum(self.sizes[:r]), sum(self.sizes[: r + 1]))
+        cross = {}
+        for m, block in list(self.cross.items()):
+            b = slice(sum(self.sizes[:m]), sum(self.sizes[: m + 1]))
+            out = block if release else block.clone()
+            cross[m] = out.addr_(k[ref], u[b]).addr_(u[ref], k[b])
+        squares = self.squares + 2 * k * u
+        if release:
+            self.cross, self.squares = {}, None
+        return JointStats(self.count, self.s1 + n * k, None, list(self.sizes), list(self.layers), reference=r,
+                          cross=cross, square_sum=squares)
+
     def nbytes(self) -> int:
         """Bytes held by the sums (independent of the amount of data; the batch matrix is shared)."""
-        return sum(t.numel() * t.element_size() for t in (self.s1, self.s2, self.shift, self.bad, self.g)
-                   if t is not None)
+        tensors = [self.s1, self.s2, self.shift, self.bad, self.g, self.squares, *self.cross.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _channels_mean(t: torch.Tensor) -> torch.Tensor:
@@ -479,7 +598,9 @@ class StatisticsCollector:
 
     ``attached()`` puts the models in eval mode and adds hooks; both are undone on exit.
     ``same_architecture=False`` accepts models that differ elsewhere (e.g. in width) as long as every
-    model has the layers and they compute in one dtype.
+    model has the layers and they compute in one dtype. ``reference=r`` collects cross-only statistics
+    (:class:`JointStats`): the covariances of model ``r`` with each other model and every channel's
+    variance, all that matching to a reference needs, in a fraction of the memory and time.
     """
 
     def __init__(
@@ -488,10 +609,16 @@ class StatisticsCollector:
         layers: Mapping[str, Sequence[str]] | Sequence[str] | str,
         *,
         same_architecture: bool = True,
+        reference: int | None = None,
     ) -> None:
         models = list(models)
         if not models:
             raise ValueError("no models given")
+        if reference is not None:
+            if isinstance(reference, bool) or not isinstance(reference, int) or not 0 <= reference < len(models):
+                raise ValueError(f"reference must be a model index in [0, {len(models)}) or None, got {reference!r}")
+            if len(models) < 2:
+                raise ValueError("cross-only statistics (reference=...) need at least 2 models")
         for i, m in enumerate(models):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"model {i} is a {type(m).__name__}, not an nn.Module")
@@ -519,7 +646,7 @@ class StatisticsCollector:
             for model in models if not same_architecture else models[:1]:
                 resolve_layers(model, names)
         k = len(models)
-        self.spaces = {name: _SpaceSums(name, names, k) for name, names in self.spaces_layers.items()}
+        self.spaces = {name: _SpaceSums(name, names, k, reference) for name, names in self.spaces_layers.items()}
         self.scratch = _Scratch()
         self.points = [
             _Point(layer, self.spaces[s], k, self.scratch) for s, names in self.spaces_layers.items() for layer in names
@@ -636,6 +763,7 @@ def collect_statistics(
     max_samples: int | None = None,
     warn: bool = True,
     same_architecture: bool = True,
+    reference: int | None = None,
 ) -> dict[str, JointStats]:
     """Joint activation statistics of ``models`` on the same inputs, per space.
 
@@ -646,14 +774,15 @@ def collect_statistics(
     ``max_batches`` batches / ``max_samples`` inputs are used. Returns ``{space: JointStats}``.
     Input models are not changed. With fewer samples than channels (over all models) a
     ``RuntimeWarning`` says the statistics are rank-deficient (``warn=False`` silences it).
-    One pass over ``data``: a generator works. ``same_architecture=False``: see :class:`StatisticsCollector`.
+    One pass over ``data``: a generator works. ``same_architecture=False`` and ``reference`` (cross-only
+    statistics): see :class:`StatisticsCollector`.
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 (or None for all), got {max_batches}")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1 (or None for all), got {max_samples}")
     check_data(data)
-    collector = StatisticsCollector(models, layers, same_architecture=same_architecture)
+    collector = StatisticsCollector(models, layers, same_architecture=same_architecture, reference=reference)
     total = batch_count(data, max_batches)
     batches: Iterable[torch.Tensor] = _limited(data, max_batches, max_samples)
     if progress:
@@ -691,7 +820,7 @@ def correlation_matrix(
     The models may differ in width (or elsewhere): only the layer must exist in both.
     """
     stats = collect_statistics([model_a, model_b], data, _layer_spec(layer), max_batches, progress,
-                               same_architecture=False)
+                               same_architecture=False, reference=0)
     return next(iter(stats.values())).corr(0, 1).cpu()
 
 
