@@ -9,7 +9,9 @@ and REPAIR passes. Speed does not depend on training, so random weights measure 
 Targets (2 CPU cores): resnet50 at 64x64 and vgg11_bn at 32x32, 512 images, ``permute`` and
 ``cca`` each under 60 s with peak memory under 3 GB. "before merge" is the process's resident memory
 when ``merge`` is called (Python, torch, the two models and the data): the merge's own cost is
-the difference.
+the difference. Where a target is missed the line says why: the phase of the merge
+(``merge_info["seconds"]``: graph, ridge selection, statistics, alignment, averaging and REPAIR) that
+took the most time, and the phase in which memory peaked (resident memory sampled every 10 ms).
 
     .venv/bin/python benchmarks/torchvision_merge.py
     .venv/bin/python benchmarks/torchvision_merge.py --models resnet18 --methods cca --images 128
@@ -23,6 +25,7 @@ import json
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 SIZES = {"resnet18": 64, "resnet50": 64, "vgg11_bn": 32, "mobilenet_v2": 64, "densenet121": 64,
@@ -37,6 +40,51 @@ def _rss_gb() -> float:
             return int(f.read().split()[1]) * resource.getpagesize() / 2**30
     except OSError:
         return 0.0
+
+
+class _RssSampler:
+    """Resident memory sampled every ``period`` seconds in a thread: ``(time, GB)`` pairs."""
+
+    def __init__(self, period: float = 0.01) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _run(self, period: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), _rss_gb()))
+            self._stop.wait(period)
+
+    def __enter__(self) -> "_RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_by_phase(self, start: float, phases: dict[str, float]) -> dict[str, float]:
+        """The highest sample within each phase (phases in the order they ran, each ``seconds`` long)."""
+        out, t = {}, start
+        for phase, seconds in phases.items():
+            inside = [gb for when, gb in self.samples if t <= when <= t + seconds]
+            out[phase] = max(inside, default=0.0)
+            t += seconds
+        return out
+
+
+def _reason(res: dict) -> str:
+    """Why a target was missed: the slowest phase, and the phase where memory peaked."""
+    why = []
+    phases = res.get("phases", {})
+    if res["seconds"] >= TARGET_SECONDS and phases:
+        slow = max(phases, key=phases.get)
+        why.append(f"time: {slow} took {phases[slow]:.0f} of {res['seconds']:.0f} s")
+    if res["peak_rss_gb"] >= TARGET_GB and res.get("peak_by_phase"):
+        peaks = res["peak_by_phase"]
+        high = max(peaks, key=peaks.get)
+        why.append(f"memory: peak in {high}")
+    return "; ".join(why)
 
 
 def one(name: str, method: str, images: int, batch: int, device: str, threads: int) -> dict[str, float]:
@@ -61,13 +109,16 @@ def one(name: str, method: str, images: int, batch: int, device: str, threads: i
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = _rss_gb()
-    t0 = time.perf_counter()
-    merged = cc.merge(pair, method, data, progress=False)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    with _RssSampler() as sampler:
+        t0 = time.perf_counter()
+        merged = cc.merge(pair, method, data, progress=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    phases = {k: round(v, 2) for k, v in merged.merge_info["seconds"].items()}
     out = {"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-           "rss_before_gb": before, "ridge": merged.merge_info.get("ridge")}
+           "rss_before_gb": before, "ridge": merged.merge_info.get("ridge"), "phases": phases,
+           "peak_by_phase": {k: round(v, 2) for k, v in sampler.peak_by_phase(t0, phases).items()}}
     if device.startswith("cuda"):
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -103,7 +154,10 @@ def main() -> None:
             ok = res["seconds"] < TARGET_SECONDS and res["peak_rss_gb"] < TARGET_GB
             extra = f"  cuda peak {res['peak_cuda_gb']:.2f} GB" if "peak_cuda_gb" in res else ""
             print(f"{name:16s} {method:8s} {res['seconds']:8.1f} {res['peak_rss_gb']:12.2f} {res['rss_before_gb']:13.2f}  "
-                  f"{'met' if ok else 'MISSED'}{extra}", flush=True)
+                  f"{'met' if ok else 'MISSED (' + _reason(res) + ')'}{extra}", flush=True)
+            print(f"{'':16s} phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res["phases"].items())
+                  + " | peak GB by phase: " + ", ".join(f"{k} {v:.2f}" for k, v in res["peak_by_phase"].items()),
+                  flush=True)
             rows.append({"model": name, "method": method, **res})
     if args.json:
         with open(args.json, "w") as f:
