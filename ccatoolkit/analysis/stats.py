@@ -67,6 +67,14 @@ _LARGE_RUNNING_GRAM = 64 << 20
 
 
 
+def _offsets(sizes: Sequence[int]) -> list[int]:
+    """Start of each model's channels in a joint vector of models of ``sizes`` channels (and one past the end)."""
+    out = [0]
+    for size in sizes:
+        out.append(out[-1] + size)
+    return out
+
+
 class _Scratch:
     """A reusable scratch matrix, shared by the spaces of one collector (processed one at a time)."""
 
@@ -127,10 +135,7 @@ class JointStats:
     @property
     def offsets(self) -> list[int]:
         """Start of each model's channels in the joint vector (and one past the end)."""
-        out = [0]
-        for s in self.sizes:
-            out.append(out[-1] + s)
-        return out
+        return _offsets(self.sizes)
 
     def block(self, i: int) -> slice:
         """The slice of model ``i``'s channels in the joint vector."""
@@ -341,6 +346,28 @@ class _SpaceSums:
     def dim(self) -> int:
         return sum(self.sizes or [])
 
+    @property
+    def offsets(self) -> list[int]:
+        """Start of each model's channels in the joint vector (and one past the end)."""
+        return _offsets(self.sizes or [])
+
+    def _samples(self, outs: list[torch.Tensor], scratch: _Scratch, ones_row: bool) -> tuple[torch.Tensor, int]:
+        """The batch as a ``(channels [+ 1], samples)`` matrix in ``scratch``: each model's channels minus the
+        fixed shift, then (``ones_row``) a row of ones whose products give the sums. Returns it and the samples."""
+        assert self.sizes is not None and self.shift is not None
+        n = outs[0].shape[0]
+        samples = n * (outs[0][:1].numel() // max(1, outs[0].shape[1]))  # spatial positions are samples
+        d = self.dim
+        z = scratch.get(d + int(ones_row), samples, self.dtype, self.shift.device)
+        off = self.offsets
+        for i, out in enumerate(outs):
+            part = out.transpose(0, 1)
+            shift = self.shift[off[i] : off[i + 1]].view(-1, *([1] * (part.dim() - 1)))
+            torch.sub(part, shift, out=z[off[i] : off[i + 1]].view(part.shape))
+        if ones_row:
+            z[d].fill_(1.0)
+        return z, samples
+
     def setup(self, sizes: list[int], first: list[torch.Tensor], device: torch.device) -> None:
         self.sizes = sizes
         d = sum(sizes)
@@ -379,17 +406,8 @@ class _SpaceSums:
         direct = d * (d + 1) * self.dtype.itemsize > _LARGE_RUNNING_GRAM
         if self.g is None and not direct:
             self.g = torch.zeros(d, d + 1, dtype=self.dtype, device=self.s2.device)
-        n = outs[0].shape[0]
-        per_input = outs[0][:1].numel() // max(1, outs[0].shape[1])  # samples per input (spatial positions)
-        z = scratch.get(d + 1, n * per_input, self.dtype, self.s2.device)
-        off = 0
-        for out, size in zip(outs, self.sizes):
-            part = out.transpose(0, 1)
-            shift = self.shift[off : off + size].view(size, *([1] * (part.dim() - 1)))
-            torch.sub(part, shift, out=z[off : off + size].view(part.shape))
-            off += size
-        z[d].fill_(1.0)
-        self.count += n * per_input
+        z, samples = self._samples(outs, scratch, ones_row=True)
+        self.count += samples
         if direct:
             assert self.s1 is not None and self.bad is not None
             rows = max(r1 - r0 for r0, r1 in self.chunks)
@@ -404,24 +422,14 @@ class _SpaceSums:
         assert self.g is not None
         for r0, r1 in self.chunks:
             self.g[r0:r1, r0:].addmm_(z[r0:r1], z[r0 : d + 1].T)
-        self.unflushed += n * per_input
+        self.unflushed += samples
         if self.unflushed >= _FLUSH_SAMPLES:
             self.flush()
 
     def _add_cross(self, outs: list[torch.Tensor], scratch: _Scratch) -> None:
         """Cross-only: the reference's products with each other model, every channel's sum and square."""
-        assert self.sizes is not None and self.shift is not None and self.s1 is not None
-        assert self.squares is not None and self.bad is not None
-        n = outs[0].shape[0]
-        samples = n * (outs[0][:1].numel() // max(1, outs[0].shape[1]))
-        off = [0]
-        for size in self.sizes:
-            off.append(off[-1] + size)
-        z = scratch.get(self.dim, samples, self.dtype, self.s1.device)
-        for i, out in enumerate(outs):  # (channels, samples) of each model, minus the fixed shift
-            part = out.transpose(0, 1)
-            shift = self.shift[off[i] : off[i + 1]].view(-1, *([1] * (part.dim() - 1)))
-            torch.sub(part, shift, out=z[off[i] : off[i + 1]].view(part.shape))
+        assert self.s1 is not None and self.squares is not None and self.bad is not None
+        z, samples = self._samples(outs, scratch, ones_row=False)
         self.count += samples
         for r0 in range(0, self.dim, _CHUNK_ROWS):  # sums and squares in row chunks: no copy of z
             rows = z[r0 : r0 + _CHUNK_ROWS]
@@ -430,6 +438,7 @@ class _SpaceSums:
         self.bad |= ~torch.isfinite(self.squares)
         r = self.reference
         assert r is not None
+        off = self.offsets
         z_ref = z[off[r] : off[r + 1]]
         for k, block in self.cross.items():
             block += torch.mm(z_ref, z[off[k] : off[k + 1]].T)
@@ -496,10 +505,11 @@ class _SpaceSums:
         k = self.shift.to(torch.float64)
         n = float(self.count)
         u = self.s1 + (n / 2) * k
-        ref = slice(sum(self.sizes[:r]), sum(self.sizes[: r + 1]))
+        off = self.offsets
+        ref = slice(off[r], off[r + 1])
         cross = {}
         for m, block in list(self.cross.items()):
-            b = slice(sum(self.sizes[:m]), sum(self.sizes[: m + 1]))
+            b = slice(off[m], off[m + 1])
             out = block if release else block.clone()
             cross[m] = out.addr_(k[ref], u[b]).addr_(u[ref], k[b])
         squares = self.squares + 2 * k * u
