@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ccatoolkit.merging.align.permutation import group_sources, match_activations, match_linked_groups
 from ccatoolkit.merging.api import merge
 from ccatoolkit.merging.graph import GraphError, MergeGraph, ParamRef, Space, merge_graph
 from ccatoolkit.merging.normalization import reset_bn_stats
-from ccatoolkit.merging.transform import apply_permutations, random_permutations
+from ccatoolkit.merging.transform import (
+    apply_permutations,
+    apply_transforms,
+    permutation_transforms,
+    random_permutations,
+)
 
 models = pytest.importorskip("torchvision.models")
 
@@ -118,9 +124,13 @@ def test_a_channel_mixing_map_is_refused_on_a_permutation_only_space() -> None:
 
 
 def _assert_merges_back_from_a_permuted_copy(model: torch.nn.Module, graph, method: str, data: list,
-                                             tol: float = 1e-3) -> None:
-    """Merging ``model`` with a copy whose channels were permuted (every space) gives ``model``'s function back."""
-    other = apply_permutations(model, graph, random_permutations(graph, torch.Generator().manual_seed(1))).eval()
+                                             tol: float = 1e-3, move_groups: bool = False) -> None:
+    """Merging ``model`` with a copy whose channels were permuted (every space; ``move_groups``: grouped
+    convolutions' groups reordered too) gives ``model``'s function back."""
+    perms = random_permutations(graph, torch.Generator().manual_seed(1), move_groups=move_groups)
+    other = apply_permutations(model, graph, perms).eval()
+    with torch.no_grad():  # the copy computes the same function (the premise of the test)
+        assert float((other(data[0]) - model(data[0])).abs().max()) < 1e-4 * float(model(data[0]).abs().max())
     options = {"ridge": 1e-6} if method == "cca" else {}  # CCA: (almost) no ridge, so the map is exact
     merged = merge([model, other], method, data, reset_bn=False, repair=False, progress=False, **options)
     with torch.no_grad():
@@ -302,13 +312,59 @@ def test_grouped_convolutions_keep_their_groups() -> None:
     assert ParamRef("b.weight", 1, groups=2) in middle.inputs
     perms = random_permutations(graph, torch.Generator().manual_seed(3))
     assert sorted(perms["relu_1"][:4].tolist()) == [0, 1, 2, 3]  # within the first group
-    from ccatoolkit.merging.align.permutation import match_activations
-
     corr = torch.eye(8, dtype=torch.float64)[:, [4, 5, 6, 7, 0, 1, 2, 3]]  # best match crosses the groups
     assert sorted(match_activations(corr, groups=2)[:4].tolist()) == [0, 1, 2, 3]
+    # the two spaces of the grouped convolution move whole groups together (one link)
+    assert graph.group_links == {"b": ["relu_1", "relu_2"]} and "groups move with link 'b'" in graph.describe()
     swap = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])
-    with pytest.raises(ValueError, match="between the 2 groups"):
-        apply_permutations(model, graph, {"relu_1": swap})
+    with pytest.raises(ValueError, match="both sides move the same whole groups"):
+        apply_permutations(model, graph, {"relu_1": swap})  # the input side only
+    with pytest.raises(ValueError, match="other than as whole groups"):
+        apply_permutations(model, graph, {"relu_1": torch.tensor([0, 1, 2, 4, 3, 5, 6, 7])})
+    x = torch.randn(4, 3, 8, 8)
+    both = apply_permutations(model, graph, {"relu_1": swap, "relu_2": torch.tensor([9, 6, 7, 8, 10, 11, 0, 1, 2, 3,
+                                                                                         5, 4])})
+    with torch.no_grad():
+        assert torch.allclose(both(x), model(x), atol=1e-5)
+    # the same moves as dense maps (apply_transforms) give the same tensors
+    perms = random_permutations(graph, torch.Generator().manual_seed(4), move_groups=True)
+    assert sorted(group_sources(perms["relu_2"], 2).tolist()) == [0, 1]
+    dense = apply_transforms(model, graph, permutation_transforms(perms))
+    indexed = apply_permutations(model, graph, perms)
+    for name, tensor in indexed.state_dict().items():
+        assert torch.equal(tensor, dense.state_dict()[name]), name
+
+
+def test_linked_groups_are_matched_by_one_permutation_of_the_groups() -> None:
+    gen = torch.Generator().manual_seed(0)
+    truth = {  # 3 groups of 4 and of 2 channels; model groups 1, 0, 2 go to 0, 1, 2, shuffled within
+        "in": torch.cat([4 + torch.randperm(4, generator=gen), torch.randperm(4, generator=gen),
+                         8 + torch.randperm(4, generator=gen)]),
+        "out": torch.cat([2 + torch.randperm(2, generator=gen), torch.randperm(2, generator=gen),
+                          4 + torch.randperm(2, generator=gen)]),
+    }
+    noise = lambda n: 0.05 * torch.rand(n, n, generator=gen, dtype=torch.float64)  # noqa: E731
+    corrs = []
+    for name in ("in", "out"):
+        n = truth[name].numel()
+        corr = noise(n)
+        corr[torch.arange(n), truth[name]] = 1.0  # the model's neuron truth[i] is the reference's neuron i
+        corrs.append(corr)
+    found = match_linked_groups(corrs, groups=3)
+    assert [p.tolist() for p in found] == [truth["in"].tolist(), truth["out"].tolist()]
+    # the groups' move is chosen from both spaces together: "out" alone prefers keeping groups 0 and 1
+    # in place a little, "in" prefers swapping them by far, so both swap
+    weak = torch.eye(6, dtype=torch.float64) * 0.6 + torch.eye(6, dtype=torch.float64)[:, [2, 3, 0, 1, 4, 5]] * 0.5
+    strong = torch.eye(12, dtype=torch.float64)[:, [4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11]]
+    alone = match_linked_groups([weak], groups=3)[0]
+    assert alone.tolist() == list(range(6))
+    swapped_in, swapped_out = match_linked_groups([strong, weak], groups=3)
+    assert swapped_in.tolist() == [4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11]
+    assert swapped_out.tolist() == [2, 3, 0, 1, 4, 5]
+    # one group: the plain assignment of each space
+    assert match_linked_groups([strong], groups=1)[0].tolist() == match_activations(strong).tolist()
+    with pytest.raises(ValueError, match="does not divide"):
+        match_linked_groups([strong, weak], groups=4)
 
 
 @pytest.mark.parametrize("method", ["permute", "cca", "permute_weight", "c2m3", "zipit"])
@@ -319,6 +375,19 @@ def test_concatenation_and_grouped_nets_merge_with_a_permuted_copy_into_itself(n
     model = _randomised(net(), data)
     graph = merge_graph(model, example_input=data[0][:2])
     _assert_merges_back_from_a_permuted_copy(model, graph, method, data)
+
+
+@pytest.mark.parametrize("method", ["permute", "cca", "zipit", "cca_multiview"])
+def test_activation_matching_finds_reordered_groups(method: str) -> None:
+    """A copy whose grouped convolution had its groups reordered (on both sides) merges back: activation
+    matching searches whole-group moves on linked spaces, for every method that uses it there."""
+    data = _images(6, 8, n=32)
+    torch.manual_seed(0)
+    model = _randomised(TinyResNeXt(), data)
+    graph = merge_graph(model, example_input=data[0][:2])
+    perms = random_permutations(graph, torch.Generator().manual_seed(1), move_groups=True)
+    assert group_sources(perms["relu_1"], 2).tolist() == [1, 0]  # this seed swaps the two groups
+    _assert_merges_back_from_a_permuted_copy(model, graph, method, data, move_groups=True)
 
 
 @pytest.mark.slow
@@ -336,8 +405,9 @@ def test_densenet_regnet_vgg_merge_with_a_permuted_copy_into_itself(name: str, m
     torch.manual_seed(0)
     model = reset_bn_stats(getattr(models, name)(num_classes=10), data, progress=False).eval()
     graph = merge_graph(model, example_input=data[0][:2])
-    if name.startswith("regnet"):
-        assert any(s.groups > 1 for s in graph)
+    move_groups = name.startswith("regnet")  # the copy also reorders the grouped convolutions' groups
+    if move_groups:
+        assert any(s.groups > 1 for s in graph) and graph.group_links
     if name.startswith("densenet"):
         assert any(ref.is_segment for s in graph for ref in s.inputs)
     # vgg11_bn: every conv space is recovered exactly, but at random initialisation many of the 4096
@@ -346,7 +416,7 @@ def test_densenet_regnet_vgg_merge_with_a_permuted_copy_into_itself(name: str, m
     # differently, an output error of 0.2% of its scale; 0.9% with 32 images)
     tol = 1e-2 if name == "vgg11_bn" else 1e-3
     for method in methods:
-        _assert_merges_back_from_a_permuted_copy(model, graph, method, data, tol)
+        _assert_merges_back_from_a_permuted_copy(model, graph, method, data, tol, move_groups)
 
 
 # --- torchvision models adapted to the zoo's data sets (notebook 7) -------------------------------------

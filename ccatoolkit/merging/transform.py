@@ -27,6 +27,7 @@ from torch import nn
 from ccatoolkit._utils import model_device
 from ccatoolkit.merging.align.permutation import (
     axis_index,
+    group_sources,
     grouped_view,
     permute_axis,
     replace_segment,
@@ -184,6 +185,32 @@ def apply_transforms(
     return new
 
 
+def _grouped_input_last(name: str, moves: list[tuple[ParamRef, torch.Tensor | None]]) -> list[int]:
+    """The order in which to apply ``moves`` (``(ref, channel index or None for a dense map)``) to tensor
+    ``name``: a grouped convolution's input last, after its rows, and only when both sides move the same
+    whole groups (see :func:`~ccatoolkit.merging.align.permutation.permute_axis`)."""
+    order = sorted(range(len(moves)), key=lambda i: moves[i][0].groups > 1)
+    grouped = [i for i in order if moves[i][0].groups > 1]
+    if not grouped:
+        return order
+    ref, index = moves[grouped[0]]
+    if index is None:  # a dense map: refused with its own message by _left
+        return order
+    moved = group_sources(index, ref.groups)
+    rows = [m for i, m in enumerate(moves) if i not in grouped and m[0].axis == 0]
+    if rows and rows[0][1] is not None:
+        kept = group_sources(rows[0][1], ref.groups)
+    else:
+        kept = torch.arange(ref.groups)
+    if not torch.equal(moved.cpu(), kept.cpu()):
+        raise ValueError(
+            f"{name!r} is a grouped convolution's weight: its input channels move the groups to "
+            f"{moved.tolist()} but its output channels to {kept.tolist()}; a grouped convolution keeps its function "
+            "only when both sides move the same whole groups (one Space.group_link for both spaces, as "
+            "merge_graph derives it)")
+    return order
+
+
 def transformed_state(
     model: nn.Module, graph: MergeGraph, transforms: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
@@ -230,7 +257,9 @@ def transformed_tensors(
         if both is not None:
             yield name, both
             continue
-        for ref, matrix, sparse, is_output in steps[name]:
+        order = _grouped_input_last(name, [(ref, None if sparse is None else sparse[0])
+                                           for ref, _, sparse, _ in steps[name]])
+        for ref, matrix, sparse, is_output in (steps[name][i] for i in order):
             eps = _variance_eps(model, ref) if is_output else None
             if eps is None:
                 tensor = _left(tensor, ref, matrix, sparse)
@@ -267,7 +296,7 @@ def apply_permutations(model: nn.Module, graph: MergeGraph, perms: Mapping[str, 
     Same result as ``apply_transforms(model, graph, permutation_transforms(perms))``.
     """
     state = model.state_dict()
-    work: dict[str, torch.Tensor] = {}
+    moves: dict[str, list[tuple[ParamRef, torch.Tensor]]] = {}
     for name, perm in perms.items():
         space = _space_of(graph, name)
         perm = torch.as_tensor(perm, dtype=torch.long)
@@ -281,22 +310,34 @@ def apply_permutations(model: nn.Module, graph: MergeGraph, perms: Mapping[str, 
         for ref in space.outputs + space.inputs:
             if ref.name not in state:
                 raise KeyError(f"merge graph refers to {ref.name!r}, which is not in the model's state_dict")
-            tensor = work.get(ref.name, state[ref.name])
-            work[ref.name] = permute_axis(tensor, perm, ref)
+            moves.setdefault(ref.name, []).append((ref, perm))
+    work: dict[str, torch.Tensor] = {}
+    for pname, items in moves.items():
+        tensor = state[pname]
+        for i in _grouped_input_last(pname, items):
+            tensor = permute_axis(tensor, items[i][1], items[i][0])
+        work[pname] = tensor
     new = copy.deepcopy(model)
     if work:
         new.load_state_dict({**state, **work})
     return new
 
 
-def random_permutations(graph: MergeGraph, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def random_permutations(graph: MergeGraph, generator: torch.Generator | None = None,
+                        move_groups: bool = False) -> dict[str, torch.Tensor]:
     """A random permutation for every space (``{space: LongTensor}``), for function-preserving copies.
 
-    A space read by a grouped convolution (``Space.groups > 1``) is permuted within its groups."""
+    A space read by a grouped convolution (``Space.groups > 1``) is permuted within its groups;
+    ``move_groups``: linked spaces (:attr:`Space.group_link`) also move their groups, by one random
+    permutation of the groups per link (what weight matching and C2M3, which keep groups in place,
+    cannot undo)."""
+    moved = {label: torch.randperm(graph.space(names[0]).groups, generator=generator) if move_groups
+             else torch.arange(graph.space(names[0]).groups) for label, names in graph.group_links.items()}
     result = {}
     for s in graph.spaces:  # within each block a grouped convolution reads (one block: any permutation)
         b = s.size // s.groups
-        result[s.name] = torch.cat([g * b + torch.randperm(b, generator=generator) for g in range(s.groups)])
+        sources = moved.get(s.group_link, torch.arange(s.groups)) if s.group_link else torch.arange(s.groups)
+        result[s.name] = torch.cat([int(h) * b + torch.randperm(b, generator=generator) for h in sources])
     return result
 
 

@@ -19,8 +19,10 @@ __all__ = [
     "axis_index",
     "channel_rows",
     "grouped_view",
+    "group_sources",
     "local_index",
     "match_activations",
+    "match_linked_groups",
     "matching_cost",
     "permute_axis",
     "permutation_matrix",
@@ -32,6 +34,16 @@ __all__ = [
 ]
 
 
+def _cost_matrix(corr: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``-corr`` as float64 numpy, NaNs and infinities (constant neurons) as zero correlation."""
+    C = corr.detach().cpu().double().numpy() if isinstance(corr, torch.Tensor) else np.asarray(corr, dtype=np.float64)
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"activation matching needs a square correlation matrix, got shape {C.shape}")
+    cost = np.nan_to_num(C, nan=0.0, posinf=0.0, neginf=0.0)
+    np.negative(cost, out=cost)
+    return cost
+
+
 def match_activations(corr: np.ndarray | torch.Tensor, groups: int = 1) -> np.ndarray:
     """Hungarian assignment maximising the summed correlation between reference and model neurons.
 
@@ -40,21 +52,55 @@ def match_activations(corr: np.ndarray | torch.Tensor, groups: int = 1) -> np.nd
     convolution, :attr:`Space.groups`): neurons are matched within each of ``groups`` contiguous
     equal blocks, so every block stays in place. Returns ``perm`` (see module doc).
     """
-    C = corr.detach().cpu().double().numpy() if isinstance(corr, torch.Tensor) else np.asarray(corr, dtype=np.float64)
-    if C.ndim != 2 or C.shape[0] != C.shape[1]:
-        raise ValueError(f"activation matching needs a square correlation matrix, got shape {C.shape}")
-    if groups < 1 or C.shape[0] % groups:
-        raise ValueError(f"groups={groups} does not divide the {C.shape[0]} neurons into equal blocks")
     # one private copy, made a cost in place (a 4096-wide layer's matrix is 134 MB; maximize=True would copy again)
-    cost = np.nan_to_num(C, nan=0.0, posinf=0.0, neginf=0.0)
-    np.negative(cost, out=cost)
-    b = C.shape[0] // groups
-    perm = np.empty(C.shape[0], dtype=np.int64)
+    cost = _cost_matrix(corr)
+    if groups < 1 or cost.shape[0] % groups:
+        raise ValueError(f"groups={groups} does not divide the {cost.shape[0]} neurons into equal blocks")
+    b = cost.shape[0] // groups
+    perm = np.empty(cost.shape[0], dtype=np.int64)
     for g in range(groups):
         block = slice(g * b, (g + 1) * b)
         rows, cols = linear_sum_assignment(cost[block, block])
         perm[g * b + rows] = g * b + cols
     return perm
+
+
+def match_linked_groups(corrs: Sequence[np.ndarray | torch.Tensor], groups: int) -> list[np.ndarray]:
+    """Activation matching for spaces whose groups must move together, e.g. a grouped convolution's input
+    and output (:attr:`Space.group_link`): one permutation of the ``groups`` blocks shared by all the
+    spaces, and within each block each space's own permutation of its channels.
+
+    A grouped convolution's output group g reads input group g only, so the function is kept when
+    model group ``sigma(g)`` moves to position ``g`` on both sides at once. For every pair of blocks
+    ``(g, h)`` and every space, the best within-block assignment of the model's block ``h`` to the
+    reference's block ``g`` is found (Hungarian); their summed correlations over the spaces form a
+    ``groups x groups`` score, and a last Hungarian assignment on it chooses ``sigma``. With one group
+    this is :func:`match_activations` for each space. Returns one ``perm`` per space, in order.
+    """
+    costs = [_cost_matrix(c) for c in corrs]
+    if not costs:
+        return []
+    if groups < 1 or any(c.shape[0] % groups for c in costs):
+        raise ValueError(f"groups={groups} does not divide every linked space's neurons into equal blocks "
+                         f"(sizes {[c.shape[0] for c in costs]})")
+    widths = [c.shape[0] // groups for c in costs]
+    total = np.zeros((groups, groups))
+    local: list[dict[tuple[int, int], np.ndarray]] = [{} for _ in costs]
+    for cost, b, best in zip(costs, widths, local):
+        for g in range(groups):
+            for h in range(groups):
+                block = cost[g * b:(g + 1) * b, h * b:(h + 1) * b]
+                rows, cols = linear_sum_assignment(block)
+                best[g, h] = cols[np.argsort(rows)]
+                total[g, h] += block[rows, cols].sum()
+    rows, sigma = linear_sum_assignment(total)  # a cost: minimised
+    perms = []
+    for b, best in zip(widths, local):
+        perm = np.empty(b * groups, dtype=np.int64)
+        for g, h in zip(rows, sigma):
+            perm[g * b:(g + 1) * b] = h * b + best[g, h]
+        perms.append(perm)
+    return perms
 
 
 def permutation_matrix(perm: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -104,20 +150,32 @@ def grouped_view(W: torch.Tensor, groups: int) -> torch.Tensor:
     return W.reshape(groups, W.shape[0] // groups, *W.shape[1:])
 
 
-def local_index(perm: np.ndarray | torch.Tensor, groups: int, device: torch.device | None = None) -> torch.Tensor:
-    """``perm`` (which keeps ``groups`` blocks in place) as a ``(groups, size/groups)`` index within each block."""
+def group_sources(perm: np.ndarray | torch.Tensor, groups: int, device: torch.device | None = None) -> torch.Tensor:
+    """For each of the ``groups`` blocks of ``perm``, the block its entries come from (``perm`` must move
+    whole blocks: every entry of block g from one block ``sigma(g)``); ``arange(groups)`` when it keeps them."""
     idx = torch.as_tensor(perm, dtype=torch.long, device=device).view(groups, -1)
-    local = idx - torch.arange(groups, device=idx.device)[:, None] * idx.shape[1]
-    if bool(((local < 0) | (local >= idx.shape[1])).any()):
-        raise ValueError(f"the permutation moves channels between the {groups} groups of a grouped convolution; "
-                         "only permutations within each group keep its function")
-    return local
+    src = torch.div(idx, idx.shape[1], rounding_mode="floor")
+    if not bool((src == src[:, :1]).all()):
+        raise ValueError(f"the permutation moves channels between the {groups} groups of a grouped convolution "
+                         "other than as whole groups; only permutations within each group, and moves of whole "
+                         "groups shared by its input and output, keep its function")
+    return src[:, 0]
+
+
+def local_index(perm: np.ndarray | torch.Tensor, groups: int, device: torch.device | None = None) -> torch.Tensor:
+    """``perm`` (which moves whole blocks, :func:`group_sources`) as a ``(groups, size/groups)`` index within
+    each block: new block g's channel j is entry ``local[g, j]`` of old block ``sigma(g)``."""
+    idx = torch.as_tensor(perm, dtype=torch.long, device=device).view(groups, -1)
+    return idx - group_sources(idx, groups)[:, None] * idx.shape[1]
 
 
 def permute_axis(W: torch.Tensor, perm: np.ndarray | torch.Tensor, ref: Any) -> torch.Tensor:
     """Index ``W`` along ``ref.axis`` by ``perm`` (a channel permutation of ``ref``'s space).
 
-    A grouped convolution's input axis (``ref.groups > 1``) is indexed within each group of rows.
+    A grouped convolution's input axis (``ref.groups > 1``) is indexed within each group of rows. When
+    ``perm`` also moves whole groups, the rows must have been moved first (by the output space's
+    permutation, which moves the same groups): row group g then holds the old group ``sigma(g)`` whose
+    input channels ``perm`` brings to g (see ``transformed_tensors``, which orders the steps so).
     """
     if ref.groups > 1:
         view = grouped_view(W, ref.groups)

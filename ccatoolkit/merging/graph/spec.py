@@ -81,11 +81,17 @@ class Space:
     inputs: list[ParamRef] = field(default_factory=list)
     permutation_only: str = ""
     groups: int = 1  # >1: channels form this many contiguous equal blocks that a permutation keeps in place
+    # non-empty: the spaces with this label (a grouped convolution's input and output) may also move whole
+    # blocks, all by one shared permutation of the blocks (MergeGraph.group_links, match_linked_groups)
+    group_link: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.groups, int) or self.groups < 1 or self.size % self.groups:
             raise GraphError(f"space {self.name!r}: groups={self.groups!r} must be a positive divisor of its "
                              f"size {self.size}")
+        if self.group_link and self.groups < 2:
+            raise GraphError(f"space {self.name!r} has group_link={self.group_link!r} but groups={self.groups}; "
+                             "only a space in groups (groups > 1) can move its groups")
         if self.groups > 1 and not self.permutation_only:
             raise GraphError(f"space {self.name!r} has groups={self.groups} and must be permutation_only "
                              "(a map that mixes channels cannot pass a grouped convolution)")
@@ -114,6 +120,15 @@ class MergeGraph:
                 index.setdefault(ref.name, []).append((space.name, ref))
         return index
 
+    @property
+    def group_links(self) -> dict[str, list[str]]:
+        """``{label: [space names]}``: the spaces whose groups move together (:attr:`Space.group_link`)."""
+        links: dict[str, list[str]] = {}
+        for s in self.spaces:
+            if s.group_link:
+                links.setdefault(s.group_link, []).append(s.name)
+        return links
+
     def space(self, name: str) -> Space:
         """The space called ``name`` (a ``KeyError`` listing the valid names otherwise)."""
         for s in self.spaces:
@@ -135,6 +150,7 @@ class MergeGraph:
             ins = ", ".join(r.name + _ref_detail(r, s.size) for r in s.inputs)
             only = f" permutation only ({s.permutation_only})" if s.permutation_only else ""
             only += f" within {s.groups} groups" if s.groups > 1 else ""
+            only += f", groups move with link {s.group_link!r}" if s.group_link else ""
             lines.append(f"{s.name} [{s.size}]{only} capture={s.capture} outputs=[{outs}] inputs=[{ins}]")
         return "\n".join(lines)
 
@@ -174,7 +190,29 @@ class MergeGraph:
                                 "(shared weights are not supported)"
                             )
                     ranges.append((lo, hi, s.name))
+        self._validate_group_links()
         return self
+
+    def _validate_group_links(self) -> None:
+        """Linked spaces share their number of groups, and a grouped convolution whose input is linked has its
+        output (the weight's rows) in the same link: moving groups on one side only would change its function."""
+        by_name = {s.name: s for s in self.spaces}
+        for label, names in self.group_links.items():
+            counts = {by_name[n].groups for n in names}
+            if len(counts) > 1:
+                raise GraphError(f"group link {label!r}: spaces {names} have different numbers of groups "
+                                 f"{sorted(counts)}; linked spaces move one shared permutation of their groups")
+        for s in self.spaces:
+            for ref in s.inputs:
+                if ref.groups <= 1 or not s.group_link:
+                    continue
+                rows = [name for name, r in self.param_spaces.get(ref.name, []) if r in by_name[name].outputs
+                        and r.axis == 0]
+                if ref.groups != s.groups or not rows or any(by_name[n].group_link != s.group_link for n in rows):
+                    raise GraphError(
+                        f"space {s.name!r} (group link {s.group_link!r}) is read in {ref.groups} groups by "
+                        f"{ref.name!r}, whose output space {rows[0] if rows else '(none)'!r} is not in the same link "
+                        "with as many groups; give both sides of a grouped convolution one group_link, or none")
 
     @classmethod
     def from_spec(cls, model: nn.Module, spec: Mapping[str, Mapping[str, Any]]) -> MergeGraph:
@@ -188,11 +226,11 @@ class MergeGraph:
         for name, entry in spec.items():
             if not isinstance(entry, Mapping):
                 raise GraphError(f"spec for space {name!r} must be a dict, got {type(entry).__name__}")
-            unknown = set(entry) - {"capture", "outputs", "inputs", "size", "permutation_only", "groups"}
+            unknown = set(entry) - {"capture", "outputs", "inputs", "size", "permutation_only", "groups", "group_link"}
             if unknown:
                 raise GraphError(
                     f"spec for space {name!r} has unknown keys {sorted(unknown)}; "
-                    "valid keys are capture, outputs, inputs, size, permutation_only, groups"
+                    "valid keys are capture, outputs, inputs, size, permutation_only, groups, group_link"
                 )
             capture = entry.get("capture", [])
             capture = [capture] if isinstance(capture, str) else list(capture)
@@ -212,7 +250,8 @@ class MergeGraph:
             only = entry.get("permutation_only", "")
             only = ("given in the spec" if only is True else "") if isinstance(only, bool) else str(only)
             spaces.append(Space(name=str(name), size=int(size), capture=capture, outputs=outputs, inputs=inputs,
-                                permutation_only=only, groups=int(entry.get("groups", 1))))
+                                permutation_only=only, groups=int(entry.get("groups", 1)),
+                                group_link=str(entry.get("group_link", ""))))
         return cls(spaces).validate(model)
 
 

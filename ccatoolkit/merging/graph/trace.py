@@ -95,6 +95,7 @@ class _SpaceUnion:
         self.created_at: list[int] = []  # the node order that created each space: roots are the earliest
         self.why_permutation_only: dict[int, list[str]] = {}  # root -> the operations that allow only permutations
         self.group_width: dict[int, int] = {}  # root -> channels per block that permutations keep in place
+        self.group_pairs: list[tuple[int, int, int, str]] = []  # (input, output, groups, conv): groups move together
 
     def new(self, order: int, fixed: bool = False) -> int:
         self.parent.append(len(self.parent))
@@ -132,6 +133,40 @@ class _SpaceUnion:
         r = self.find(s)
         self.group_width[r] = math.gcd(self.group_width.get(r, width), width)
         self.restrict(r, reason)
+
+    def link_groups(self, a: int, b: int, groups: int, conv: str) -> None:
+        """Record that spaces ``a`` and ``b`` (a grouped convolution's input and output) may move whole groups,
+        together: see :meth:`group_links`."""
+        self.group_pairs.append((a, b, groups, conv))
+
+    def group_links(self, sizes: dict[int, int]) -> dict[int, str]:
+        """``{root: label}``: unions whose groups may move, each labelled by its first grouped convolution.
+
+        Links chain (a space read by two grouped convolutions shares one block permutation with both
+        outputs). A chain is left out (its spaces keep their groups in place, as before) when one of its
+        spaces cannot be transformed or has other blocks than the convolution's groups (two grouped
+        convolutions with different group counts read it): moving groups there would change the function.
+        ``sizes``: each transformable root's channel count.
+        """
+        parent: dict[int, int] = {}
+
+        def find(r: int) -> int:
+            while parent.setdefault(r, r) != r:
+                r = parent[r]
+            return r
+
+        pairs = [(self.find(a), self.find(b), groups, conv) for a, b, groups, conv in self.group_pairs]
+        for ra, rb, _, _ in pairs:
+            parent[find(rb)] = find(ra)
+        label: dict[int, str] = {}
+        broken: set[int] = set()
+        for ra, rb, groups, conv in pairs:  # in trace order: each chain is named by its first convolution
+            label.setdefault(find(ra), conv)
+            for r in (ra, rb):
+                width = self.group_width.get(r)
+                if r not in sizes or not width or sizes[r] // width != groups:
+                    broken.add(find(r))
+        return {r: label[find(r)] for r in parent if find(r) not in broken and r in sizes}
 
     def width(self, s: int) -> int | None:
         """Channels per block that a permutation of ``s`` keeps in place (None: no blocks)."""
@@ -346,16 +381,18 @@ class _Builder:
         A permutation passes it when it maps groups to groups; the graph allows those that keep
         every group in place and permute channels within it (on both sides), so its input and output
         spaces become permutation-only with ``Space.groups`` blocks. The input side is read per
-        group of rows (``ParamRef.groups``). Permutations that also reorder the groups would have
-        to be shared by the two spaces; they are not searched.
+        group of rows (``ParamRef.groups``). Moving whole groups keeps the function too when the two
+        spaces move the same groups: they get one ``Space.group_link`` (:meth:`_SpaceUnion.group_links`),
+        and activation matching searches those moves (``match_linked_groups``).
         """
         if not self.channel_first_ok(x):
             return self.opaque(node, "a grouped convolution of flattened features")
-        reason = f"grouped convolution {name!r} ({mod.groups} groups): permutations within each group"
+        reason = f"grouped convolution {name!r} ({mod.groups} groups): permutations that keep its groups whole"
         self.inputs.setdefault(x.space, []).append(_PendingInput(f"{name}.weight", 1, 1, name, groups=mod.groups))
         self.spaces.keep_groups(x.space, mod.in_channels // mod.groups, reason)
         feat = self.produce(node, name, mod, chdim=1)
         self.spaces.keep_groups(feat.space, mod.out_channels // mod.groups, reason)
+        self.spaces.link_groups(x.space, feat.space, mod.groups, name)
         return feat
 
     def channel_norm(self, node: torch.fx.Node, name: str, mod: nn.Module, x: _Feat) -> _Feat | None:
@@ -625,12 +662,19 @@ class _Builder:
         state = model.state_dict()
         spaces: list[Space] = []
         used_names: set[str] = set()
+        sizes: dict[int, int] = {}  # root -> channels, for the group links
+        built = []
         for members in self.spaces.groups():
             outputs = [ref for s in sorted(members) for ref in self.outputs.get(s, [])]
             if not outputs:  # pragma: no cover - every transformable space starts at a producer
                 continue
             first = next((ref for ref in outputs if not ref.is_segment), outputs[0])
-            size = int(state[first.name].shape[first.axis])
+            sizes[self.spaces.find(next(iter(members)))] = int(state[first.name].shape[first.axis])
+            built.append((members, outputs, first))
+        links = self.spaces.group_links(sizes)
+        for members, outputs, first in built:
+            root = self.spaces.find(next(iter(members)))
+            size = sizes[root]
             inputs = [self.resolve(p, size, state) for s in sorted(members) for p in self.inputs.get(s, [])]
             producer = first.name.rsplit(".", 1)[0]
             capture = self.capture_layers(members, producer)
@@ -643,7 +687,8 @@ class _Builder:
             reasons = self.spaces.permutation_only(next(iter(members)))
             width = self.spaces.width(next(iter(members)))
             spaces.append(Space(name=name, size=size, capture=capture, outputs=outputs, inputs=inputs,
-                                permutation_only="; ".join(reasons), groups=size // width if width else 1))
+                                permutation_only="; ".join(reasons), groups=size // width if width else 1,
+                                group_link=links.get(root, "")))
         return MergeGraph(spaces)
 
 
