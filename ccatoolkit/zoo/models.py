@@ -87,7 +87,11 @@ class VGG11(nn.Module):
     Pools use ``ceil_mode`` so both 28x28 (Fashion-MNIST) and 32x32 (CIFAR) inputs reach 1x1.
     Submodules: ``features.conv{i}``, ``features.bn{i}``, ``features.relu{i}``, ``features.pool{j}``,
     then ``flatten`` and ``head``. ``batchnorm=False`` gives the plain VGG11 of the CCA Merge paper's
-    Fashion-MNIST experiments (conv layers with biases, no ``bn{i}``).
+    Fashion-MNIST experiments (conv layers with biases, no ``bn{i}``), initialised as the paper's
+    reference code does (``init="xavier_relu"``, the default without BatchNorm: Xavier-uniform weights
+    with ReLU gain, zero biases): PyTorch's default initialisation (``init="default"``, the default with
+    BatchNorm) divides the mean square of the signal by about 6 per conv-ReLU layer, so without
+    BatchNorm the eight layers start with almost no signal and SGD barely trains.
     """
 
     def __init__(
@@ -96,10 +100,14 @@ class VGG11(nn.Module):
         in_shape: tuple[int, ...] = (1, 28, 28),
         num_classes: int = 10,
         batchnorm: bool = True,
+        init: str | None = None,
     ) -> None:
         super().__init__()
         if width <= 0:
             raise ValueError(f"VGG11 needs width > 0, got {width}")
+        init = init or ("default" if batchnorm else "xavier_relu")
+        if init not in ("default", "xavier_relu"):
+            raise ValueError(f"VGG11 init must be 'default' or 'xavier_relu', got {init!r}")
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         channels = int(in_shape[0])
         conv_i = pool_i = 0
@@ -121,6 +129,14 @@ class VGG11(nn.Module):
         self.config = dict(name="vgg11", width=width, in_shape=tuple(in_shape), num_classes=num_classes)
         if not batchnorm:  # recorded only when off, so the keys of cached BatchNorm models stay the same
             self.config["batchnorm"] = False
+        if init != "default":  # likewise
+            self.config["init"] = init
+            gain = nn.init.calculate_gain("relu")
+            for module in self.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    nn.init.xavier_uniform_(module.weight, gain=gain)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
         _install_input_check(self, tuple(in_shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
