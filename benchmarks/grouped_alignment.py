@@ -90,14 +90,14 @@ def link_alignment(reference: torch.nn.Module, model: torch.nn.Module, linked: M
     stats = collect_statistics([reference, model], data, {s.name: list(s.capture) for s in linked.spaces},
                                progress=False, warn=False)
     names = [n for members in linked.group_links.values() for n in members]
+    corrs = {name: torch.nan_to_num(stats[name].corr(0, 1).cpu()) for name in names}
     moved, matched = 0, {True: [], False: []}
     for graph, may_move in ((linked, True), (unlinked, False)):
         perms = alignment_transforms(reference, model, "permute", data, graph=graph, progress=False)
         for name in names:
             space = graph.space(name)
             perm = perms[name][0].argmax(1)  # out = P with P[i, perm[i]] = 1
-            corr = torch.nan_to_num(stats[name].corr(0, 1).cpu())
-            matched[may_move].append(float(corr[torch.arange(space.size), perm].mean()))
+            matched[may_move].append(float(corrs[name][torch.arange(space.size), perm].mean()))
             if may_move and name == linked.group_links[space.group_link][0]:
                 moved += int(not torch.equal(group_sources(perm, space.groups), torch.arange(space.groups)))
     return 100.0 * moved / max(len(linked.group_links), 1), float(np.mean(matched[True])), float(np.mean(matched[False]))

@@ -336,7 +336,7 @@ def random_permutations(graph: MergeGraph, generator: torch.Generator | None = N
     result = {}
     for s in graph.spaces:  # within each block a grouped convolution reads (one block: any permutation)
         b = s.size // s.groups
-        sources = moved.get(s.group_link, torch.arange(s.groups)) if s.group_link else torch.arange(s.groups)
+        sources = moved.get(s.group_link, torch.arange(s.groups))  # an unlinked space ("") keeps its groups
         result[s.name] = torch.cat([int(h) * b + torch.randperm(b, generator=generator) for h in sources])
     return result
 

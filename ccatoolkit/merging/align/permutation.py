@@ -90,8 +90,8 @@ def match_linked_groups(corrs: Sequence[np.ndarray | torch.Tensor], groups: int)
         for g in range(groups):
             for h in range(groups):
                 block = cost[g * b:(g + 1) * b, h * b:(h + 1) * b]
-                rows, cols = linear_sum_assignment(block)
-                best[g, h] = cols[np.argsort(rows)]
+                rows, cols = linear_sum_assignment(block)  # square: rows is arange(b)
+                best[g, h] = cols
                 total[g, h] += block[rows, cols].sum()
     rows, sigma = linear_sum_assignment(total)  # a cost: minimised
     perms = []
