@@ -15,6 +15,7 @@ from ccatoolkit.merging.transform import (
     permutation_transforms,
     random_permutations,
 )
+from toybox import TinyResNeXt
 
 models = pytest.importorskip("torchvision.models")
 
@@ -242,25 +243,6 @@ class TinyDenseNet(torch.nn.Module):
         x = torch.cat([x, self.conv2(torch.relu(self.norm2(x)))], 1)
         joined = torch.cat([torch.relu(self.branch_a(x)), torch.relu(self.branch_b(x))], dim=1)
         return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(joined, 2), 1))
-
-
-class TinyResNeXt(torch.nn.Module):
-    """A residual block whose middle convolution has 2 groups (ResNeXt, RegNet)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        nn = torch.nn
-        self.stem, self.bn0, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
-        self.a, self.bn_a = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
-        self.b, self.bn_b = nn.Conv2d(8, 12, 3, padding=1, groups=2), nn.BatchNorm2d(12)
-        self.c, self.bn_c = nn.Conv2d(12, 8, 1), nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn0(self.stem(x)))
-        y = self.relu(self.bn_b(self.b(self.relu(self.bn_a(self.a(x))))))
-        x = self.relu(self.bn_c(self.c(y)) + x)
-        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 def _randomised(model: torch.nn.Module, data: list) -> torch.nn.Module:

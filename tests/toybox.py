@@ -117,3 +117,21 @@ class Reiterable:
     def __iter__(self):
         self.passes += 1
         return iter(self.batches)
+
+
+class TinyResNeXt(nn.Module):
+    """A residual block whose middle convolution has 2 groups (ResNeXt, RegNet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.a, self.bn_a = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 12, 3, padding=1, groups=2), nn.BatchNorm2d(12)
+        self.c, self.bn_c = nn.Conv2d(12, 8, 1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn0(self.stem(x)))
+        y = self.relu(self.bn_b(self.b(self.relu(self.bn_a(self.a(x))))))
+        x = self.relu(self.bn_c(self.c(y)) + x)
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
