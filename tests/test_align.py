@@ -39,7 +39,7 @@ def test_activation_matching_recovers_planted_permutation() -> None:
     B = A[:, np.argsort(perm)] + 0.01 * np.random.default_rng(2).normal(size=A.shape)  # B[:, perm[i]] ~ A[:, i]
     found = match_activations(_corr(A, B))
     np.testing.assert_array_equal(found, perm)
-    P = permutation_matrix(found)
+    P = permutation_matrix(found).numpy()
     np.testing.assert_allclose((P @ B.T).T, B[:, found])
 
 

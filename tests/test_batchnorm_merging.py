@@ -189,14 +189,14 @@ def test_cca_aligned_batchnorm_model_with_its_statistics_restored(digits_pairs) 
 
 def test_ridge_candidates_estimate_batchnorm_on_a_quarter_of_the_batches(monkeypatch) -> None:
     """Each ridge candidate's BatchNorm statistics read as many batches as are held out; the result reads all."""
-    import ccatoolkit.merging.api as api
+    import ccatoolkit.merging.combine as combine
 
     torch.manual_seed(0)
     data = [torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
     a, b = (_randomised_bn(ConvBN(), data) for _ in range(2))
     read: list[int | None] = []
-    original = api.repair_batchnorm
-    monkeypatch.setattr(api, "repair_batchnorm", lambda *x, **k: read.append(k["max_batches"]) or original(*x, **k))
+    original = combine.repair_batchnorm
+    monkeypatch.setattr(combine, "repair_batchnorm", lambda *x, **k: read.append(k["max_batches"]) or original(*x, **k))
     merged = merge([a, b], "cca", data, progress=False)
     assert read == [2] * len(RIDGE_GRID) + [None]  # 8 batches: every 4th held out, 2 of them
     seconds = merged.merge_info["seconds"]

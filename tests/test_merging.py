@@ -216,13 +216,15 @@ def test_repair_in_merge_matches_endpoint_statistics() -> None:
 def test_correlation_ridge_rule_scores_held_out_alignment_without_merging(monkeypatch) -> None:
     """ridge_rule="correlation" builds one merge, not one per ridge (the default rule builds one per ridge)."""
     import ccatoolkit.merging.api as api
+    import ccatoolkit.merging.combine as combine
 
     torch.manual_seed(0)
     model, other = MLP(depth=2, width=12, in_shape=(6,)).eval(), MLP(depth=2, width=12, in_shape=(6,)).eval()
     data = [torch.randn(32, 6, generator=torch.Generator().manual_seed(i)) for i in range(8)]
     built = []
-    original = api._Plan.merged
-    monkeypatch.setattr(api._Plan, "merged", lambda self, *a, **k: built.append(1) or original(self, *a, **k))
+    original = combine.merged_model
+    for module in (api, combine):  # the final merge (api) and the ridge candidates (combine)
+        monkeypatch.setattr(module, "merged_model", lambda *a, **k: built.append(1) or original(*a, **k))
     merged = merge([model, other], "cca", data, progress=False, ridge_grid=(1e-4, 1e-2, 1.0), ridge_rule="correlation")
     info = merged.merge_info
     assert info["ridge_selection"].startswith("correlation") and len(built) == 1
@@ -237,7 +239,7 @@ def test_correlation_ridge_rule_scores_held_out_alignment_without_merging(monkey
 
 def test_held_out_correlation_equals_the_correlation_of_transformed_features() -> None:
     from ccatoolkit.analysis.stats import collect_statistics
-    from ccatoolkit.merging.api import _held_out_correlation
+    from ccatoolkit.merging.ridge import held_out_correlation
 
     torch.manual_seed(0)
     models = [MLP(depth=2, width=12, in_shape=(6,)).eval() for _ in range(2)]
@@ -252,7 +254,7 @@ def test_held_out_correlation_equals_the_correlation_of_transformed_features() -
         a, b = a - a.mean(0), b - b.mean(0)
         denom = a.norm(dim=0) * b.norm(dim=0)  # a dead ReLU neuron counts as correlation 0
         expected.append(float(torch.where(denom > 0, (a * b).sum(0) / denom, torch.zeros_like(denom)).mean()))
-    got = _held_out_correlation(held, graph, 0, [None, T])
+    got = held_out_correlation(held, graph, 0, [None, T])
     assert math.isclose(got, sum(expected) / len(expected), rel_tol=1e-6)
 
 

@@ -11,10 +11,10 @@ from ccatoolkit.merging.graph.trace import merge_graph
 from toybox import SmallRes, user_cnn
 
 from ccatoolkit.zoo.models import MLP, VGG11, ResNet20
+from ccatoolkit.merging.align.permutation import permutation_matrix
 from ccatoolkit.merging.transform import (
     apply_permutations,
     apply_transforms,
-    permutation_matrix,
     permutation_transforms,
     random_permutations,
     random_scalings,

@@ -194,8 +194,8 @@ def test_merge_ridge_change_reuses_the_statistics(setup, monkeypatch):
     ctx = contexts.MergeContext([a, b], setup["stats"], setup["test"], methods=("average", "cca"), disk_cache=False)
     first = contexts.merge_accuracy(ctx, "cca", 0.1)
     collected = []
-    original = api._stats
-    monkeypatch.setattr(api, "_stats", lambda *args, **kw: collected.append(1) or original(*args, **kw))
+    original = api.merge_statistics
+    monkeypatch.setattr(api, "merge_statistics", lambda *args, **kw: collected.append(1) or original(*args, **kw))
     again = contexts.merge_accuracy(ctx, "cca", 1.0)
     assert not collected and len(ctx.sweeps) == 1
     reference = cc.merge([a, b], method="cca", data=setup["stats"], ridge=1.0, progress=False)
@@ -293,7 +293,7 @@ def test_a_failing_redraw_shows_the_error_instead_of_raising(setup):
 
 
 def test_curve_slider_moves_the_point_along_the_curve(setup):
-    from ccatoolkit.landscape.curves import train_curve
+    from ccatoolkit.landscape.curve_training import train_curve
 
     a, b = setup["models"][:2]
     curve = train_curve(a, b, setup["stats"], align="permute", epochs=1, progress=False, cache=False)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call, vmap
 
 from ccatoolkit._utils import BATCHNORM_TYPES as _BN
 from ccatoolkit._utils import LINEAR_LAYER_TYPES as _LINEAR
@@ -34,7 +35,8 @@ from ccatoolkit.merging.transform import scaled_permutation_parts
 
 __all__ = [
     "reset_bn_stats", "repair", "repair_batchnorm", "repair_endpoints", "channel_stats", "channel_moments",
-    "mapped_channel_stats",
+    "mapped_channel_stats", "RepairTargets",
+    "use_batch_statistics", "population_bn_statistics", "MixtureRepair",
 ]
 
 
@@ -71,11 +73,7 @@ def reset_bn_stats(
     momenta = {m: m.momentum for m in bns}
     try:
         with eval_mode(new):
-            for m in bns:
-                if m.track_running_stats:
-                    m.reset_running_stats()
-                m.momentum = None
-                m.train()
+            use_batch_statistics(new, accumulate=True)
             seen = 0
             with torch.no_grad():
                 for x in _batches(data, max_batches, progress, "reset BatchNorm"):
@@ -316,6 +314,71 @@ def mapped_channel_stats(
     return M @ mean, ((M @ cov) * M).sum(1).clamp_min(0.0).sqrt()
 
 
+Moments = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (channel mean, covariance), see channel_moments
+Targets = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (target channel mean, target std)
+
+
+class RepairTargets:
+    """REPAIR's targets for a merge's transforms: per pre-activation module (:func:`repair_endpoints`), the
+    average over the models of their channel mean and std seen in the merged space (Jordan et al. 2023).
+
+    Alignment methods: the mean over models of the statistics of ``out_k @ y_k`` (model k's pre-activations
+    mapped by its transform; exact for permutations). ZipIt! (``channel_groups``): each merged channel's
+    target is the average of its group members' means and stds (``sum_k M_k @ stat_k``). The statistics are
+    the original models': a folded BatchNorm computes the same outputs.
+
+    ``from_moments`` (dense maps tried at many ridges, the CCA methods): each model's channel moments are
+    measured in one pass on first use, and every transform's targets then follow in closed form
+    (:func:`mapped_channel_stats`) until :meth:`release`. Otherwise each call makes one pass per model.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], graph: MergeGraph, data: Any, max_batches: int | None, *,
+                 from_moments: bool = False, channel_groups: bool = False) -> None:
+        self.models, self.graph, self.data, self.max_batches = list(models), graph, data, max_batches
+        self.from_moments, self.channel_groups = from_moments, channel_groups
+        self.endpoints = repair_endpoints(self.models[0], graph)
+        self._moments: list[Moments] | None = None
+
+    def moments(self) -> list[Moments]:
+        """Each model's :func:`channel_moments` at the endpoints (measured once; a ``C x C`` matrix per module)."""
+        if self._moments is None:
+            names = [n for ns in self.endpoints.values() for n in ns]
+            self._moments = [channel_moments(m, names, self.data, self.max_batches) for m in self.models]
+        return self._moments
+
+    def release(self) -> None:
+        """Forget the moments (a large model's are large): a later call measures them again."""
+        self._moments = None
+
+    def __call__(self, transforms: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None]) -> Targets:
+        """The targets for per-model transforms ``{space: (out, inp)}`` (None: a model used as it is)."""
+        names = [n for ns in self.endpoints.values() for n in ns]
+        n_models = len(self.models)
+        sums: dict[str, list[torch.Tensor]] = {}
+        for k, model in enumerate(self.models):
+            t = transforms[k]
+            matrix: dict[str, torch.Tensor] = {}
+            if t is not None and not self.channel_groups:
+                for space, modules in self.endpoints.items():
+                    if space in t:
+                        matrix.update({name: t[space][0] for name in modules})
+            if self.from_moments:
+                moments = self.moments()[k]
+                stats = {name: mapped_channel_stats(moments[name], matrix.get(name)) for name in names}
+            else:
+                stats = channel_stats(model, names, self.data, self.max_batches, transform=matrix)
+            for space, modules in self.endpoints.items():
+                for name in modules:
+                    mean, std = stats[name]
+                    if self.channel_groups and t is not None and space in t:
+                        M = t[space][0].to(mean.device, torch.float64)  # N * M_k
+                        mean, std = M @ mean, M @ std
+                    acc = sums.setdefault(name, [torch.zeros_like(mean), torch.zeros_like(std)])
+                    acc[0] += mean / n_models
+                    acc[1] += std / n_models
+        return {name: (v[0], v[1]) for name, v in sums.items()}
+
+
 def _can_shift(module: nn.Module) -> bool:
     if isinstance(module, _BN):
         return bool(module.affine)
@@ -466,3 +529,127 @@ def repair(
     _correct(new, endpoints, targets, data, max_batches, eps=eps, tol=tol,
              passes=None if max_passes is None else int(max_passes), progress=progress)
     return new
+
+
+# --- BatchNorm statistics of weight-space points -----------------------------------------------------
+
+
+def use_batch_statistics(model: nn.Module, *, accumulate: bool) -> dict[str, nn.Module]:
+    """Switch ``model``'s BatchNorm layers to train mode, normalising with each batch's own statistics.
+
+    ``accumulate=True``: the running statistics restart and become the cumulative average over the
+    batches that follow (``momentum=None``; the caller restores the momenta), what :func:`reset_bn_stats`
+    reads back. ``accumulate=False``: the running statistics are neither used nor written
+    (``track_running_stats=False``), for a copy that trains or measures through batch statistics alone.
+    Returns the BatchNorm layers by name, in module order.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, _BN)}
+    for m in layers.values():
+        if accumulate:
+            if m.track_running_stats:
+                m.reset_running_stats()
+            m.momentum = None
+        else:
+            m.track_running_stats = False
+        m.train()
+    return layers
+
+
+class _BatchNormInputSums:
+    """A model copy (eval mode) whose BatchNorm layers normalise with batch statistics and record, through
+    hooks, the per-channel sums of their inputs."""
+
+    def __init__(self, template: nn.Module) -> None:
+        self.model = copy.deepcopy(template).eval()
+        self.layers = list(use_batch_statistics(self.model, accumulate=False))
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.counts: list[int] = []
+        for name in self.layers:
+            self.model.get_submodule(name).register_forward_pre_hook(self._record)
+
+    def _record(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        dims = [0] + list(range(2, x.dim()))
+        xd = x.to(torch.float64)
+        self.records.append((xd.sum(dim=dims), (xd * xd).sum(dim=dims)))
+        self.counts.append(x.numel() // x.shape[1])
+
+    def sums(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        """Per BatchNorm layer: [sum, sum of squares] of its input over batch (and spatial) positions."""
+        self.records, self.counts = [], []
+        functional_call(self.model, params, (x,))
+        out: list[torch.Tensor] = []
+        for total, squares in self.records:
+            out += [total, squares]
+        return out
+
+
+def population_bn_statistics(
+    template: nn.Module,
+    states: Sequence[dict[str, torch.Tensor]],
+    data: Iterable[Any],
+    *,
+    batched: bool = False,
+    progress: bool = False,
+) -> None:
+    """Set each state's BatchNorm running statistics (in place) to its own population statistics on ``data``.
+
+    ``states`` are floating state dicts of ``template``'s architecture, each one point of weight space
+    (``batched=True``: each a stack of points, ``(P, *shape)`` per entry, run under ``torch.vmap``). A
+    forward pass with batch statistics gives each BatchNorm input's per-channel sums, accumulated in
+    float64 over all of ``data`` into the mean and the unbiased variance of every sample (where
+    :func:`reset_bn_stats` averages the batches' statistics): an interpolated network's own statistics,
+    not the mix of its anchors'. One pass: ``data`` may be a generator.
+    """
+    recorder = _BatchNormInputSums(template)
+    params_only = [{k: v for k, v in s.items() if "running_" not in k} for s in states]
+    totals: list[list[torch.Tensor] | None] = [None] * len(states)
+    samples = [0] * len(recorder.layers)
+    check_data(data, "bn_data")
+    for batch in progress_bar(data, progress, desc="BatchNorm statistics", leave=False):
+        x = to_model(batch_inputs(batch), template)
+        for i, params in enumerate(params_only):
+            with torch.no_grad():
+                sums = vmap(recorder.sums, in_dims=(0, None))(params, x) if batched else recorder.sums(params, x)
+            totals[i] = sums if totals[i] is None else [a + b for a, b in zip(totals[i], sums)]
+        samples = [c + n for c, n in zip(samples, recorder.counts)]
+    if totals[0] is None:
+        raise ValueError("bn_data yielded no batches; pass training data to re-estimate BatchNorm statistics")
+    for state, sums in zip(states, totals):
+        for j, name in enumerate(recorder.layers):
+            n = samples[j]
+            mean = sums[2 * j] / n
+            var = (sums[2 * j + 1] / n - mean * mean).clamp_min(0.0) * (n / max(n - 1, 1))
+            prefix = f"{name}." if name else ""
+            ref = state[prefix + "running_mean"]
+            state[prefix + "running_mean"] = mean.to(ref.dtype)
+            state[prefix + "running_var"] = var.to(ref.dtype)
+
+
+class MixtureRepair:
+    """REPAIR of points between models: a point's target channel statistics are its weights' mix of the models'.
+
+    At the point ``sum_k w_k theta_k`` every pre-activation module (:func:`repair_endpoints`) gets the
+    target mean and std ``sum_k w_k stat_k`` of the models' own (measured once, on ``data``), what an
+    interpolated model is repaired towards (Jordan et al. 2023).
+    """
+
+    def __init__(self, models: Sequence[nn.Module], data: Iterable[Any], graph: MergeGraph | None = None) -> None:
+        self.graph = merge_graph(models[0]) if graph is None else graph
+        self.modules = [n for names in repair_endpoints(models[0], self.graph).values() for n in names]
+        self.model_stats = [channel_stats(m, self.modules, data) for m in models]
+        self.data = data
+
+    def targets(self, weights: Sequence[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each module's target ``(mean, std)`` at the point with ``weights`` on the models."""
+        out = {}
+        for name in self.modules:
+            mean, std = (float(weights[0]) * part for part in self.model_stats[0][name])
+            for w, stats in zip(weights[1:], self.model_stats[1:]):
+                mean, std = mean + float(w) * stats[name][0], std + float(w) * stats[name][1]
+            out[name] = (mean, std)
+        return out
+
+    def __call__(self, point: nn.Module, weights: Sequence[float]) -> nn.Module:
+        """A copy of ``point`` (the model at ``weights``) repaired towards :meth:`targets`."""
+        return repair(point, None, self.data, graph=self.graph, progress=False, targets=self.targets(weights))

@@ -12,7 +12,7 @@ That is exact for scaled permutations even when ``running_var`` is near ``eps``,
 plain ``out**2 @ running_var`` for permutations.
 
 Permutations: ``perm`` means "new channel ``i`` is old channel ``perm[i]``", i.e. the matrix
-``P[i, perm[i]] = 1`` (see :func:`permutation_matrix`); :func:`apply_permutations` applies it
+``P[i, perm[i]] = 1`` (see :func:`~ccatoolkit.merging.align.permutation.permutation_matrix`); :func:`apply_permutations` applies it
 exactly by indexing.
 """
 
@@ -29,6 +29,7 @@ from ccatoolkit.merging.align.permutation import (
     axis_index,
     group_sources,
     grouped_view,
+    permutation_transform,
     permute_axis,
     replace_segment,
     segment,
@@ -40,7 +41,6 @@ __all__ = [
     "transformed_state",
     "transformed_tensors",
     "apply_permutations",
-    "permutation_matrix",
     "permutation_transforms",
     "random_permutations",
     "random_scalings",
@@ -270,24 +270,9 @@ def transformed_tensors(
         yield name, tensor
 
 
-def permutation_matrix(perm: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """The matrix ``P`` with ``P[i, perm[i]] = 1`` so that ``(P @ z)[i] = z[perm[i]]`` (float64)."""
-    perm = torch.as_tensor(perm, dtype=torch.long)
-    n = perm.numel()
-    if perm.dim() != 1 or not torch.equal(torch.sort(perm.cpu()).values, torch.arange(n)):
-        raise ValueError(f"not a permutation of 0..{n - 1}: {perm.tolist()[:20]}")
-    p = torch.zeros(n, n, dtype=torch.float64, device=perm.device)
-    p[torch.arange(n, device=perm.device), perm] = 1.0
-    return p
-
-
 def permutation_transforms(perms: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{space: (P, P^T)}`` for :func:`apply_transforms` from ``{space: perm}``."""
-    out = {}
-    for name, perm in perms.items():
-        p = permutation_matrix(perm)
-        out[name] = (p, p.T.contiguous())
-    return out
+    return {name: permutation_transform(perm) for name, perm in perms.items()}
 
 
 def apply_permutations(model: nn.Module, graph: MergeGraph, perms: Mapping[str, torch.Tensor]) -> nn.Module:
