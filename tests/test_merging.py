@@ -285,3 +285,86 @@ def test_ridge_sweep_builds_merges_model_at_every_ridge(batchnorm: bool) -> None
         assert swept.merge_info["ridge"] == ridge and swept.merge_info["ridge_selection"] == "given"
     with pytest.raises(ValueError, match="CCA method"):
         RidgeSweep(models, method="permute", data=data)
+
+
+def test_a_new_method_is_one_registry_entry_with_its_options_in_its_signature(monkeypatch) -> None:
+    """A solver registered under a name merges through the whole pipeline; its keyword arguments are its options."""
+    from ccatoolkit.merging import methods
+
+    torch.manual_seed(0)
+    models = [MLP(depth=2, width=8, in_shape=(6,)).eval() for _ in range(2)]
+    data = [torch.randn(32, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    seen = {}
+
+    def scaled_identity(problem: methods.AlignmentProblem, *, scale: float = 1.0) -> methods.Alignment:
+        seen["scale"] = scale  # positive rescaling: exact through ReLU, so the merge is the plain average's
+        eye = {s.name: (scale * torch.eye(s.size, dtype=torch.float64), torch.eye(s.size, dtype=torch.float64) / scale)
+               for s in problem.graph.spaces}
+        return methods.Alignment([None if k == problem.reference else eye for k in range(len(problem.models))])
+
+    entry = methods.Method("scaled_identity", scaled_identity, "identity maps times a positive scale")
+    monkeypatch.setitem(methods.REGISTRY, entry.name, entry)
+    assert entry.options == ("scale",)
+    merged = merge(models, "scaled_identity", data, repair=False, progress=False, scale=1.0)
+    plain = merge(models, "average", data, repair=False, progress=False)
+    assert merged.merge_info["method"] == "scaled_identity" and seen == {"scale": 1.0}
+    for p, q in zip(merged.state_dict().values(), plain.state_dict().values()):
+        torch.testing.assert_close(p, q)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) seed for method 'scaled_identity' \(its options: scale\); "
+                                        r"'seed' is an option of permute_weight"):
+        merge(models, "scaled_identity", data, progress=False, seed=1)
+
+
+def test_every_method_declares_its_needs_and_refuses_others_options() -> None:
+    from ccatoolkit.merging.methods import REGISTRY
+
+    assert tuple(REGISTRY) + ("ensemble",) == METHODS
+    assert {n for n, m in REGISTRY.items() if m.uses_ridge} == {"cca", "cca_multiview"}
+    assert {n for n, m in REGISTRY.items() if m.mixes_channels} == {"cca", "cca_multiview", "zipit"}
+    assert {n: m.statistics for n, m in REGISTRY.items() if m.statistics} == {
+        "permute": "cross", "zipit": "joint", "cca": "joint", "cca_multiview": "joint"}
+    assert REGISTRY["zipit"].options == ("allow_within_model",)
+    assert REGISTRY["permute_weight"].options == ("max_iter", "seed")
+    assert REGISTRY["cca"].options == ()
+    torch.manual_seed(0)
+    models = [MLP(depth=1, width=4, in_shape=(3,)).eval() for _ in range(2)]
+    data = [torch.randn(8, 3) for _ in range(2)]
+    with pytest.raises(TypeError, match="'allow_within_model' is an option of zipit"):
+        merge(models, "cca", data, progress=False, allow_within_model=False)
+    with pytest.raises(TypeError, match="'max_iter' is an option of permute_weight, c2m3"):
+        align_to(*models, "permute", data, progress=False, max_iter=3)
+    with pytest.raises(ValueError, match="ridge_grid is empty"):
+        merge(models, "cca", data, progress=False, ridge_grid=())
+
+
+@pytest.mark.parametrize("method", ["average", "permute", "permute_weight", "c2m3", "zipit", "cca", "cca_multiview"])
+def test_a_merge_of_identical_batchnorm_models_is_the_model(method: str) -> None:
+    """Reset BatchNorm statistics used to move the logits of a model merged with itself (by up to 0.70)."""
+    torch.manual_seed(0)
+    model = VGG11(width=0.125, in_shape=(1, 8, 8))
+    data = [torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():  # running statistics that a reset on ``data`` would not reproduce
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    merged = merge([model, copy.deepcopy(model)], method, data, progress=False)
+    x = torch.cat(data)
+    assert torch.equal(merged(x), model(x)) and merged is not model
+    assert merged.merge_info["identical_models"] and merged.merge_info["method"] == method
+
+
+def test_repair_names_what_it_cannot_correct_once_per_merge() -> None:
+    """A bias-free MLP: one warning per merge call (36 before), naming every layer REPAIR can only rescale."""
+    import warnings
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU(),
+                            nn.Linear(8, 3)).eval() for _ in range(2)]
+    data = [torch.randn(32, 6, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge(models, "cca", data, progress=False)
+    messages = [str(w.message) for w in caught if "REPAIR" in str(w.message)]
+    assert messages == ["REPAIR can only rescale '0', '2' (no bias to shift the channel means)"]

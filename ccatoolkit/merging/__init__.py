@@ -1,6 +1,8 @@
 """Merging models: the merge graph, the alignment algorithms, weight transforms, BatchNorm reset/REPAIR, ``merge()``.
 
-``graph`` finds what each transform acts on, ``align`` computes transforms, ``transform`` applies them, ``normalization`` repairs statistics, ``api`` ties it together.
+``graph`` finds what each transform acts on, ``align`` holds the matching algorithms, ``transform`` applies
+transforms, ``normalization`` repairs statistics. A merge's steps: ``prepare``, ``statistics``, ``ridge``,
+``methods`` (the registry), ``combine``; ``api`` holds the public calls.
 """
 
 from ccatoolkit.merging.api import METHODS, Ensemble, RidgeSweep, align_to, alignment_transforms, ensemble, merge

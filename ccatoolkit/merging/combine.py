@@ -11,6 +11,7 @@ model for one set of transforms.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -176,7 +177,9 @@ def candidate_builder(prepared: Prepared, plan: Restoration, targets: RepairTarg
 
     def build(transforms: list[Transforms | None], candidate_batches: int | None) -> nn.Module:
         repair_targets = targets(transforms) if plan.needs_targets else None
-        return merged_model(prepared, transforms, plan, repair_targets, progress=False,
-                            candidate_batches=candidate_batches)
+        with warnings.catch_warnings():  # what REPAIR cannot correct is said once, by the final merge
+            warnings.filterwarnings("ignore", "(REPAIR|repair_batchnorm) (skips|can only rescale)", RuntimeWarning)
+            return merged_model(prepared, transforms, plan, repair_targets, progress=False,
+                                candidate_batches=candidate_batches)
 
     return build

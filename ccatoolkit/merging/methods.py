@@ -100,14 +100,14 @@ class Method:
         params = inspect.signature(self.solve).parameters.values()
         return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
-    def check_options(self, options: dict[str, Any], extra: Sequence[str] = ()) -> None:
+    def check_options(self, options: dict[str, Any]) -> None:
         """Refuse options this method does not take, naming the ones it does (and the methods that take them)."""
-        unknown = sorted(set(options) - set(self.options) - set(extra))
+        unknown = sorted(set(options) - set(self.options))
         if not unknown:
             return
         owners = {o: [m.name for m in REGISTRY.values() if o in m.options] for o in unknown}
         where = "; ".join(f"{o!r} is an option of {', '.join(ms)}" for o, ms in owners.items() if ms)
-        valid = ", ".join(sorted({*self.options, *extra})) or "none"
+        valid = ", ".join(self.options) or "none"
         raise TypeError(f"unknown option(s) {', '.join(unknown)} for method {self.name!r} (its options: {valid})"
                         + (f"; {where}" if where else ""))
 

@@ -389,8 +389,7 @@ def _fold(module: nn.Module, name: str, scale: torch.Tensor, mean: torch.Tensor,
     """Make ``module``'s output ``(y - mean) * scale + target`` per channel (in place on a private copy)."""
     with torch.no_grad():
         if isinstance(module, _BN):
-            if not module.affine:
-                warnings.warn(f"REPAIR skips {name!r}: BatchNorm without affine parameters", RuntimeWarning)
+            if not module.affine:  # nothing to fold into (warned once per call, see _warn_uncorrectable)
                 return
             w, b = module.weight, module.bias
             new_b = (b.double() - mean) * scale + target
@@ -400,14 +399,9 @@ def _fold(module: nn.Module, name: str, scale: torch.Tensor, mean: torch.Tensor,
             w = module.weight  # scaled in place, in its own dtype: a 4096 x 25088 weight has no float64 copy
             shape = (-1,) + (1,) * (w.dim() - 1)
             w.mul_(scale.view(shape).to(w.dtype))
-            if module.bias is not None:
+            if module.bias is not None:  # without one the means stay (warned once per call)
                 b = module.bias
                 b.copy_(((b.double() - mean) * scale + target).to(b.dtype))
-            else:
-                warnings.warn(
-                    f"REPAIR can only rescale {name!r} (it has no bias to shift the channel means)",
-                    RuntimeWarning,
-                )
 
 
 def _correct(
@@ -439,22 +433,57 @@ def _correct(
     cannot shift its means does not hold up convergence. Channels whose std is below ``eps`` keep
     their scale.
     """
-    modules = dict(model.named_modules())
+    _warn_uncorrectable(model, names)
     if passes is None:
-        reduce = {n: _reduce_channels for n in names}
-        fired: list[str] = []
-        sums = _accumulate(model, names, data, reduce, max_batches, False, fired=fired)
-        order = list(dict.fromkeys(fired))
-        if any(fired.count(n) != fired.count(order[0]) for n in order):  # a module ran twice per batch
-            passes = len(names)
-        else:
-            for i, name in enumerate(progress_bar(order, progress, desc="REPAIR passes", leave=False)):  # the first pass's sums, then one module per pass
-                if i > 0:
-                    sums = _accumulate(model, [name], data, reduce, max_batches, False, stop_after=name)
-                mean, std = _mean_std(*sums[name])
-                t_mean, t_std = (t.to(mean.device, torch.float64) for t in targets[name])
-                _fold(modules[name], name, _scale(std, t_std, eps), mean, t_mean)
+        if _correct_in_order(model, names, targets, data, max_batches, eps=eps, progress=progress):
             return
+        passes = len(names)  # a module ran twice per batch: no single order
+    _correct_jointly(model, names, targets, data, max_batches, eps=eps, tol=tol, passes=passes, progress=progress)
+
+
+def _warn_uncorrectable(model: nn.Module, names: Sequence[str]) -> None:
+    """One warning per REPAIR call naming the modules it cannot fully correct: a BatchNorm without affine
+    parameters (skipped) and a layer without a bias (rescaled only: its channel means stay)."""
+    modules = dict(model.named_modules())
+    skipped = [n for n in names if isinstance(modules[n], _BN) and not modules[n].affine]
+    scaled = [n for n in names if not isinstance(modules[n], _BN) and getattr(modules[n], "bias", None) is None]
+    problems = []
+    if skipped:
+        problems.append(f"skips {', '.join(map(repr, skipped))} (BatchNorm without affine parameters)")
+    if scaled:
+        problems.append(f"can only rescale {', '.join(map(repr, scaled))} (no bias to shift the channel means)")
+    if problems:
+        warnings.warn(f"REPAIR {'; '.join(problems)}", RuntimeWarning, stacklevel=4)
+
+
+def _correct_in_order(
+    model: nn.Module, names: Sequence[str], targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    data: Iterable[Any], max_batches: int | None, *, eps: float, progress: bool,
+) -> bool:
+    """One module per pass, in forward order (see :func:`_correct`); False, with nothing changed, when a module
+    runs more than once per batch."""
+    modules = dict(model.named_modules())
+    reduce = {n: _reduce_channels for n in names}
+    fired: list[str] = []
+    sums = _accumulate(model, names, data, reduce, max_batches, False, fired=fired)
+    order = list(dict.fromkeys(fired))
+    if any(fired.count(n) != fired.count(order[0]) for n in order):
+        return False
+    for i, name in enumerate(progress_bar(order, progress, desc="REPAIR passes", leave=False)):
+        if i > 0:  # the first pass's sums serve the first module; each later one stops after its module
+            sums = _accumulate(model, [name], data, reduce, max_batches, False, stop_after=name)
+        mean, std = _mean_std(*sums[name])
+        t_mean, t_std = (t.to(mean.device, torch.float64) for t in targets[name])
+        _fold(modules[name], name, _scale(std, t_std, eps), mean, t_mean)
+    return True
+
+
+def _correct_jointly(
+    model: nn.Module, names: Sequence[str], targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    data: Iterable[Any], max_batches: int | None, *, eps: float, tol: float, passes: int, progress: bool,
+) -> None:
+    """At most ``passes`` passes, each measuring every module and folding every correction (see :func:`_correct`)."""
+    modules = dict(model.named_modules())
     for _ in progress_bar(range(passes), progress, desc="REPAIR passes", leave=False):
         stats = channel_stats(model, names, data, max_batches)
         worst = 0.0

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from ccatoolkit._utils import (
@@ -34,7 +35,7 @@ from ccatoolkit.merging.methods import Method
 from ccatoolkit.zoo.training import evaluate
 
 __all__ = ["Prepared", "prepare", "check_models", "check_ridge", "require_data", "first_batches", "traced_graph",
-           "folding"]
+           "folding", "identical"]
 
 
 def check_models(models: Sequence[nn.Module], min_models: int = 2) -> list[nn.Module]:
@@ -53,7 +54,9 @@ def check_models(models: Sequence[nn.Module], min_models: int = 2) -> list[nn.Mo
 
 
 def check_ridge(value: Any, name: str = "ridge") -> float:
-    """``value`` as a float, refused (naming ``name``) unless it is a finite number >= 0."""
+    """``value`` as a float, refused (naming ``name``) unless it is a finite number >= 0 (not a boolean)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number >= 0 or 'auto', got the boolean {value!r} (True is not a ridge)")
     try:
         ridge = float(value)
     except (TypeError, ValueError):
@@ -103,6 +106,15 @@ def traced_graph(
         first, data = peek_first(data)
         example = to_model(batch_inputs(first)[:2], model)
     return merge_graph(model, example_input=example), data
+
+
+def identical(models: Sequence[nn.Module]) -> bool:
+    """Whether every model's state equals the first's, tensor for tensor (then their merge is that model)."""
+    first = models[0].state_dict()
+    return all(
+        other.keys() == first.keys() and all(torch.equal(first[k], other[k]) for k in first)
+        for other in (m.state_dict() for m in models[1:])
+    )
 
 
 def folding(method: Method, model: nn.Module, graph: MergeGraph) -> dict[str, str]:

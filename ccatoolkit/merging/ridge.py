@@ -183,9 +183,9 @@ def choose_ridge(
     if held_stats is None:
         held_stats = collect(held_out, False)
     stats = {name: fit_stats.pop(name) + held_stats.pop(name) for name in list(fit_stats)}
-    how = ("agreement with the ensemble on held-out batches" if rule == "agreement"
-           else "correlation of the aligned features on held-out batches")
-    return RidgeChoice(max(scores, key=scores.__getitem__), how, scores, stats)
+    described = ("agreement with the ensemble on held-out batches" if rule == "agreement"
+                 else "correlation of the aligned features on held-out batches")
+    return RidgeChoice(max(scores, key=scores.__getitem__), described, scores, stats)
 
 
 def check_ridge_setting(ridge: float | str, grid: Sequence[float], rule: str) -> tuple[float | str, tuple[float, ...]]:

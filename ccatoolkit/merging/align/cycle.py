@@ -184,6 +184,27 @@ def cycle_objective(states: Sequence[Mapping[str, torch.Tensor]], graph: Any,
     return _Problem(states, graph, param_names, device).objective(_matrices(perms, device))
 
 
+def _oracle(
+    problem: _Problem, P: list[dict[str, torch.Tensor]], reference: int
+) -> tuple[list[dict[str, np.ndarray] | None], float]:
+    """Frank-Wolfe's linear oracle at ``P``: per model the permutations that best follow the gradient (None for
+    the reference), and the gap ``<grad, Q - P>``, an upper bound on how far the relaxed objective is below its
+    maximum."""
+    grads = problem.gradients(P, fixed=reference)
+    gap = 0.0
+    targets: list[dict[str, np.ndarray] | None] = []
+    for i in range(len(P)):
+        if i == reference:  # the gauge: f does not change when one permutation of the universe is
+            targets.append(None)  # applied to every model, so the reference's stays the identity
+            continue
+        q = {}
+        for s, G in grads[i].items():
+            q[s] = match_activations(G, problem.groups[s])
+            gap += float((G * (torch.as_tensor(permutation_matrix(q[s]), device=G.device) - P[i][s])).sum())
+        targets.append(q)
+    return targets, gap
+
+
 def cycle_consistent_matching(
     states: Sequence[Mapping[str, torch.Tensor]],
     graph: Any,
@@ -199,17 +220,13 @@ def cycle_consistent_matching(
     ``param_names`` restricts the weights in the objective (default: every floating tensor the
     graph names except BatchNorm running statistics).
 
-    The universe is the reference's frame: ``f`` does not change when one permutation of the
-    universe is applied to every model, so the reference's matrices stay the identity without
-    loss (and the others do not chase each other). The others start from pairwise weight matching
-    to the reference; each Frank-Wolfe step moves all of them towards the oracle's permutations by
-    the step in ``[0, 1]`` that maximises the relaxed objective exactly (never a worse iterate), until
-    the Frank-Wolfe gap ``<grad, Q - P>`` (an upper bound on how far the relaxed objective is below
-    its maximum) falls below ``tol`` times the scale of one pair's objective (the reference's
-    squared weight norm), no step improves, or ``max_iter`` steps. Measured on four Fashion-MNIST
-    MLPs (3 x 512): ``tol=1e-4`` stops after 36 steps 0.2% below the converged objective (67 steps),
-    three times faster, with merged accuracy within the test set's noise (86.6-86.8% for 5 to 67 steps). Rounding comes last; if the rounded objective is below the
-    start's, the start is returned (so the result is never worse than reference-based matching).
+    The universe is the reference's frame (``f`` is invariant to one permutation of the universe applied
+    to every model, so the reference's matrices stay the identity without loss). The others start from
+    pairwise weight matching to the reference; each Frank-Wolfe step moves all of them towards the
+    oracle's permutations (:func:`_oracle`) by the step in ``[0, 1]`` that maximises the relaxed objective
+    exactly, until the gap falls below ``tol`` times the reference's squared weight norm (early, with no
+    loss of merged accuracy: docs/design.md, "Measured"), no step improves, or ``max_iter`` steps. Rounding
+    comes last; a rounded objective below the start's returns the start (never worse than pairwise matching).
 
     Returns ``(perms, info)``: ``perms[k][space]`` maps model ``k`` into ``reference``'s frame
     (``perms[reference]`` is the identity), ``info`` has the iterations, the final gap, the
@@ -222,27 +239,13 @@ def cycle_consistent_matching(
         raise ValueError(f"reference index {reference} out of range for {n} models")
     device = next(iter(states[0].values())).device
     problem = _Problem(states, graph, param_names, device)
-    # start from pairwise weight matching to the reference (the universe is the reference's frame)
     start = [{s: np.arange(k) for s, k in problem.sizes.items()} if i == reference else
              weight_matching(states[reference], states[i], graph, param_names=param_names) for i in range(n)]
     P = _matrices(start, device)
     scale = max(1.0, sum(float((w * w).sum()) for w in problem.weights[0].values()))
-    current = problem.objective(P)
-    gap = float("inf")
-    it = 0
+    current, gap, it = problem.objective(P), float("inf"), 0
     for it in range(1, max_iter + 1):
-        grads = problem.gradients(P, fixed=reference)
-        gap = 0.0
-        targets: list[dict[str, np.ndarray] | None] = []
-        for i in range(n):
-            if i == reference:  # the gauge: f does not change when one permutation of the universe is
-                targets.append(None)  # applied to every model, so the reference's stays the identity
-                continue
-            q = {}
-            for s, G in grads[i].items():
-                q[s] = match_activations(G, problem.groups[s])
-                gap += float((G * (torch.as_tensor(permutation_matrix(q[s]), device=device) - P[i][s])).sum())
-            targets.append(q)
+        targets, gap = _oracle(problem, P, reference)
         if gap <= tol * scale:
             break
         # exact line search: f is a polynomial along the segment, maximised over [0, 1] (never a worse iterate)

@@ -155,7 +155,8 @@ class MergeGraph:
         return "\n".join(lines)
 
     def validate(self, model: nn.Module) -> MergeGraph:
-        """Check the graph against ``model``: parameter names, axes, sizes, capture modules.
+        """Check the graph against ``model``: parameter names, axes (and their roles: a Linear/Conv weight's
+        outputs on axis 0, inputs on axis 1), sizes, capture modules.
 
         Raises :class:`GraphError` naming the first problem; returns ``self`` so calls chain.
         """
@@ -180,6 +181,7 @@ class MergeGraph:
             for side, refs in (("output", s.outputs), ("input", s.inputs)):
                 for ref in refs:
                     _check_ref(state, s, side, ref)
+                    _check_axis_role(modules, s, side, ref, state[ref.name].dim())
                     ranges = seen_refs.setdefault((ref.name, ref.axis % state[ref.name].dim()), [])
                     lo, hi = ref.start, ref.start + s.size
                     for a, b, other in ranges:
@@ -276,6 +278,31 @@ def _ref_from_item(space: str, key: str, item: Any, with_block: bool) -> ParamRe
     if not isinstance(name, str) or int(axis) != axis or int(block) != block or block < 1:
         raise GraphError(f"space {space!r}: bad {key} item {item!r} (want a parameter name, an int axis, block >= 1)")
     return ParamRef(name, int(axis), int(block))
+
+
+# Layers whose weight holds (outputs, inputs, ...) and, transposed, (inputs, outputs, ...).
+_WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED_WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _check_axis_role(modules: Mapping[str, nn.Module], space: Space, side: str, ref: ParamRef, ndim: int) -> None:
+    """Refuse a Linear/Conv weight used along the wrong axis for its side.
+
+    A square weight (a Linear(16, 16)) passes the size check with its axes swapped, and the
+    transform would then move its inputs where its outputs are meant (a wrong merge, no error).
+    """
+    owner, _, leaf = ref.name.rpartition(".")
+    module = modules.get(owner)
+    if leaf != "weight" or not isinstance(module, _WEIGHT_LAYERS + _TRANSPOSED_WEIGHT_LAYERS):
+        return
+    out_axis, in_axis = (1, 0) if isinstance(module, _TRANSPOSED_WEIGHT_LAYERS) else (0, 1)
+    want = out_axis if side == "output" else in_axis
+    if ref.axis % ndim != want:
+        raise GraphError(
+            f"space {space.name!r}: {side} {ref.name!r} is given axis {ref.axis}, but the weight of "
+            f"{type(module).__name__} {owner!r} holds its outputs along axis {out_axis} and its inputs along axis "
+            f"{in_axis}; use ({ref.name!r}, {want}) among the space's {side}s"
+        )
 
 
 def _check_ref(state: Mapping[str, torch.Tensor], space: Space, side: str, ref: ParamRef) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ccatoolkit._utils import eval_mode
+from ccatoolkit._utils import eval_mode, input_dtype_advice, wrapper_advice
 from ccatoolkit.analysis.capture import (
     ACTIVATION_METHODS,
     FUNCTIONAL_ACTIVATIONS,
@@ -85,12 +85,31 @@ class _Feat:
         return [space for space, _ in self.parts] if self.parts else [self.space]
 
 
+class _DisjointSets:
+    """Union-find over integer ids (path halving); an id joins at its first :meth:`find`."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        """The root of ``x``'s set."""
+        parent = self.parent
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def link(self, root: int, other_root: int) -> None:
+        """Join two sets by their roots: ``root`` becomes the root of both."""
+        self.parent[other_root] = root
+
+
 class _SpaceUnion:
     """Union-find over channel spaces. A *fixed* space (the input, the output, anything an
     unknown operation touched) cannot be transformed; uniting with one fixes the union."""
 
     def __init__(self) -> None:
-        self.parent: list[int] = []
+        self.sets = _DisjointSets()
         self.fixed: list[bool] = []
         self.created_at: list[int] = []  # the node order that created each space: roots are the earliest
         self.why_permutation_only: dict[int, list[str]] = {}  # root -> the operations that allow only permutations
@@ -98,16 +117,14 @@ class _SpaceUnion:
         self.group_pairs: list[tuple[int, int, int, str]] = []  # (input, output, groups, conv): groups move together
 
     def new(self, order: int, fixed: bool = False) -> int:
-        self.parent.append(len(self.parent))
+        space = len(self.fixed)
+        self.sets.find(space)
         self.fixed.append(fixed)
         self.created_at.append(order)
-        return len(self.parent) - 1
+        return space
 
     def find(self, s: int) -> int:
-        while self.parent[s] != s:
-            self.parent[s] = self.parent[self.parent[s]]
-            s = self.parent[s]
-        return s
+        return self.sets.find(s)
 
     def union(self, a: int, b: int) -> int:
         ra, rb = self.find(a), self.find(b)
@@ -115,7 +132,7 @@ class _SpaceUnion:
             return ra
         if self.created_at[rb] < self.created_at[ra]:
             ra, rb = rb, ra
-        self.parent[rb] = ra
+        self.sets.link(ra, rb)
         self.fixed[ra] = self.fixed[ra] or self.fixed[rb]
         if rb in self.why_permutation_only:
             self.why_permutation_only.setdefault(ra, []).extend(self.why_permutation_only.pop(rb))
@@ -148,25 +165,21 @@ class _SpaceUnion:
         convolutions with different group counts read it): moving groups there would change the function.
         ``sizes``: each transformable root's channel count.
         """
-        parent: dict[int, int] = {}
-
-        def find(r: int) -> int:
-            while parent.setdefault(r, r) != r:
-                r = parent[r]
-            return r
-
+        chains = _DisjointSets()  # over the unions' roots
         pairs = [(self.find(a), self.find(b), groups, conv) for a, b, groups, conv in self.group_pairs]
         for ra, rb, _, _ in pairs:
-            parent[find(rb)] = find(ra)
+            root = chains.find(ra)
+            chains.link(root, chains.find(rb))
         label: dict[int, str] = {}
         broken: set[int] = set()
         for ra, rb, groups, conv in pairs:  # in trace order: each chain is named by its first convolution
-            label.setdefault(find(ra), conv)
+            label.setdefault(chains.find(ra), conv)
             for r in (ra, rb):
                 width = self.group_width.get(r)
                 if r not in sizes or not width or sizes[r] // width != groups:
-                    broken.add(find(r))
-        return {r: label[find(r)] for r in parent if find(r) not in broken and r in sizes}
+                    broken.add(chains.find(r))
+        return {r: label[chains.find(r)] for r in list(chains.parent)
+                if chains.find(r) not in broken and r in sizes}
 
     def width(self, s: int) -> int | None:
         """Channels per block that a permutation of ``s`` keeps in place (None: no blocks)."""
@@ -182,7 +195,7 @@ class _SpaceUnion:
     def groups(self) -> list[set[int]]:
         """The transformable unions, each a set of space ids, in the order their roots were created."""
         roots: dict[int, set[int]] = {}
-        for s in range(len(self.parent)):
+        for s in range(len(self.fixed)):
             r = self.find(s)
             if not self.fixed[r]:
                 roots.setdefault(r, set()).add(s)
@@ -204,6 +217,7 @@ class _PendingInput:
     start: int = 0  # a segment of a concatenation: the space's first channel, of ``of`` in all
     of: int | None = None
     groups: int = 1  # a grouped convolution's input
+    last_axis_of: str = ""  # the Linear whose outputs were flattened without shapes: channels last unless 2-D
 
 
 class _Site(NamedTuple):
@@ -230,6 +244,8 @@ class _Builder:
         self.producers: list[_Site] = []  # Linear/Conv/BatchNorm modules (capture fallback)
         self.functional_nonlin: list[tuple[int, str]] = []  # (space, description) of F.relu & co
         self.unknown: list[tuple[list[int], str]] = []  # (spaces touched, description)
+        # space -> (Linear, its input's shape): channels last, (N, ..., F), which statistics and flattens cannot follow
+        self.channels_last: dict[int, tuple[str, tuple[int, ...] | None]] = {}
         self.calls: dict[str, int] = {}
         self.index = 0
         self.input_space = self.new_space(fixed=True)
@@ -247,6 +263,18 @@ class _Builder:
             return None
         meta = node.meta.get("tensor_meta")
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def is_scalar(self, node: Any) -> bool:
+        """Whether ``node`` is a tensor of one element and at most one axis (a parameter such as a temperature)."""
+        if not isinstance(node, torch.fx.Node):
+            return False
+        shape = self.shape(node)
+        if shape is None and node.op == "get_attr":
+            value: Any = self.gm
+            for part in str(node.target).split("."):
+                value = getattr(value, part, None)
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        return shape is not None and len(shape) <= 1 and math.prod(shape) == 1
 
     def is_non_tensor(self, node: torch.fx.Node) -> bool:
         return self.has_shapes and node.meta.get("tensor_meta") is None
@@ -323,10 +351,16 @@ class _Builder:
         if x.parts:
             return self.concat_module(node, name, mod, x)
         if isinstance(mod, nn.Linear):
-            if x.ndim is not None and x.ndim > 2 and x.chdim == 1:
+            if x.ndim is not None and x.ndim > 2 and x.chdim == 1 and not self.spaces.is_fixed(x.space):
                 return self.opaque(node, "a Linear applied to the last axis of a conv feature map")
-            self.inputs.setdefault(x.space, []).append(_PendingInput(f"{name}.weight", 1, x.block, name))
-            return self.produce(node, name, mod, chdim=-1)
+            if not (x.ndim is not None and x.ndim > 2 and x.chdim == 1):  # a fixed input's columns need no ref
+                last_axis_of = self.producer_of(x.space) if x.block is None and x.chdim == -1 else ""
+                self.inputs.setdefault(x.space, []).append(
+                    _PendingInput(f"{name}.weight", 1, x.block, name, last_axis_of=last_axis_of))
+            feat = self.produce(node, name, mod, chdim=-1)
+            if x.ndim is not None and x.ndim > 2:  # over a sequence (N, L, F): its outputs are channels last
+                self.channels_last[feat.space] = (name, self.shape(node.args[0]))
+            return feat
         if isinstance(mod, _CONVS) and mod.groups != 1 and mod.groups == mod.in_channels == mod.out_channels:
             # depthwise: each channel has its own filter, so the channels stay one space; permuting them
             # permutes the filters (weight rows, bias), but a map that mixes channels cannot pass
@@ -416,6 +450,11 @@ class _Builder:
         self.producers.append(_Site(x.space, name, self.index))
         return self.same(x, node)
 
+    def producer_of(self, space: int) -> str:
+        """The layer whose weight rows make ``space`` (for messages)."""
+        refs = self.outputs.get(space) or [ParamRef("?.weight", 0)]
+        return refs[0].name.rsplit(".", 1)[0]
+
     def produce(self, node: torch.fx.Node, name: str, mod: nn.Module, chdim: int, out_axis: int = 0) -> _Feat:
         space = self.new_space()
         refs = [ParamRef(f"{name}.weight", out_axis)]
@@ -430,7 +469,8 @@ class _Builder:
         if nd is None:  # no shapes: assume a flatten of (N, C, ...) and resolve the block later
             if start != 1 or end != -1:
                 return self.opaque(node, f"flatten(start_dim={start}, end_dim={end}) without shape information")
-            return _Feat(x.space, None, None, 1)
+            # a Linear's outputs (channels last) flatten channel-major only when 2-D: resolve() checks
+            return _Feat(x.space, None, None, -1 if x.chdim == -1 and x.block == 1 else 1)
         start, end = start % nd, end % nd
         if start >= end:  # nothing to flatten
             return self.same(x, node)
@@ -482,7 +522,14 @@ class _Builder:
                 return self.same(x, node)
             if target in (operator.mul, torch.mul) and len(feats) == 1 and isinstance(node.args[0], (int, float)):
                 return self.same(self.feats[node.args[1]], node)  # type: ignore[index]
-            return self.opaque(node, "a product with a tensor (only scaling by a number keeps the space)")
+            # a one-element tensor (a learned temperature, logits / t) scales every channel alike: keeps the space
+            if len(feats) == 2 and len(node.args) == 2 and not node.kwargs and self.is_scalar(node.args[1]):
+                return self.same(x, node)
+            if target in (operator.mul, torch.mul) and len(feats) == 2 and len(node.args) == 2 and self.is_scalar(
+                    node.args[0]) and isinstance(node.args[1], torch.fx.Node) and self.feats.get(node.args[1]):
+                return self.same(self.feats[node.args[1]], node)  # type: ignore[arg-type]
+            return self.opaque(node, "a product with a tensor (only scaling by a number or a one-element tensor "
+                                     "keeps the space)")
         if len(feats) != 1:
             return self.opaque(node)
         if target in FUNCTIONAL_ACTIVATIONS or (is_method and target in ACTIVATION_METHODS):
@@ -623,6 +670,10 @@ class _Builder:
         if pending.block is not None:
             return ParamRef(pending.name, pending.axis, pending.block, pending.start, pending.of, pending.groups)
         features = int(state[pending.name].shape[pending.axis])
+        if pending.last_axis_of and features != size:
+            raise GraphError(_channels_last_message(
+                pending.last_axis_of, None,
+                f"{pending.consumer!r} reads them flattened ({features} features from {size} channels)"))
         if features % size:
             raise GraphError(
                 f"{pending.consumer!r} takes {features} features from a flatten of {size} channels, "
@@ -649,6 +700,9 @@ class _Builder:
         return [prods[-1][1]] if prods else []
 
     def result(self, model: nn.Module) -> MergeGraph:
+        for space, (linear, shape) in self.channels_last.items():
+            if not self.spaces.is_fixed(space):
+                raise GraphError(_channels_last_message(linear, shape, "they are hidden channels"))
         bad = [desc for spaces, desc in self.unknown if any(not self.spaces.is_fixed(s) for s in spaces)]
         if bad:
             more = f" (and {len(bad) - 1} more: {'; '.join(bad[1:4])})" if len(bad) > 1 else ""
@@ -692,6 +746,19 @@ class _Builder:
         return MergeGraph(spaces)
 
 
+def _channels_last_message(linear: str, shape: tuple[int, ...] | None, where: str) -> str:
+    """Why a Linear applied over a sequence (its outputs channels last) has no automatic merge graph, and what to do."""
+    applied = f"a tensor of shape {shape}" if shape is not None else "a tensor with more than two axes"
+    return (
+        f"cannot derive the merge graph: Linear {linear!r} is applied to the last axis of {applied}, as over a "
+        f"sequence, so its outputs are channels last, (N, ..., features), and {where}. The merge graph and the "
+        "activation statistics take channels on dim 1, and a flatten of channels-last features interleaves them, "
+        "so a permutation of this layer's outputs cannot be expressed. Apply the layer channels first "
+        "(nn.Conv1d(in_features, out_features, kernel_size=1) on (N, in_features, L) inputs is the same map) or "
+        "merge with method='average'; to align the other layers, leave this one out of a spec by hand. " + SPEC_ADVICE
+    )
+
+
 def _example_input(model: nn.Module, example_input: Any) -> torch.Tensor | None:
     if example_input is not None:
         param = next(iter(model.parameters()), None)
@@ -708,6 +775,24 @@ def _example_input(model: nn.Module, example_input: Any) -> torch.Tensor | None:
     return torch.zeros((2, *map(int, in_shape)), device=device, dtype=dtype)
 
 
+def _example_failure(model: nn.Module, example: Any, err: Exception) -> str:
+    """Why ``model`` failed on the example batch: its dtype, or torch's own message (not ShapeProp's wrapper)."""
+    cause: BaseException = err
+    while cause.__cause__ is not None and "ShapeProp error" in str(cause):
+        cause = cause.__cause__
+    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    shape = tuple(getattr(example, "shape", ()))
+    dtype = getattr(example, "dtype", type(example).__name__)
+    advice = input_dtype_advice(example, model)
+    problem = advice if advice is not None else (
+        "the data does not fit the model: check the batches' shape (channels, image size, features) and dtype")
+    return (
+        f"{type(model).__name__} cannot run on the example batch of shape {shape} ({dtype}): "
+        f"{type(cause).__name__}: {detail}. {problem[0].upper() + problem[1:]}. The example is the first batch of "
+        "data= in merge/align_to, or example_input= of merge_graph."
+    )
+
+
 def merge_graph(model: nn.Module, example_input: torch.Tensor | None = None) -> MergeGraph:
     """Derive ``model``'s merge graph from a ``torch.fx`` trace (the model is not modified).
 
@@ -718,6 +803,9 @@ def merge_graph(model: nn.Module, example_input: torch.Tensor | None = None) -> 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"merge_graph expects an nn.Module, got {type(model).__name__}")
+    advice = wrapper_advice(model)
+    if advice is not None:  # fx would blame data-dependent control flow
+        raise TypeError(advice)
     # The trace shares the model's modules (no copy: a torchvision VGG is 0.5 GB); eval mode for the
     # block keeps BatchNorm's running statistics and dropout untouched by the shape pass.
     with eval_mode(model), torch.no_grad():
@@ -734,13 +822,10 @@ def merge_graph(model: nn.Module, example_input: torch.Tensor | None = None) -> 
             try:
                 ShapeProp(gm).propagate(example)
             except Exception as err:
-                raise GraphError(
-                    f"running {type(model).__name__} on an example input of shape "
-                    f"{tuple(getattr(example, 'shape', ()))} failed: {type(err).__name__}: {err}. "
-                    "Pass example_input=<a batch the model accepts> to merge_graph."
-                ) from err
+                raise GraphError(_example_failure(model, example, err)) from err
             has_shapes = True
-    builder = _Builder(gm, has_shapes, node_point_names(model))
+        points = node_point_names(model)  # named by the trace of the same (eval) mode
+    builder = _Builder(gm, has_shapes, points)
     for node in gm.graph.nodes:
         builder.visit(node)
     return builder.result(model).validate(model)
