@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+import operator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ __all__ = [
     "to_model",
     "check_data",
     "check_passes",
+    "check_max_batches",
+    "input_dtype_advice",
     "peek_first",
     "batch_count",
     "batch_inputs",
@@ -34,6 +37,9 @@ __all__ = [
     "check_same_architecture",
     "check_finite_parameters",
     "check_class_targets",
+    "class_targets",
+    "check_logits",
+    "wrapper_advice",
 ]
 
 #: The BatchNorm layers whose running statistics the package re-estimates, folds and transforms.
@@ -131,6 +137,43 @@ def check_passes(uses: Sequence[tuple[str, Any, int]]) -> None:
     for name, data, _passes in uses:
         if data is not None:
             check_data(data, name, reiterable=total[id(data)] > 1)
+
+
+def check_max_batches(value: Any, name: str = "max_batches") -> int | None:
+    """``value`` as a batch (or sample) limit: None (no limit) or an integer >= 1, refused with one clear line otherwise.
+
+    A bool (``True`` is 1 to Python), a float such as 1.5 or a string such as ``"2"`` would otherwise be
+    reinterpreted or fail deep inside ``itertools.islice``; integer types of numpy are accepted.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (bool, float, str)):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            number = None
+        if number is not None and number >= 1:
+            return number
+    raise ValueError(
+        f"{name} must be None (use all batches) or an integer >= 1, got {value!r} ({type(value).__name__}); "
+        f"pass e.g. {name}=2"
+    )
+
+
+def input_dtype_advice(x: Any, model: nn.Module) -> str | None:
+    """Why integer or boolean inputs (e.g. uint8 images) may not run through a floating-point ``model``, or None.
+
+    They are not cast (:func:`to_model` casts floating inputs only): an embedding takes integer indices,
+    and uint8 pixels cast as they are would be 255 times the normalised values the model was trained on.
+    """
+    dtype = model_dtype(model)
+    if not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex() or dtype is None:
+        return None
+    return (
+        f"the inputs are {x.dtype} but the model computes in {dtype}: convert them to floating point as in "
+        "training (e.g. images x.float() / 255, then normalised), or use a transform such as "
+        "torchvision's ToTensor() in the dataset"
+    )
 
 
 def peek_first(data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
@@ -238,6 +281,46 @@ def has_batchnorm(model: nn.Module) -> bool:
 _WRAPPERS: tuple[type[nn.Module], ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
+def wrapper_advice(model: Any, label: str = "the model") -> str | None:
+    """What to pass instead of a wrapped ``model`` (``DataParallel``/``DistributedDataParallel``: ``model.module``;
+    ``torch.compile``: ``model._orig_mod``), or None for a plain model.
+
+    A wrapper's parameters are the wrapped model's under a prefix (``module.``, ``_orig_mod.``) and it
+    cannot be traced, so graphs, statistics and merges need the model itself.
+    """
+    if isinstance(model, _WRAPPERS):
+        return (f"{label} is wrapped in {type(model).__name__}; pass the model itself (model.module): "
+                "the package runs it on its own device")
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return (f"{label} is compiled by torch.compile ({type(model).__name__}); pass the model itself "
+                "(model._orig_mod), and compile the result if you like")
+    return None
+
+
+def _module_type(module: nn.Module) -> str:
+    """A module's class by its qualified name (a class defined again, e.g. a re-run notebook cell, is the same)."""
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _module_type_mismatch(ref: nn.Module, other: nn.Module, labels: tuple[str, str]) -> str | None:
+    """The first module (in ``ref``'s order) whose class differs between two models, or None.
+
+    Models with equal state_dict keys may still compute different functions (an ``nn.ReLU`` where the
+    other has an ``nn.Tanh``; another model class): merging them averages unrelated weights.
+    """
+    other_modules = dict(other.named_modules())
+    for name, module in ref.named_modules():
+        mine, theirs = _module_type(module), _module_type(other_modules[name]) if name in other_modules else None
+        if theirs is None:
+            return f"{labels[0]} has a module {name!r} ({type(module).__name__}) but {labels[1]} has none"
+        if mine != theirs:
+            where = f"module {name!r}" if name else "the model"
+            return (f"{where} is a {type(module).__name__} ({mine}) in {labels[0]} but a "
+                    f"{type(other_modules[name]).__name__} ({theirs}) in {labels[1]}; "
+                    "models must be instances of one class built with the same layers")
+    return None
+
+
 def _signature_mismatch(models: Sequence[nn.Module], names: Sequence[str] | None) -> tuple[str, str] | None:
     """``(what differs, message)`` for the first state_dict difference, or None (see :func:`model_signature_mismatch`)."""
     models = list(models)
@@ -265,11 +348,14 @@ def _signature_mismatch(models: Sequence[nn.Module], names: Sequence[str] | None
                     f"{key!r} is {tensor.dtype} in {labels[0]} but {other[key].dtype} in {label}; "
                     "convert the models to one dtype first, e.g. model.float()"
                 )
+        types = _module_type_mismatch(models[0], model, (labels[0], label))
+        if types is not None:
+            return "architectures", types
     return None
 
 
 def model_signature_mismatch(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> str | None:
-    """The first state_dict difference (key, shape or dtype) between ``models[0]`` and the others, or None.
+    """The first difference (state_dict key, shape or dtype; module class) between ``models[0]`` and the others, or None.
 
     ``names`` label the models in the message (default ``model 0``, ``model 1``, ...).
     """
@@ -280,16 +366,16 @@ def model_signature_mismatch(models: Sequence[nn.Module], names: Sequence[str] |
 def check_same_architecture(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> None:
     """Raise ``ValueError("models of different architectures: ...")`` (or ``dtypes``) naming the first mismatch.
 
-    A model wrapped in ``DataParallel``/``DistributedDataParallel`` raises ``TypeError`` asking for ``model.module``.
+    Besides the state_dict (keys, shapes, dtypes) the modules' classes must agree: a ReLU network and a
+    Tanh network have the same keys. A model wrapped in ``DataParallel``/``DistributedDataParallel`` raises
+    ``TypeError`` asking for ``model.module``, one compiled by ``torch.compile`` for ``model._orig_mod``.
     """
     models = list(models)
     labels = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
     for label, model in zip(labels, models):
-        if isinstance(model, _WRAPPERS):
-            raise TypeError(
-                f"{label} is wrapped in {type(model).__name__}; pass the model itself (model.module): "
-                "the package runs it on its own device"
-            )
+        advice = wrapper_advice(model, label)
+        if advice is not None:
+            raise TypeError(advice)
     found = _signature_mismatch(models, labels)
     if found is not None:
         raise ValueError(f"models of different {found[0]}: {found[1]}")
@@ -322,6 +408,12 @@ def check_class_targets(targets: torch.Tensor, logits: torch.Tensor) -> None:
     Cross-entropy would fail deep inside torch (or with a device-side assert on a GPU) otherwise.
     """
     classes = int(logits.shape[1]) if logits.dim() >= 2 else 0
+    if logits.dim() == 2 and tuple(targets.shape) != (logits.shape[0],):
+        squeeze = " (one column: y.squeeze(1))" if targets.dim() == 2 and targets.shape[1] == 1 else ""
+        raise ValueError(
+            f"targets must be a vector of {logits.shape[0]} class indices, one per sample, got shape "
+            f"{tuple(targets.shape)}{squeeze}; one-hot targets: y.argmax(1)"
+        )
     if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
         raise ValueError(
             f"targets must be integer class indices (torch.long), got {targets.dtype}; "
@@ -332,3 +424,36 @@ def check_class_targets(targets: torch.Tensor, logits: torch.Tensor) -> None:
             f"targets must be class indices in [0, {classes}) for a model with {classes} outputs, "
             f"got values in [{int(targets.min())}, {int(targets.max())}]; check the labels or the model's num_classes"
         )
+
+
+def class_targets(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``targets`` as a vector of class indices for ``logits`` ``(N, classes)``, checked (:func:`check_class_targets`).
+
+    A column ``(N, 1)`` (labels read from a table) is taken as the vector it holds.
+    """
+    if logits.dim() == 2 and targets.dim() == 2 and targets.shape[1] == 1 and targets.shape[0] == logits.shape[0]:
+        targets = targets[:, 0]
+    check_class_targets(targets, logits)
+    return targets
+
+
+def check_logits(output: Any, model: nn.Module, what: str = "evaluate") -> torch.Tensor:
+    """``output`` (a model's forward result) if it is a tensor of logits; a ``TypeError`` saying what it is otherwise.
+
+    A forward returning a tuple or dict (e.g. logits and features) would fail deep inside the loss.
+    """
+    if isinstance(output, torch.Tensor) and output.dim() >= 1:
+        return output
+    if isinstance(output, torch.Tensor):
+        kind = "a 0-d tensor"
+    elif isinstance(output, Mapping):
+        kind = f"a {type(output).__name__} with keys {list(output)[:5]}"
+    elif isinstance(output, (tuple, list)):
+        kind = f"a {type(output).__name__} of {len(output)} items"
+    else:
+        kind = f"a {type(output).__name__}"
+    raise TypeError(
+        f"{what} needs a model whose forward returns a tensor of logits (N, classes), but "
+        f"{type(model).__name__} returned {kind}; wrap it in a module whose forward returns the logits "
+        "(e.g. return self.model(x)[0], or self.model(x)['logits'] for a dict)"
+    )

@@ -6,9 +6,10 @@ statistics on random images), runs every public merging call on them with the op
 different code paths, and compares the results with ``tests/data/golden_merges.pt``. The input
 models are stored in that file too, so the comparison does not depend on the training code.
 
-Regenerate (only when a change of results is intended, and say why in the commit)::
+Add new cases with ``--add``; regenerate everything only when a change of results is intended, and say
+why in the commit::
 
-    PYTHONPATH=. python tests/golden_merges.py --write
+    PYTHONPATH=. python tests/golden_merges.py --add      # or --write
 """
 
 from __future__ import annotations
@@ -124,9 +125,12 @@ def _cases() -> dict[str, Callable[[dict[str, list[nn.Module]], dict[str, list[A
                                                      reset_bn=False, **quiet),
         "convbn/cca_ref1_passes": lambda f, d: merge(f["convbn"], "cca", d[D], reference=1, repair_passes=2,
                                                      **quiet),
-        "mlp/align_cca": lambda f, d: align_to(*f["mlp"][:2], "cca", d[D], **quiet),
+        "mlp/align_cca": lambda f, d: align_to(*f["mlp"][:2], "cca", d[D], repair=False, **quiet),
+        "mlp/align_cca_repaired": lambda f, d: align_to(*f["mlp"][:2], "cca", d[D], **quiet),
         "mlp/align_permute": lambda f, d: align_to(*f["mlp"][:2], "permute", d[D], **quiet),
-        "convbn/align_cca_reset": lambda f, d: align_to(*f["convbn"], "cca", d[D], reset_bn=True, **quiet),
+        "convbn/align_cca_reset": lambda f, d: align_to(*f["convbn"], "cca", d[D], reset_bn=True, repair=False,
+                                                    **quiet),
+        "convbn/align_cca_repaired": lambda f, d: align_to(*f["convbn"], "cca", d[D], **quiet),
         "convbn/align_permute_reset": lambda f, d: align_to(*f["convbn"], "permute", d[D], reset_bn=True, **quiet),
         "convbn/align_weight": lambda f, d: align_to(*f["convbn"], "permute_weight", **quiet),
         "smallres/transforms_cca": lambda f, d: alignment_transforms(*f["smallres"][:2], "cca", d[D], ridge=0.3,
@@ -198,9 +202,23 @@ def write() -> None:
     print(f"wrote {len(records)} cases to {GOLDEN} ({GOLDEN.stat().st_size / 1e6:.2f} MB) on {machine()}")
 
 
+def add_new_cases() -> None:
+    """Save the cases that are not in the file yet, leaving every saved one as it is."""
+    torch.set_num_threads(1)
+    saved = torch.load(GOLDEN, weights_only=False)
+    new = [name for name in _cases() if name not in saved["records"]]
+    saved["records"].update(compute(new))
+    torch.save(saved, GOLDEN)
+    print(f"added {len(new)} cases: {', '.join(new)}")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write", action="store_true", help="compute the cases and save them")
-    if parser.parse_args().write:
+    parser.add_argument("--write", action="store_true", help="compute every case and save them (new models too)")
+    parser.add_argument("--add", action="store_true", help="compute and save only the cases not saved yet")
+    args = parser.parse_args()
+    if args.write:
         write()
+    elif args.add:
+        add_new_cases()

@@ -176,15 +176,21 @@ def test_default_cca_merge_beats_permutation_on_a_batchnorm_cnn(digits_pairs) ->
         assert info["repair"] is True and info["folded_batchnorm"] == ["bn1", "bn2", "bn3"]
 
 
-def test_cca_aligned_batchnorm_model_with_its_statistics_restored(digits_pairs) -> None:
-    """CCA alignment is not a symmetry of a ReLU network, so B' loses accuracy; restoring its BatchNorm
-    statistics (its own channel statistics seen through the map) recovers much of it. Through the old
-    vector rule B' scored near chance (10-15%)."""
+def test_cca_aligned_batchnorm_model_is_repaired_through_the_map(digits_pairs) -> None:
+    """CCA alignment is not a symmetry of a ReLU network, so B' as T and its inverse make it scores near
+    chance; its own statistics through the map (``reset_bn``) recover some of it, and the default repair
+    (input maps refitted by least squares, then the statistics) most of it. The 2-point target is not met on
+    this family (B' ~91% against B's ~97%): paths to such an endpoint warn (see test_landscape)."""
     train, test, pairs = digits_pairs
-    a, b = pairs[0]
-    raw = evaluate(align_to(a, b, "cca", train, progress=False), test)["accuracy"]
-    restored = evaluate(align_to(a, b, "cca", train, reset_bn=True, progress=False), test)["accuracy"]
-    assert restored > 0.5 and restored > raw
+    for a, b in pairs:
+        accuracy = {"B": evaluate(b, test)["accuracy"]}
+        for label, options in (("T as it is", {"repair": False}), ("statistics", {"repair": False, "reset_bn": True}),
+                               ("repaired", {})):
+            accuracy[label] = evaluate(align_to(a, b, "cca", train, progress=False, **options), test)["accuracy"]
+        assert accuracy["T as it is"] < 0.6 < accuracy["statistics"] < accuracy["repaired"], accuracy
+        assert accuracy["repaired"] > 0.8, accuracy
+        permuted = evaluate(align_to(a, b, "permute", train, progress=False), test)["accuracy"]
+        assert permuted == pytest.approx(accuracy["B"])  # a permutation is exact: nothing to repair
 
 
 def test_ridge_candidates_estimate_batchnorm_on_a_quarter_of_the_batches(monkeypatch) -> None:

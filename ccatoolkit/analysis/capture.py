@@ -103,22 +103,38 @@ class _Trace:
             is_listed = node.target in _LISTED_FUNCTIONS if node.op == "call_function" else node.target in ACTIVATION_METHODS
             if is_listed:
                 self.listed.append((point, scope))
-        self.structure = tuple(name for name, _ in model.named_modules())
 
 
-_TRACES: weakref.WeakKeyDictionary[nn.Module, _Trace | None] = weakref.WeakKeyDictionary()
+def _trace_key(model: nn.Module) -> tuple[tuple[str, type, bool], ...]:
+    """What a model's trace depends on besides its weights: every module's name, class and ``training`` flag.
+
+    fx records ``self.training`` as the constant it was while tracing (``F.dropout(x, training=self.training)``
+    or ``if self.training:`` in a forward), so a trace taken in train mode must not serve eval mode; and a
+    module replaced by one of another class may be traced differently (a custom module's forward is inlined).
+    """
+    return tuple((name, type(module), module.training) for name, module in model.named_modules())
+
+
+# model -> {trace key: trace}: one trace per combination of train/eval flags the model was captured in
+_TRACES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[tuple[str, type, bool], ...], _Trace]] = (
+    weakref.WeakKeyDictionary())
 
 
 def _trace(model: nn.Module) -> _Trace | None:
-    """The model's :class:`_Trace` (cached while its module structure is unchanged), None when fx cannot trace it."""
-    cached = _TRACES.get(model)
-    if cached is not None and cached.structure == tuple(name for name, _ in model.named_modules()):
-        return cached
+    """The model's :class:`_Trace` in its current train/eval flags (cached while its modules are unchanged,
+    see :func:`_trace_key`), None when fx cannot trace it."""
+    key = _trace_key(model)
+    traces = _TRACES.get(model, {})
+    if key in traces:
+        return traces[key]
     try:
         trace = _Trace(model)
     except Exception:  # fx raises many kinds of errors; such a model has module points only
         return None
-    _TRACES[model] = trace
+    structure = [(name, kind) for name, kind, _ in key]
+    traces = {k: t for k, t in traces.items() if [(name, kind) for name, kind, _ in k] == structure}
+    traces[key] = trace  # traces of an older module structure are dropped
+    _TRACES[model] = traces
     return trace
 
 
@@ -232,7 +248,8 @@ def forward_hooks(
     ``point`` is a module name or ``name_k`` (call ``k`` of a module called several times per forward
     pass: calls are counted from the start of each forward pass of ``model``). Callbacks must not
     return a value (outputs are never replaced). Hooks are removed even when registering one of them
-    or the body of the ``with`` block raises.
+    or the body of the ``with`` block raises. A ``copy.deepcopy`` of the model made inside the block is
+    a plain copy: without these hooks, with the model's own forward.
     """
     resolve_layers(model, list(callbacks))
     modules = dict(model.named_modules())
@@ -246,7 +263,7 @@ def forward_hooks(
             assert where.module is not None
             by_module.setdefault(where.module, {})[where.call] = fn
     calls: dict[str, int] = {}
-    handles: list[torch.utils.hooks.RemovableHandle] = []
+    handles: list[tuple[str, torch.utils.hooks.RemovableHandle]] = []
 
     def reset(_module: nn.Module, _args: Any) -> None:
         calls.clear()
@@ -261,15 +278,80 @@ def forward_hooks(
 
         return hook
 
+    with _attached(model) as attached:
+        try:
+            handles.append(("", model.register_forward_pre_hook(reset)))
+            for name, table in by_module.items():
+                handles.append((name, modules[name].register_forward_hook(dispatch(name, table))))
+            attached.handles.extend(handles)
+            with _node_taps(model, by_node):
+                yield
+        finally:
+            for entry in handles:
+                entry[1].remove()
+                if entry in attached.handles:
+                    attached.handles.remove(entry)
+
+
+# What the open capture contexts set on a model instance (restored when the last one closes).
+_OVERRIDES = ("forward", "__deepcopy__")
+
+
+class _Attached:
+    """The capture contexts open on one model: their hooks, and a ``__deepcopy__`` that leaves them out.
+
+    ``copy.deepcopy`` would copy the hooks (and the tapped forward, :class:`_Taps`) into the copy, so the
+    copy would record into this capture and ignore a layer replaced in it. Instead the copy is made as
+    outside any capture (``copy.deepcopy`` reads ``__deepcopy__`` from the instance first).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = weakref.ref(model)
+        self.depth = 0
+        self.handles: list[tuple[str, torch.utils.hooks.RemovableHandle]] = []  # (module name, hook handle)
+        self.previous = {k: model.__dict__[k] for k in _OVERRIDES if k in model.__dict__}
+
+    def deepcopy(self, memo: dict[int, Any]) -> nn.Module:
+        """``copy.deepcopy(model)`` as outside the capture: its own forward, none of the capture's hooks."""
+        model = self.model()
+        assert model is not None  # the model holds this bound method
+        saved = {k: model.__dict__.pop(k) for k in _OVERRIDES if k in model.__dict__}
+        model.__dict__.update(self.previous)
+        try:
+            duplicate = copy.deepcopy(model, memo)
+        finally:
+            for k in _OVERRIDES:
+                model.__dict__.pop(k, None)
+            model.__dict__.update(saved)
+        copies = dict(duplicate.named_modules())
+        for name, handle in self.handles:  # the copied hook tables hold the same ids
+            module = copies.get(name)
+            if module is not None:
+                for table in (module._forward_hooks, module._forward_pre_hooks):
+                    table.pop(handle.id, None)
+        return duplicate
+
+
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, _Attached] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _attached(model: nn.Module) -> Iterator[_Attached]:
+    """The model's :class:`_Attached` for the block (nested contexts share one), its ``__deepcopy__`` set."""
+    attached = _ATTACHED.get(model)
+    if attached is None:
+        attached = _ATTACHED[model] = _Attached(model)
+        model.__dict__["__deepcopy__"] = attached.deepcopy
+    attached.depth += 1
     try:
-        handles.append(model.register_forward_pre_hook(reset))
-        for name, table in by_module.items():
-            handles.append(modules[name].register_forward_hook(dispatch(name, table)))
-        with _node_taps(model, by_node):
-            yield
+        yield attached
     finally:
-        for handle in handles:
-            handle.remove()
+        attached.depth -= 1
+        if attached.depth == 0:
+            del _ATTACHED[model]
+            for k in _OVERRIDES:
+                model.__dict__.pop(k, None)
+            model.__dict__.update(attached.previous)
 
 
 class _Tap(nn.Identity):
@@ -281,25 +363,48 @@ class _Taps:
 
     One per model while any :func:`forward_hooks` context with node points is open (contexts nest:
     the same model may be captured for two roles at once); the model's own ``forward`` is back when
-    the last one closes.
+    the last one closes. Each call runs the trace of the model's current train/eval flags (traced when
+    first needed; the taps, by fx node name, are shared), so dropout follows ``model.eval()`` as the
+    model's own forward does.
     """
 
     def __init__(self, model: nn.Module) -> None:
+        self.model = weakref.ref(model)
+        self.taps: dict[str, _Tap] = {}  # fx node name -> its tap, in the graphs of every train/eval mode
+        self.modules: dict[tuple[tuple[str, type, bool], ...], torch.fx.GraphModule] = {}
+        self.depth = 0
+        self.previous = model.__dict__.get("forward")
+        self.module_for(model)
+
+    def module_for(self, model: nn.Module) -> torch.fx.GraphModule:
+        """The tapped graph module of ``model``'s current train/eval flags (built on first use)."""
+        key = _trace_key(model)
+        module = self.modules.get(key)
+        if module is not None:
+            return module
         trace = _trace(model)
         assert trace is not None  # node points exist only for traceable models
         graph = copy.deepcopy(trace.graph)
-        self.module = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
-        self.taps: dict[str, _Tap] = {}
+        module = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
         tapped = set(trace.nodes.values())
         for i, node in enumerate([n for n in graph.nodes if n.name in tapped]):
-            tap = self.taps[node.name] = _Tap()
-            self.module.add_submodule(f"_ccatoolkit_tap{i}", tap)
+            module.add_submodule(f"_ccatoolkit_tap{i}", self.tap(node.name))
             with graph.inserting_after(node):
                 out = graph.call_module(f"_ccatoolkit_tap{i}", (node,))
             node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
-        self.module.recompile()
-        self.depth = 0
-        self.previous = model.__dict__.get("forward")
+        module.recompile()
+        self.modules[key] = module
+        return module
+
+    def tap(self, node: str) -> _Tap:
+        """The tap after fx node ``node`` (one per name, whichever mode's graph runs it)."""
+        return self.taps.setdefault(node, _Tap())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward through the tapped trace of its current train/eval flags."""
+        model = self.model()
+        assert model is not None  # the model holds this bound method
+        return self.module_for(model).forward(*args, **kwargs)
 
 
 _TAPS: weakref.WeakKeyDictionary[nn.Module, _Taps] = weakref.WeakKeyDictionary()
@@ -314,9 +419,11 @@ def _node_taps(model: nn.Module, callbacks: Mapping[str, Callable[[nn.Module, An
     taps = _TAPS.get(model)
     if taps is None:
         taps = _TAPS[model] = _Taps(model)
-        model.forward = taps.module.forward  # type: ignore[method-assign]  # restored by the last exit
+        model.forward = taps.forward  # type: ignore[method-assign]  # restored by the last exit
+    else:
+        taps.module_for(model)  # a nested capture in other train/eval flags: its nodes get their taps now
     taps.depth += 1
-    handles = [taps.taps[node].register_forward_hook(fn) for node, fn in callbacks.items()]
+    handles = [taps.tap(node).register_forward_hook(fn) for node, fn in callbacks.items()]
     try:
         yield
     finally:

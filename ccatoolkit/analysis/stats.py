@@ -33,6 +33,7 @@ from ccatoolkit._utils import (
     batch_count,
     batch_inputs,
     check_data,
+    check_max_batches,
     check_same_architecture,
     eval_mode,
     model_device,
@@ -47,6 +48,7 @@ __all__ = [
     "JointStats",
     "StatisticsCollector",
     "collect_statistics",
+    "warn_if_constant",
     "correlation_matrix",
     "canonical_correlations",
     "canonical_correlations_from_cov",
@@ -62,7 +64,7 @@ _CHUNK_ROWS = 32
 _FLUSH_SAMPLES = 1 << 17
 # A space whose running Gram would be larger than this (bytes; a joint space of about 4096 channels) has
 # none: each batch's products go into the float64 sums chunk by chunk (vgg11_bn's two 4096-wide classifier
-# spaces would otherwise hold 2 x 268 MB throughout).
+# spaces would otherwise hold two such Grams throughout).
 _LARGE_RUNNING_GRAM = 64 << 20
 
 
@@ -186,7 +188,7 @@ class JointStats:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
         bi, bj = self.block(i), self.block(j)
         m = self.sum / self.count
-        # in place on one copy of the block: a 4096-wide layer's block is 134 MB in float64
+        # in place on one copy of the block: a wide layer's float64 block is large
         out = self._gram_block(i, j).clone().addr_(m[bi], m[bj], alpha=-self.count)
         return out.div_(self.count - 1)
 
@@ -204,6 +206,13 @@ class JointStats:
         var, mean = self.var(i), self.mean(i)
         scale = mean.square() + (var.max() if var.numel() else 0.0)
         return var > VAR_RTOL * scale
+
+    def constant(self) -> bool:
+        """Whether every channel of every model is constant on the samples (blank inputs, dead layers): then the
+        statistics hold no information to match or correlate channels by. False below 2 samples (no variance)."""
+        if self.count < 2:
+            return False
+        return not any(bool(self.alive(i).any()) for i in range(self.num_models))
 
     def corr(self, i: int, j: int) -> torch.Tensor:
         """Pearson correlations between model ``i``'s and model ``j``'s channels (``sizes[i] x sizes[j]``).
@@ -300,7 +309,11 @@ def _normalise_layers(layers: Mapping[str, Sequence[str]] | Sequence[str] | str)
     else:
         spaces = {name: [name] for name in layers}
     if not spaces:
-        raise ValueError("no layers given; pass module names (see capturable_layers(model)) or {space: [names]}")
+        raise ValueError(
+            "no layers to collect statistics of (layers is empty): pass module names (see capturable_layers(model)) "
+            "or {space: [names]}. From merge or align_to this means that the model's merge graph has no hidden "
+            "space to align (merge_graph(model) is empty), so only method='average' applies"
+        )
     seen: dict[str, str] = {}
     for space, names in spaces.items():
         if not names:
@@ -481,7 +494,7 @@ class _SpaceSums:
         copying them (no further :meth:`add`); either way the running Gram is freed until the next batch.
         """
         self.flush()
-        self.g = None  # re-created by the next add(); a 4096-wide space holds 2 x 128 MB less meanwhile
+        self.g = None  # re-created by the next add(); a wide space holds much less memory meanwhile
         if self.reference is not None:
             return self._cross_result(release)
         assert self.s1 is not None and self.s2 is not None and self.shift is not None and self.sizes is not None
@@ -783,14 +796,13 @@ def collect_statistics(
     through every model, in eval mode (restored afterwards), on the first model's device. At most
     ``max_batches`` batches / ``max_samples`` inputs are used. Returns ``{space: JointStats}``.
     Input models are not changed. With fewer samples than channels (over all models) a
-    ``RuntimeWarning`` says the statistics are rank-deficient (``warn=False`` silences it).
+    ``RuntimeWarning`` says the statistics are rank-deficient, and one says so when every channel of a
+    space is constant (:func:`warn_if_constant`; ``warn=False`` silences both).
     One pass over ``data``: a generator works. ``same_architecture=False`` and ``reference`` (cross-only
     statistics): see :class:`StatisticsCollector`.
     """
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 (or None for all), got {max_batches}")
-    if max_samples is not None and max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1 (or None for all), got {max_samples}")
+    max_batches = check_max_batches(max_batches)
+    max_samples = check_max_batches(max_samples, "max_samples")
     check_data(data)
     collector = StatisticsCollector(models, layers, same_architecture=same_architecture, reference=reference)
     total = batch_count(data, max_batches)
@@ -806,7 +818,32 @@ def collect_statistics(
     if warn:
         for name, s in stats.items():
             s.warn_if_rank_deficient(space=name)
+        warn_if_constant(stats)
     return stats
+
+
+def warn_if_constant(stats: Mapping[str, JointStats], what: str = "the data") -> list[str]:
+    """Warn (``RuntimeWarning``) naming the spaces where every channel of every model is constant; returns them.
+
+    Statistics of blank images (or of one input repeated) carry no information: correlations are all 0,
+    so activation matching, CCA and ZipIt! align the channels arbitrarily, and a merge built on them is
+    worse than plain averaging without any error. ``what`` names the data in the message.
+    """
+    constant = [name for name, s in stats.items() if s.constant()]
+    if not constant:
+        return []
+    if len(constant) == len(stats):
+        where = f"in every space ({len(stats)})"
+    else:
+        where = f"in space(s) {', '.join(map(repr, constant[:5]))}{' ...' if len(constant) > 5 else ''}"
+    warnings.warn(
+        f"every channel of every model is constant on {what} {where}: the statistics carry no information, so "
+        "an alignment on them (permute, cca, zipit) is arbitrary. Pass inputs that vary, e.g. real training "
+        "batches (blank or all-equal images, or a transform that erased them, give this)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return constant
 
 
 def _layer_spec(layer: str | Sequence[str]) -> dict[str, list[str]]:

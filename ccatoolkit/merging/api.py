@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccatoolkit._utils import check_data, has_batchnorm
+from ccatoolkit._utils import check_data, check_max_batches, has_batchnorm
 from ccatoolkit.analysis.stats import JointStats
 from ccatoolkit.merging.combine import Restoration, candidate_builder, merged_model, repair_targets_for, restoration
 from ccatoolkit.merging.ensembling import Ensemble, ensemble
@@ -29,6 +29,7 @@ from ccatoolkit.merging.prepare import Prepared, check_models, check_ridge, firs
 from ccatoolkit.merging.prepare import identical, require_data, traced_graph
 from ccatoolkit.merging.ridge import DEFAULT_RIDGE, RIDGE_GRID, RIDGE_RULES, RidgeChoice, check_ridge_setting
 from ccatoolkit.merging.ridge import choose_ridge, problem_solver
+from ccatoolkit.merging.refit import refit_input_maps
 from ccatoolkit.merging.statistics import merge_statistics, warn_if_unreliable
 from ccatoolkit.merging.transform import apply_transforms
 
@@ -121,6 +122,7 @@ def merge(
     entry = get_method(method)
     entry.check_options(options)
     models = check_models(models)
+    max_batches = check_max_batches(max_batches)
     ridge, grid = check_ridge_setting(ridge, ridge_grid, ridge_rule)
     clock = PhaseClock()
     prepared = prepare(entry, models, data, reference=reference, val_data=val_data, max_batches=max_batches,
@@ -183,6 +185,7 @@ class RidgeSweep:
             raise ValueError(f"a ridge sweep needs a CCA method ({ridged}), got {method!r}")
         entry.check_options(options)
         models = check_models(models)
+        max_batches = check_max_batches(max_batches)
         if data is not None:  # read once: REPAIR's passes at every ridge reuse the batches
             check_data(data, "data", reiterable=True)
             data = first_batches(data, max_batches)
@@ -235,6 +238,7 @@ def alignment_transforms(
         raise ValueError("alignment_transforms needs a numeric ridge; ridge='auto' is available in merge()")
     ridge = check_ridge(ridge)
     models = check_models([reference, model])
+    max_batches = check_max_batches(max_batches)
     if data is not None:
         check_data(data)
         data = first_batches(data, max_batches) if max_batches is not None else data
@@ -258,6 +262,7 @@ def align_to(
     method: str = "cca",
     data: Iterable[Any] | None = None,
     *,
+    repair: bool | None = None,
     reset_bn: bool = False,
     ridge: float = DEFAULT_RIDGE,
     max_batches: int | None = None,
@@ -267,19 +272,21 @@ def align_to(
 ) -> nn.Module:
     """``model`` aligned into ``reference``'s space (a new model; the inputs are not modified).
 
-    Permutations keep the function exactly; CCA maps the features with a general linear transform
-    (approximate through ReLUs). On BatchNorm networks a CCA map is applied with each BatchNorm folded
-    into the layer before it (exact, see :mod:`ccatoolkit.merging.folding`); the aligned model then
-    has neutral BatchNorm layers. ``reset_bn=True`` gives them statistics again: re-estimated on
-    ``data`` for permutations, and for CCA set to the model's own channel mean and std as seen
-    through the transform (so the aligned model's layers keep the scale they had).
-
-    ``data`` may be a one-shot iterator unless ``reset_bn`` needs a second pass over it.
+    Permutations keep the function exactly. A map that mixes channels (cca, cca_multiview) does not:
+    ``ReLU(T y)`` is not ``T ReLU(y)``. So by default (``repair=None``: on for those methods) the aligned
+    model is repaired through the map: each space's input map is refitted by least squares in forward
+    order (:mod:`ccatoolkit.merging.refit`), then every pre-activation channel gets ``model``'s own mean
+    and std seen through ``T`` (BatchNorm layers, folded first, set to them; REPAIR's passes elsewhere).
+    ``repair=False`` applies ``T`` and its inverse as they are. ``reset_bn=True`` (permutations) re-estimates
+    BatchNorm statistics on ``data``. ``data`` may be a one-shot iterator when it is read once.
     """
     entry = aligning_method(method)
     check_models([reference, model])
+    max_batches = check_max_batches(max_batches)
+    repair = entry.mixes_channels if repair is None else bool(repair)
     if data is not None:
-        check_data(data, reiterable=reset_bn and has_batchnorm(model) and bool(entry.statistics))
+        passes = repair or (reset_bn and has_batchnorm(model) and bool(entry.statistics))
+        check_data(data, reiterable=passes)
         data = first_batches(data, max_batches) if max_batches is not None else data
     graph, data = traced_graph(reference, graph, data)
     transforms = alignment_transforms(
@@ -288,7 +295,16 @@ def align_to(
     )
     folded = folding(entry, model, graph)
     source = fold_batchnorm(model, folded) if folded else model
-    aligned = apply_transforms(source, folded_graph(graph, folded) if folded else graph, transforms)
+    transform_graph = folded_graph(graph, folded) if folded else graph
+    if repair:  # a one-model "merge": refitted maps, then the model's own statistics restored through them
+        require_data(data, entry.name, "repairing the aligned model (or pass repair=False)")
+        transforms = refit_input_maps(model, source, transform_graph, transforms, data, max_batches,
+                                      progress=progress)
+        prepared = Prepared(entry, [model], 0, graph, data, max_batches, folded, [source], transform_graph)
+        plan = restoration(prepared, reset_bn=True, repair=True, passes=None)
+        targets = RepairTargets([model], graph, data, max_batches)([transforms])
+        return merged_model(prepared, [transforms], plan, targets, progress=progress)
+    aligned = apply_transforms(source, transform_graph, transforms)
     if not (reset_bn and has_batchnorm(aligned)):
         return aligned
     require_data(data, entry.name, "the BatchNorm reset")

@@ -26,6 +26,7 @@ from ccatoolkit._utils import (
     batch_inputs,
     check_data,
     check_finite_parameters,
+    check_max_batches,
     eval_mode,
     progress_bar,
     to_model,
@@ -41,8 +42,7 @@ __all__ = [
 
 
 def _batches(data: Iterable[Any], max_batches: int | None, progress: bool, desc: str) -> Iterator[torch.Tensor]:
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 (or None for all), got {max_batches}")
+    max_batches = check_max_batches(max_batches)
     check_data(data)
     total = batch_count(data, max_batches)
     it: Iterable[Any] = data

@@ -24,6 +24,7 @@ from ccatoolkit._utils import (
     batch_inputs,
     check_data,
     check_finite_parameters,
+    check_max_batches,
     check_same_architecture,
     has_batchnorm,
     peek_first,
@@ -77,9 +78,7 @@ def require_data(data: Any, method: str, what: str = "activation statistics") ->
 
 def first_batches(data: Iterable[Any], max_batches: int | None) -> list[Any]:
     """The first ``max_batches`` batches of ``data`` (all when None), read once into a list."""
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 (or None for all), got {max_batches}")
-    return list(itertools.islice(iter(data), max_batches))
+    return list(itertools.islice(iter(data), check_max_batches(max_batches)))
 
 
 def _fixed_batches(data: Iterable[Any] | None, max_batches: int | None) -> Iterable[Any] | None:
@@ -175,6 +174,10 @@ def prepare(
     if method.statistics:
         require_data(data, method.name)
     graph, data = traced_graph(models[ref], graph, data)
+    if not graph.spaces and method.name != "average":
+        raise ValueError(f"the merge graph of {type(models[ref]).__name__} has no hidden space to align, so method "
+                         f"{method.name!r} has nothing to do: use method='average' (or pass graph=MergeGraph.from_spec"
+                         "(...) naming the spaces)")
     folded = folding(method, models[ref], graph)
     sources = [fold_batchnorm(m, folded, share_unchanged=True) for m in models] if folded else list(models)
     transform_graph = folded_graph(graph, folded) if folded else graph

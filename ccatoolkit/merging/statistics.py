@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ccatoolkit.analysis.linalg import condition_number
-from ccatoolkit.analysis.stats import JointStats, collect_statistics
+from ccatoolkit.analysis.stats import JointStats, collect_statistics, warn_if_constant
 from ccatoolkit.merging.graph import MergeGraph
 
 __all__ = ["merge_statistics", "warn_if_unreliable"]
@@ -37,7 +37,9 @@ def merge_statistics(
 
 def warn_if_unreliable(stats: dict[str, JointStats], method: str, ridge: float | None) -> None:
     """Warn when the statistics cannot support the transforms: fewer samples than channels, or (CCA with a
-    ridge below ``SMALL_RIDGE``) a covariance of live channels that is ill-conditioned."""
+    ridge below ``SMALL_RIDGE``) a covariance of live channels that is ill-conditioned; and when every
+    channel is constant (blank inputs: the statistics carry no information, any alignment is arbitrary)."""
+    warn_if_constant(stats, "the merge data")
     for name, st in stats.items():
         st.warn_if_rank_deficient(ridge, space=name)
     if ridge is None or ridge >= SMALL_RIDGE:

@@ -29,12 +29,15 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
+from torch import nn
 
 __all__ = [
     "CacheError", "cache_dir", "key_digest", "cache_path", "writable_cache_path", "atomic_save", "load_or_create",
+    "state_digest", "describe_data",
 ]
 
 _FORMAT = "ccatoolkit-cache-v2"
@@ -206,7 +209,8 @@ def load_or_create(
     :func:`writable_cache_path`).
 
     Raises :class:`CacheError` naming the file when it is damaged (checksum mismatch), not a cache
-    file, stored for another key, or rejected by ``validate``.
+    file, stored for another key, or rejected by ``validate``. When the result cannot be written (a
+    full disk), it is returned all the same, with a ``RuntimeWarning`` saying it was not cached and why.
     """
     key_json = _canonical_json(key)
     path = writable_cache_path(kind, key, cache_dir)
@@ -224,7 +228,72 @@ def load_or_create(
     entry = dict(format=_FORMAT, kind=kind, key=key_json, sha256=hashlib.sha256(data).hexdigest(), payload=blob)
     try:
         atomic_save(entry, path)
-    except OSError as err:  # e.g. the disk filled up during create(): keep the result, say it was not cached
-        warnings.warn(f"could not write the cache file {path} ({type(err).__name__}: {err}); the result is "
-                      "returned but not cached", RuntimeWarning, stacklevel=2)
+    except (OSError, RuntimeError) as err:
+        # The disk filled up (ENOSPC, or EFBIG past a file-size limit) or went away during create(): torch.save
+        # reports it as an OSError or as a RuntimeError from its zip writer ("unexpected pos", "failed writing
+        # file"). The bytes were already serialised and checked above, so nothing else fails here; atomic_save
+        # removed its temporary file. Keep the finished result and say it was not cached, and why.
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        warnings.warn(f"could not write the cache file {path} ({type(err).__name__}: {reason}; is the disk full?); "
+                      f"the result ({len(data) / 2**20:.1f} MiB) is returned but not cached", RuntimeWarning,
+                      stacklevel=2)
     return value
+
+
+# --------------------------------------------------------------------------- digests for cache keys
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes): a cache key's part for its weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _tensor_digest(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    t = torch.as_tensor(t).detach().cpu().contiguous()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _dataset_digest(h: "hashlib._Hash", dataset: Any) -> bool:
+    """Digest a dataset's in-memory tensors (TensorDataset, ccatoolkit ImageDataset, torchvision, Subset).
+
+    Returns False (nothing digested) for a dataset whose tensors it cannot reach.
+    """
+    if hasattr(dataset, "dataset") and hasattr(dataset, "indices"):  # a Subset
+        _tensor_digest(h, torch.as_tensor(np.asarray(dataset.indices, dtype=np.int64)))
+        return _dataset_digest(h, dataset.dataset)
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is None:
+        for first, second in (("images", "targets"), ("data", "targets")):
+            if hasattr(dataset, first) and hasattr(dataset, second):
+                tensors = (getattr(dataset, first), getattr(dataset, second))
+                break
+    if tensors is None:
+        return False
+    h.update(f"{type(dataset).__name__}|{len(dataset)}|augment={getattr(dataset, 'augment', None)}|".encode())
+    for attr in ("mean", "std"):
+        if isinstance(getattr(dataset, attr, None), torch.Tensor):
+            _tensor_digest(h, getattr(dataset, attr))
+    for t in tensors:
+        _tensor_digest(h, torch.as_tensor(np.asarray(t)) if not isinstance(t, torch.Tensor) else t)
+    return True
+
+
+def describe_data(data: Iterable[Any]) -> str:
+    """A digest of a data set for cache keys: the dataset's tensors where reachable, else its batches' bytes."""
+    h = hashlib.sha256()
+    dataset = getattr(data, "dataset", None)
+    if dataset is not None:
+        h.update(f"loader|batch_size={getattr(data, 'batch_size', None)}|".encode())
+        if _dataset_digest(h, dataset):
+            return h.hexdigest()
+    for batch in data:  # a plain iterable (e.g. a list of batches)
+        for t in batch if isinstance(batch, (tuple, list)) else (batch,):
+            _tensor_digest(h, t)
+    return h.hexdigest()

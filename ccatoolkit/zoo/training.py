@@ -23,7 +23,10 @@ from ccatoolkit._utils import (
     batch_targets,
     check_class_targets,
     check_data,
+    check_logits,
+    class_targets,
     eval_mode,
+    input_dtype_advice,
     model_device,
     progress_bar,
     resolve_device,
@@ -105,66 +108,92 @@ def train(
         raise ValueError(f"unknown schedule {schedule!r}; valid schedules are: {', '.join(SCHEDULES)}")
     dev = resolve_device(device)
     lr = default_lr(model) if lr is None else float(lr)
-    check_data(data)
-    torch.manual_seed(int(seed))
-    _reseed(data, seed)
-    if not isinstance(data, DataLoader) and not hasattr(data, "__len__"):
-        data = list(data)  # a one-shot iterator: keep its batches for every epoch
-    steps_per_epoch = len(data)  # type: ignore[arg-type]
-    if steps_per_epoch == 0:
-        raise ValueError("cannot train on empty data (no batches)")
+    data, steps_per_epoch = _epoch_data(data, seed)
     total = epochs * steps_per_epoch
-
     model.to(dev)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov and momentum > 0
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, s, total))
-    non_blocking = dev.type == "cuda"
 
     was_training = model.training
     model.train()
-    step = 0
     try:
         epoch_bar = progress_bar(range(epochs), progress, desc="train", unit="epoch")
         for epoch in epoch_bar:
-            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-            correct = torch.zeros((), dtype=torch.int64, device=dev)
-            seen = 0
-            batch_bar = progress_bar(data, progress, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-                                     total=steps_per_epoch)
-            for i, batch in enumerate(batch_bar):
-                x = to_model(batch_inputs(batch), model, non_blocking=non_blocking)
-                y = torch.as_tensor(batch_targets(batch)).to(dev, non_blocking=non_blocking)
-                if adversarial is not None:
-                    x = adversarial.perturb(model, x, y)
-                logits = model(x)
-                if epoch == 0:  # the same labels come back every epoch: check them once (a device sync)
-                    check_class_targets(y, logits)
-                loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                with torch.no_grad():
-                    loss_sum += loss.detach().double() * y.shape[0]
-                    correct += (logits.argmax(1) == y).sum()
-                seen += int(y.shape[0])
-                if progress and (i % 20 == 0 or i == steps_per_epoch - 1):
-                    batch_bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}")
-            batch_bar.close()
-            epoch_loss = loss_sum.item() / max(seen, 1)
+            epoch_loss, epoch_accuracy = _train_epoch(model, data, steps_per_epoch, dev, optimizer, scheduler,
+                                                      label_smoothing, adversarial, check_targets=epoch == 0,
+                                                      progress=progress, desc=f"epoch {epoch + 1}/{epochs}")
             if not math.isfinite(epoch_loss):
-                raise RuntimeError(
-                    f"training diverged: the loss is {epoch_loss} in epoch {epoch + 1}; lower the learning rate "
-                    f"(lr={lr})"
-                )
-            epoch_bar.set_postfix(loss=f"{epoch_loss:.4f}", acc=f"{correct.item() / max(seen, 1):.3f}")
+                raise RuntimeError(f"training diverged: the loss is {epoch_loss} in epoch {epoch + 1}; "
+                                   f"lower the learning rate (lr={lr})")
+            epoch_bar.set_postfix(loss=f"{epoch_loss:.4f}", acc=f"{epoch_accuracy:.3f}")
         epoch_bar.close()
     finally:
         model.train(was_training)
     return model
+
+
+def _epoch_data(data: Iterable[Any], seed: int) -> tuple[Iterable[Any], int]:
+    """``data`` ready to be read once per epoch (a one-shot iterator's batches kept in a list) and its batch count.
+
+    Seeds torch and a DataLoader's shuffling with ``seed``, so the run repeats.
+    """
+    check_data(data)
+    torch.manual_seed(int(seed))
+    _reseed(data, seed)
+    if not isinstance(data, DataLoader) and not hasattr(data, "__len__"):
+        data = list(data)  # a one-shot iterator: keep its batches for every epoch
+    steps = len(data)  # type: ignore[arg-type]
+    if steps == 0:
+        raise ValueError("cannot train on empty data (no batches)")
+    return data, steps
+
+
+def _train_epoch(
+    model: nn.Module,
+    data: Iterable[Any],
+    steps: int,
+    dev: torch.device,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    label_smoothing: float,
+    adversarial: PGD | None,
+    check_targets: bool,
+    progress: bool,
+    desc: str,
+) -> tuple[float, float]:
+    """One pass of SGD steps over the ``steps`` batches of ``data`` on device ``dev``, under a progress bar ``desc``.
+
+    Returns the epoch's mean loss and accuracy (on the adversarial examples with ``adversarial``).
+    ``check_targets``: check the labels (a device sync; the same labels come back every epoch).
+    """
+    non_blocking = dev.type == "cuda"
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    seen = 0
+    batch_bar = progress_bar(data, progress, desc=desc, unit="batch", leave=False, total=steps)
+    for i, batch in enumerate(batch_bar):
+        x = to_model(batch_inputs(batch), model, non_blocking=non_blocking)
+        y = torch.as_tensor(batch_targets(batch)).to(dev, non_blocking=non_blocking)
+        if adversarial is not None:
+            x = adversarial.perturb(model, x, y)
+        logits = model(x)
+        if check_targets:
+            check_class_targets(y, logits)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            loss_sum += loss.detach().double() * y.shape[0]
+            correct += (logits.argmax(1) == y).sum()
+        seen += int(y.shape[0])
+        if progress and (i % 20 == 0 or i == steps - 1):
+            batch_bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}")
+    batch_bar.close()
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 
 @torch.no_grad()
@@ -180,7 +209,9 @@ def predict(
     ``data`` is a DataLoader or any iterable of ``(inputs, targets)`` batches. Runs without
     gradients on the model's own device (or on ``device``, using a copy of the model if it lives
     elsewhere); every submodule's train/eval flag is restored afterwards. Targets must be integer
-    class indices below the model's number of outputs (checked, with a clear error).
+    class indices below the model's number of outputs (checked, with a clear error; a column ``(N, 1)``
+    is read as the vector it holds). The model must return a tensor of logits; integer inputs (uint8
+    images) that it cannot take are refused naming the conversion.
     ``attack``: evaluate on the attack's adversarial examples instead (robust predictions and loss;
     the random start is seeded by ``attack.seed``, so the numbers repeat).
     """
@@ -197,8 +228,8 @@ def predict(
             y = torch.as_tensor(batch_targets(batch)).to(dev)
             if attack is not None:
                 x = attack.perturb(model, x, y, generator=generator)
-            logits = model(x)
-            check_class_targets(y, logits)
+            logits = check_logits(_forward(model, x), model)
+            y = class_targets(y, logits)
             loss_sum += F.cross_entropy(logits.double(), y, reduction="sum")
             targets.append(y.cpu())
             predictions.append(logits.argmax(1).cpu())
@@ -206,6 +237,18 @@ def predict(
     if n == 0:
         raise ValueError("cannot evaluate on empty data (no samples)")
     return torch.cat(targets).numpy(), torch.cat(predictions).numpy(), loss_sum.item() / n
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> Any:
+    """``model(x)``; a failure on integer inputs (uint8 images) is re-raised as a ``TypeError`` naming the conversion."""
+    try:
+        return model(x)
+    except (RuntimeError, TypeError) as err:
+        advice = input_dtype_advice(x, model)
+        if advice is None:
+            raise
+        raise TypeError(f"{type(model).__name__} cannot run on these inputs ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}): {advice}") from err
 
 
 def evaluate(

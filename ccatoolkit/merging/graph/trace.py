@@ -300,7 +300,7 @@ class _Builder:
         target = getattr(node.target, "__name__", str(node.target))
         return f"function {target}() at node {node.name!r}"
 
-    def opaque(self, node: torch.fx.Node, reason: str = "") -> _Feat | None:
+    def unhandled(self, node: torch.fx.Node, reason: str = "") -> _Feat | None:
         """An operation the graph does not understand: fine on fixed spaces only (checked at the end)."""
         args = self.tensor_args(node)
         if args:
@@ -310,7 +310,8 @@ class _Builder:
             return None
         return _Feat(self.new_space(fixed=True), 1, self.ndim(node))
 
-    def same(self, feat: _Feat, node: torch.fx.Node) -> _Feat:
+    def keep_space(self, feat: _Feat, node: torch.fx.Node) -> _Feat:
+        """The output of an operation that keeps its input's channels (an activation, a pooling, ...)."""
         return replace(feat, ndim=self.ndim(node) if self.has_shapes else feat.ndim)
 
     def channel_first_ok(self, feat: _Feat) -> bool:
@@ -335,24 +336,25 @@ class _Builder:
                 for space in feat.spaces():
                     self.spaces.union(space, self.input_space)
         else:  # pragma: no cover - fx has no other ops
-            self.feats[node] = self.opaque(node)
+            self.feats[node] = self.unhandled(node)
 
     def first_feat(self, node: torch.fx.Node) -> _Feat | None:
         if not node.args or not isinstance(node.args[0], torch.fx.Node):
             return None
         return self.feats.get(node.args[0])
 
+    # One dispatch over module types, a branch per rule: the rules read best side by side.
     def visit_module(self, node: torch.fx.Node) -> _Feat | None:
         name = str(node.target)
         mod = self.modules[name]
         x = self.first_feat(node)
         if x is None or len(self.tensor_args(node)) != 1:
-            return self.opaque(node)
+            return self.unhandled(node)
         if x.parts:
             return self.concat_module(node, name, mod, x)
         if isinstance(mod, nn.Linear):
             if x.ndim is not None and x.ndim > 2 and x.chdim == 1 and not self.spaces.is_fixed(x.space):
-                return self.opaque(node, "a Linear applied to the last axis of a conv feature map")
+                return self.unhandled(node, "a Linear applied to the last axis of a conv feature map")
             if not (x.ndim is not None and x.ndim > 2 and x.chdim == 1):  # a fixed input's columns need no ref
                 last_axis_of = self.producer_of(x.space) if x.block is None and x.chdim == -1 else ""
                 self.inputs.setdefault(x.space, []).append(
@@ -365,25 +367,25 @@ class _Builder:
             # depthwise: each channel has its own filter, so the channels stay one space; permuting them
             # permutes the filters (weight rows, bias), but a map that mixes channels cannot pass
             if not self.channel_first_ok(x):
-                return self.opaque(node, "a depthwise convolution of flattened features")
+                return self.unhandled(node, "a depthwise convolution of flattened features")
             refs = [ParamRef(f"{name}.weight", 0)] + ([ParamRef(f"{name}.bias", 0)] if mod.bias is not None else [])
             self.outputs.setdefault(x.space, []).extend(refs)
             self.spaces.restrict(x.space, f"depthwise convolution {name!r}")
             self.producers.append(_Site(x.space, name, self.index))
-            return self.same(x, node)
+            return self.keep_space(x, node)
         if isinstance(mod, _CONVS) and mod.groups != 1:
             return self.grouped_conv(node, name, mod, x)
         if isinstance(mod, _CONVS + _CONV_TRANSPOSES):
             if mod.groups != 1:
-                return self.opaque(node, f"grouped transposed convolution (groups={mod.groups})")
+                return self.unhandled(node, f"grouped transposed convolution (groups={mod.groups})")
             if not self.channel_first_ok(x):
-                return self.opaque(node, "a convolution of flattened features")
+                return self.unhandled(node, "a convolution of flattened features")
             in_axis, out_axis = (0, 1) if isinstance(mod, _CONV_TRANSPOSES) else (1, 0)
             self.inputs.setdefault(x.space, []).append(_PendingInput(f"{name}.weight", in_axis, 1, name))
             return self.produce(node, name, mod, chdim=1, out_axis=out_axis)
         if isinstance(mod, _BATCHNORMS):
             if not self.channel_first_ok(x):
-                return self.opaque(node, "BatchNorm of flattened features")
+                return self.unhandled(node, "BatchNorm of flattened features")
             refs = []
             if mod.affine:
                 refs += [ParamRef(f"{name}.weight", 0), ParamRef(f"{name}.bias", 0)]
@@ -391,23 +393,23 @@ class _Builder:
                 refs += [ParamRef(f"{name}.running_mean", 0), ParamRef(f"{name}.running_var", 0)]
             self.outputs.setdefault(x.space, []).extend(refs)
             self.producers.append(_Site(x.space, name, self.index))
-            return self.same(x, node)
+            return self.keep_space(x, node)
         if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
             return self.channel_norm(node, name, mod, x)
         if isinstance(mod, _ACTIVATIONS) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1):
             self.activations.append(_Site(x.space, capture_point(name, self.calls[name] - 1), self.index))
-            return self.same(x, node)
+            return self.keep_space(x, node)
         if isinstance(mod, _PASSTHROUGH):
-            return self.same(x, node)
+            return self.keep_space(x, node)
         if isinstance(mod, _POOLS):
             if not self.channel_first_ok(x):
-                return self.opaque(node, "pooling over flattened or channel-last features")
-            return self.same(x, node)
+                return self.unhandled(node, "pooling over flattened or channel-last features")
+            return self.keep_space(x, node)
         if isinstance(mod, nn.Flatten):
             return self.flatten(node, x, mod.start_dim, mod.end_dim)
         if isinstance(mod, nn.Unflatten):
-            return self.opaque(node)
-        return self.opaque(node)
+            return self.unhandled(node)
+        return self.unhandled(node)
 
     def grouped_conv(self, node: torch.fx.Node, name: str, mod: nn.Module, x: _Feat) -> _Feat | None:
         """A grouped convolution (not depthwise): output group g reads input group g only.
@@ -420,7 +422,7 @@ class _Builder:
         and activation matching searches those moves (``match_linked_groups``).
         """
         if not self.channel_first_ok(x):
-            return self.opaque(node, "a grouped convolution of flattened features")
+            return self.unhandled(node, "a grouped convolution of flattened features")
         reason = f"grouped convolution {name!r} ({mod.groups} groups): permutations that keep its groups whole"
         self.inputs.setdefault(x.space, []).append(_PendingInput(f"{name}.weight", 1, 1, name, groups=mod.groups))
         self.spaces.keep_groups(x.space, mod.in_channels // mod.groups, reason)
@@ -440,15 +442,15 @@ class _Builder:
         if isinstance(mod, nn.LayerNorm):
             channels_last = x.chdim == -1 or x.ndim == 2
             if len(mod.normalized_shape) != 1 or not channels_last or x.block != 1:
-                return self.opaque(node, "a LayerNorm that normalises more than the channel axis")
+                return self.unhandled(node, "a LayerNorm that normalises more than the channel axis")
         elif mod.num_groups != 1 or not self.channel_first_ok(x):
-            return self.opaque(node, f"a GroupNorm with {mod.num_groups} groups (permutations would have to keep "
+            return self.unhandled(node, f"a GroupNorm with {mod.num_groups} groups (permutations would have to keep "
                                      "each group together)")
         refs = [ParamRef(f"{name}.{p}", 0) for p in ("weight", "bias") if getattr(mod, p, None) is not None]
         self.outputs.setdefault(x.space, []).extend(refs)
         self.spaces.restrict(x.space, f"{type(mod).__name__} {name!r}")
         self.producers.append(_Site(x.space, name, self.index))
-        return self.same(x, node)
+        return self.keep_space(x, node)
 
     def producer_of(self, space: int) -> str:
         """The layer whose weight rows make ``space`` (for messages)."""
@@ -468,24 +470,25 @@ class _Builder:
         nd = x.ndim
         if nd is None:  # no shapes: assume a flatten of (N, C, ...) and resolve the block later
             if start != 1 or end != -1:
-                return self.opaque(node, f"flatten(start_dim={start}, end_dim={end}) without shape information")
+                return self.unhandled(node, f"flatten(start_dim={start}, end_dim={end}) without shape information")
             # a Linear's outputs (channels last) flatten channel-major only when 2-D: resolve() checks
             return _Feat(x.space, None, None, -1 if x.chdim == -1 and x.block == 1 else 1)
         start, end = start % nd, end % nd
         if start >= end:  # nothing to flatten
-            return self.same(x, node)
+            return self.keep_space(x, node)
         if start == 1 and end == nd - 1:
             if x.chdim == -1 and nd > 2:
-                return self.opaque(node, "flattening channel-last features")
+                return self.unhandled(node, "flattening channel-last features")
             in_shape = self.shape(node.args[0])
             spatial = math.prod(in_shape[2:]) if in_shape is not None else None
             if spatial is None or x.block is None:
                 return replace(x, block=None, ndim=2, chdim=1)
             return replace(x, block=x.block * spatial, ndim=2, chdim=1)
         if x.chdim == 1 and start >= 2 and x.block == 1:  # spatial dims only: channels stay on dim 1
-            return self.same(x, node)
-        return self.opaque(node, f"flatten(start_dim={start}, end_dim={end}) mixes the channel axis")
+            return self.keep_space(x, node)
+        return self.unhandled(node, f"flatten(start_dim={start}, end_dim={end}) mixes the channel axis")
 
+    # One dispatch over functions and methods, a branch per rule: the rules read best side by side.
     def visit_function(self, node: torch.fx.Node) -> _Feat | None:
         target = node.target
         feats = self.tensor_args(node)
@@ -502,11 +505,11 @@ class _Builder:
         if target is operator.getitem and x is not None and self.is_non_tensor(node.args[0]):
             return None
         if x is None:
-            return self.opaque(node)
+            return self.unhandled(node)
         if any(f.parts for f in feats) and not (
             len(feats) == 1 and (target in _CONCAT_SAFE_FUNCTIONS or (is_method and target in _CONCAT_SAFE_METHODS))
         ):
-            return self.opaque(node, "an operation on concatenated channels other than an activation, pooling, "
+            return self.unhandled(node, "an operation on concatenated channels other than an activation, pooling, "
                                      "dropout or flatten")
         if target in _ADDS or (is_method and target in ("add", "add_", "sub", "sub_")):
             if len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], torch.fx.Node):
@@ -515,71 +518,71 @@ class _Builder:
                     other.chdim == x.chdim or 2 in (x.ndim, other.ndim) or None in (x.ndim, other.ndim)
                 ):
                     self.spaces.union(x.space, other.space)
-                    return self.same(x, node)
-            return self.opaque(node, "an addition or subtraction that is not of two tensors of the same space layout")
+                    return self.keep_space(x, node)
+            return self.unhandled(node, "an addition or subtraction that is not of two tensors of the same space layout")
         if target in _SCALES or (is_method and target in ("mul", "mul_", "div", "div_")):
             if len(feats) == 1 and len(node.args) == 2 and isinstance(node.args[1], (int, float)):
-                return self.same(x, node)
+                return self.keep_space(x, node)
             if target in (operator.mul, torch.mul) and len(feats) == 1 and isinstance(node.args[0], (int, float)):
-                return self.same(self.feats[node.args[1]], node)  # type: ignore[index]
+                return self.keep_space(self.feats[node.args[1]], node)  # type: ignore[index]
             # a one-element tensor (a learned temperature, logits / t) scales every channel alike: keeps the space
             if len(feats) == 2 and len(node.args) == 2 and not node.kwargs and self.is_scalar(node.args[1]):
-                return self.same(x, node)
+                return self.keep_space(x, node)
             if target in (operator.mul, torch.mul) and len(feats) == 2 and len(node.args) == 2 and self.is_scalar(
                     node.args[0]) and isinstance(node.args[1], torch.fx.Node) and self.feats.get(node.args[1]):
-                return self.same(self.feats[node.args[1]], node)  # type: ignore[arg-type]
-            return self.opaque(node, "a product with a tensor (only scaling by a number or a one-element tensor "
+                return self.keep_space(self.feats[node.args[1]], node)  # type: ignore[arg-type]
+            return self.unhandled(node, "a product with a tensor (only scaling by a number or a one-element tensor "
                                      "keeps the space)")
         if len(feats) != 1:
-            return self.opaque(node)
+            return self.unhandled(node)
         if target in FUNCTIONAL_ACTIVATIONS or (is_method and target in ACTIVATION_METHODS):
             point = self.node_points.get(node.name)
             if x.parts:  # concatenated channels: each segment is captured at its own producer or activation
-                return self.same(x, node)
+                return self.keep_space(x, node)
             if point is None:  # pragma: no cover - the trace that names node points is the same trace
                 self.functional_nonlin.append((x.space, self.describe(node)))
             else:
                 self.activations.append(_Site(x.space, point, self.index))
-            return self.same(x, node)
+            return self.keep_space(x, node)
         if target in _FUNCTIONAL_PASSTHROUGH or (is_method and target in _PASSTHROUGH_METHODS):
-            return self.same(x, node)
+            return self.keep_space(x, node)
         if target in _FUNCTIONAL_POOLS:
             if not self.channel_first_ok(x):
-                return self.opaque(node, "pooling over flattened or channel-last features")
-            return self.same(x, node)
+                return self.unhandled(node, "pooling over flattened or channel-last features")
+            return self.keep_space(x, node)
         if target is torch.flatten or (is_method and target == "flatten"):
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             if not isinstance(start, int) or not isinstance(end, int):
-                return self.opaque(node)
+                return self.unhandled(node)
             return self.flatten(node, x, start, end)
         if is_method and target in ("view", "reshape") or target is torch.reshape:
             return self.reshape(node, x)
         if target in (torch.mean, torch.sum, torch.amax) or (is_method and target in ("mean", "sum", "amax")):
             return self.reduce(node, x)
-        return self.opaque(node)
+        return self.unhandled(node)
 
     def reshape(self, node: torch.fx.Node, x: _Feat) -> _Feat | None:
         src, dst = self.shape(node.args[0]), self.shape(node)
         if src is None or dst is None:
-            return self.flatten(node, x, 1, -1) if not self.has_shapes else self.opaque(node)
+            return self.flatten(node, x, 1, -1) if not self.has_shapes else self.unhandled(node)
         if src == dst:
-            return self.same(x, node)
+            return self.keep_space(x, node)
         if len(src) >= 2 and len(dst) == 2 and dst[0] == src[0] and dst[1] == math.prod(src[1:]):
             return self.flatten(node, x, 1, -1)
-        return self.opaque(node, f"a reshape from {src} to {dst} that is not a flatten of (N, C, ...)")
+        return self.unhandled(node, f"a reshape from {src} to {dst} that is not a flatten of (N, C, ...)")
 
     def reduce(self, node: torch.fx.Node, x: _Feat) -> _Feat | None:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         if isinstance(dims, int):
             dims = (dims,)
         if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims) or x.block != 1:
-            return self.opaque(node, "a reduction that may include the channel axis")
+            return self.unhandled(node, "a reduction that may include the channel axis")
         nd = x.ndim
         if x.chdim != 1 or (nd is None and any(d < 2 for d in dims)):
-            return self.opaque(node, "a reduction that may include the channel axis")
+            return self.unhandled(node, "a reduction that may include the channel axis")
         if nd is not None and any(d % nd in (0, 1) for d in dims):
-            return self.opaque(node, "a reduction over the batch or channel axis")
+            return self.unhandled(node, "a reduction over the batch or channel axis")
         return replace(x, block=1, ndim=self.ndim(node), chdim=1)
 
     # concatenation ------------------------------------------------------------------------
@@ -595,20 +598,20 @@ class _Builder:
         if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or not all(
             isinstance(t, torch.fx.Node) and self.feats.get(t) is not None for t in tensors
         ):
-            return self.opaque(node, "a concatenation of tensors the graph cannot follow")
+            return self.unhandled(node, "a concatenation of tensors the graph cannot follow")
         nd = self.ndim(node)
         shapes = [self.shape(t) for t in tensors]
         if nd is None or any(shape is None for shape in shapes):
-            return self.opaque(node, "a concatenation without shape information: pass example_input to merge_graph")
+            return self.unhandled(node, "a concatenation without shape information: pass example_input to merge_graph")
         feats = [self.feats[t] for t in tensors]
         if dim % nd != 1:
             if len({space for f in feats for space in f.spaces()}) == 1:  # along batch/space: one channel space
-                return self.same(feats[0], node)
-            return self.opaque(node, f"a concatenation along dim {dim}, not the channel axis, of different spaces")
+                return self.keep_space(feats[0], node)
+            return self.unhandled(node, f"a concatenation along dim {dim}, not the channel axis, of different spaces")
         parts: list[tuple[int, int]] = []
         for feat, shape in zip(feats, shapes):
             if feat.block != 1 or (nd > 2 and feat.chdim != 1):
-                return self.opaque(node, "a concatenation of flattened or channel-last features")
+                return self.unhandled(node, "a concatenation of flattened or channel-last features")
             parts.extend(feat.parts or [(feat.space, int(shape[1]))])  # type: ignore[index]
         if len(parts) == 1:
             return _Feat(parts[0][0], 1, nd, 1)
@@ -635,12 +638,12 @@ class _Builder:
         if isinstance(mod, (nn.Linear, *_CONVS, *_CONV_TRANSPOSES)):
             if isinstance(mod, nn.Linear):
                 if x.ndim is not None and x.ndim > 2:
-                    return self.opaque(node, "a Linear applied to the last axis of a conv feature map")
+                    return self.unhandled(node, "a Linear applied to the last axis of a conv feature map")
                 axis, out_axis, chdim = 1, 0, -1
             elif mod.groups != 1:
-                return self.opaque(node, f"a grouped convolution (groups={mod.groups}) of concatenated channels")
+                return self.unhandled(node, f"a grouped convolution (groups={mod.groups}) of concatenated channels")
             elif x.block != 1:
-                return self.opaque(node, "a convolution of flattened features")
+                return self.unhandled(node, "a convolution of flattened features")
             else:
                 axis, out_axis = (0, 1) if isinstance(mod, _CONV_TRANSPOSES) else (1, 0)
                 chdim = 1
@@ -655,14 +658,14 @@ class _Builder:
                 self.outputs.setdefault(space, []).extend(
                     ParamRef(f"{name}.{leaf}", 0, 1, start, total) for leaf in leaves)
                 self.spaces.restrict(space, f"BatchNorm {name!r} over a concatenation")
-            return self.same(x, node)
+            return self.keep_space(x, node)
         if isinstance(mod, _ACTIVATIONS + _PASSTHROUGH) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1):
-            return self.same(x, node)  # captured at each segment's own producer or activation
+            return self.keep_space(x, node)  # captured at each segment's own producer or activation
         if isinstance(mod, _POOLS) and x.block == 1:
-            return self.same(x, node)
+            return self.keep_space(x, node)
         if isinstance(mod, nn.Flatten):
             return self.flatten(node, x, mod.start_dim, mod.end_dim)
-        return self.opaque(node, "a module applied to concatenated channels that the graph cannot split")
+        return self.unhandled(node, "a module applied to concatenated channels that the graph cannot split")
 
     # result ---------------------------------------------------------------------------------
     def resolve(self, pending: _PendingInput, size: int, state: dict[str, torch.Tensor]) -> ParamRef:
@@ -806,7 +809,7 @@ def merge_graph(model: nn.Module, example_input: torch.Tensor | None = None) -> 
     advice = wrapper_advice(model)
     if advice is not None:  # fx would blame data-dependent control flow
         raise TypeError(advice)
-    # The trace shares the model's modules (no copy: a torchvision VGG is 0.5 GB); eval mode for the
+    # The trace shares the model's modules (no copy: a torchvision VGG is large); eval mode for the
     # block keeps BatchNorm's running statistics and dropout untouched by the shape pass.
     with eval_mode(model), torch.no_grad():
         try:

@@ -1,0 +1,349 @@
+"""Issue 26 (reliability, round two): caches, traces and unusual models never give a silent wrong answer, and a
+full disk loses no finished result.
+
+Each test names the input that used to give a wrong answer (or an error that hid its cause) and checks the
+right answer or a clear error naming the fix. The wiring of these checks into ``merge``/``align_to`` is
+tested beside the merge entry point.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import ccatoolkit as cc
+from ccatoolkit._utils import check_class_targets, check_max_batches, check_same_architecture
+from ccatoolkit.analysis.capture import capture
+from ccatoolkit.analysis.stats import collect_statistics, warn_if_constant
+from ccatoolkit.merging.graph.spec import GraphError, MergeGraph
+from ccatoolkit.merging.graph.trace import merge_graph
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class DropoutNet(nn.Module):
+    """Functional ReLU and dropout: fx records ``self.training`` as the constant it was while tracing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.head = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(F.relu(self.fc1(x)), 0.5, training=self.training)
+        return self.head(h)
+
+
+def _plain(model: DropoutNet, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s function in eval mode, computed by hand (no trace, no hooks)."""
+    return model.head(F.relu(model.fc1(x)))
+
+
+# ------------------------------------------------------------------ lost work: a full disk
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs resource limits (POSIX)")
+def test_a_full_disk_returns_the_result_with_a_warning_and_leaves_no_entry(tmp_path: Path) -> None:
+    """torch.save past RLIMIT_FSIZE fails as on a full disk (EFBIG, or torch's 'unexpected pos'): the result
+    comes back, a warning says it was not cached and why, and the cache folder holds no file, not even a
+    temporary one."""
+    script = textwrap.dedent("""
+        import json, resource, signal, sys, warnings
+        import torch
+        from ccatoolkit.zoo.cache import load_or_create
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))  # 64 KiB per file
+        value = {"w": torch.arange(200_000, dtype=torch.float32)}  # 800 KB: does not fit
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = load_or_create("model", {"k": 1}, lambda: value, cache_dir=sys.argv[1])
+        print(json.dumps({"same": bool(torch.equal(got["w"], value["w"])),
+                          "warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}))
+    """)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run([sys.executable, "-c", script, str(cache)], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["same"]
+    assert len(report["warnings"]) == 1
+    message = report["warnings"][0]
+    assert message.startswith("RuntimeWarning: could not write the cache file")
+    assert "returned but not cached" in message and "disk full" in message
+    assert "unexpected pos" in message or "File too large" in message or "No space" in message  # the reason
+    assert list(cache.iterdir()) == []  # no entry, no temporary file
+
+
+# ------------------------------------------------------------------ traces: train/eval mode, copies
+
+
+def test_a_trace_taken_in_train_mode_does_not_serve_eval_mode() -> None:
+    torch.manual_seed(0)
+    model, x = DropoutNet(), torch.randn(64, 8)
+    model.train()
+    assert "relu" in cc.capturable_layers(model)  # traced in train mode: dropout on
+    with capture(model, ["relu"]):
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        expected = _plain(model, x)
+        with capture(model, ["relu"]) as cache:
+            out = model(x)
+        assert torch.equal(out, expected)  # was 0.7 away: the train-mode trace applied dropout
+        assert torch.equal(cache["relu"], F.relu(model.fc1(x)))
+        with capture(model, ["relu"]):  # switched inside the block: each call follows the model's flags
+            model.train()
+            assert not torch.equal(model(x), expected)
+            model.eval()
+            assert torch.equal(model(x), expected)
+    assert model.training is False and "forward" not in model.__dict__
+
+
+def test_merge_graph_names_node_points_from_the_eval_mode_trace() -> None:
+    model = DropoutNet().train()
+    cc.capturable_layers(model)  # a train-mode trace in the cache
+    graph = merge_graph(model)
+    assert [(s.name, s.capture, s.size) for s in graph] == [("relu", ["relu"], 32)]
+    assert model.training  # flags restored
+
+
+def test_a_deepcopy_inside_capture_is_a_plain_copy() -> None:
+    torch.manual_seed(0)
+    model, x = DropoutNet().eval(), torch.randn(16, 8)
+    with torch.no_grad(), capture(model, ["relu", "fc1"]) as cache:
+        model(x)
+        seen = cache["fc1"].clone()
+        duplicate = copy.deepcopy(model)
+        duplicate.head = nn.Linear(32, 4)  # a head swapped in the copy is used
+        assert torch.equal(duplicate(x), _plain(duplicate, x))
+        assert torch.equal(cache["fc1"], seen)  # the copy does not record into this capture
+        assert not {"forward", "__deepcopy__"} & set(duplicate.__dict__)
+        assert len(duplicate._forward_pre_hooks) == 0 and len(duplicate.fc1._forward_hooks) == 0
+        assert torch.equal(model(x), _plain(model, x))  # the model itself is still captured
+    assert not {"forward", "__deepcopy__"} & set(model.__dict__)
+    assert len(model._forward_pre_hooks) == 0 and len(model.fc1._forward_hooks) == 0
+
+
+# ------------------------------------------------------------------ the merge graph
+
+
+def _sequence_model() -> nn.Sequential:
+    """A Linear over the last axis of (N, 8, 8) inputs, then flattened (channels last: l * 16 + c)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 10))
+
+
+def test_a_linear_over_a_sequence_is_refused_naming_the_layer() -> None:
+    model = _sequence_model()
+    # with data the graph was silently empty (a plain average); without, it assumed channels first
+    with pytest.raises(GraphError, match=r"Linear '0' is applied to the last axis of a tensor of shape "
+                                         r"\(4, 8, 8\).*channels last.*nn\.Conv1d.*method='average'"):
+        merge_graph(model, example_input=torch.randn(4, 8, 8))
+    with pytest.raises(GraphError, match=r"Linear '0' is applied to the last axis.*'3' reads them flattened "
+                                         r"\(128 features from 16 channels\).*nn\.Conv1d"):
+        merge_graph(model)
+
+
+def test_a_linear_over_a_sequence_as_the_last_layer_or_after_a_flatten_is_fine() -> None:
+    per_position = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    assert merge_graph(per_position, torch.randn(4, 8, 8)).names == ["2"]
+    head_over_sequence = nn.Sequential(nn.Linear(8, 10))  # outputs only: nothing to align, nothing wrong
+    assert len(merge_graph(head_over_sequence, torch.randn(4, 8, 8))) == 0
+
+
+def test_an_empty_layer_list_does_not_blame_the_user() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(ValueError, match=r"layers is empty.*merge graph has no hidden space.*method='average'"):
+        collect_statistics([model, model], [torch.randn(4, 1, 8, 8)], {}, progress=False)
+
+
+def test_a_learned_temperature_on_the_logits_is_allowed() -> None:
+    class Temperature(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.relu, self.fc2 = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)
+            self.temperature = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.relu(self.fc1(x))) / self.temperature
+
+    class Reciprocal(Temperature):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.temperature / self.relu(self.fc1(x)))  # 1/h is not a scaling: still refused
+
+    for example in (None, torch.randn(2, 8)):
+        graph = merge_graph(Temperature(), example)
+        assert [(s.name, s.size, [r.name for r in s.outputs], [r.name for r in s.inputs]) for s in graph] == [
+            ("relu", 16, ["fc1.weight", "fc1.bias"], ["fc2.weight"])]
+        with pytest.raises(GraphError, match="truediv"):
+            merge_graph(Reciprocal(), example)
+
+
+def test_from_spec_refuses_the_swapped_axes_of_a_square_weight() -> None:
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    good = dict(capture=["1"], outputs=[("0.weight", 0), ("0.bias", 0)], inputs=[("2.weight", 1)])
+    assert MergeGraph.from_spec(model, {"h": good}).names == ["h"]
+    swapped_out = dict(good, outputs=[("0.weight", 1), ("0.bias", 0)])
+    with pytest.raises(GraphError, match=r"output '0\.weight' is given axis 1, but the weight of Linear '0' holds "
+                                         r"its outputs along axis 0.*use \('0\.weight', 0\)"):
+        MergeGraph.from_spec(model, {"h": swapped_out})
+    with pytest.raises(GraphError, match=r"input '2\.weight' is given axis 0.*use \('2\.weight', 1\)"):
+        MergeGraph.from_spec(model, {"h": dict(good, inputs=[("2.weight", 0)])})
+    conv_t = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.ConvTranspose2d(4, 4, 1), nn.ReLU(), nn.Conv2d(4, 1, 1))
+    assert MergeGraph.from_spec(conv_t, {"h": dict(capture=["1"], outputs=[("0.weight", 0)],
+                                                   inputs=[("2.weight", 0)])}).names == ["h"]  # transposed: rows in
+    with pytest.raises(GraphError, match=r"ConvTranspose2d '2' holds its outputs along axis 1"):
+        MergeGraph.from_spec(conv_t, {"h": dict(capture=["1"], outputs=[("0.weight", 0)], inputs=[("2.weight", 1)])})
+
+
+# ------------------------------------------------------------------ models and arguments
+
+
+def test_models_of_different_classes_with_equal_keys_are_refused() -> None:
+    relu = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    tanh = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    assert relu.state_dict().keys() == tanh.state_dict().keys()
+    with pytest.raises(ValueError, match=r"different architectures: module '1' is a ReLU .* in model 0 but a Tanh"):
+        check_same_architecture([relu, tanh])
+
+    def build(activation: str) -> nn.Module:
+        class Net(nn.Module):  # the same class defined again (a re-run notebook cell): accepted
+            def __init__(self) -> None:
+                super().__init__()
+                self.fc = nn.Linear(8, 4)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.fc(x)
+
+        return Net()
+
+    check_same_architecture([build("a"), build("b")])
+
+    class ReluNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(F.relu(self.fc1(x)))
+
+    class TanhNet(ReluNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.tanh(self.fc1(x)))
+
+    with pytest.raises(ValueError, match=r"the model is a ReluNet .* in model 0 but a TanhNet"):
+        check_same_architecture([ReluNet(), TanhNet()])
+
+
+@pytest.mark.parametrize("value", [True, False, 1.5, 2.0, "2", 0, -1, [2]])
+def test_max_batches_must_be_none_or_a_positive_integer(value) -> None:
+    with pytest.raises(ValueError, match=rf"^max_batches must be None \(use all batches\) or an integer >= 1, "
+                                         rf"got .*\({type(value).__name__}\); pass e\.g\. max_batches=2$"):
+        check_max_batches(value)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="max_batches must be None"):
+        collect_statistics([model, model], [torch.randn(8, 4)] * 3, ["1"], max_batches=value, progress=False)
+
+
+def test_max_batches_takes_integers_and_counts_them() -> None:
+    assert check_max_batches(None) is None and check_max_batches(3) == 3 and check_max_batches(np.int64(2)) == 2
+    with pytest.raises(ValueError, match="max_samples must be None"):
+        check_max_batches(True, "max_samples")
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    stats = collect_statistics([model, model], [torch.randn(8, 4)] * 3, ["1"], max_batches=np.int64(2),
+                               progress=False, warn=False)
+    assert stats["1"].count == 16
+
+
+def test_a_compiled_model_asks_for_orig_mod() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    compiled = torch.compile(model)  # not compiled until called: cheap
+    with pytest.raises(TypeError, match=r"compiled by torch\.compile.*model\._orig_mod"):
+        merge_graph(compiled)  # fx blamed data-dependent control flow
+    with pytest.raises(TypeError, match=r"model 1 is compiled by torch\.compile.*model\._orig_mod"):
+        check_same_architecture([model, compiled])
+
+
+# ------------------------------------------------------------------ data that does not fit the model
+
+
+def _cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+
+
+def test_a_batch_that_does_not_fit_the_model_names_its_shape_or_dtype() -> None:
+    with pytest.raises(GraphError, match=r"cannot run on the example batch of shape \(2, 3, 8, 8\) "
+                                         r"\(torch\.float32\): RuntimeError: .*expected input\[2, 3, 8, 8\] to have "
+                                         r"1 channels.*does not fit the model"):
+        merge_graph(_cnn(), torch.randn(2, 3, 8, 8))
+    pixels = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    with pytest.raises(GraphError, match=r"inputs are torch\.uint8 but the model computes in torch\.float32: "
+                                         r"convert them to floating point.*x\.float\(\) / 255"):
+        merge_graph(_cnn(), pixels)
+
+
+def test_evaluate_names_integer_inputs_and_other_outputs() -> None:
+    model, y = _cnn(), torch.randint(0, 10, (6,))
+    pixels = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"inputs are torch\.uint8 but the model computes in torch\.float32.*"
+                                        r"x\.float\(\) / 255"):
+        cc.evaluate(model, [(pixels, y)])  # was "mat1 and mat2 must have the same dtype" deep in torch
+    embedding = nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(12, 10))  # integer inputs still work
+    assert cc.evaluate(embedding, [(torch.randint(0, 20, (6, 3)), y)])["n"] == 6
+
+    class Pair(nn.Module):
+        def __init__(self, inner: nn.Module, as_dict: bool) -> None:
+            super().__init__()
+            self.inner, self.as_dict = inner, as_dict
+
+        def forward(self, x: torch.Tensor):
+            logits = self.inner(x)
+            return {"logits": logits, "features": x} if self.as_dict else (logits, x)
+
+    x = torch.randn(6, 1, 8, 8)
+    with pytest.raises(TypeError, match=r"evaluate needs a model whose forward returns a tensor of logits.*"
+                                        r"Pair returned a tuple of 2 items.*\[0\]"):
+        cc.evaluate(Pair(model, False), [(x, y)])
+    with pytest.raises(TypeError, match=r"returned a dict with keys \['logits', 'features'\].*\['logits'\]"):
+        cc.evaluate(Pair(model, True), [(x, y)])
+
+
+def test_targets_in_one_column_are_read_as_a_vector() -> None:
+    model, x, y = _cnn(), torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    assert cc.evaluate(model, [(x, y[:, None])]) == cc.evaluate(model, [(x, y)])  # was "multi-target not supported"
+    with pytest.raises(ValueError, match=r"targets must be a vector of 6 class indices.*shape \(6, 2\)"):
+        cc.evaluate(model, [(x, torch.stack([y, y], 1))])
+    with pytest.raises(ValueError, match=r"one column: y\.squeeze\(1\)"):
+        check_class_targets(y[:, None], model(x))
+
+
+# ------------------------------------------------------------------ statistics without information
+
+
+def test_all_constant_statistics_warn_that_they_carry_no_information() -> None:
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)) for _ in range(2)]
+    blank = [torch.zeros(32, 1, 8, 8)] * 3
+    with pytest.warns(RuntimeWarning, match=r"every channel of every model is constant on the data in every space "
+                                            r"\(1\): the statistics carry no information.*Pass inputs that vary"):
+        stats = collect_statistics(models, blank, ["2"], progress=False)
+    assert stats["2"].constant()
+    with pytest.warns(RuntimeWarning, match="constant on the merge data"):
+        assert warn_if_constant(stats, "the merge data") == ["2"]
+    real = collect_statistics(models, [torch.randn(32, 1, 8, 8)] * 3, ["2"], progress=False, warn=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_constant(real) == [] and not real["2"].constant()
