@@ -30,7 +30,7 @@ import torch
 
 from ccatoolkit.data import make_loader
 from ccatoolkit.data.loaders import get_loaders
-from ccatoolkit.landscape.curves import compare_paths
+from ccatoolkit.landscape.compare import compare_paths
 from ccatoolkit.zoo.adversarial import PGD
 from ccatoolkit.zoo.trained import trained_model
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 import ccatoolkit as cc
-from ccatoolkit.app import contexts, controls
+from ccatoolkit.app import contexts, controls, experiments, inputs
 from ccatoolkit.app import settings as nb
 
 SLIDER_TARGET = 0.25  # s, a slider move (alpha, N) or a method change
@@ -58,8 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     S = nb.prepare(nb.settings(args.smoke, progress=False))
     print(S.summary(), f"| torch threads {torch.get_num_threads()}")
-    data = nb.loaders(S)
-    a, b = nb.zoo(S, "full", n=2)
+    data = inputs.loaders(S)
+    a, b = inputs.zoo(S, "full", n=2)
     rows: list[tuple[str, str, float, float, float | None]] = []  # widget, action, wall s, CPU s, target
 
     # 04: the alpha widget over the paths of the notebook (naive, permutation, CCA)
@@ -108,8 +108,8 @@ def main() -> None:
                  *timed(lambda: contexts.merge_accuracy(mctx, "cca", 0.05)), None))
 
     # 06: the N-models widget on precomputed results (one subset per N: the redraw, not the merges, is timed)
-    zoos = {split: nb.zoo(S, split, n=S.n_models) for split in ("full", "skewed")}
-    nctx = contexts.NModelsContext(zoos, data["stats"], data["test"], methods=["average", "permute", "cca", "ensemble"],
+    zoos = {split: inputs.zoo(S, split, n=S.n_models) for split in ("full", "skewed")}
+    nctx = experiments.NModelsContext(zoos, data["stats"], data["test"], methods=["average", "permute", "cca", "ensemble"],
                                    ridge=0.1, subsets=1)
     rows.append(("N models (06)", "build (merges)", *timed(nctx.compute), None))
 

@@ -86,8 +86,8 @@ _EXPORTS: dict[str, str] = {
     "SimplexResult": "ccatoolkit.landscape.results",
     "Curve": "ccatoolkit.landscape.curves",
     "CurveResult": "ccatoolkit.landscape.curves",
-    "compare_paths": "ccatoolkit.landscape.curves",
-    "train_curve": "ccatoolkit.landscape.curves",
+    "compare_paths": "ccatoolkit.landscape.compare",
+    "train_curve": "ccatoolkit.landscape.curve_training",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

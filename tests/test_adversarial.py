@@ -9,7 +9,7 @@ import pytest
 import torch
 
 
-from ccatoolkit.landscape.curves import train_curve
+from ccatoolkit.landscape.curve_training import train_curve
 from ccatoolkit.landscape.paths import interpolate
 from ccatoolkit.zoo.adversarial import PGD
 from ccatoolkit.zoo.models import MLP

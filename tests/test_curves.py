@@ -10,16 +10,12 @@ import torch
 
 from toybox import fit, loss_and_accuracy
 
-from ccatoolkit.landscape import curves as curves
-from ccatoolkit.landscape.curves import (
-    Curve,
-    CurveResult,
-    compare_paths,
-    curve_coefficients,
-    state_digest,
-    train_curve,
-)
+from ccatoolkit.landscape import curve_training
+from ccatoolkit.landscape.compare import compare_paths
+from ccatoolkit.landscape.curve_training import train_curve
+from ccatoolkit.landscape.curves import Curve, CurveResult, curve_coefficients
 from ccatoolkit.landscape.paths import interpolate
+from ccatoolkit.zoo.cache import state_digest
 from ccatoolkit.zoo.models import MLP
 
 
@@ -92,7 +88,7 @@ def test_curve_cache_hits_on_second_call(pair, digits, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the curve was trained again instead of loaded from the cache")
 
-    monkeypatch.setattr(curves, "train_control", boom)
+    monkeypatch.setattr(curve_training, "train_control", boom)
     second = train_curve(a, b, train, epochs=1, cache_dir=str(tmp_path), progress=False)
     for k, v in first.control.items():
         assert torch.equal(v, second.control[k])

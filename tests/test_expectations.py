@@ -1,24 +1,25 @@
-"""The notebooks' last cells: nb.expect_results judges measured values at default settings, never raises."""
+"""The notebooks' last cells: expect_results judges measured values at default settings, never raises."""
 
 import math
 
 import pytest
 
-from ccatoolkit.app import settings as nb
+from ccatoolkit.app import expectations as ex
+from ccatoolkit.app.settings import Settings
 
 
 def _default():
-    return nb.Settings(smoke=False)
+    return Settings(smoke=False)
 
 
 def test_values_in_range_are_ok(capsys):
-    result = nb.expect_results(_default(), [
-        ("accuracy of A", 0.885, nb.around(0.885, 0.01), "{:.1%}"),
+    result = ex.expect_results(_default(), [
+        ("accuracy of A", 0.885, ex.around(0.885, 0.01), "{:.1%}"),
         ("loss barrier", 0.30, (0.1, 0.5)),
-        ("gap", 1e-7, nb.at_most(1e-5), "{:.1e}"),
-        ("correlation", 0.95, nb.at_least(0.9)),
+        ("gap", 1e-7, ex.at_most(1e-5), "{:.1e}"),
+        ("correlation", 0.95, ex.at_least(0.9)),
         ("curve lower than line", True, True),
-        ("merge - ensemble", -0.004, nb.around(-0.004, 0.003), "{:+.1%}"),
+        ("merge - ensemble", -0.004, ex.around(-0.004, 0.003), "{:+.1%}"),
     ])
     out = capsys.readouterr().out
     assert result.ok and result.failures == []
@@ -31,9 +32,9 @@ def test_values_in_range_are_ok(capsys):
 
 
 def test_values_out_of_range_are_reported_not_raised(capsys):
-    result = nb.expect_results(_default(), [
-        ("accuracy of A", 0.80, nb.around(0.885, 0.01), "{:.1%}"),
-        ("loss barrier", 0.30, nb.between(0.1, 0.5)),
+    result = ex.expect_results(_default(), [
+        ("accuracy of A", 0.80, ex.around(0.885, 0.01), "{:.1%}"),
+        ("loss barrier", 0.30, ex.between(0.1, 0.5)),
         ("curve lower than line", False, True),
         ("not measured", None, (0, 1)),
         ("diverged", math.nan, (0, 1)),
@@ -49,14 +50,14 @@ def test_values_out_of_range_are_reported_not_raised(capsys):
 
 
 def test_bounds_are_inclusive_and_one_sided_pairs_work():
-    result = nb.expect_results(False, [("low end", 0.1, (0.1, 0.5)), ("high end", 0.5, (0.1, 0.5)),
+    result = ex.expect_results(False, [("low end", 0.1, (0.1, 0.5)), ("high end", 0.5, (0.1, 0.5)),
                                        ("no upper", 7.0, (1, None)), ("no lower", -3.0, (None, 0))], show=False)
     assert result.ok
 
 
 def test_smoke_mode_shows_values_without_judging(capsys):
-    result = nb.expect_results(nb.Settings(smoke=True), [
-        ("accuracy of A", 0.12, nb.around(0.885, 0.01), "{:.1%}"),
+    result = ex.expect_results(Settings(smoke=True), [
+        ("accuracy of A", 0.12, ex.around(0.885, 0.01), "{:.1%}"),
         ("curve lower than line", False, True),
     ])
     out = capsys.readouterr().out
@@ -69,14 +70,14 @@ def test_smoke_mode_shows_values_without_judging(capsys):
 
 def test_bad_specifications_raise_at_once():
     with pytest.raises(TypeError):
-        nb.expect_results(False, [("no range", 1.0)], show=False)
+        ex.expect_results(False, [("no range", 1.0)], show=False)
     with pytest.raises(TypeError):
-        nb.expect_results(False, [("a string range", 1.0, "0.5-1")], show=False)
+        ex.expect_results(False, [("a string range", 1.0, "0.5-1")], show=False)
     with pytest.raises(ValueError):
-        nb.between(1, 0)
+        ex.between(1, 0)
 
 
 def test_table_as_a_frame():
     pd = pytest.importorskip("pandas")
-    frame = nb.expect_results(False, [("x", 2.0, (1, 3))], show=False).to_frame()
+    frame = ex.expect_results(False, [("x", 2.0, (1, 3))], show=False).to_frame()
     assert isinstance(frame, pd.DataFrame) and frame.loc["x", "status"] == "ok"

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import ccatoolkit as cc
-from ccatoolkit.app import contexts, controls, render
+from ccatoolkit.app import contexts, controls, experiments, render
 from ccatoolkit.plots import analysis as pa
 from ccatoolkit.zoo.models import MLP
 from ccatoolkit.zoo.training import train
@@ -122,7 +122,7 @@ def test_merge_widget_precomputes_every_slider_ridge_so_a_move_is_a_look_up(setu
         assert f"ridge {10.0**exponent:g}" in box.text and box.error is None
     assert len(ctx.cache) == n_cached  # every move was a look-up
     assert contexts.merge_accuracy(ctx, "cca", 10.0**-2.5) == pytest.approx(
-        contexts._accuracy(cc.merge([a, b], "cca", setup["stats"], ridge=10.0**-2.5, progress=False), setup["test"]))
+        cc.evaluate(cc.merge([a, b], "cca", setup["stats"], ridge=10.0**-2.5, progress=False), setup["test"])["accuracy"])
     again = contexts.MergeContext([a, b], setup["stats"], setup["test"], methods=("average", "cca"))
     assert contexts.precompute_ridges(again, ridges, progress=False) == 0  # all read back from the disk store
     assert again.store.loaded == len(ridges)
@@ -209,7 +209,7 @@ def test_merge_ridge_change_reuses_the_statistics(setup, monkeypatch):
 
 def test_n_models_widget(setup):
     zoos = {"full": setup["models"]}
-    ctx = contexts.NModelsContext(zoos, setup["stats"], setup["test"], methods=("average", "cca", "ensemble"))
+    ctx = experiments.NModelsContext(zoos, setup["stats"], setup["test"], methods=("average", "cca", "ensemble"))
     assert list(ctx.ns) == [2, 3]
     fig = render.render_n_models(ctx, 3, "cca")
     assert "cca, N = 3" in render.figure_title(fig)
@@ -220,19 +220,19 @@ def test_n_models_widget(setup):
     box.controls["n"].value = 2
     assert "average, N = 2" in box.text and box.redraws == 2
     with pytest.raises(ValueError, match="ns must lie"):
-        contexts.NModelsContext(zoos, setup["stats"], setup["test"], ns=[2, 5])
+        experiments.NModelsContext(zoos, setup["stats"], setup["test"], ns=[2, 5])
 
 
 def test_model_subsets_rotate_before_the_rest():
-    assert contexts.model_subsets(4, 2) == [(0, 1), (1, 2), (2, 3), (0, 3), (0, 2), (1, 3)]  # all 6, windows first
-    assert contexts.model_subsets(4, 2, limit=4) == [(0, 1), (1, 2), (2, 3), (0, 3)]  # each model twice
-    assert contexts.model_subsets(3, 3) == [(0, 1, 2)]
+    assert experiments.model_subsets(4, 2) == [(0, 1), (1, 2), (2, 3), (0, 3), (0, 2), (1, 3)]  # all 6, windows first
+    assert experiments.model_subsets(4, 2, limit=4) == [(0, 1), (1, 2), (2, 3), (0, 3)]  # each model twice
+    assert experiments.model_subsets(3, 3) == [(0, 1, 2)]
     with pytest.raises(ValueError, match="size"):
-        contexts.model_subsets(3, 4)
+        experiments.model_subsets(3, 4)
 
 
 def test_n_models_context_merges_every_subset_and_reports_the_spread(setup):
-    ctx = contexts.NModelsContext({"full": setup["models"]}, setup["stats"], setup["test"],
+    ctx = experiments.NModelsContext({"full": setup["models"]}, setup["stats"], setup["test"],
                                   methods=("average", "permute", "ensemble"), ns=[2])
     frame = ctx.frame()
     assert len(frame) == 3 * 3  # 3 pairs x 3 methods
@@ -243,7 +243,7 @@ def test_n_models_context_merges_every_subset_and_reports_the_spread(setup):
     ens = float(cc.evaluate(cc.ensemble(setup["models"][1:]), setup["test"])["accuracy"])
     assert pair["ensemble"] == pytest.approx(ens) and pair["relative"] == pytest.approx(pair["accuracy"] - ens)
     assert ctx.results["full"]["permute"][2] == pytest.approx(frame[frame["method"] == "permute"]["accuracy"].mean())
-    limited = contexts.NModelsContext({"full": setup["models"]}, setup["stats"], setup["test"],
+    limited = experiments.NModelsContext({"full": setup["models"]}, setup["stats"], setup["test"],
                                       methods=("average",), ns=[2], subsets=1)
     limited.compute()
     assert list(limited.runs["full"]["average"][2]) == [(0, 1)]
@@ -252,8 +252,8 @@ def test_n_models_context_merges_every_subset_and_reports_the_spread(setup):
 def test_n_models_results_come_back_from_the_disk_cache_only_for_the_same_inputs(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("CCATOOLKIT_CACHE", str(tmp_path))
 
-    def run(zoo: list, cache: bool = True) -> contexts.NModelsContext:
-        ctx = contexts.NModelsContext({"full": zoo}, setup["stats"], setup["test"], methods=("average", "permute"),
+    def run(zoo: list, cache: bool = True) -> experiments.NModelsContext:
+        ctx = experiments.NModelsContext({"full": zoo}, setup["stats"], setup["test"], methods=("average", "permute"),
                                       ns=[2], cache=cache)
         ctx.compute()
         return ctx
@@ -281,8 +281,8 @@ def test_n_models_results_come_back_from_the_disk_cache_only_for_the_same_inputs
 def test_best_methods_reads_the_winner_off_the_table():
     results = {"full": {"average": {2: 0.5, 3: 0.4}, "cca": {2: 0.8, 3: 0.7}, "ensemble": {2: 0.9, 3: 0.9}},
                "skewed": {"average": {2: 0.5, 3: 0.6}, "cca": {2: 0.5, 3: 0.55}, "ensemble": {2: 0.9, 3: 0.9}}}
-    assert contexts.best_methods(results) == {"full": {2: "cca", 3: "cca"}, "skewed": {2: "average = cca", 3: "average"}}
-    assert contexts.best_methods(results, exclude=())["full"] == {2: "ensemble", 3: "ensemble"}
+    assert experiments.best_methods(results) == {"full": {2: "cca", 3: "cca"}, "skewed": {2: "average = cca", 3: "average"}}
+    assert experiments.best_methods(results, exclude=())["full"] == {2: "ensemble", 3: "ensemble"}
 
 
 def test_a_failing_redraw_shows_the_error_instead_of_raising(setup):

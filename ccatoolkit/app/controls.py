@@ -22,9 +22,9 @@ from ccatoolkit.app.contexts import (
     CorrelationContext,
     CurveContext,
     MergeContext,
-    NModelsContext,
     precompute_ridges,
 )
+from ccatoolkit.app.experiments import NModelsContext
 from ccatoolkit.app.render import (
     AlphaView,
     LiveFigure,

@@ -1,7 +1,7 @@
 """Drawing for the notebooks' widgets: ``render_*(ctx, **choices)`` returns a new matplotlib ``Figure``.
 
 The figures are not managed by pyplot, so redraws never pile up open figures; the numbers come
-from :mod:`ccatoolkit.app.contexts`. A widget keeps a *view* instead (:class:`MergeView`,
+from :mod:`ccatoolkit.app.contexts` (and :mod:`ccatoolkit.app.experiments`). A widget keeps a *view* instead (:class:`MergeView`,
 :class:`AlphaView`, :class:`NModelsView`, all :class:`LiveFigure`): the same figure, whose update
 changes a few artists in place and re-encodes only them, so a slider move is a look-up and a blit.
 ``render_*`` is a view's first figure.
@@ -29,13 +29,12 @@ from ccatoolkit.app.contexts import (
     CorrelationContext,
     CurveContext,
     MergeContext,
-    NModelsContext,
     alpha_point,
     correlation_views,
     curve_point,
     merge_accuracy,
-    n_models_accuracy,
 )
+from ccatoolkit.app.experiments import NModelsContext, n_models_accuracy
 from ccatoolkit.landscape.curves import curve_coefficients
 from ccatoolkit.plots.analysis import (
     plot_accuracy_bars,

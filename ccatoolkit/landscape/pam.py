@@ -2,7 +2,7 @@
 
 Neuron alignment fixes B's permutation once, then learns the curve. PAM alternates the two: a
 *curve step* trains the control point with B permuted by the current permutations (as
-:func:`~ccatoolkit.landscape.curves.train_curve` does, continuing from the last control point), and
+:func:`~ccatoolkit.landscape.curve_training.train_curve` does, continuing from the last control point), and
 a *permutation step* updates every space's permutation by a proximal linearised step,
 
     P <- argmin over permutations of  <G, W'(P)> + ||W'(P) - W'_current||^2 / (2 eta),
@@ -17,7 +17,6 @@ is locally optimal for the curve: started from it, does PAM move it?
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -35,8 +34,9 @@ from ccatoolkit._utils import (
     progress_bar,
     to_model,
 )
-from ccatoolkit.landscape.curves import CURVE_KINDS, Curve, curve_coefficients, train_control, training_copy
-from ccatoolkit.landscape.points import float_state
+from ccatoolkit.landscape.curve_training import train_control
+from ccatoolkit.landscape.curves import CURVE_KINDS, Curve, curve_coefficients, training_copy
+from ccatoolkit.landscape.points import float_state, frozen_copy
 from ccatoolkit.merging.align.permutation import match_activations, matching_cost, weight_table
 from ccatoolkit.merging.api import alignment_transforms
 from ccatoolkit.merging.graph import MergeGraph, merge_graph
@@ -119,6 +119,12 @@ def _permutation_step(
             for space in graph}
 
 
+def _moved_fraction(perms: dict[str, np.ndarray], before: dict[str, np.ndarray]) -> float:
+    """The fraction of neurons (over all spaces) whose partner differs between ``perms`` and ``before``."""
+    changed = sum(int((perms[s] != before[s]).sum()) for s in perms)
+    return changed / max(1, sum(len(p) for p in perms.values()))
+
+
 def train_curve_pam(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -154,9 +160,7 @@ def train_curve_pam(
     if graph is None:
         first = next(iter(data))
         graph = merge_graph(model_a, example_input=to_model(batch_inputs(first)[:2], model_a))
-    template = copy.deepcopy(model_a).eval()
-    for p in template.parameters():
-        p.requires_grad_(False)
+    template = frozen_copy(model_a)
     a_state = {k: v.clone() for k, v in float_state(model_a).items()}
     initial = _start_permutations(model_a, model_b, graph, start, data)
     perms = dict(initial)
@@ -176,10 +180,8 @@ def train_curve_pam(
             break
         grads = _endpoint_gradient(curve, data, grad_batches, gen)  # d loss / d W' in A's frame
         new = _permutation_step(state_b, graph, perms, end, grads, step)
-        changed = sum(int((new[s] != perms[s]).sum()) for s in perms)
-        moved.append(changed / max(1, sum(len(p) for p in perms.values())))
+        moved.append(_moved_fraction(new, perms))
         perms = new
-    total = max(1, sum(len(p) for p in perms.values()))
-    from_start = sum(int((perms[s] != initial[s]).sum()) for s in perms) / total
-    return PamResult(curve=curve, perms=perms, start=start, moved=moved, losses=losses, moved_from_start=from_start)
+    return PamResult(curve=curve, perms=perms, start=start, moved=moved, losses=losses,
+                     moved_from_start=_moved_fraction(perms, initial))
 

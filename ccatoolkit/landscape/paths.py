@@ -25,8 +25,7 @@ from ccatoolkit._utils import (
 from ccatoolkit.landscape.points import evaluate_points, float_state, point_model
 from ccatoolkit.landscape.results import InterpolationResult, PlaneResult, SimplexResult
 from ccatoolkit.merging.api import align_to
-from ccatoolkit.merging.graph import merge_graph
-from ccatoolkit.merging.normalization import channel_stats, repair, repair_endpoints
+from ccatoolkit.merging.normalization import MixtureRepair
 from ccatoolkit.zoo.adversarial import PGD
 
 __all__ = [
@@ -38,29 +37,31 @@ __all__ = [
 # --------------------------------------------------------------------------- interpolation
 
 
-def alpha_grid(alphas: int | Sequence[float] | np.ndarray) -> np.ndarray:
-    """The alphas to evaluate: ``n`` evenly spaced points in [0, 1] for an int, else a 1-D sequence of numbers.
+def alpha_grid(alphas: int | Sequence[float] | np.ndarray, name: str = "alphas") -> np.ndarray:
+    """The positions to evaluate: ``n`` evenly spaced points in [0, 1] for an int, else a 1-D sequence of numbers.
 
     Strings, booleans and multi-dimensional arrays are refused (they would be silently reinterpreted).
+    ``name``: the argument's name in error messages (``"ts"`` along a curve).
     """
     if isinstance(alphas, (bool, np.bool_)):
-        raise TypeError(f"alphas must be a number of points or a 1-D sequence of numbers, got the bool {alphas!r}")
+        raise TypeError(f"{name} must be a number of points or a 1-D sequence of numbers, got the bool {alphas!r}")
     if isinstance(alphas, (int, np.integer)):
         if alphas < 1:
-            raise ValueError(f"alphas must be a positive number of points or a sequence, got {alphas}")
+            raise ValueError(f"{name} must be a positive number of points or a sequence, got {alphas}")
         return np.linspace(0.0, 1.0, int(alphas)) if alphas > 1 else np.zeros(1)
     if isinstance(alphas, (str, bytes)):
-        raise TypeError(f"alphas must be a number of points or a 1-D sequence of numbers, got the string {alphas!r}")
+        raise TypeError(f"{name} must be a number of points or a 1-D sequence of numbers, got the string {alphas!r}")
     raw = np.asarray(alphas.detach().cpu() if isinstance(alphas, torch.Tensor) else alphas)
     if raw.ndim > 1:
-        raise ValueError(f"alphas must be 1-D, got shape {raw.shape}; pass a flat sequence such as np.linspace(0, 1, 11)")
+        raise ValueError(f"{name} must be 1-D, got shape {raw.shape}; pass a flat sequence such as np.linspace(0, 1, 11)")
     if raw.dtype.kind not in "iuf":
-        raise TypeError(f"alphas must be numbers (int or float), got dtype {raw.dtype}: {alphas!r}")
+        raise TypeError(f"{name} must be numbers (int or float), got dtype {raw.dtype}: {alphas!r}")
     grid = raw.astype(np.float64).reshape(-1)
     if grid.size == 0:
-        raise ValueError("the alpha grid is empty; pass a number of points (e.g. alphas=11) or a non-empty sequence")
+        raise ValueError(f"the {name.rstrip('s')} grid is empty; pass a number of points (e.g. {name}=11) "
+                         "or a non-empty sequence")
     if not np.isfinite(grid).all():
-        raise ValueError("alphas must be finite numbers")
+        raise ValueError(f"{name} must be finite numbers")
     return grid
 
 
@@ -89,6 +90,7 @@ def aligned_endpoint(
     raise TypeError(f"align must be None, a method name or a callable(model_a, model_b), got {type(align).__name__}")
 
 
+# Long by its docstring (every option explained); the body is one straight sequence: checks, alignment, points.
 def interpolate(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -170,19 +172,10 @@ def _repaired_points(
     progress: bool,
 ) -> list[dict[str, torch.Tensor]]:
     """Each point's state after REPAIR towards the interpolated end-point statistics (one point at a time)."""
-    graph = merge_graph(model_a)
-    modules = [n for names in repair_endpoints(model_a, graph).values() for n in names]
-    ends = [channel_stats(m, modules, bn_data) for m in (model_a, b_prime)]
+    repair_point = MixtureRepair([model_a, b_prime], bn_data)
     point_bn_data = bn_data if reset_bn and has_batchnorm(model_a) else None
-    out: list[dict[str, torch.Tensor]] = []
-    for row in progress_bar(coeffs, progress, desc="REPAIR", leave=False):
-        point = point_model(model_a, states, row, point_bn_data)
-        wa, wb = float(row[0]), float(row[1])
-        targets = {
-            n: (wa * ends[0][n][0] + wb * ends[1][n][0], wa * ends[0][n][1] + wb * ends[1][n][1]) for n in modules
-        }
-        out.append(float_state(repair(point, None, bn_data, graph=graph, progress=False, targets=targets)))
-    return out
+    return [float_state(repair_point(point_model(model_a, states, row, point_bn_data), row))
+            for row in progress_bar(coeffs, progress, desc="REPAIR", leave=False)]
 
 
 # --------------------------------------------------------------------------- simplex

@@ -18,16 +18,17 @@ CPU than separate ones); on GPUs they are chunked.
 BatchNorm networks: an interpolated network's BatchNorm running statistics are not those of
 its own activations, and its curve is wrong without re-estimating them (Jordan et al. 2022,
 REPAIR). With ``reset_bn=True`` the statistics are recomputed at every point on ``bn_data``
-(training data), batched too: a vmapped train-mode forward whose BatchNorm layers normalise
-with batch statistics returns, through hooks, the per-channel sums of each BatchNorm input;
-they are accumulated in float64 into each point's population mean and (unbiased) variance.
+(training data), batched too (:func:`ccatoolkit.merging.normalization.population_bn_statistics`):
+a vmapped forward whose BatchNorm layers normalise with batch statistics returns, through hooks,
+the per-channel sums of each BatchNorm input; they are accumulated in float64 into each point's
+population mean and (unbiased) variance.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +37,6 @@ from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
 from ccatoolkit._utils import (
-    BATCHNORM_TYPES,
     batch_inputs,
     batch_targets,
     check_class_targets,
@@ -47,10 +47,11 @@ from ccatoolkit._utils import (
     progress_bar,
     to_model,
 )
+from ccatoolkit.merging.normalization import population_bn_statistics
 from ccatoolkit.zoo.adversarial import PGD
 
 __all__ = [
-    "float_state", "combine", "point_model", "interpolated_model", "evaluate_points", "estimate_bn_statistics",
+    "float_state", "combine", "point_model", "interpolated_model", "evaluate_points", "frozen_copy",
 ]
 
 _PARAM_BUDGET_BYTES = 256 * 2**20  # stacked parameters of one chunk of points
@@ -96,8 +97,7 @@ def point_model(
     """
     state = {k: v[0] for k, v in combine(states, torch.tensor([list(map(float, weights))], dtype=torch.float64)).items()}
     if bn_data is not None:
-        estimate_bn_statistics(template, [state], bn_data, batched=False, device=model_device(template),
-                               progress=False)
+        population_bn_statistics(template, [state], bn_data)
     point = copy.deepcopy(template).eval()
     point.load_state_dict(state, strict=False)
     return point
@@ -150,75 +150,6 @@ def _chunks(
     return [slice(i, min(i + chunk_size, n_points)) for i in range(0, n_points, chunk_size)]
 
 
-class _BNStats:
-    """Hooks on a model copy whose BatchNorm layers normalise with batch statistics and record their inputs' sums."""
-
-    def __init__(self, template: nn.Module) -> None:
-        self.model = copy.deepcopy(template)
-        self.model.eval()
-        self.bns = [(n, m) for n, m in self.model.named_modules() if isinstance(m, BATCHNORM_TYPES)]
-        for _, m in self.bns:
-            m.train()
-            m.track_running_stats = False  # use batch statistics, never touch buffers
-        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.counts: list[int] = []
-        for _, m in self.bns:
-            m.register_forward_pre_hook(self._hook)
-
-    def _hook(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0]
-        dims = [0] + list(range(2, x.dim()))
-        xd = x.to(torch.float64)
-        self.records.append((xd.sum(dim=dims), (xd * xd).sum(dim=dims)))
-        self.counts.append(x.numel() // x.shape[1])
-
-    def sums(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
-        """Per BatchNorm layer: [sum, sum of squares] of its input over batch (and spatial) positions."""
-        self.records, self.counts = [], []
-        functional_call(self.model, params, (x,))
-        out: list[torch.Tensor] = []
-        for s, q in self.records:
-            out += [s, q]
-        return out
-
-
-def estimate_bn_statistics(
-    template: nn.Module,
-    point_states: list[dict[str, torch.Tensor]],
-    bn_data: Iterable[Any],
-    batched: bool,
-    device: torch.device,
-    progress: bool,
-) -> None:
-    """Replace each point's BatchNorm running statistics by its own population statistics on ``bn_data``."""
-    stats = _BNStats(template)
-    params_only = [{k: v for k, v in s.items() if "running_" not in k} for s in point_states]
-    totals: list[list[torch.Tensor] | None] = [None] * len(point_states)
-    count = [0] * len(stats.bns)
-    check_data(bn_data, "bn_data")
-    for batch in progress_bar(bn_data, progress, desc="BatchNorm statistics", leave=False):
-        x = to_model(batch_inputs(batch), template).to(device)
-        for i, params in enumerate(params_only):
-            with torch.no_grad():
-                if batched:
-                    sums = vmap(stats.sums, in_dims=(0, None))(params, x)
-                else:
-                    sums = stats.sums(params, x)
-            totals[i] = sums if totals[i] is None else [a + b for a, b in zip(totals[i], sums)]
-        count = [c + n for c, n in zip(count, stats.counts)]
-    if totals[0] is None:
-        raise ValueError("bn_data yielded no batches; pass training data to re-estimate BatchNorm statistics")
-    for state, sums in zip(point_states, totals):
-        for j, (name, _) in enumerate(stats.bns):
-            n = count[j]
-            mean = sums[2 * j] / n
-            var = (sums[2 * j + 1] / n - mean * mean).clamp_min(0.0) * (n / max(n - 1, 1))
-            prefix = f"{name}." if name else ""
-            ref = state[prefix + "running_mean"]
-            state[prefix + "running_mean"] = mean.to(ref.dtype)
-            state[prefix + "running_var"] = var.to(ref.dtype)
-
-
 class _SharedFirstLayer:
     """Compute a Sequential model's first (linear) layer once per anchor instead of once per point.
 
@@ -267,6 +198,163 @@ class _SharedFirstLayer:
         return vmap(lambda st, h: functional_call(self.rest, st, (h,)), in_dims=(0, 0))(rest_state, z)
 
 
+class _Attacker:
+    """Runs a forward pass on clean inputs, or on PGD examples against the same weights (random starts seeded once)."""
+
+    def __init__(self, attack: PGD | None) -> None:
+        self.attack = attack
+        self.generator = torch.Generator().manual_seed(attack.seed) if attack is not None else None
+
+    def __call__(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``run`` (inputs -> logits) on ``x``, or on its adversarial examples under the attack."""
+        if self.attack is None:
+            return run(x)
+        return run(self.attack.perturb(run, x, y, generator=self.generator))
+
+
+class _Tally:
+    """Every point's running sums over the data: cross-entropy, correct predictions, confusion counts if asked."""
+
+    def __init__(self, n_points: int, device: torch.device, confusion: bool) -> None:
+        self.loss_sum = torch.zeros(n_points, dtype=torch.float64, device=device)
+        self.correct = torch.zeros(n_points, dtype=torch.float64, device=device)
+        self.confusion = confusion
+        self.counts: torch.Tensor | None = None  # (points, classes * classes), made at the first batch
+
+    def add_chunk(self, rows: slice, y: torch.Tensor, logits: torch.Tensor) -> None:
+        """Add the logits ``(P, N, C)`` of the points ``rows`` on targets ``y``."""
+        pc, n = int(logits.shape[0]), int(logits.shape[1])
+        losses = F.cross_entropy(logits.reshape(pc * n, -1).float(), y.repeat(pc), reduction="none").view(pc, n)
+        self.loss_sum[rows] += losses.to(torch.float64).sum(dim=1)
+        self.correct[rows] += (logits.argmax(dim=-1) == y).sum(dim=1).to(torch.float64)
+        if self.confusion:
+            self._add_confusion(rows, y, logits)
+
+    def add_point(self, i: int, y: torch.Tensor, logits: torch.Tensor) -> None:
+        """Add the logits ``(N, C)`` of point ``i`` on targets ``y``."""
+        self.loss_sum[i] += F.cross_entropy(logits.float(), y, reduction="sum").to(torch.float64)
+        self.correct[i] += (logits.argmax(dim=-1) == y).sum().to(torch.float64)
+        if self.confusion:
+            self._add_confusion(slice(i, i + 1), y, logits.unsqueeze(0))
+
+    def _add_confusion(self, rows: slice, y: torch.Tensor, logits: torch.Tensor) -> None:
+        k = int(logits.shape[-1])
+        if self.counts is None:
+            self.counts = torch.zeros(self.loss_sum.shape[0], k * k, dtype=torch.int64, device=self.loss_sum.device)
+        p = int(logits.shape[0])
+        cells = y.unsqueeze(0) * k + logits.argmax(dim=-1)  # (P, N): flat (true, predicted) index
+        cells = cells + torch.arange(p, device=cells.device).unsqueeze(1) * (k * k)  # one block per point
+        self.counts[rows] += torch.bincount(cells.reshape(-1), minlength=p * k * k).view(p, k * k)
+
+    def results(self, samples: int) -> tuple[np.ndarray, ...]:
+        """Mean loss and accuracy per point (and the confusion counts ``(points, classes, classes)`` if kept)."""
+        if samples == 0:
+            raise ValueError("data yielded no samples; pass a non-empty data set")
+        loss, acc = (self.loss_sum / samples).cpu().numpy(), (self.correct / samples).cpu().numpy()
+        if not self.confusion:
+            return loss, acc
+        assert self.counts is not None
+        k = int(round(self.counts.shape[1] ** 0.5))
+        return loss, acc, self.counts.reshape(len(loss), k, k).cpu().numpy()
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy in eval mode whose parameters need no gradients: the template that points' weights are loaded into."""
+    template = copy.deepcopy(model).eval()
+    for p in template.parameters():
+        p.requires_grad_(False)
+    return template
+
+
+def _point_states(
+    states: Sequence[dict[str, torch.Tensor]], coeffs: torch.Tensor, slices: list[slice], batched: bool
+) -> list[dict[str, torch.Tensor]]:
+    """The points' states: one stacked state per chunk (``batched``), else one state per point."""
+    if batched:
+        return [combine(states, coeffs[s]) for s in slices]
+    return [{k: v[0] for k, v in combine(states, coeffs[i : i + 1]).items()} for i in range(coeffs.shape[0])]
+
+
+def _chunk_logits(
+    template: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, attacker: _Attacker
+) -> torch.Tensor:
+    """``(P, N, classes)``: the logits of a chunk's points (stacked ``state``) on ``x`` (attacked if asked)."""
+
+    def forward(point: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(template, point, (inputs,))
+
+    n_points = next(iter(state.values())).shape[0]
+    if n_points == 1:  # one point: a plain functional forward, no vmap overhead
+        single = {k: v[0] for k, v in state.items()}
+        return attacker(lambda z: forward(single, z), x, y).unsqueeze(0)
+    if attacker.attack is None:
+        return vmap(forward, in_dims=(0, None))(state, x)
+    # each point attacked with its own weights: inputs (points, samples, ...)
+    return attacker(lambda z: vmap(forward)(state, z), x.expand(n_points, *x.shape), y)
+
+
+def _evaluate_batched(
+    template: nn.Module,
+    states: Sequence[dict[str, torch.Tensor]],
+    coeffs: torch.Tensor,
+    slices: list[slice],
+    point_states: list[dict[str, torch.Tensor]],
+    data: Iterable[Any],
+    tally: _Tally,
+    attacker: _Attacker,
+    shared: _SharedFirstLayer | None,
+    progress: bool,
+    desc: str,
+) -> int:
+    """One pass over ``data`` for all points, chunk by chunk (``shared``: the first layer once per anchor).
+
+    Returns the number of samples.
+    """
+    device = model_device(template)
+    samples = 0
+    for batch in progress_bar(data, progress, desc=desc, leave=False):
+        x, y = to_model(batch_inputs(batch), template), batch_targets(batch).to(device)
+        anchor_out = shared.anchor_outputs(x) if shared is not None else None
+        for s, state in zip(slices, point_states):
+            rows = max(1, _POINT_ROWS // (s.stop - s.start))  # bound the working set: points x samples per step
+            for lo in range(0, int(y.shape[0]), rows):
+                yb = y[lo : lo + rows]
+                if shared is not None:
+                    logits = shared.logits(coeffs[s].to(device), anchor_out[:, lo : lo + rows], state)
+                else:
+                    logits = _chunk_logits(template, state, x[lo : lo + rows], yb, attacker)
+                if s.start == 0:
+                    check_class_targets(yb, logits[0])
+                tally.add_chunk(s, yb, logits)
+        samples += int(y.shape[0])
+    return samples
+
+
+def _evaluate_one_by_one(
+    template: nn.Module,
+    point_states: list[dict[str, torch.Tensor]],
+    data: Iterable[Any],
+    tally: _Tally,
+    attacker: _Attacker,
+    progress: bool,
+    desc: str,
+) -> int:
+    """A pass over ``data`` per point, each with its own model copy. Returns the number of samples."""
+    device = model_device(template)
+    samples = 0
+    for i in progress_bar(range(len(point_states)), progress, desc=desc, leave=False):
+        model = copy.deepcopy(template)
+        model.load_state_dict(point_states[i], strict=False)
+        samples = 0
+        for batch in data:
+            x, y = to_model(batch_inputs(batch), model), batch_targets(batch).to(device)
+            logits = attacker(model, x, y)
+            check_class_targets(y, logits)
+            tally.add_point(i, y, logits)
+            samples += int(y.shape[0])
+    return samples
+
+
 def evaluate_points(
     template: nn.Module,
     states: Sequence[dict[str, torch.Tensor]],
@@ -301,103 +389,24 @@ def evaluate_points(
     coeffs = torch.as_tensor(np.asarray(coeffs, dtype=np.float64))
     if coeffs.dim() != 2 or coeffs.shape[1] != len(states) or coeffs.shape[0] == 0:
         raise ValueError(f"coeffs must have shape (points, {len(states)}) with at least one point, got {tuple(coeffs.shape)}")
-    device = model_device(template)
-    template = copy.deepcopy(template).eval()
-    for p in template.parameters():
-        p.requires_grad_(False)
+    template = frozen_copy(template)
     n_points = coeffs.shape[0]
     check_data(data, reiterable=not batched and n_points > 1)
     slices = _chunks(n_points, states, chunk_size, template)
     use_bn = reset_bn and has_batchnorm(template)
     if use_bn and bn_data is None:
         raise ValueError("reset_bn=True needs bn_data: pass the training data to re-estimate BatchNorm statistics")
-
-    if batched:
-        point_states = [combine(states, coeffs[s]) for s in slices]
-    else:
-        point_states = [{k: v[0] for k, v in combine(states, coeffs[i : i + 1]).items()} for i in range(n_points)]
+    point_states = _point_states(states, coeffs, slices, batched)
     if use_bn:
-        estimate_bn_statistics(template, point_states, bn_data, batched, device, progress)
-
-    loss_sum = torch.zeros(n_points, dtype=torch.float64, device=device)
-    correct = torch.zeros(n_points, dtype=torch.float64, device=device)
-    counts: torch.Tensor | None = None  # (points, classes * classes) confusion counts, made at the first batch
-    total = 0
-
-    def add_confusion(rows: slice, yb: torch.Tensor, logits: torch.Tensor) -> None:
-        """Add the predictions ``logits`` (P, N, C) of points ``rows`` to their confusion counts."""
-        nonlocal counts
-        k = int(logits.shape[-1])
-        if counts is None:
-            counts = torch.zeros(n_points, k * k, dtype=torch.int64, device=device)
-        p = int(logits.shape[0])
-        cells = yb.unsqueeze(0) * k + logits.argmax(dim=-1)  # (P, N): flat (true, predicted) index
-        cells = cells + torch.arange(p, device=cells.device).unsqueeze(1) * (k * k)  # one block per point
-        counts[rows] += torch.bincount(cells.reshape(-1), minlength=p * k * k).view(p, k * k)
-
-    def forward(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(template, state, (x,))
-
-    generator = torch.Generator().manual_seed(attack.seed) if attack is not None else None
-
-    def attacked(run: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``run`` (inputs -> logits) on ``x``, or on its adversarial examples under ``attack``."""
-        return run(x) if attack is None else run(attack.perturb(run, x, y, generator=generator))
-
+        population_bn_statistics(template, point_states, bn_data, batched=batched, progress=progress)
+    tally = _Tally(n_points, model_device(template), confusion)
+    attacker = _Attacker(attack)
     with torch.no_grad():
         if batched:
-            batched_forward = vmap(forward, in_dims=(0, None))
             shared = _SharedFirstLayer(template, states) if share_first_layer and attack is None else None
             shared = shared if shared is not None and shared.ok else None
-            for batch in progress_bar(data, progress, desc=desc, leave=False):
-                x, y = to_model(batch_inputs(batch), template), batch_targets(batch).to(device)
-                anchor_out = shared.anchor_outputs(x) if shared is not None else None
-                for s, state in zip(slices, point_states):
-                    pc = s.stop - s.start
-                    rows = max(1, _POINT_ROWS // pc)  # bound the working set: points x samples per step
-                    for lo in range(0, int(y.shape[0]), rows):
-                        yb = y[lo : lo + rows]
-                        if shared is not None:
-                            logits = shared.logits(coeffs[s].to(device), anchor_out[:, lo : lo + rows], state)
-                        elif pc == 1:  # one point: a plain functional forward, no vmap overhead
-                            single = {k: v[0] for k, v in state.items()}
-                            logits = attacked(lambda z: forward(single, z), x[lo : lo + rows], yb).unsqueeze(0)
-                        elif attack is None:
-                            logits = batched_forward(state, x[lo : lo + rows])
-                        else:  # each point attacked with its own weights: inputs (points, samples, ...)
-                            xb = x[lo : lo + rows]
-                            logits = attacked(lambda z: vmap(forward)(state, z), xb.expand(pc, *xb.shape), yb)
-                        if s.start == 0:
-                            check_class_targets(yb, logits[0])
-                        n = logits.shape[1]
-                        losses = F.cross_entropy(
-                            logits.reshape(pc * n, -1).float(), yb.repeat(pc), reduction="none"
-                        ).view(pc, n)
-                        loss_sum[s] += losses.to(torch.float64).sum(dim=1)
-                        correct[s] += (logits.argmax(dim=-1) == yb).sum(dim=1).to(torch.float64)
-                        if confusion:
-                            add_confusion(s, yb, logits)
-                total += int(y.shape[0])
+            samples = _evaluate_batched(template, states, coeffs, slices, point_states, data, tally, attacker,
+                                        shared, progress, desc)
         else:
-            for i in progress_bar(range(n_points), progress, desc=desc, leave=False):
-                model = copy.deepcopy(template)
-                model.load_state_dict(point_states[i], strict=False)
-                count = 0
-                for batch in data:
-                    x, y = to_model(batch_inputs(batch), model), batch_targets(batch).to(device)
-                    logits = attacked(model, x, y)
-                    check_class_targets(y, logits)
-                    loss_sum[i] += F.cross_entropy(logits.float(), y, reduction="sum").to(torch.float64)
-                    correct[i] += (logits.argmax(dim=-1) == y).sum().to(torch.float64)
-                    if confusion:
-                        add_confusion(slice(i, i + 1), y, logits.unsqueeze(0))
-                    count += int(y.shape[0])
-                total = count
-    if total == 0:
-        raise ValueError("data yielded no samples; pass a non-empty data set")
-    loss, acc = (loss_sum / total).cpu().numpy(), (correct / total).cpu().numpy()
-    if not confusion:
-        return loss, acc
-    assert counts is not None
-    k = int(round(counts.shape[1] ** 0.5))
-    return loss, acc, counts.reshape(n_points, k, k).cpu().numpy()
+            samples = _evaluate_one_by_one(template, point_states, data, tally, attacker, progress, desc)
+    return tally.results(samples)

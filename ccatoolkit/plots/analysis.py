@@ -239,7 +239,7 @@ def update_confusion(ax: Any, matrix: Any, title: str | None = None, normalize: 
 def collapsed_methods(frame: Any, y: str = "relative", below: float = -0.2) -> list[str]:
     """The methods of a runs table (``NModelsContext.frame()``) whose mean ``y`` lies below ``below``.
 
-    A merge that collapses (plain averaging of unaligned models, 10-50% accuracy) is tens of points
+    A merge that collapses (plain averaging of unaligned models) is tens of points
     below the others; on a shared axis it squeezes their differences of a point or two flat, so the
     spread plots draw it on an axis of its own.
     """

@@ -66,6 +66,37 @@ def zoo_key(
     return key
 
 
+def _initial_model(model: str, model_kwargs: dict[str, Any] | None, dataset: str, seed: int) -> nn.Module:
+    """``model`` built for ``dataset``'s input shape and classes, its initial weights seeded by ``seed`` alone."""
+    info = dataset_info(dataset)
+    kwargs = dict(in_shape=info["in_shape"], num_classes=info["num_classes"])
+    kwargs.update(model_kwargs or {})
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on `seed` alone, not on earlier work
+        torch.manual_seed(seed)
+        return build_model(model, **kwargs)
+
+
+def _train_and_test(
+    net: nn.Module, loaders: dict[str, Any], hyper: dict[str, Any], seed: int, device: torch.device,
+    progress: bool, adversarial: PGD | None,
+) -> dict[str, Any]:
+    """Train ``net`` in place with the settings ``hyper`` and test it: the checkpoint (weights and a summary)."""
+    start = time.perf_counter()
+    train(net, loaders["train"], hyper["epochs"], lr=hyper["lr"], momentum=hyper["momentum"],
+          weight_decay=hyper["weight_decay"], schedule=hyper["schedule"], label_smoothing=hyper["label_smoothing"],
+          nesterov=hyper["nesterov"], seed=seed, device=device, progress=progress, adversarial=adversarial)
+    seconds = time.perf_counter() - start
+    test = evaluate(net, loaders["test"])
+    summary = dict(test_accuracy=float(test["accuracy"]), test_loss=float(test["loss"]),
+                   n_train=len(loaders["train"].dataset), seconds=seconds)
+    if adversarial is not None:  # under the training attack
+        robust = evaluate(net, loaders["test"], attack=adversarial)
+        summary.update(robust_test_accuracy=float(robust["accuracy"]), robust_test_loss=float(robust["loss"]))
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    return dict(state_dict=state, info=summary)
+
+
+# Long by its 25 arguments and their docstring; the body is one sequence: build, key, train or load.
 def trained_model(
     model: str = "mlp",
     model_kwargs: dict[str, Any] | None = None,
@@ -113,13 +144,8 @@ def trained_model(
     (with a warning naming both).
     """
     key_name = canonical_name(dataset)
-    info = dataset_info(key_name)
     kind = "full" if split is None else split
-    kwargs = dict(in_shape=info["in_shape"], num_classes=info["num_classes"])
-    kwargs.update(model_kwargs or {})
-    with torch.random.fork_rng(devices=[]):  # the initial weights depend on `seed` alone, not on earlier work
-        torch.manual_seed(seed)
-        net = build_model(model, **kwargs)
+    net = _initial_model(model, model_kwargs, key_name, seed)
     name = str(model_config(net).get("name", model)).lower()
     epochs = DEFAULT_EPOCHS.get(name, 10) if epochs is None else int(epochs)
     lr = default_lr(net) if lr is None else float(lr)
@@ -142,19 +168,7 @@ def trained_model(
             split_seed=split_seed, seed=seed, major_fraction=major_fraction, val_fraction=val_fraction,
             augment=augment, root=root, limit=limit, device=dev,
         )
-        start = time.perf_counter()
-        train(net, loaders["train"], epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-              schedule=schedule, label_smoothing=label_smoothing, nesterov=nesterov, seed=seed,
-              device=dev, progress=progress, adversarial=adversarial)
-        seconds = time.perf_counter() - start
-        test = evaluate(net, loaders["test"])
-        summary = dict(test_accuracy=float(test["accuracy"]), test_loss=float(test["loss"]),
-                       n_train=len(loaders["train"].dataset), seconds=seconds)
-        if adversarial is not None:  # under the training attack
-            robust = evaluate(net, loaders["test"], attack=adversarial)
-            summary.update(robust_test_accuracy=float(robust["accuracy"]), robust_test_loss=float(robust["loss"]))
-        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        return dict(state_dict=state, info=summary)
+        return _train_and_test(net, loaders, hyper, seed, dev, progress, adversarial)
 
     def validate(value: Any) -> None:
         if not isinstance(value, dict) or "state_dict" not in value:
