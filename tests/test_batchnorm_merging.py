@@ -233,3 +233,27 @@ def test_a_merge_source_shares_what_folding_leaves_alone_and_the_input_stays_unt
     assert any(p.data_ptr() == q.data_ptr() for p, q in zip(shared.parameters(), model.parameters()))  # e.g. the head
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_a_path_to_a_degraded_cca_endpoint_warns_naming_both_accuracies(digits_pairs) -> None:
+    """Issue 28's fallback: where B' stays more than 2 points below B, interpolate and train_curve say so."""
+    import re
+    import warnings
+
+    from ccatoolkit.landscape.curve_training import train_curve
+    from ccatoolkit.landscape.paths import interpolate
+
+    train, test, pairs = digits_pairs
+    a, b = pairs[0]
+    with pytest.warns(RuntimeWarning, match=r"interpolate: the cca-aligned endpoint B' reaches") as record:
+        curve = interpolate(a, b, test, alphas=3, align="cca", align_data=train, progress=False)
+    message = next(str(w.message) for w in record if "endpoint B'" in str(w.message))
+    b_prime, b_own = (float(v) / 100 for v in re.findall(r"([\d.]+)%", message))
+    assert b_prime == pytest.approx(curve.accuracy[-1], abs=5e-4)
+    assert b_own == pytest.approx(evaluate(b, test)["accuracy"], abs=5e-4)
+    assert len(curve.accuracy) == 3 and b_prime < b_own - 0.02
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a permutation is exact: no warning
+        interpolate(a, b, test, alphas=3, align="permute", align_data=train, progress=False)
+    with pytest.warns(RuntimeWarning, match=r"train_curve: the cca-aligned endpoint B' reaches"):
+        train_curve(a, b, train, epochs=0, align="cca", cache=False, progress=False)

@@ -347,3 +347,133 @@ def test_all_constant_statistics_warn_that_they_carry_no_information() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert warn_if_constant(real) == [] and not real["2"].constant()
+
+
+# --- curve cache keys -------------------------------------------------------------------------------------------
+
+
+def _curve_pair() -> tuple[nn.Module, nn.Module, list]:
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval() for _ in range(2))
+    data = [(torch.randn(16, 6, generator=torch.Generator().manual_seed(i)), torch.randint(0, 3, (16,)))
+            for i in range(4)]
+    return a, b, data
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_cached_curve_is_keyed_by_the_alignment_data(tmp_path) -> None:
+    """Aligned on other data, B' differs: the second call used to return the first call's curve."""
+    a, b, data = _curve_pair()
+    other = [(x.flip(0) * 2 + 1, y) for x, y in data]
+    first = cc.train_curve(a, b, data, epochs=1, align="cca", align_data=data, cache_dir=str(tmp_path),
+                           progress=False)
+    second = cc.train_curve(a, b, data, epochs=1, align="cca", align_data=other, cache_dir=str(tmp_path),
+                            progress=False)
+    fresh = cc.train_curve(a, b, data, epochs=1, align="cca", align_data=other, cache=False, progress=False)
+    assert any(not torch.equal(first.end[k], second.end[k]) for k in first.end)
+    for k in fresh.end:
+        assert torch.equal(second.end[k], fresh.end[k]) and torch.equal(second.control[k], fresh.control[k])
+    again = cc.train_curve(a, b, data, epochs=1, align="cca", align_data=data, cache_dir=str(tmp_path),
+                           progress=False)
+    assert all(torch.equal(again.control[k], first.control[k]) for k in first.control)
+
+
+def test_data_keys_name_the_sampler_and_the_transform() -> None:
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    from ccatoolkit.zoo.cache import UnkeyableDataError, describe_data
+
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    dataset = TensorDataset(x, y)
+    plain = describe_data(DataLoader(dataset, batch_size=5))
+    assert describe_data(DataLoader(dataset, batch_size=5)) == plain
+    assert describe_data(DataLoader(dataset, batch_size=5, sampler=SubsetRandomSampler(range(10)))) != plain
+    assert describe_data(DataLoader(dataset, batch_size=5, shuffle=True)) != plain
+    assert describe_data(DataLoader(dataset, batch_size=5, drop_last=True)) != plain
+
+    class Transformed(TensorDataset):
+        def __init__(self, transform: object) -> None:
+            super().__init__(x, y)
+            self.transform = transform
+
+    class Scale:
+        def __init__(self, factor: float) -> None:
+            self.factor = factor
+
+        def __repr__(self) -> str:
+            return f"Scale(factor={self.factor})"
+
+    assert describe_data(DataLoader(Transformed(Scale(2.0)), batch_size=5)) != describe_data(
+        DataLoader(Transformed(Scale(3.0)), batch_size=5))
+    with pytest.raises(UnkeyableDataError, match="transform .* cannot be part of a cache key"):
+        describe_data(DataLoader(Transformed(lambda t: t * 2), batch_size=5))
+    a, b, _ = _curve_pair()
+    with pytest.warns(RuntimeWarning, match="does not cache this curve"):
+        cc.train_curve(a, b, DataLoader(Transformed(lambda t: t), batch_size=5), epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("hook", ["pre", "forward"])
+def test_batched_paths_run_the_models_own_hooks(hook: str) -> None:
+    """An input normalisation (pre-hook) or a logit scaling (forward hook) on an nn.Sequential: batched
+    interpolate and loss_plane used to skip them (alpha = 0 gave loss 1.248 where evaluate gave 1.832)."""
+    torch.manual_seed(0)
+    models = []
+    for _ in range(3):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        if hook == "pre":
+            model.register_forward_pre_hook(lambda module, args: (args[0] * 3 + 1,))
+        else:
+            model.register_forward_hook(lambda module, args, out: out * 5)
+        models.append(model)
+    data = [(torch.randn(16, 6, generator=torch.Generator().manual_seed(i)), torch.randint(0, 3, (16,)))
+            for i in range(3)]
+    expected = [cc.evaluate(m, data)["loss"] for m in models[:2]]
+    curve = cc.interpolate(models[0], models[1], data, alphas=2, progress=False)
+    np.testing.assert_allclose(curve.loss, expected, rtol=1e-5)
+    plane = cc.loss_plane(*models, data, resolution=3, progress=False)
+    one_by_one = cc.interpolate(models[0], models[1], data, alphas=2, batched=False, progress=False)
+    np.testing.assert_allclose(one_by_one.loss, expected, rtol=1e-5)
+    assert np.isfinite(plane.loss).all()
+
+
+def test_a_last_batch_of_one_sample_is_left_out_with_a_warning_not_an_error() -> None:
+    """A DataLoader with a 1-sample last batch made every merge of a BatchNorm1d model fail."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval() for _ in range(2)]
+    loader = DataLoader(TensorDataset(torch.randn(33, 6), torch.randint(0, 3, (33,))), batch_size=8)  # 8+8+8+8+1
+    with pytest.warns(RuntimeWarning, match=r"left out 1 batch\(es\) of one sample.*drop_last=True"):
+        reset = cc.reset_bn_stats(models[0], loader, progress=False)
+    full = torch.cat([x for x, _ in loader][:4])
+    with torch.no_grad():  # the four full batches' mean, the single sample left out
+        torch.testing.assert_close(reset[1].running_mean, models[0][0](full).mean(0))
+    for method in ("average", "permute", "cca"):
+        with pytest.warns(RuntimeWarning, match="of one sample"):
+            merged = cc.merge(models, method, loader, progress=False)
+        assert torch.isfinite(merged(full)).all()
+    curve = cc.interpolate(*models, loader, alphas=3, reset_bn=True, bn_data=loader, progress=False)
+    assert np.isfinite(curve.loss).all()
+
+
+def test_paths_read_one_column_targets_and_name_a_tuple_output() -> None:
+    """interpolate used to fail with "repeat dims..." on (N, 1) targets and KeyError: 0 on a tuple output."""
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval() for _ in range(2))
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    column = cc.interpolate(a, b, [(x, y[:, None])], alphas=3, progress=False)
+    vector = cc.interpolate(a, b, [(x, y)], alphas=3, progress=False)
+    np.testing.assert_allclose(column.loss, vector.loss)
+    np.testing.assert_allclose(column.accuracy, vector.accuracy)
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(6, 3)
+
+        def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.body(inputs), inputs
+
+    for batched in (True, False):
+        with pytest.raises(TypeError, match="tuple of 2 items"):
+            cc.interpolate(Pair(), Pair(), [(x, y)], alphas=2, batched=batched, progress=False)

@@ -13,6 +13,7 @@ kind, alignment, epochs, learning rate, seed and the training data, so a second 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -29,10 +30,11 @@ from ccatoolkit._utils import (
     to_model,
 )
 from ccatoolkit.landscape.curves import CURVE_KINDS, Curve, training_copy
-from ccatoolkit.landscape.paths import aligned_endpoint, method_name
+from ccatoolkit.landscape.paths import aligned_endpoint, method_name, mixes_channels, warn_if_endpoint_degraded
 from ccatoolkit.landscape.points import float_state, frozen_copy
 from ccatoolkit.zoo.adversarial import PGD
-from ccatoolkit.zoo.cache import describe_data, load_or_create, state_digest
+from ccatoolkit.zoo.cache import UnkeyableDataError, describe_data, load_or_create, state_digest
+from ccatoolkit.zoo.training import evaluate
 
 __all__ = ["train_curve", "train_control"]
 
@@ -106,31 +108,40 @@ def _check_arguments(
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     check_same_architecture([model_a, model_b], ["model_a", "model_b"])
     check_finite_parameters([model_a, model_b], ["model_a", "model_b"])
-    check_passes([("data", data, max(epochs, 1) + 1 + (isinstance(align, str) and align_data is None)),
-                  ("align_data", align_data, int(isinstance(align, str)))])
+    aligning = isinstance(align, str)
+    alignment_passes = 1 + 2 * mixes_channels(align)  # B and B' are evaluated after a channel-mixing alignment
+    check_passes([("data", data, max(epochs, 1) + 1 + (alignment_passes if aligning and align_data is None else 0)),
+                  ("align_data", align_data, alignment_passes if aligning else 0)])
 
 
 def _aligned_end(
     model_a: nn.Module, model_b: nn.Module, align: Any, align_data: Iterable[Any], progress: bool,
     align_options: dict[str, Any],
 ) -> dict[str, torch.Tensor]:
-    """The curve's end: ``model_b`` aligned to ``model_a`` as ``align`` says, a floating state on A's device."""
+    """The curve's end: ``model_b`` aligned to ``model_a`` as ``align`` says, a floating state on A's device.
+
+    A map that mixes channels (CCA) leaves a B' that is not B: a warning says so when its accuracy on
+    ``align_data`` is well below B's (:func:`~ccatoolkit.landscape.paths.warn_if_endpoint_degraded`)."""
     if isinstance(align, str):
         align_options.setdefault("progress", progress)
     b_prime = aligned_endpoint(model_a, model_b, align, align_data, **align_options)
     check_same_architecture([model_a, b_prime], ["model_a", "aligned model_b"])
+    if mixes_channels(align):
+        accuracies = [float(evaluate(m, align_data)["accuracy"]) for m in (model_b, b_prime)]
+        warn_if_endpoint_degraded(*accuracies, method=str(align), where="train_curve")
     return {k: v.to(model_device(model_a)).clone() for k, v in float_state(b_prime).items()}
 
 
 def _cache_key(
-    model_a: nn.Module, model_b: nn.Module, data: Iterable[Any], kind: str, method: str,
-    align_options: dict[str, Any], adversarial: PGD | None, **training: float | int,
+    model_a: nn.Module, end: dict[str, torch.Tensor], data: Iterable[Any], kind: str, method: str,
+    adversarial: PGD | None, **training: float | int,
 ) -> dict[str, Any]:
-    """A trained curve's cache key: both end points' weights, the kind, the alignment, the training data and
-    the ``training`` settings (epochs, lr, momentum, weight_decay, seed)."""
+    """A trained curve's cache key: both end points' weights (B as aligned: whatever the alignment read, its
+    data, options and version, is in them), the kind, the training data and the ``training`` settings (epochs,
+    lr, momentum, weight_decay, seed)."""
     key = {
-        "kind": kind, "align": method, "align_options": repr(sorted(align_options.items())),
-        "model_a": state_digest(model_a), "model_b": state_digest(model_b), **training, "data": describe_data(data),
+        "kind": kind, "align": method, "model_a": state_digest(model_a), "end": state_digest(end), **training,
+        "data": describe_data(data),
     }
     if adversarial is not None:  # clean curves keep the keys they always had
         key["adversarial"] = adversarial.key()
@@ -180,9 +191,10 @@ def train_curve(
     template = frozen_copy(model_a)
     start = {k: v.clone() for k, v in float_state(model_a).items()}
 
+    end = _aligned_end(model_a, model_b, align, align_data if align_data is not None else data, progress,
+                       align_options)
+
     def create() -> dict[str, Any]:
-        end = _aligned_end(model_a, model_b, align, align_data if align_data is not None else data, progress,
-                           align_options)
         control, history = train_control(template, start, end, kind, data, epochs, lr, momentum, weight_decay,
                                           seed, progress, adversarial=adversarial)
         return {
@@ -191,9 +203,14 @@ def train_curve(
             "history": torch.tensor(history, dtype=torch.float64),
         }
 
-    if cache and (isinstance(align, str) or align is None):  # a callable aligner has no stable cache key
-        key = _cache_key(model_a, model_b, data, kind, method, align_options, adversarial, epochs=int(epochs),
-                         lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay), seed=int(seed))
+    key = None
+    if cache:
+        try:
+            key = _cache_key(model_a, end, data, kind, method, adversarial, epochs=int(epochs), lr=float(lr),
+                             momentum=float(momentum), weight_decay=float(weight_decay), seed=int(seed))
+        except UnkeyableDataError as error:
+            warnings.warn(f"train_curve does not cache this curve: {error}", RuntimeWarning, stacklevel=2)
+    if key is not None:
         stored = load_or_create("curve", key, create, cache_dir=cache_dir,
                                 validate=lambda value: _check_fits(value, start))
     else:

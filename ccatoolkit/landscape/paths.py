@@ -8,6 +8,7 @@ weights of its points over a few anchor models and evaluates them with
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ from ccatoolkit._utils import (
 from ccatoolkit.landscape.points import evaluate_points, float_state, point_model
 from ccatoolkit.landscape.results import InterpolationResult, PlaneResult, SimplexResult
 from ccatoolkit.merging.api import align_to
+from ccatoolkit.merging.methods import REGISTRY
 from ccatoolkit.merging.normalization import MixtureRepair
 from ccatoolkit.zoo.adversarial import PGD
 
@@ -90,6 +92,26 @@ def aligned_endpoint(
     raise TypeError(f"align must be None, a method name or a callable(model_a, model_b), got {type(align).__name__}")
 
 
+#: An aligned B' this far below B's accuracy (a fraction) makes a path end at a model other than B: a warning.
+ENDPOINT_TOLERANCE = 0.02
+
+
+def mixes_channels(align: Any) -> bool:
+    """Whether ``align`` names an alignment whose maps mix channels (CCA): not a symmetry, so B' is not B."""
+    return isinstance(align, str) and str(align).lower() in {
+        name for name, method in REGISTRY.items() if method.mixes_channels}
+
+
+def warn_if_endpoint_degraded(b_accuracy: float, aligned_accuracy: float, method: str, where: str) -> None:
+    """Warn when the aligned endpoint's accuracy on the evaluated data is more than ``ENDPOINT_TOLERANCE`` below B's."""
+    if aligned_accuracy < b_accuracy - ENDPOINT_TOLERANCE:
+        warnings.warn(
+            f"{where}: the {method}-aligned endpoint B' reaches {aligned_accuracy:.1%} accuracy on the evaluated data "
+            f"against B's {b_accuracy:.1%}. A map that mixes channels is not a symmetry of a ReLU network, so this "
+            "path ends at a model worse than B: compare it with align='permute' (exact), and read its barrier "
+            "against B'", RuntimeWarning, stacklevel=3)
+
+
 # Long by its docstring (every option explained); the body is one straight sequence: checks, alignment, points.
 def interpolate(
     model_a: nn.Module,
@@ -149,11 +171,18 @@ def interpolate(
             raise ValueError("repair=True needs bn_data: pass the training data to measure the channel statistics")
         states = _repaired_points(model_a, b_prime, states, coeffs, reset_bn, bn_data, progress)
         coeffs = np.eye(len(grid))
+    check_end = mixes_channels(align) and attack is None and bool(np.any(grid == 1.0))
+    if check_end:  # B itself as one more point of the same pass: is the path's end still B?
+        states.append({k: v.to(device) for k, v in float_state(model_b).items()})
+        coeffs = np.vstack([np.hstack([coeffs, np.zeros((len(coeffs), 1))]), np.eye(1, len(states), len(states) - 1)])
     loss, acc, *counts = evaluate_points(
         model_a, states, coeffs, data, reset_bn=reset_bn and not repair, bn_data=bn_data, batched=batched,
         chunk_size=chunk_size, progress=progress, desc=f"interpolate ({method})", attack=attack,
         confusion=confusion,
     )
+    if check_end:
+        warn_if_endpoint_degraded(float(acc[-1]), float(acc[:-1][grid == 1.0][0]), method, "interpolate")
+        loss, acc, counts = loss[:-1], acc[:-1], [c[:-1] for c in counts]
     default = ("naive" if align is None else method) + (" + REPAIR" if repair else "")
     default += f", {attack.describe()}" if attack is not None else ""
     return InterpolationResult(

@@ -40,6 +40,7 @@ from ccatoolkit._utils import (
     batch_inputs,
     batch_targets,
     check_class_targets,
+    check_logits,
     check_data,
     check_same_architecture,
     has_batchnorm,
@@ -164,6 +165,8 @@ class _SharedFirstLayer:
         self.ok = False
         if not isinstance(template, nn.Sequential) or type(template).forward is not nn.Sequential.forward:
             return
+        if template._forward_hooks or template._forward_hooks_with_kwargs or template._forward_pre_hooks_with_kwargs:
+            return  # hooks on the whole model's output (or taking keyword arguments): the model runs whole
         items = list(template.named_children())
         for i, (name, module) in enumerate(items):
             if not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()):
@@ -184,8 +187,10 @@ class _SharedFirstLayer:
 
     def anchor_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """``(K, N, ...)``: the first layer of every anchor model on ``x``."""
-        for hook in self.hooks:  # e.g. the zoo's input-shape check
-            hook(self.template, (x,))
+        for hook in self.hooks:  # e.g. the zoo's input-shape check, or an input normalisation that returns x
+            changed = hook(self.template, (x,))
+            if changed is not None:
+                x = changed[0] if isinstance(changed, tuple) else changed
         for module in self.prefix:
             x = module(x)
         return torch.stack([functional_call(self.first, anchor, (x,)) for anchor in self.anchors])
@@ -266,6 +271,12 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return template
 
 
+def _class_vector(targets: torch.Tensor) -> torch.Tensor:
+    """Targets in one column ``(N, 1)`` (labels read from a table) as the vector they hold; others as they are
+    (checked against the logits by ``check_class_targets``)."""
+    return targets[:, 0] if targets.dim() == 2 and targets.shape[1] == 1 else targets
+
+
 def _point_states(
     states: Sequence[dict[str, torch.Tensor]], coeffs: torch.Tensor, slices: list[slice], batched: bool
 ) -> list[dict[str, torch.Tensor]]:
@@ -281,7 +292,7 @@ def _chunk_logits(
     """``(P, N, classes)``: the logits of a chunk's points (stacked ``state``) on ``x`` (attacked if asked)."""
 
     def forward(point: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-        return functional_call(template, point, (inputs,))
+        return check_logits(functional_call(template, point, (inputs,)), template, "a path's points")
 
     n_points = next(iter(state.values())).shape[0]
     if n_points == 1:  # one point: a plain functional forward, no vmap overhead
@@ -313,7 +324,7 @@ def _evaluate_batched(
     device = model_device(template)
     samples = 0
     for batch in progress_bar(data, progress, desc=desc, leave=False):
-        x, y = to_model(batch_inputs(batch), template), batch_targets(batch).to(device)
+        x, y = to_model(batch_inputs(batch), template), _class_vector(batch_targets(batch).to(device))
         anchor_out = shared.anchor_outputs(x) if shared is not None else None
         for s, state in zip(slices, point_states):
             rows = max(1, _POINT_ROWS // (s.stop - s.start))  # bound the working set: points x samples per step
@@ -347,8 +358,8 @@ def _evaluate_one_by_one(
         model.load_state_dict(point_states[i], strict=False)
         samples = 0
         for batch in data:
-            x, y = to_model(batch_inputs(batch), model), batch_targets(batch).to(device)
-            logits = attacker(model, x, y)
+            x, y = to_model(batch_inputs(batch), model), _class_vector(batch_targets(batch).to(device))
+            logits = check_logits(attacker(model, x, y), model, "a path's points")
             check_class_targets(y, logits)
             tally.add_point(i, y, logits)
             samples += int(y.shape[0])

@@ -54,6 +54,21 @@ def _batches(data: Iterable[Any], max_batches: int | None, progress: bool, desc:
         yield batch_inputs(batch)
 
 
+def _several_samples(batches: Iterable[torch.Tensor], caller: str) -> Iterator[torch.Tensor]:
+    """``batches`` without those of one sample, and one warning naming how many were left out: BatchNorm cannot
+    normalise a single sample with batch statistics ("Expected more than 1 value per channel")."""
+    skipped = 0
+    for x in batches:
+        if x.shape[0] == 1:
+            skipped += 1
+            continue
+        yield x
+    if skipped:
+        warnings.warn(f"{caller} left out {skipped} batch(es) of one sample: BatchNorm cannot normalise one sample "
+                      "with batch statistics; pass drop_last=True to the DataLoader to avoid such a last batch",
+                      RuntimeWarning, stacklevel=3)
+
+
 def reset_bn_stats(
     model: nn.Module, data: Iterable[Any], max_batches: int | None = None, progress: bool = True, *,
     inplace: bool = False,
@@ -76,11 +91,12 @@ def reset_bn_stats(
             use_batch_statistics(new, accumulate=True)
             seen = 0
             with torch.no_grad():
-                for x in _batches(data, max_batches, progress, "reset BatchNorm"):
+                for x in _several_samples(_batches(data, max_batches, progress, "reset BatchNorm"), "reset_bn_stats"):
                     new(to_model(x, new))
                     seen += 1
         if seen == 0:
-            raise ValueError("the data gave no batches; pass a non-empty DataLoader or iterable of batches")
+            raise ValueError("the data gave no batches of two or more samples; pass a non-empty DataLoader or "
+                             "iterable of batches")
     finally:
         for m, mom in momenta.items():
             m.momentum = mom
@@ -635,8 +651,9 @@ def population_bn_statistics(
     totals: list[list[torch.Tensor] | None] = [None] * len(states)
     samples = [0] * len(recorder.layers)
     check_data(data, "bn_data")
-    for batch in progress_bar(data, progress, desc="BatchNorm statistics", leave=False):
-        x = to_model(batch_inputs(batch), template)
+    inputs = (batch_inputs(batch) for batch in progress_bar(data, progress, desc="BatchNorm statistics", leave=False))
+    for x in _several_samples(inputs, "BatchNorm statistics at each point"):
+        x = to_model(x, template)
         for i, params in enumerate(params_only):
             with torch.no_grad():
                 sums = vmap(recorder.sums, in_dims=(0, None))(params, x) if batched else recorder.sums(params, x)

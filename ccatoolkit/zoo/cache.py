@@ -29,7 +29,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from torch import nn
 
 __all__ = [
     "CacheError", "cache_dir", "key_digest", "cache_path", "writable_cache_path", "atomic_save", "load_or_create",
-    "state_digest", "describe_data",
+    "state_digest", "describe_data", "UnkeyableDataError",
 ]
 
 _FORMAT = "ccatoolkit-cache-v2"
@@ -243,10 +243,16 @@ def load_or_create(
 # --------------------------------------------------------------------------- digests for cache keys
 
 
-def state_digest(model: nn.Module) -> str:
-    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes): a cache key's part for its weights."""
+class UnkeyableDataError(ValueError):
+    """Data whose effect on a cached result cannot be captured in a key (e.g. a lambda transform)."""
+
+
+def state_digest(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a model's state dict, or of a state (names, dtypes, shapes and bytes): a cache key's part for
+    weights."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -277,6 +283,15 @@ def _dataset_digest(h: "hashlib._Hash", dataset: Any) -> bool:
     if tensors is None:
         return False
     h.update(f"{type(dataset).__name__}|{len(dataset)}|augment={getattr(dataset, 'augment', None)}|".encode())
+    for attr in ("transform", "target_transform", "transforms"):  # torchvision-style per-sample functions
+        function = getattr(dataset, attr, None)
+        if function is not None:
+            text = repr(function)
+            if " at 0x" in text:  # a lambda or plain function: its repr says nothing of what it computes
+                raise UnkeyableDataError(
+                    f"the dataset's {attr} {text} cannot be part of a cache key (its repr names no settings): "
+                    "pass cache=False, or a transform with a descriptive repr (torchvision's)")
+            h.update(f"{attr}={text}|".encode())
     for attr in ("mean", "std"):
         if isinstance(getattr(dataset, attr, None), torch.Tensor):
             _tensor_digest(h, getattr(dataset, attr))
@@ -291,6 +306,11 @@ def describe_data(data: Iterable[Any]) -> str:
     dataset = getattr(data, "dataset", None)
     if dataset is not None:
         h.update(f"loader|batch_size={getattr(data, 'batch_size', None)}|".encode())
+        sampler = getattr(data, "sampler", None)  # which samples, in which order
+        h.update(f"sampler={type(sampler).__name__}|drop_last={getattr(data, 'drop_last', None)}|".encode())
+        for attr in ("indices", "weights"):
+            if getattr(sampler, attr, None) is not None:
+                _tensor_digest(h, torch.as_tensor(np.asarray(list(getattr(sampler, attr)))))
         if _dataset_digest(h, dataset):
             return h.hexdigest()
     for batch in data:  # a plain iterable (e.g. a list of batches)
