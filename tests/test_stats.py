@@ -377,3 +377,33 @@ def test_cross_only_statistics_equal_the_joint_ones_where_they_exist(reference: 
         a["inner"] + full["inner"]
     with pytest.raises(ValueError, match="reference must be a model index"):
         StatisticsCollector(models, layers, reference=3)
+
+
+def test_micro_batches_bound_the_held_activations_and_keep_the_statistics() -> None:
+    """A merge's statistics pass used to hold every capture point of every model for the whole batch (issue 25)."""
+    from ccatoolkit.analysis.stats import StatisticsCollector
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()).eval() for _ in range(2)]
+    layers = {"a": ["1"], "b": ["3"]}
+    per_sample = 2 * 2 * 8 * 16 * 16 * 4  # two points, two models, 8 x 16 x 16 float32 values
+    peaks, results = [], []
+    for batch in (16, 64, 256):
+        x = torch.randn(512, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        collector = StatisticsCollector(models, layers, memory_budget=8 * per_sample)
+        with collector.attached():
+            for chunk in x.split(batch):
+                collector.update(chunk)
+        assert collector.micro_batch == 8
+        peaks.append(collector.peak_held_bytes)
+        results.append(collector.result())
+    assert peaks == [8 * per_sample] * 3  # flat in the batch size
+    whole = StatisticsCollector(models, layers)  # the default budget takes these small batches whole
+    with whole.attached():
+        whole.update(x)
+    assert whole.micro_batch >= 512 and whole.peak_held_bytes == 512 * per_sample
+    for stats in results:
+        for name in layers:
+            torch.testing.assert_close(stats[name].joint_cov(), whole.result()[name].joint_cov(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(stats[name].mean(), whole.result()[name].mean(), rtol=1e-5, atol=1e-6)

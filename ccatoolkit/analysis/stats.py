@@ -66,6 +66,8 @@ _FLUSH_SAMPLES = 1 << 17
 # none: each batch's products go into the float64 sums chunk by chunk (vgg11_bn's two 4096-wide classifier
 # spaces would otherwise hold two such Grams throughout).
 _LARGE_RUNNING_GRAM = 64 << 20
+#: The smallest default budget (bytes) for the activations held per forward pass: small models take whole batches.
+MIN_MICRO_BATCH_BYTES = 256 << 20
 
 
 
@@ -624,6 +626,7 @@ class StatisticsCollector:
     model has the layers and they compute in one dtype. ``reference=r`` collects cross-only statistics
     (:class:`JointStats`): the covariances of model ``r`` with each other model and every channel's
     variance, all that matching to a reference needs, in a fraction of the memory and time.
+    ``memory_budget``: bytes of activations held per forward pass (default: see :meth:`micro_batch_size`).
     """
 
     def __init__(
@@ -633,6 +636,7 @@ class StatisticsCollector:
         *,
         same_architecture: bool = True,
         reference: int | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         models = list(models)
         if not models:
@@ -676,6 +680,9 @@ class StatisticsCollector:
         ]
         self.batches = 0
         self._active: int | None = None
+        self.memory_budget = memory_budget
+        self.micro_batch: int | None = None  # samples per forward pass, set on the first batch
+        self.peak_held_bytes = 0  # the most activation bytes held at once (what micro-batches bound)
 
     def _callback(self, point: _Point, model: int) -> Any:
         def fn(_module: nn.Module, _args: Any, output: Any) -> None:
@@ -707,10 +714,49 @@ class StatisticsCollector:
     def update(self, inputs: torch.Tensor) -> None:
         """Run every model on ``inputs`` (moved to the models' device and dtype) and add the activations to the sums.
 
-        Runs outside ``torch.inference_mode`` (its tensors have no version counter, which the
-        in-place check needs), so a caller inside an inference-mode block gets the same statistics.
+        The statistics are sums, so a batch is taken in micro-batches when holding every capture point's
+        activations of every model for the whole batch would exceed the memory budget
+        (:meth:`micro_batch_size`): memory then stays flat in the batch size. Runs outside
+        ``torch.inference_mode`` (its tensors have no version counter, which the in-place check needs),
+        so a caller inside an inference-mode block gets the same statistics.
         """
         x = to_model(inputs, self.models[0], non_blocking=True)
+        if self.micro_batch is None:
+            self.micro_batch = self.micro_batch_size(x)
+        for part in x.split(self.micro_batch) if x.shape[0] > self.micro_batch else (x,):
+            self._update_whole(part)
+
+    def micro_batch_size(self, x: torch.Tensor) -> int:
+        """Samples per forward pass: as many as keep the held activations within ``memory_budget`` bytes.
+
+        One sample through every model measures what a sample holds (every capture point of every
+        model) and the largest single activation. The default budget is twice that activation for the
+        whole batch (about what a plain forward pass of one model holds at its widest layer), and at
+        least ``MIN_MICRO_BATCH_BYTES``: a merge then holds about one more forward's worth of memory.
+        """
+        held, widest = self._bytes_per_sample(x[:1])
+        budget = self.memory_budget
+        if budget is None:
+            budget = max(2 * widest * int(x.shape[0]), MIN_MICRO_BATCH_BYTES)
+        return max(1, int(budget // max(held, 1)))
+
+    def _bytes_per_sample(self, sample: torch.Tensor) -> tuple[int, int]:
+        """``(bytes every capture point of every model holds for one sample, the largest single activation's)``."""
+        for p in self.points:
+            p.begin()
+        try:
+            with torch.inference_mode(False):
+                for i, model in enumerate(self.models):
+                    self._active = i
+                    model(sample)
+        finally:
+            self._active = None
+        sizes = [o[1].numel() * o[1].element_size() for p in self.points for o in p.outs.values()]
+        for p in self.points:
+            p.begin()  # measured only: nothing is added
+        return sum(sizes), max(sizes, default=0)
+
+    def _update_whole(self, x: torch.Tensor) -> None:
         for p in self.points:
             p.begin()
         try:
@@ -720,6 +766,8 @@ class StatisticsCollector:
                     model(x)
         finally:
             self._active = None
+        held = sum(o[0].numel() * o[0].element_size() for p in self.points for o in p.outs.values())
+        self.peak_held_bytes = max(self.peak_held_bytes, held)
         for p in self.points:
             p.end(self.device)
         self.batches += 1
@@ -787,6 +835,7 @@ def collect_statistics(
     warn: bool = True,
     same_architecture: bool = True,
     reference: int | None = None,
+    memory_budget: int | None = None,
 ) -> dict[str, JointStats]:
     """Joint activation statistics of ``models`` on the same inputs, per space.
 
@@ -799,12 +848,13 @@ def collect_statistics(
     ``RuntimeWarning`` says the statistics are rank-deficient, and one says so when every channel of a
     space is constant (:func:`warn_if_constant`; ``warn=False`` silences both).
     One pass over ``data``: a generator works. ``same_architecture=False`` and ``reference`` (cross-only
-    statistics): see :class:`StatisticsCollector`.
+    statistics) and ``memory_budget`` (micro-batches): see :class:`StatisticsCollector`.
     """
     max_batches = check_max_batches(max_batches)
     max_samples = check_max_batches(max_samples, "max_samples")
     check_data(data)
-    collector = StatisticsCollector(models, layers, same_architecture=same_architecture, reference=reference)
+    collector = StatisticsCollector(models, layers, same_architecture=same_architecture, reference=reference,
+                                    memory_budget=memory_budget)
     total = batch_count(data, max_batches)
     batches: Iterable[torch.Tensor] = _limited(data, max_batches, max_samples)
     if progress:
