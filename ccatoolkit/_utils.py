@@ -337,11 +337,10 @@ def _signature_mismatch(models: Sequence[nn.Module], names: Sequence[str] | None
                 return "architectures", (
                     f"{key!r} has shape {tuple(tensor.shape)} in {labels[0]} but {tuple(other[key].shape)} in {label}"
                 )
-        extra = [k for k in other if k not in ref]
-        if extra:
-            return "architectures", (
-                f"{label} has {extra[0]!r} of shape {tuple(other[extra[0]].shape)} but {labels[0]} has no {extra[0]!r}"
-            )
+        unmatched = [k for k in other if k not in ref]
+        if unmatched:
+            key = unmatched[0]
+            return "architectures", f"{label} has {key!r} of shape {tuple(other[key].shape)} but {labels[0]} has no {key!r}"
         for key, tensor in ref.items():
             if other[key].dtype != tensor.dtype:
                 return "dtypes", (

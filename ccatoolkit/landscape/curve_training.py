@@ -135,13 +135,18 @@ def _aligned_end(
 def _cache_key(
     model_a: nn.Module, end: dict[str, torch.Tensor], data: Iterable[Any], kind: str, method: str,
     adversarial: PGD | None, **training: float | int,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """A trained curve's cache key: both end points' weights (B as aligned: whatever the alignment read, its
     data, options and version, is in them), the kind, the training data and the ``training`` settings (epochs,
-    lr, momentum, weight_decay, seed)."""
+    lr, momentum, weight_decay, seed); None, with a warning, when the data cannot be keyed."""
+    try:
+        described = describe_data(data)
+    except UnkeyableDataError as error:
+        warnings.warn(f"train_curve does not cache this curve: {error}", RuntimeWarning, stacklevel=3)
+        return None
     key = {
         "kind": kind, "align": method, "model_a": state_digest(model_a), "end": state_digest(end), **training,
-        "data": describe_data(data),
+        "data": described,
     }
     if adversarial is not None:  # clean curves keep the keys they always had
         key["adversarial"] = adversarial.key()
@@ -203,13 +208,8 @@ def train_curve(
             "history": torch.tensor(history, dtype=torch.float64),
         }
 
-    key = None
-    if cache:
-        try:
-            key = _cache_key(model_a, end, data, kind, method, adversarial, epochs=int(epochs), lr=float(lr),
-                             momentum=float(momentum), weight_decay=float(weight_decay), seed=int(seed))
-        except UnkeyableDataError as error:
-            warnings.warn(f"train_curve does not cache this curve: {error}", RuntimeWarning, stacklevel=2)
+    key = _cache_key(model_a, end, data, kind, method, adversarial, epochs=int(epochs), lr=float(lr),
+                     momentum=float(momentum), weight_decay=float(weight_decay), seed=int(seed)) if cache else None
     if key is not None:
         stored = load_or_create("curve", key, create, cache_dir=cache_dir,
                                 validate=lambda value: _check_fits(value, start))
