@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import operator
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "PhaseClock",
     "BATCHNORM_TYPES",
     "LINEAR_LAYER_TYPES",
     "default_device",
@@ -456,3 +458,16 @@ def check_logits(output: Any, model: nn.Module, what: str = "evaluate") -> torch
         f"{type(model).__name__} returned {kind}; wrap it in a module whose forward returns the logits "
         "(e.g. return self.model(x)[0], or self.model(x)['logits'] for a dict)"
     )
+
+
+class PhaseClock:
+    """Wall-clock seconds per phase of a merge, for ``merge_info["seconds"]``: where a slow merge spends its time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now

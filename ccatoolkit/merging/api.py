@@ -10,16 +10,15 @@ activation statistics, one pass), :mod:`~ccatoolkit.merging.ridge` (CCA's ridge,
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ccatoolkit._utils import check_data, check_max_batches, has_batchnorm
+from ccatoolkit._utils import PhaseClock, check_data, check_max_batches, has_batchnorm
 from ccatoolkit.analysis.stats import JointStats
-from ccatoolkit.merging.combine import Restoration, candidate_builder, merged_model, repair_targets_for, restoration
+from ccatoolkit.merging.combine import candidate_builder, merged_model, repair_targets_for, restoration, with_merge_info
 from ccatoolkit.merging.ensembling import Ensemble, ensemble
 from ccatoolkit.merging.folding import fold_batchnorm, folded_graph
 from ccatoolkit.merging.graph import MergeGraph
@@ -27,7 +26,7 @@ from ccatoolkit.merging.methods import REGISTRY, AlignmentProblem, Transforms, a
 from ccatoolkit.merging.normalization import RepairTargets, repair_batchnorm, reset_bn_stats
 from ccatoolkit.merging.prepare import Prepared, check_models, check_ridge, first_batches, folding, prepare
 from ccatoolkit.merging.prepare import identical, require_data, traced_graph
-from ccatoolkit.merging.ridge import DEFAULT_RIDGE, RIDGE_GRID, RIDGE_RULES, RidgeChoice, check_ridge_setting
+from ccatoolkit.merging.ridge import DEFAULT_RIDGE, RIDGE_GRID, RIDGE_RULES, check_ridge_setting
 from ccatoolkit.merging.ridge import choose_ridge, problem_solver
 from ccatoolkit.merging.refit import refit_input_maps
 from ccatoolkit.merging.statistics import merge_statistics, warn_if_unreliable
@@ -37,35 +36,6 @@ __all__ = ["METHODS", "DEFAULT_RIDGE", "RIDGE_GRID", "Ensemble", "ensemble", "me
            "alignment_transforms"]
 
 METHODS: tuple[str, ...] = (*REGISTRY, "ensemble")
-
-
-class PhaseClock:
-    """Wall-clock seconds per phase of a merge, for ``merge_info["seconds"]``: where a slow merge spends its time."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
-        self._last = now
-
-
-def _with_info(merged: nn.Module, prepared: Prepared, plan: Restoration, ridge: float | None,
-               choice: RidgeChoice | None, info: dict[str, Any], seconds: dict[str, float]) -> nn.Module:
-    """``merged`` with its ``merge_info``: method, reference, ridge and how it was chosen, folding,
-    permutation-only spaces, the seconds per phase, and what the method reports."""
-    merged.merge_info = dict(  # type: ignore[assignment]
-        method=prepared.method.name, reference=prepared.reference, ridge=ridge,
-        ridge_selection=choice.rule if choice else ("given" if ridge is not None else None),
-        ridge_scores=choice.scores if choice else {}, reset_bn=plan.reset_bn, repair=plan.repair,
-        num_models=len(prepared.models), folded_batchnorm=sorted(prepared.folded),
-        permutation_only={s.name: s.permutation_only for s in prepared.graph.spaces if s.permutation_only},
-        seconds=dict(seconds),
-    )
-    merged.merge_info.update(info)
-    return merged
 
 
 # over 60 lines for its signature and public docstring; the body is the five steps, one screen
@@ -132,7 +102,7 @@ def merge(
     clock.lap("graph")
     if identical(models):  # their merge is the model itself, statistics included, whatever the method
         reference_copy = copy.deepcopy(models[prepared.reference])
-        return _with_info(reference_copy, prepared, plan, None, None, {"identical_models": True}, clock.seconds)
+        return with_merge_info(reference_copy, prepared, plan, None, None, {"identical_models": True}, clock.seconds)
 
     def collect(batches: Iterable[Any], show: bool, cross_only: bool = False) -> dict[str, JointStats]:
         return merge_statistics(models, prepared.graph, batches, max_batches, progress and show,
@@ -150,7 +120,7 @@ def merge(
     if stats is not None:
         warn_if_unreliable(stats, entry.name, chosen)
     if choice is not None and choice.merged is not None:  # the best validation candidate is the merge
-        return _with_info(choice.merged, prepared, plan, chosen, choice, {}, clock.seconds)
+        return with_merge_info(choice.merged, prepared, plan, chosen, choice, {}, clock.seconds)
     problem = AlignmentProblem(models, prepared.reference, prepared.graph, stats, chosen or 0.0, release_stats=True)
     alignment = entry(problem, **options)
     clock.lap("alignment")
@@ -161,7 +131,7 @@ def merge(
     targets.release()  # the moments (a C x C matrix per module and model), before the merged model is built
     merged = merged_model(prepared, alignment.transforms, plan, repair_targets, progress=progress)
     clock.lap("average_and_repair")
-    return _with_info(merged, prepared, plan, chosen, choice, alignment.info, clock.seconds)
+    return with_merge_info(merged, prepared, plan, chosen, choice, alignment.info, clock.seconds)
 
 
 class RidgeSweep:
@@ -210,7 +180,7 @@ class RidgeSweep:
         repair_targets = self.targets(transforms) if self.plan.needs_targets else None
         merged = merged_model(prepared, transforms, self.plan, repair_targets, progress=self.progress)
         clock.lap("average_and_repair")
-        return _with_info(merged, prepared, self.plan, ridge, None, {}, clock.seconds)
+        return with_merge_info(merged, prepared, self.plan, ridge, None, {}, clock.seconds)
 
 
 def alignment_transforms(

@@ -14,6 +14,7 @@ import copy
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,9 +31,11 @@ from ccatoolkit.merging.normalization import (
     reset_bn_stats,
 )
 from ccatoolkit.merging.prepare import Prepared, require_data
+from ccatoolkit.merging.ridge import RidgeChoice
 from ccatoolkit.merging.transform import transformed_tensors
 
-__all__ = ["Restoration", "restoration", "average_into", "merged_model", "repair_targets_for", "candidate_builder"]
+__all__ = ["Restoration", "restoration", "average_into", "merged_model", "repair_targets_for", "candidate_builder",
+           "with_merge_info"]
 
 #: Correction passes after BatchNorm layers are set to REPAIR's targets (``repair_passes`` overrides).
 BATCHNORM_PASSES = 1
@@ -183,3 +186,19 @@ def candidate_builder(prepared: Prepared, plan: Restoration, targets: RepairTarg
                                 candidate_batches=candidate_batches)
 
     return build
+
+
+def with_merge_info(merged: nn.Module, prepared: Prepared, plan: Restoration, ridge: float | None,
+               choice: RidgeChoice | None, info: dict[str, Any], seconds: dict[str, float]) -> nn.Module:
+    """``merged`` with its ``merge_info``: method, reference, ridge and how it was chosen, folding,
+    permutation-only spaces, the seconds per phase, and what the method reports."""
+    merged.merge_info = dict(  # type: ignore[assignment]
+        method=prepared.method.name, reference=prepared.reference, ridge=ridge,
+        ridge_selection=choice.rule if choice else ("given" if ridge is not None else None),
+        ridge_scores=choice.scores if choice else {}, reset_bn=plan.reset_bn, repair=plan.repair,
+        num_models=len(prepared.models), folded_batchnorm=sorted(prepared.folded),
+        permutation_only={s.name: s.permutation_only for s in prepared.graph.spaces if s.permutation_only},
+        seconds=dict(seconds),
+    )
+    merged.merge_info.update(info)
+    return merged
