@@ -477,3 +477,22 @@ def test_paths_read_one_column_targets_and_name_a_tuple_output() -> None:
     for batched in (True, False):
         with pytest.raises(TypeError, match="tuple of 2 items"):
             cc.interpolate(Pair(), Pair(), [(x, y)], alphas=2, batched=batched, progress=False)
+
+
+def test_a_merge_names_a_tuple_output_where_it_reads_the_outputs() -> None:
+    """cca's label-free ridge compares outputs: it failed with "expected Tensor ... got tuple"."""
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.relu, self.fc2 = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.fc2(self.relu(self.fc1(x))), x  # logits and the inputs (no hidden space leaves)
+
+    torch.manual_seed(0)
+    models = [Pair().eval() for _ in range(2)]
+    data = [torch.randn(16, 6, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with pytest.raises(TypeError, match="tuple of 2 items"):
+        cc.merge(models, "cca", data, progress=False)
+    assert cc.merge(models, "cca", data, ridge=0.1, progress=False) is not None  # no output read: it merges

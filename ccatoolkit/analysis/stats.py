@@ -66,8 +66,9 @@ _FLUSH_SAMPLES = 1 << 17
 # none: each batch's products go into the float64 sums chunk by chunk (vgg11_bn's two 4096-wide classifier
 # spaces would otherwise hold two such Grams throughout).
 _LARGE_RUNNING_GRAM = 64 << 20
-#: The smallest default budget (bytes) for the activations held per forward pass: small models take whole batches.
-MIN_MICRO_BATCH_BYTES = 256 << 20
+#: The smallest default budget (bytes) for the activations held per forward pass, by device type: small
+#: models take whole batches; on an accelerator larger micro-batches keep its kernels busy.
+MIN_MICRO_BATCH_BYTES = {"cpu": 64 << 20, "other": 1 << 30}
 
 
 
@@ -732,12 +733,13 @@ class StatisticsCollector:
         One sample through every model measures what a sample holds (every capture point of every
         model) and the largest single activation. The default budget is twice that activation for the
         whole batch (about what a plain forward pass of one model holds at its widest layer), and at
-        least ``MIN_MICRO_BATCH_BYTES``: a merge then holds about one more forward's worth of memory.
+        least ``MIN_MICRO_BATCH_BYTES`` for the device: a merge then holds about one more forward's worth.
         """
         held, widest = self._bytes_per_sample(x[:1])
         budget = self.memory_budget
         if budget is None:
-            budget = max(2 * widest * int(x.shape[0]), MIN_MICRO_BATCH_BYTES)
+            floor = MIN_MICRO_BATCH_BYTES["cpu" if x.device.type == "cpu" else "other"]
+            budget = max(2 * widest * int(x.shape[0]), floor)
         return max(1, int(budget // max(held, 1)))
 
     def _bytes_per_sample(self, sample: torch.Tensor) -> tuple[int, int]:

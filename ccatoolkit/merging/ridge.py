@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ccatoolkit._utils import batch_inputs, eval_mode, to_model
+from ccatoolkit._utils import batch_inputs, check_logits, eval_mode, to_model
 from ccatoolkit.analysis.stats import JointStats
 from ccatoolkit.merging.graph import MergeGraph
 from ccatoolkit.merging.methods import AlignmentProblem, Transforms
@@ -70,7 +70,7 @@ def agreement_scorer(models: Sequence[nn.Module], held_out: Sequence[Any]) -> Ca
     """
     inputs = [to_model(batch_inputs(b), models[0]) for b in held_out]
     with eval_mode(*models):
-        outs = [torch.stack([m(x) for m in models]) for x in inputs]
+        outs = [torch.stack([check_logits(m(x), m, "ridge='auto'") for m in models]) for x in inputs]
     classifier = all(o.dim() == 3 and o.shape[-1] > 1 for o in outs)
     if classifier:
         targets = [torch.logsumexp(torch.log_softmax(o.double(), -1), 0) - math.log(len(models)) for o in outs]
