@@ -744,21 +744,14 @@ class StatisticsCollector:
 
     def _bytes_per_sample(self, sample: torch.Tensor) -> tuple[int, int]:
         """``(bytes every capture point of every model holds for one sample, the largest single activation's)``."""
-        for p in self.points:
-            p.begin()
-        try:
-            with torch.inference_mode(False):
-                for i, model in enumerate(self.models):
-                    self._active = i
-                    model(sample)
-        finally:
-            self._active = None
+        self._run_models(sample)
         sizes = [o[1].numel() * o[1].element_size() for p in self.points for o in p.outs.values()]
         for p in self.points:
             p.begin()  # measured only: nothing is added
         return sum(sizes), max(sizes, default=0)
 
-    def _update_whole(self, x: torch.Tensor) -> None:
+    def _run_models(self, x: torch.Tensor) -> None:
+        """Every model on ``x``, its capture points' outputs held by the points (see :class:`_Point`)."""
         for p in self.points:
             p.begin()
         try:
@@ -768,6 +761,9 @@ class StatisticsCollector:
                     model(x)
         finally:
             self._active = None
+
+    def _update_whole(self, x: torch.Tensor) -> None:
+        self._run_models(x)
         held = sum(o[0].numel() * o[0].element_size() for p in self.points for o in p.outs.values())
         self.peak_held_bytes = max(self.peak_held_bytes, held)
         for p in self.points:
