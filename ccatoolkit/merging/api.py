@@ -273,7 +273,7 @@ def align_to(
         prepared = Prepared(entry, [model], 0, graph, data, max_batches, folded, [source], transform_graph)
         plan = restoration(prepared, reset_bn=True, repair=True, passes=None)
         targets = RepairTargets([model], graph, data, max_batches)([transforms])
-        return merged_model(prepared, [transforms], plan, targets, progress=progress)
+        return merged_model(prepared, [transforms], plan, targets, progress=False)  # one bar: the refit's
     aligned = apply_transforms(source, transform_graph, transforms)
     if not (reset_bn and has_batchnorm(aligned)):
         return aligned
