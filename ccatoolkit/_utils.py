@@ -40,6 +40,7 @@ __all__ = [
     "check_finite_parameters",
     "check_class_targets",
     "class_targets",
+    "target_vector",
     "check_logits",
     "wrapper_advice",
 ]
@@ -427,13 +428,18 @@ def check_class_targets(targets: torch.Tensor, logits: torch.Tensor) -> None:
         )
 
 
+def target_vector(targets: torch.Tensor) -> torch.Tensor:
+    """Targets in one column ``(N, 1)`` (labels read from a table) as the vector they hold; others as they are."""
+    return targets[:, 0] if targets.dim() == 2 and targets.shape[1] == 1 else targets
+
+
 def class_targets(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """``targets`` as a vector of class indices for ``logits`` ``(N, classes)``, checked (:func:`check_class_targets`).
 
-    A column ``(N, 1)`` (labels read from a table) is taken as the vector it holds.
+    A column ``(N, 1)`` is taken as the vector it holds (:func:`target_vector`).
     """
-    if logits.dim() == 2 and targets.dim() == 2 and targets.shape[1] == 1 and targets.shape[0] == logits.shape[0]:
-        targets = targets[:, 0]
+    if logits.dim() == 2 and targets.dim() == 2 and targets.shape[0] == logits.shape[0]:
+        targets = target_vector(targets)
     check_class_targets(targets, logits)
     return targets
 

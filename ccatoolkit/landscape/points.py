@@ -40,12 +40,13 @@ from ccatoolkit._utils import (
     batch_inputs,
     batch_targets,
     check_class_targets,
-    check_logits,
     check_data,
+    check_logits,
     check_same_architecture,
     has_batchnorm,
     model_device,
     progress_bar,
+    target_vector,
     to_model,
 )
 from ccatoolkit.merging.normalization import population_bn_statistics
@@ -271,12 +272,6 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return template
 
 
-def _class_vector(targets: torch.Tensor) -> torch.Tensor:
-    """Targets in one column ``(N, 1)`` (labels read from a table) as the vector they hold; others as they are
-    (checked against the logits by ``check_class_targets``)."""
-    return targets[:, 0] if targets.dim() == 2 and targets.shape[1] == 1 else targets
-
-
 def _point_states(
     states: Sequence[dict[str, torch.Tensor]], coeffs: torch.Tensor, slices: list[slice], batched: bool
 ) -> list[dict[str, torch.Tensor]]:
@@ -324,7 +319,7 @@ def _evaluate_batched(
     device = model_device(template)
     samples = 0
     for batch in progress_bar(data, progress, desc=desc, leave=False):
-        x, y = to_model(batch_inputs(batch), template), _class_vector(batch_targets(batch).to(device))
+        x, y = to_model(batch_inputs(batch), template), target_vector(batch_targets(batch).to(device))
         anchor_out = shared.anchor_outputs(x) if shared is not None else None
         for s, state in zip(slices, point_states):
             rows = max(1, _POINT_ROWS // (s.stop - s.start))  # bound the working set: points x samples per step
@@ -358,7 +353,7 @@ def _evaluate_one_by_one(
         model.load_state_dict(point_states[i], strict=False)
         samples = 0
         for batch in data:
-            x, y = to_model(batch_inputs(batch), model), _class_vector(batch_targets(batch).to(device))
+            x, y = to_model(batch_inputs(batch), model), target_vector(batch_targets(batch).to(device))
             logits = check_logits(attacker(model, x, y), model, "a path's points")
             check_class_targets(y, logits)
             tally.add_point(i, y, logits)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from ccatoolkit.merging.normalization import (
     reset_bn_stats,
 )
 from ccatoolkit.merging.prepare import Prepared, require_data
-from ccatoolkit.merging.ridge import RidgeChoice
+from ccatoolkit.merging.ridge import Builder, RidgeChoice
 from ccatoolkit.merging.transform import transformed_tensors
 
 __all__ = ["Restoration", "restoration", "average_into", "merged_model", "repair_targets_for", "candidate_builder",
@@ -174,7 +174,7 @@ def repair_targets_for(prepared: Prepared) -> RepairTargets:
                          from_moments=method.uses_ridge, channel_groups=not method.to_reference)
 
 
-def candidate_builder(prepared: Prepared, plan: Restoration, targets: RepairTargets) -> Callable[[list[Transforms | None], int | None], nn.Module]:
+def candidate_builder(prepared: Prepared, plan: Restoration, targets: RepairTargets) -> Builder:
     """``build(transforms, candidate_batches)``: a ridge candidate's merge (no progress bars), its REPAIR
     targets computed for its transforms."""
 

@@ -353,13 +353,13 @@ class RepairTargets:
         self.models, self.graph, self.data, self.max_batches = list(models), graph, data, max_batches
         self.from_moments, self.channel_groups = from_moments, channel_groups
         self.endpoints = repair_endpoints(self.models[0], graph)
+        self.modules = [n for names in self.endpoints.values() for n in names]  # every endpoint, in space order
         self._moments: list[Moments] | None = None
 
     def moments(self) -> list[Moments]:
         """Each model's :func:`channel_moments` at the endpoints (measured once; a ``C x C`` matrix per module)."""
         if self._moments is None:
-            names = [n for ns in self.endpoints.values() for n in ns]
-            self._moments = [channel_moments(m, names, self.data, self.max_batches) for m in self.models]
+            self._moments = [channel_moments(m, self.modules, self.data, self.max_batches) for m in self.models]
         return self._moments
 
     def release(self) -> None:
@@ -368,7 +368,7 @@ class RepairTargets:
 
     def __call__(self, transforms: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None]) -> Targets:
         """The targets for per-model transforms ``{space: (out, inp)}`` (None: a model used as it is)."""
-        names = [n for ns in self.endpoints.values() for n in ns]
+        names = self.modules
         n_models = len(self.models)
         sums: dict[str, list[torch.Tensor]] = {}
         for k, model in enumerate(self.models):
