@@ -255,8 +255,8 @@ def align_to(
     max_batches = check_max_batches(max_batches)
     repair = entry.mixes_channels if repair is None else bool(repair)
     if data is not None:
-        passes = repair or (reset_bn and has_batchnorm(model) and bool(entry.statistics))
-        check_data(data, reiterable=passes)
+        several_passes = repair or (reset_bn and has_batchnorm(model) and bool(entry.statistics))
+        check_data(data, reiterable=several_passes)
         data = first_batches(data, max_batches) if max_batches is not None else data
     graph, data = traced_graph(reference, graph, data)
     transforms = alignment_transforms(
