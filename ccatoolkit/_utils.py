@@ -1,6 +1,7 @@
 """Small helpers every part of the package uses: devices, batches, eval mode, BatchNorm, architecture checks.
 
-Nothing here depends on another module of the package, so any module may import it.
+Nothing here depends on another module of the package but ``distributed`` (torch alone), so any module
+may import it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ccatoolkit import distributed
 
 __all__ = [
     "PhaseClock",
@@ -243,6 +246,8 @@ class _PlainBar:
 def progress_bar(iterable: Iterable[Any], enabled: bool = True, **options: Any) -> Any:
     """``tqdm.auto.tqdm(iterable, disable=not enabled, **options)``; without tqdm, the iterable as it is.
 
+    Under ``torchrun`` only rank 0 shows bars (the others would repeat them).
+
     tqdm is optional so that the core imports with torch, numpy and scipy alone (a bare GPU image);
     either way the result iterates like ``iterable`` and has ``set_postfix`` and ``close``.
     """
@@ -250,7 +255,7 @@ def progress_bar(iterable: Iterable[Any], enabled: bool = True, **options: Any) 
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with the package's dependencies
         return _PlainBar(iterable)
-    return tqdm(iterable, disable=not enabled, **options)
+    return tqdm(iterable, disable=not enabled or distributed.rank() != 0, **options)
 
 
 # --- modes and layers -------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ccatoolkit import distributed
 from ccatoolkit._utils import (
     batch_count,
     batch_inputs,
@@ -285,15 +286,9 @@ class JointStats:
 
     def all_reduce(self) -> JointStats:
         """Sum ``count`` and the sums over all ``torch.distributed`` ranks (in place; returns self)."""
-        tensors = self._tensors()
-        packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)]
-                           + [t.reshape(-1) for t in tensors])
-        torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
-        reduced, start = [], 1
-        for t in tensors:
-            reduced.append(packed[start : start + t.numel()].reshape(t.shape).clone())
-            start += t.numel()
-        new = self._with(int(round(packed[0].item())), reduced)
+        count, *reduced = distributed.all_reduce_sum(
+            [torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)] + self._tensors())
+        new = self._with(int(round(count.item())), reduced)
         self.count, self.sum, self.gram = new.count, new.sum, new.gram
         self.cross, self.square_sum = new.cross, new.square_sum
         return self
@@ -785,7 +780,7 @@ class StatisticsCollector:
         peak memory of wide spaces); the collector cannot be updated afterwards.
         """
         if all_reduce is None:
-            all_reduce = torch.distributed.is_available() and torch.distributed.is_initialized()
+            all_reduce = distributed.active()
         empty = [name for name, s in self.spaces.items() if s.count == 0]
         if empty:
             raise ValueError("no samples were collected (the data gave no batches)")
@@ -860,8 +855,10 @@ def collect_statistics(
     with collector.attached():
         for x in batches:
             collector.update(x)
-    if collector.batches == 0:
-        raise ValueError("the data gave no batches; pass a non-empty DataLoader or iterable of batches")
+    empty_ranks = distributed.sum_over_ranks([collector.batches == 0])[0]  # every rank raises alike
+    if empty_ranks:
+        where = f" on {int(empty_ranks)} rank(s)" if distributed.active() else ""
+        raise ValueError(f"the data gave no batches{where}; pass a non-empty DataLoader or iterable of batches")
     stats = collector.result(release=True)
     if warn:
         for name, s in stats.items():

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from ccatoolkit import distributed
 from ccatoolkit._utils import BATCHNORM_TYPES as _BN
 from ccatoolkit._utils import LINEAR_LAYER_TYPES as _LINEAR
 from ccatoolkit._utils import (
@@ -94,6 +95,9 @@ def reset_bn_stats(
                 for x in _several_samples(_batches(data, max_batches, progress, "reset BatchNorm"), "reset_bn_stats"):
                     new(to_model(x, new))
                     seen += 1
+            if distributed.active():
+                seen = int(distributed.sum_over_ranks([seen])[0])
+                _average_over_ranks([m for m in bns if m.running_mean is not None])
         if seen == 0:
             raise ValueError("the data gave no batches of two or more samples; pass a non-empty DataLoader or "
                              "iterable of batches")
@@ -101,6 +105,21 @@ def reset_bn_stats(
         for m, mom in momenta.items():
             m.momentum = mom
     return new
+
+
+def _average_over_ranks(bns: Sequence[nn.Module]) -> None:
+    """Each BatchNorm's cumulative averages (``momentum=None``) over the batches of all ranks, weighted by the
+    batches each rank saw: what one process reading every rank's batches computes."""
+    tracked = [bn.num_batches_tracked.to(torch.float64) for bn in bns]
+    sums = distributed.all_reduce_sum(
+        [t for bn, n in zip(bns, tracked) for t in (bn.running_mean * n, bn.running_var * n, n)])
+    with torch.no_grad():
+        for i, bn in enumerate(bns):
+            mean, var, n = sums[3 * i : 3 * i + 3]
+            if n.item() > 0:
+                bn.running_mean.copy_(mean / n)
+                bn.running_var.copy_(var / n)
+            bn.num_batches_tracked.copy_(n.round().to(bn.num_batches_tracked.dtype))
 
 
 def repair_batchnorm(
@@ -203,8 +222,10 @@ def _accumulate(
     progress: bool,
     stop_after: str | None = None,
     fired: list[str] | None = None,
+    reduce_ranks: bool = True,
 ) -> dict[str, list[Any]]:
-    """One eval-mode pass over ``data``: ``reduce[name](output)`` of each module, summed over batches (tuples).
+    """One eval-mode pass over ``data``: ``reduce[name](output)`` of each module, summed over batches (tuples
+    whose last item is the sample count), then over ``torch.distributed`` ranks unless ``reduce_ranks=False``.
 
     ``fired``: a list that gets each module's name every time its hook runs (the forward order).
     """
@@ -236,10 +257,31 @@ def _accumulate(
     finally:
         for h in handles:
             h.remove()
+    if reduce_ranks:
+        acc = _sum_over_ranks(acc)
     for n, a in acc.items():
         if not a or a[-1] == 0:
             raise ValueError(f"module {n!r} produced no output on the data; is it used in forward()?")
     return acc
+
+
+def _sum_over_ranks(acc: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """:func:`_accumulate`'s sums added over ``torch.distributed`` ranks (as they are on one process).
+
+    Each entry is ``[tensor, ..., count]``. The counts go first, so that a module no rank saw is named by the
+    error every rank raises; then all tensors in one collective.
+    """
+    if not distributed.active():
+        return acc
+    names = list(acc)
+    counts = distributed.sum_over_ranks([acc[n][-1] if acc[n] else 0 for n in names])
+    if any(c == 0 for c in counts):
+        return {n: acc[n] if c else [] for n, c in zip(names, counts)}
+    if any(not acc[n] for n in names):
+        raise ValueError("a rank saw no output of a module the others saw: give every rank at least one batch")
+    tensors = [t for n in names for t in acc[n][:-1]]
+    reduced = iter(distributed.all_reduce_sum(tensors))
+    return {n: [next(reduced) for _ in acc[n][:-1]] + [int(round(c))] for n, c in zip(names, counts)}
 
 
 def _scale(std: torch.Tensor, t_std: torch.Tensor, eps: float) -> torch.Tensor:
@@ -310,12 +352,24 @@ def channel_moments(
 
     shifts: dict[str, torch.Tensor] = {}
     acc = _accumulate(model, modules, data, {n: (lambda out, n=n: reduce(out, shifts, n)) for n in modules},
-                      max_batches, progress)
+                      max_batches, progress, reduce_ranks=False)
+    if distributed.active():
+        acc = _sum_over_ranks({n: _shifted(*acc[n], shifts[n], distributed.broadcast(shifts[n]))
+                               if acc[n] else [] for n in acc})
+        shifts = {n: distributed.broadcast(shift) for n, shift in shifts.items()}
     result = {}
     for n, (s, gram, c) in acc.items():
         mean = s / c
         result[n] = (shifts[n].to(torch.float64) + mean, gram / c - torch.outer(mean, mean))
     return result
+
+
+def _shifted(s: torch.Tensor, gram: torch.Tensor, count: int, shift: torch.Tensor,
+             new_shift: torch.Tensor) -> list[Any]:
+    """Sums of ``y - shift`` re-expressed as sums of ``y - new_shift`` (every rank then sums about rank 0's
+    shift): with ``d = shift - new_shift``, ``S' = S + n d`` and ``G' = G + d S^T + S d^T + n d d^T``."""
+    d = (shift - new_shift).to(torch.float64)
+    return [s + count * d, gram + torch.outer(d, s) + torch.outer(s, d) + count * torch.outer(d, d), count]
 
 
 def mapped_channel_stats(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ccatoolkit import distributed
 from ccatoolkit._utils import batch_inputs, check_logits, eval_mode, to_model
 from ccatoolkit.analysis.stats import JointStats
 from ccatoolkit.merging.graph import MergeGraph
@@ -89,7 +90,8 @@ def agreement_scorer(models: Sequence[nn.Module], held_out: Sequence[Any]) -> Ca
                     total -= float(kl)
                 else:
                     total -= float(((out - target) ** 2).flatten(1).mean(1).sum())
-        return total / max(count, 1)
+        total, seen = distributed.sum_over_ranks([total, count])  # under torchrun: over every rank's batches
+        return total / max(seen, 1)
 
     return score
 
@@ -131,7 +133,9 @@ def _by_validation(prepared: Prepared, grid: Sequence[float], val_data: Any, col
     cache: dict[Any, Any] = {}
     for r in grid:
         merged = build(solve(stats, r, cache), None)
-        scores[r] = float(evaluate(merged, val_data)["accuracy"])
+        result = evaluate(merged, val_data)
+        correct, count = distributed.sum_over_ranks([result["accuracy"] * result["n"], result["n"]])
+        scores[r] = round(correct) / max(count, 1)
         if best is None or scores[r] > scores[best[0]]:  # the first of equal scores wins, as max() picks it
             best = (r, merged)
     assert best is not None
@@ -162,7 +166,12 @@ def choose_ridge(
                 yield batch
 
     fit_stats = collect(fit_batches(), True)
-    if not held_out:
+    ranks_without, total_held_out = distributed.sum_over_ranks([not held_out, len(held_out)])  # all ranks alike
+    if ranks_without and total_held_out:
+        raise ValueError(f"ridge='auto' under torch.distributed: {int(ranks_without)} rank(s) had fewer than "
+                         f"{HOLD_OUT_EVERY} batches, so they hold none out; give every rank at least "
+                         f"{HOLD_OUT_EVERY} batches (shards of equal size) or pass a fixed ridge")
+    if not total_held_out:
         return RidgeChoice(DEFAULT_RIDGE, f"default (fewer than {HOLD_OUT_EVERY} batches: none held out)",
                            statistics=fit_stats)
     # the agreement rule reads the held-out batches' statistics only for the final merge: they are collected

@@ -2,4 +2,5 @@
 
 ``plots.landscape``: interpolation curves, barrier bars, 2-D planes, curves along t.
 ``plots.analysis``: correlation heatmaps, canonical-correlation spectra, accuracy bars and N-model lines.
+``plots.style``: one colour per method across the notebooks, percentage-point labels.
 """

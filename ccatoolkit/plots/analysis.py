@@ -12,6 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ccatoolkit.plots.style import METHOD_COLORS, method_palette
+
 __all__ = [
     "plot_correlation",
     "plot_cca_spectra",

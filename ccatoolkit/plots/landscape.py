@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ccatoolkit.landscape.results import InterpolationResult, PlaneResult, SimplexResult, barrier
+from ccatoolkit.plots.style import METHOD_COLORS, method_color
 
 __all__ = [
     "plot_interpolation", "plot_barriers", "plot_plane", "plot_plane_path", "plot_curve_paths", "plot_simplex",
@@ -162,7 +163,8 @@ def plot_curve_paths(results: Sequence[InterpolationResult] | InterpolationResul
     colours: dict[str, str] = {}
     for r in _as_list(results):
         method = getattr(r, "method", "none")
-        colour = colours.setdefault(method, f"C{len(colours)}")
+        colour = colours.setdefault(method, method_color(str(method)) if str(method) in METHOD_COLORS
+                                    else f"C{len(colours)}")
         learned = hasattr(r, "kind")
         values = np.asarray(getattr(r, metric), dtype=np.float64)
         values = np.where(np.isfinite(values), values, np.nan)
