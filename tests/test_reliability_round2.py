@@ -496,3 +496,36 @@ def test_a_merge_names_a_tuple_output_where_it_reads_the_outputs() -> None:
     with pytest.raises(TypeError, match="tuple of 2 items"):
         cc.merge(models, "cca", data, progress=False)
     assert cc.merge(models, "cca", data, ridge=0.1, progress=False) is not None  # no output read: it merges
+
+
+def test_loss_plane_warns_for_a_degraded_cca_aligned_endpoint() -> None:
+    """Issue 28: a plane through an unrepaired CCA-aligned B' of a BatchNorm CNN names B' against B; a plane
+    through a permuted B (exact) says nothing, and B' made without a source (a copy) cannot be compared."""
+    import copy
+    import pickle
+    import warnings
+
+    from toybox import ConvBN, digit_batches, fit
+
+    import ccatoolkit as cc
+
+    train, test = digit_batches(128)
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(fit(ConvBN(width=6), train, epochs=2, seed=seed))
+    a, b = nets
+    b_cca = cc.align_to(a, b, "cca", data=train, repair=False, progress=False)
+    assert b_cca.aligned_from.method == "cca" and b_cca.aligned_from.source is b
+    with pytest.warns(RuntimeWarning, match=r"loss_plane \(B\): the cca-aligned endpoint B' reaches") as caught:
+        plane = cc.loss_plane(a, b_cca, b, test, resolution=2, progress=False)
+    message = str([w.message for w in caught if "loss_plane" in str(w.message)][0])
+    b_accuracy = cc.evaluate(b, test)["accuracy"]
+    assert f"{plane.model_accuracy[1]:.1%}" in message and f"{b_accuracy:.1%}" in message
+    assert plane.model_accuracy[1] < b_accuracy - 0.02
+    b_perm = cc.align_to(a, b, "permute", data=train, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        cc.loss_plane(a, b_perm, b, test, resolution=2, progress=False)  # exact: no warning
+    assert copy.deepcopy(b_cca).aligned_from.source is None  # copies keep the method only
+    assert pickle.loads(pickle.dumps(b_cca.aligned_from)).method == "cca"

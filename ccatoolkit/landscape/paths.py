@@ -29,6 +29,7 @@ from ccatoolkit.merging.api import align_to
 from ccatoolkit.merging.methods import REGISTRY
 from ccatoolkit.merging.normalization import MixtureRepair
 from ccatoolkit.zoo.adversarial import PGD
+from ccatoolkit.zoo.training import evaluate
 
 __all__ = [
     "interpolate", "simplex", "loss_plane", "aligned_endpoint", "alpha_grid", "method_name",
@@ -326,8 +327,23 @@ def loss_plane(
         chunk_size=chunk_size, progress=progress, desc="plane",
     )
     n = resolution * resolution
+    _warn_if_aligned_endpoint_degraded(models, list(labels), acc[n:], data)
     return PlaneResult(
         xs=xs, ys=ys, loss=loss[:n].reshape(resolution, resolution), accuracy=acc[:n].reshape(resolution, resolution),
         coords=coords, labels=tuple(labels), model_loss=loss[n:], model_accuracy=acc[n:],
         reset_bn=bool(reset_bn and has_batchnorm(model_a)),
     )
+
+
+def _warn_if_aligned_endpoint_degraded(models: Sequence[nn.Module], labels: Sequence[str], accuracies: np.ndarray,
+                                       data: Iterable[Any]) -> None:
+    """For each plane model that :func:`~ccatoolkit.merging.api.align_to` made with a map that mixes channels,
+    the warning :func:`interpolate` gives when it is more than ``ENDPOINT_TOLERANCE`` below its source model on
+    ``data`` (one pass of the source; skipped when the source is gone or ``data`` is a one-shot iterator)."""
+    for model, label, accuracy in zip(models, labels, accuracies):
+        info = getattr(model, "aligned_from", None)
+        source = getattr(info, "source", None)
+        if source is None or not mixes_channels(info.method) or iter(data) is data:
+            continue
+        source_accuracy = float(evaluate(source, data)["accuracy"])
+        warn_if_endpoint_degraded(source_accuracy, float(accuracy), info.method, f"loss_plane ({label})")

@@ -10,6 +10,7 @@ activation statistics, one pass), :mod:`~ccatoolkit.merging.ridge` (CCA's ridge,
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ from ccatoolkit.merging.statistics import merge_statistics, warn_if_unreliable
 from ccatoolkit.merging.transform import apply_transforms
 
 __all__ = ["METHODS", "DEFAULT_RIDGE", "RIDGE_GRID", "Ensemble", "ensemble", "merge", "RidgeSweep", "align_to",
-           "alignment_transforms"]
+           "alignment_transforms", "AlignedFrom"]
 
 METHODS: tuple[str, ...] = (*REGISTRY, "ensemble")
 
@@ -225,6 +226,31 @@ def alignment_transforms(
     return transforms
 
 
+class AlignedFrom:
+    """What :func:`align_to` made a model from, as the model's ``aligned_from``: the ``method`` and the
+    ``source`` model (held weakly: None once it is gone), so that a loss plane through a CCA-aligned B' can
+    compare it with B. A copy or a pickle keeps the method only."""
+
+    def __init__(self, method: str, source: nn.Module) -> None:
+        self.method = method
+        self._source: weakref.ref[nn.Module] | None = weakref.ref(source)
+
+    @property
+    def source(self) -> nn.Module | None:
+        return self._source() if self._source is not None else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"method": self.method, "_source": None}
+
+    def __repr__(self) -> str:
+        return f"AlignedFrom(method={self.method!r}, source={'alive' if self.source is not None else 'gone'})"
+
+
+def _marked(aligned: nn.Module, method: str, source: nn.Module) -> nn.Module:
+    aligned.aligned_from = AlignedFrom(method, source)  # type: ignore[assignment]
+    return aligned
+
+
 @torch.inference_mode(False)  # called inside inference_mode: the result must still be a normal, trainable model
 def align_to(
     reference: nn.Module,
@@ -248,7 +274,8 @@ def align_to(
     order (:mod:`ccatoolkit.merging.refit`), then every pre-activation channel gets ``model``'s own mean
     and std seen through ``T`` (BatchNorm layers, folded first, set to them; REPAIR's passes elsewhere).
     ``repair=False`` applies ``T`` and its inverse as they are. ``reset_bn=True`` (permutations) re-estimates
-    BatchNorm statistics on ``data``. ``data`` may be a one-shot iterator when it is read once.
+    BatchNorm statistics on ``data``. ``data`` may be a one-shot iterator when it is read once. The result's
+    ``aligned_from`` (:class:`AlignedFrom`) names the method and ``model``.
     """
     entry = aligning_method(method)
     check_models([reference, model])
@@ -273,13 +300,15 @@ def align_to(
         prepared = Prepared(entry, [model], 0, graph, data, max_batches, folded, [source], transform_graph)
         plan = restoration(prepared, reset_bn=True, repair=True, passes=None)
         targets = RepairTargets([model], graph, data, max_batches)([transforms])
-        return merged_model(prepared, [transforms], plan, targets, progress=False)  # one bar: the refit's
+        aligned = merged_model(prepared, [transforms], plan, targets, progress=False)  # one bar: the refit's
+        return _marked(aligned, entry.name, model)
     aligned = apply_transforms(source, transform_graph, transforms)
     if not (reset_bn and has_batchnorm(aligned)):
-        return aligned
+        return _marked(aligned, entry.name, model)
     require_data(data, entry.name, "the BatchNorm reset")
     if not folded:
-        return reset_bn_stats(aligned, data, max_batches=max_batches, progress=progress)
+        return _marked(reset_bn_stats(aligned, data, max_batches=max_batches, progress=progress), entry.name, model)
     targets = RepairTargets([model], graph, data, max_batches)([transforms])
-    return repair_batchnorm(aligned, {n: t for n, t in targets.items() if n in folded}, data,
-                            max_batches=max_batches, progress=progress)
+    aligned = repair_batchnorm(aligned, {n: t for n, t in targets.items() if n in folded}, data,
+                               max_batches=max_batches, progress=progress)
+    return _marked(aligned, entry.name, model)
