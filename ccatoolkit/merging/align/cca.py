@@ -40,6 +40,7 @@ from ccatoolkit.analysis.linalg import (
 __all__ = [
     "CCAProblem",
     "cca_transform",
+    "constant_channels",
     "cca_directions",
     "multiview_cca_transforms",
 ]
@@ -47,7 +48,7 @@ __all__ = [
 _DEAD_RTOL = 1e-10  # a channel whose variance is below this fraction of the largest is constant
 
 
-def _constant(S: torch.Tensor) -> torch.Tensor:
+def constant_channels(S: torch.Tensor) -> torch.Tensor:
     """Mask of channels with (numerically) zero variance: dead ReLUs on the data."""
     var = torch.diagonal(S).clamp_min(0.0)
     top = float(var.max()) if var.numel() else 0.0
@@ -97,8 +98,8 @@ class CCAProblem:
                 f"S_ab {tuple(S_ab.shape)}"
             )
         self.M = self.a.vecs.T @ S_ab @ self.b.vecs.to(S_ab.device)
-        self.dead_a = _constant(symmetrize(S_aa).to(S_ab.device))
-        self.dead_b = _constant(symmetrize(S_bb).to(S_ab.device))
+        self.dead_a = constant_channels(symmetrize(S_aa).to(S_ab.device))
+        self.dead_b = constant_channels(symmetrize(S_bb).to(S_ab.device))
 
     def transform(self, ridge: float, drop_constant: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out, inp)`` float64 tensors: :func:`cca_transform` at ``ridge``."""
@@ -183,7 +184,7 @@ def multiview_cca_transforms(
         out = roots[reference][0] @ R @ roots[k][1]
         inp = roots[k][0] @ R.T @ roots[reference][1]
         if drop_constant:
-            out, inp = _drop_constant(out, inp, _constant(symmetrize(covs[reference][reference]).cpu()),
-                                      _constant(symmetrize(covs[k][k]).cpu()))
+            out, inp = _drop_constant(out, inp, constant_channels(symmetrize(covs[reference][reference]).cpu()),
+                                      constant_channels(symmetrize(covs[k][k]).cpu()))
         result.append((out.numpy(), inp.numpy()))
     return result
