@@ -16,7 +16,7 @@ from ccatoolkit.plots.style import METHOD_COLORS, method_color
 
 __all__ = [
     "plot_interpolation", "plot_barriers", "plot_plane", "plot_plane_path", "plot_curve_paths", "plot_simplex",
-    "path_end_label",
+    "path_end_label", "plot_barriers_against",
 ]
 
 _YLABEL = {"loss": "test loss", "accuracy": "test accuracy"}
@@ -191,6 +191,46 @@ def plot_simplex(result: SimplexResult, ax: Any = None, metric: str = "loss", le
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontweight="bold")
     ax.set_aspect("equal")
     ax.axis("off")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_barriers_against(results: Sequence[InterpolationResult] | InterpolationResult, reference: InterpolationResult,
+                          ax: Any = None, metric: str = "loss", title: str | None = None) -> Any:
+    """Each path's barrier against ``reference``'s ends (the unaligned path: the real A and B), one bar per path.
+
+    Bars take the method's colour (:func:`ccatoolkit.plots.style.method_color`). A path whose end is not B
+    (its end value differs from ``reference``'s: a CCA-aligned B' computes another function) gets a second,
+    hatched bar beside it: its barrier against its own end B', labelled so. Values are written on the bars.
+    """
+    metric = _check(metric)
+    ax = _axis(ax)
+    b_end = reference.ends(metric)[1]
+    bars: list[tuple[str, float, str, bool]] = []  # label, value, colour, against its own end
+    for r in _as_list(results):
+        method = str(getattr(r, "method", "none"))
+        label = str(getattr(r, "label", method))
+        colour = method_color("naive" if method == "none" else method)
+        if colour == "#000000":
+            colour = method_color(label)
+        bars.append((f"{label}\nvs B", barrier(r, metric=metric, against=reference), colour, False))
+        if not np.isclose(r.ends(metric)[1], b_end, rtol=1e-4, atol=1e-6):
+            bars.append((f"{label}\nvs its own end B'", barrier(r, metric=metric), colour, True))
+    values = [v for _, v, _, _ in bars]
+    drawn = ax.bar(range(len(bars)), [v if np.isfinite(v) else 0.0 for v in values],
+                   color=[c for _, _, c, _ in bars], edgecolor="black", linewidth=0.6)
+    for patch, (_, v, _, own) in zip(drawn, bars):
+        if own:
+            patch.set_hatch("//")
+            patch.set_alpha(0.55)
+        ax.annotate(f"{v:.3f}", (patch.get_x() + patch.get_width() / 2, patch.get_height()),
+                    ha="center", va="bottom", fontsize="small")
+    ax.set_xticks(range(len(bars)))
+    ax.set_xticklabels([label for label, _, _, _ in bars], fontsize="small")
+    ax.set_ylabel(f"{metric} barrier")
+    ax.margins(y=0.12)
+    ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title)
     return ax
