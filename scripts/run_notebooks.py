@@ -73,7 +73,13 @@ def _to_html(nb_path: Path, html_path: Path) -> None:
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(nb_path, as_version=4))
+    from traitlets.config import Config
+
+    # a static page has no kernel for a widget's controls: show the figure the widget opened on (its PNG)
+    priority = [mime for mime in HTMLExporter().default_config.NbConvertBase.display_data_priority
+                if mime != "application/vnd.jupyter.widget-view+json"]
+    exporter = HTMLExporter(config=Config({"NbConvertBase": {"display_data_priority": priority}}))
+    body, _ = exporter.from_notebook_node(nbformat.read(nb_path, as_version=4))
     html_path.write_text(body, encoding="utf-8")
 
 

@@ -311,3 +311,45 @@ def test_curve_slider_moves_the_point_along_the_curve(setup):
     mid = contexts.curve_point(ctx, 0.5)
     assert box.redraws == 2 and "t = 0.50" in box.text and f"{mid['loss']:.3f}" in box.text
     assert mid["loss"] == pytest.approx(float(ctx.paths[0].loss[2]), rel=1e-4)  # the same point as the curve's t = 0.5
+
+
+def test_a_widget_shows_its_figure_where_no_kernel_runs_it(tmp_path) -> None:
+    """Issue 27: the HTML report showed bare controls. A widget's output carries its current figure as a PNG,
+    and the report's pages show that PNG instead of the (dead) widget view."""
+    import base64
+    import importlib.util
+    from pathlib import Path
+
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+    import nbformat
+
+    from ccatoolkit.app.controls import InteractiveFigure
+
+    def render(x: int):
+        fig, ax = plt.subplots(figsize=(2, 2))
+        ax.plot([0, x], [0, 1])
+        fig.suptitle(f"x = {x}")
+        return fig
+
+    widget = InteractiveFigure(render, {"x": W.IntSlider(value=3, min=1, max=5)})
+    bundle = widget._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # JupyterLab still gets the live widget
+    png = base64.b64decode(bundle["image/png"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == bytes(widget.image.value)
+    assert bundle["text/plain"] == "x = 3"
+    widget.box.children[0].children[0].value = 5  # a redraw changes the picture the bundle carries
+    assert base64.b64decode(widget._repr_mimebundle_()["image/png"]) != png
+
+    spec = importlib.util.spec_from_file_location("run_notebooks", Path(__file__).parents[1] / "scripts" / "run_notebooks.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("widget")
+    cell.outputs = [nbformat.v4.new_output("display_data", data=bundle)]
+    nb.cells = [cell]
+    nbformat.write(nb, tmp_path / "w.ipynb")
+    runner._to_html(tmp_path / "w.ipynb", tmp_path / "w.html")
+    page = (tmp_path / "w.html").read_text()
+    assert bundle["image/png"][:200] in page  # the figure, not an empty widget placeholder
+    plt.close("all")

@@ -10,6 +10,7 @@ check the redraw.
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 from dataclasses import dataclass, field
@@ -97,10 +98,18 @@ class InteractiveFigure:
         self.image.value = png  # the image first: once the title changes, the picture matches it
         self.title.value = f"<b>{html.escape(self.text)}</b>"
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        """The widget view, with the current figure as a PNG and its title as text beside it.
 
-        display(self.box)
+        JupyterLab ranks the widget view first and shows the live controls; a static page of the executed
+        notebook (``scripts/run_notebooks.py``'s HTML report, GitHub) has no kernel for them and shows the
+        figure the widget opened on instead of bare controls.
+        """
+        bundle = dict(self.box._repr_mimebundle_())
+        if self.image.value:
+            bundle["image/png"] = base64.b64encode(bytes(self.image.value)).decode("ascii")
+            bundle["text/plain"] = self.text or bundle.get("text/plain", "")
+        return bundle
 
 
 def correlation_widget(ctx: CorrelationContext, layer: str | None = None) -> InteractiveFigure:
