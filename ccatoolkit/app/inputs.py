@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from ccatoolkit._utils import progress_bar
 from ccatoolkit.app.settings import Settings
 from ccatoolkit.data import get_loaders, load_dataset, make_loader
 from ccatoolkit.zoo.trained import trained_model
@@ -57,10 +58,11 @@ def zoo(s: Settings, split: str = "full", n: int | None = None, seeds: Any = Non
     if len(seeds) != n:
         raise ValueError(f"{n} models need {n} seeds, got {len(seeds)}")
     models = []
-    for i, seed in enumerate(seeds):
+    # one bar for the set (a model's own epoch and batch bars would make dozens in one cell)
+    for i, seed in progress_bar(list(enumerate(seeds)), s.progress, desc=f"{split} zoo", unit="model", leave=False):
         part = dict(n_models=n, model_index=i) if split != "full" else {}
         model = trained_model(model=s.model, model_kwargs=dict(s.model_kwargs), dataset=s.dataset, split=split,
                               seed=seed, epochs=s.epochs, batch_size=s.batch_size, limit=s.limit,
-                              device=s.device, progress=s.progress, **part)
+                              device=s.device, progress=False, **part)
         models.append(model.eval())
     return models

@@ -26,6 +26,8 @@ __all__ = [
     "collapsed_methods",
     "plot_spread_bars",
     "plot_spread_vs_n",
+    "plot_row_mass",
+    "plot_value_cdfs",
 ]
 
 
@@ -298,13 +300,21 @@ def plot_spread_bars(frame: Any, ax: Any = None, y: str = "relative", title: str
 
 
 def plot_spread_vs_n(frame: Any, ax: Any = None, y: str = "relative", title: str | None = None,
-                     collapse_below: float = -0.2, exclude: Sequence[str] = ("ensemble",)) -> Any:
+                     collapse_below: float = -0.2, exclude: Sequence[str] = ("ensemble",),
+                     collapsed_ax: Any = None, reference: str | None = None, ylabel: str | None = None) -> Any:
     """Mean +/- sd band of ``y`` against the number of models merged, one line per method (rows: ``method``, ``n``, ``y``).
 
     As :func:`plot_spread_bars`: ``y="relative"`` puts the ensemble of the same models at 0, and methods
-    that collapse get an axis of their own at the right. Needs seaborn.
+    that collapse (mean below ``collapse_below``) are drawn on an axis of their own: ``collapsed_ax``
+    when given (e.g. a narrow panel beside ``ax``, hidden when nothing collapses), else an inset at the
+    right of ``ax``. Each method keeps its colour (:func:`~ccatoolkit.plots.style.method_palette`); a
+    difference (any ``y`` but ``"accuracy"``) is labelled in percentage points (``-0.004`` reads
+    ``-0.4``), an accuracy in percent. ``reference`` names the dashed line at 0 (default: ``"ensemble"``
+    for ``y="relative"``; none for ``"accuracy"``), written beside it; ``ylabel`` overrides the axis
+    label. Fonts are 9 pt or larger. Needs seaborn.
     """
     import seaborn as sns
+    from matplotlib.ticker import FuncFormatter
 
     frame = frame[~frame["method"].isin(list(exclude))]
     if frame.empty:
@@ -312,23 +322,108 @@ def plot_spread_vs_n(frame: Any, ax: Any = None, y: str = "relative", title: str
     low = collapsed_methods(frame, y, collapse_below)
     ax = _axis(ax, (5.5, 3.5))
     methods = list(dict.fromkeys(frame["method"]))
-    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    palette = method_palette(methods)
+    unknown = [m for m in methods if palette[m] == "#000000"]  # not one of the shared colours: seaborn's cycle
+    palette.update(zip(unknown, sns.color_palette(n_colors=len(unknown)).as_hex()))
     parts = [(ax, frame[~frame["method"].isin(low)])]
     if low:
-        parts.append((_side_axis(ax, "collapsed (own scale)"), frame[frame["method"].isin(low)]))
+        side = collapsed_ax if collapsed_ax is not None else _side_axis(ax, "")
+        side.set_title("collapsed (own scale)", fontsize=9)
+        side.grid(alpha=0.3, axis="y")
+        parts.append((side, frame[frame["method"].isin(low)]))
+    elif collapsed_ax is not None:
+        collapsed_ax.set_axis_off()
+    if reference is None and y == "relative":
+        reference = "ensemble"
+    difference = y != "accuracy"
+    if difference:
+        formatter = FuncFormatter(lambda v, _: "0" if abs(v) < 5e-7 else f"{100 * v:.3g}")
+    else:
+        formatter = FuncFormatter(lambda v, _: f"{100 * v:.3g}%")
     ns = sorted({int(n) for n in frame["n"]})
     for axis, part in parts:
         sns.lineplot(data=part, x="n", y=y, hue="method", palette=palette, errorbar="sd", marker="o", ax=axis)
         axis.set_xticks(ns)
-        axis.set_xlabel("number of models merged (N)")
+        axis.set_xlim(ns[0] - 0.25, ns[-1] + 0.25)
+        axis.set_xlabel("number of models merged (N)", fontsize=10)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize="x-small")
-        if y == "relative":
-            axis.axhline(0.0, color="tab:green", linestyle="--", linewidth=1)
-    ax.set_ylabel(_relative_label(y))
+        axis.legend(fontsize=9)
+        axis.yaxis.set_major_formatter(formatter)
+        axis.tick_params(labelsize=9)
+        axis.set_ylabel("")
+        if reference is not None and difference:
+            color = METHOD_COLORS.get(reference, "#333333")
+            axis.axhline(0.0, color=color, linestyle="--", linewidth=1)
+            axis.annotate(reference, xy=(0.02, 0.0), xycoords=("axes fraction", "data"), xytext=(0, 2),
+                          textcoords="offset points", fontsize=9, color=color, va="bottom")
+    labels = {"relative": "accuracy - ensemble's (points)", "vs_best": "accuracy - best single model's (points)",
+              "accuracy": "test accuracy"}
+    ax.set_ylabel(ylabel or labels.get(y, f"{y} (points)" if difference else y), fontsize=10)
     if low:
-        parts[1][0].set_ylabel("")
-        parts[1][0].set_xlabel("N")
+        parts[1][0].set_xlabel("N", fontsize=10)
+    if title:
+        ax.set_title(title, fontsize=11)
+    return ax
+
+
+def plot_row_mass(curves: Mapping[str, Any], ax: Any = None, title: str | None = None, mass: float = 0.9,
+                  colors: Mapping[str, str] | None = None) -> Any:
+    """How concentrated the rows of some matrices are: the share of a row's L1 norm held by its ``k`` largest
+    ``|entries|`` against ``k`` (log axis), the median over rows with a band from the 10th to the 90th percentile.
+
+    ``curves``: ``{label: (rows, n) array}`` of cumulative shares (``ccatoolkit.app.inside.row_mass``). A
+    permutation's rows are 1 from ``k = 1``; dense rows climb late. A dotted line marks ``mass``; each legend
+    entry gives the median number of entries that reach it. ``colors``: a colour per label (default: the
+    method colour of :mod:`ccatoolkit.plots.style` when the label is a method's name, else matplotlib's cycle).
+    """
+    if not curves:
+        raise ValueError("curves is empty; pass a dict label -> (rows, n) cumulative shares")
+    ax = _axis(ax, (6, 3.6))
+    for i, (label, values) in enumerate(curves.items()):
+        c = _array(values, f"curves[{label!r}]", ndim=2)
+        if c.shape[0] == 0:
+            raise ValueError(f"curves[{label!r}] has no rows")
+        k = np.arange(1, c.shape[1] + 1)
+        lo, mid, hi = np.quantile(c, [0.1, 0.5, 0.9], axis=0)
+        needed = int(np.median((c < mass - 1e-12).sum(axis=1) + 1))
+        color = (colors or {}).get(label) or METHOD_COLORS.get(label, f"C{i}")
+        ax.plot(k, mid, color=color, label=f"{label}: {needed} for {mass:.0%}")
+        ax.fill_between(k, lo, hi, color=color, alpha=0.2, linewidth=0)
+    ax.axhline(mass, color="k", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("k largest entries of the row (log scale)")
+    ax.set_ylabel("share of the row's L1 norm")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small", loc="lower right")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_value_cdfs(values: Mapping[str, Any], ax: Any = None, title: str | None = None, xlabel: str = "value",
+                    colors: Mapping[str, str] | None = None, styles: Mapping[str, str] | None = None) -> Any:
+    """Empirical distribution function of each named set of values (NaNs left out), one line each.
+
+    A line further right holds larger values; its legend entry gives the median. ``colors`` and ``styles``
+    (matplotlib line styles) per label; unnamed labels take matplotlib's cycle and solid lines.
+    """
+    if not values:
+        raise ValueError("values is empty; pass a dict label -> values")
+    ax = _axis(ax, (6, 3.6))
+    for i, (label, v) in enumerate(values.items()):
+        x = _array(v, f"values[{label!r}]").reshape(-1)
+        x = np.sort(x[np.isfinite(x)])
+        if x.size == 0:
+            raise ValueError(f"values[{label!r}] holds no finite number")
+        y = np.arange(1, x.size + 1) / x.size
+        ax.step(x, y, where="post", color=(colors or {}).get(label, f"C{i}"),
+                linestyle=(styles or {}).get(label, "-"), label=f"{label} (median {np.median(x):.3f})")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction at or below")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left")
     if title:
         ax.set_title(title)
     return ax
