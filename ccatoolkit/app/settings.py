@@ -58,12 +58,16 @@ class Settings:
     test_limit: int | None = None   # test examples used for evaluation (None: all 10,000)
     stats_limit: int = 5000         # examples used for activation statistics (alignment, merging)
     batch_size: int = 256
-    n_models: int = 4               # models per data split (notebooks 1 and 6: merge up to this many)
+    n_models: int = 4               # models per data split (notebook 1)
     subsets: int | None = 3         # subsets of each size N merged in notebook 6, in rotation (None: all)
+    n_parts: int = 5                # notebook 6: parts of the skewed split (two of ten classes each); N up to this
+    seeds_per_part: int = 2         # notebook 6: models (seeds) per part, so that every N has several subsets
     n_seeds: int = 4                # models with different seeds on the full data (notebook 1)
     alphas: int = 21                # points along an interpolation path
     plane_resolution: int = 15      # grid points per side of a 2-D loss plane
     curve_epochs: int = 3           # epochs to train a mode-connectivity curve
+    pam_rounds: int = 4             # PAM rounds in notebook 5: a permutation step, then one curve epoch
+    pam_step: float = 64.0          # PAM's relative permutation step (notebook 5; halved up to 3 times)
     ridge: float | str = "auto"     # CCA regularisation (ridge * trace(S)/n per covariance); "auto": merge chooses
     seed: int = 0
     progress: bool = True           # tqdm progress bars in long loops
@@ -121,7 +125,7 @@ def settings(smoke: bool | None = None, model: str | None = None, device: str | 
     base = Settings(smoke=smoke, model=name, model_kwargs=dict(table[name]), device=_resolve_device(device))
     if smoke:
         base = base.replace(
-            epochs=1, limit=2048, test_limit=512, stats_limit=512, batch_size=64, n_models=3, n_seeds=3, subsets=2,
+            epochs=1, limit=2048, test_limit=512, stats_limit=512, batch_size=64, n_models=3, n_seeds=3, subsets=2, n_parts=3,
             alphas=5, plane_resolution=5, curve_epochs=1, progress=False, threads=1,
         )
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Settings)}

@@ -16,7 +16,7 @@ from ccatoolkit.plots.style import METHOD_COLORS, method_color
 
 __all__ = [
     "plot_interpolation", "plot_barriers", "plot_plane", "plot_plane_path", "plot_curve_paths", "plot_simplex",
-    "path_end_label", "plot_barriers_against",
+    "path_end_label", "plot_barriers_against", "plot_pam_rounds",
 ]
 
 _YLABEL = {"loss": "test loss", "accuracy": "test accuracy"}
@@ -234,3 +234,48 @@ def plot_barriers_against(results: Sequence[InterpolationResult] | Interpolation
     if title:
         ax.set_title(title)
     return ax
+
+
+def plot_pam_rounds(results: dict[str, Any], axes: Sequence[Any] | None = None, colors: dict[str, str] | None = None,
+                    linestyles: dict[str, str] | None = None, title: str | None = None) -> Sequence[Any]:
+    """PAM round by round (:func:`ccatoolkit.landscape.pam.train_curve_pam`), one run per entry of ``results``.
+
+    Left: the fraction of B's neurons each round's permutation step moved (grouped bars, values written on
+    them, so a run that moved nothing shows "0%"). Right: the test loss at the curve's midpoint after each
+    round's curve step (:attr:`PamResult.midpoint`: run PAM with ``eval_data``). ``results``:
+    ``{label: PamResult}``; ``colors`` and ``linestyles`` by label (default: the start's colour,
+    :func:`~ccatoolkit.plots.style.method_color`, and a solid line). ``axes``: two axes (default: a new
+    figure). Returns the two axes.
+    """
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        _, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    moved_ax, loss_ax = axes
+    colors, linestyles = dict(colors or {}), dict(linestyles or {})
+    runs = list(results.items())
+    width = 0.8 / max(len(runs), 1)
+    for k, (label, r) in enumerate(runs):
+        colour = colors.get(label, method_color(str(getattr(r, "start", label))))
+        rounds = np.arange(1, len(r.moved) + 1)
+        x = rounds + (k - (len(runs) - 1) / 2) * width
+        bars = moved_ax.bar(x, r.moved, width=width, color=colour, label=label, edgecolor="black", linewidth=0.5)
+        for bar, value in zip(bars, r.moved):
+            moved_ax.annotate(f"{value:.0%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                              ha="center", va="bottom", fontsize="x-small")
+        if len(r.midpoint):
+            loss_ax.plot(np.arange(1, len(r.midpoint) + 1), r.midpoint, marker="o", color=colour,
+                         linestyle=linestyles.get(label, "-"), label=label)
+    moved_ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    moved_ax.set_ylim(0, max([0.1] + [max(r.moved, default=0.0) for _, r in runs]) * 1.18)
+    moved_ax.set(xlabel="round (its permutation step)", ylabel="neurons moved", title="neurons re-paired per round")
+    loss_ax.set(xlabel="round (after its curve step)", ylabel="test loss at t = 0.5", title="the curve's midpoint")
+    for ax in (moved_ax, loss_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, axis="y" if ax is moved_ax else "both")
+        ax.legend(fontsize="small")
+    if title:
+        moved_ax.figure.suptitle(title)
+    return axes
