@@ -354,8 +354,9 @@ def plot_spread_vs_n(frame: Any, ax: Any = None, y: str = "relative", title: str
         if reference is not None and difference:
             color = METHOD_COLORS.get(reference, "#333333")
             axis.axhline(0.0, color=color, linestyle="--", linewidth=1)
-            axis.annotate(reference, xy=(0.02, 0.0), xycoords=("axes fraction", "data"), xytext=(0, 2),
-                          textcoords="offset points", fontsize=9, color=color, va="bottom")
+            if axis is ax:  # named once, on the main axis
+                axis.annotate(reference, xy=(0.98, 0.0), xycoords=("axes fraction", "data"), xytext=(0, -2),
+                              textcoords="offset points", fontsize=9, color=color, ha="right", va="top")
     labels = {"relative": "accuracy - ensemble's (points)", "vs_best": "accuracy - best single model's (points)",
               "accuracy": "test accuracy"}
     ax.set_ylabel(ylabel or labels.get(y, f"{y} (points)" if difference else y), fontsize=10)
