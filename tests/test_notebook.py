@@ -80,11 +80,14 @@ def test_save_figure_only_when_asked(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebooks_are_committed_clean_with_a_parameters_cell(path):
+    """Every notebook: no outputs, the papermill parameters cell first, and a first cell that says what to expect."""
     nb_json = json.loads(path.read_text())
     code = [c for c in nb_json["cells"] if c["cell_type"] == "code"]
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "clear the outputs"
     first = code[0]
-    assert "parameters" in first["metadata"].get("tags", []) and "SMOKE = None" in "".join(first["source"])
+    assert first["metadata"].get("tags") == ["parameters"] and "SMOKE = None" in "".join(first["source"])
+    intro = nb_json["cells"][0]
+    assert intro["cell_type"] == "markdown" and "Expected at default settings" in "".join(intro["source"])
     assert nb_json["metadata"]["kernelspec"]["name"] == "python3"
     assert "nb.settings(SMOKE" in "".join(code[1]["source"])
 

@@ -240,12 +240,9 @@ def _source(cell):
 
 
 @pytest.mark.parametrize("path", [NB01, NB02], ids=["01", "02"])
-def test_notebook_is_clean_with_takeaways_solutions_and_a_check(path):
+def test_notebook_has_takeaways_solutions_and_a_check(path):
     cells = _cells(path)
-    code = [c for c in cells if c["cell_type"] == "code"]
-    assert all(not c["outputs"] and c["execution_count"] is None for c in code)
-    assert code[0]["metadata"]["tags"] == ["parameters"] and "SMOKE = None" in _source(code[0])
-    assert cells[0]["cell_type"] == "markdown" and "Expected at default settings" in _source(cells[0])
+    code = [c for c in cells if c["cell_type"] == "code"]  # clean, parameters, intro: test_notebook.py
     takeaways = next(_source(c) for c in code if "takeaways = [" in _source(c))
     listed = next(node.value for node in ast.walk(ast.parse(takeaways))
                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "takeaways")

@@ -192,13 +192,10 @@ def _source(cell: dict) -> str:
 
 
 @pytest.mark.parametrize("path", [NB06, NB07], ids=["06", "07"])
-def test_notebook_is_clean_and_keeps_its_parameters_cell(path):
+def test_notebook_promises_a_spread_and_ends_with_its_check(path):
     cells = _cells(path)
-    code = [c for c in cells if c["cell_type"] == "code"]
-    assert all(not c["outputs"] and c["execution_count"] is None for c in code)
-    assert code[0]["metadata"]["tags"] == ["parameters"] and "SMOKE = None" in _source(code[0])
-    first = _source(cells[0])
-    assert cells[0]["cell_type"] == "markdown" and "Expected at default settings" in first and "±" in first
+    code = [c for c in cells if c["cell_type"] == "code"]  # clean, parameters, intro: test_notebook.py
+    assert "±" in _source(cells[0])
     assert "expect_results(" in _source(code[-1])
 
 
