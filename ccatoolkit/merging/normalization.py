@@ -353,10 +353,10 @@ def channel_moments(
     shifts: dict[str, torch.Tensor] = {}
     acc = _accumulate(model, modules, data, {n: (lambda out, n=n: reduce(out, shifts, n)) for n in modules},
                       max_batches, progress, reduce_ranks=False)
-    if distributed.active():
-        acc = _sum_over_ranks({n: _shifted(*acc[n], shifts[n], distributed.broadcast(shifts[n]))
-                               if acc[n] else [] for n in acc})
-        shifts = {n: distributed.broadcast(shift) for n, shift in shifts.items()}
+    if distributed.active():  # every rank's sums about rank 0's shift, then added
+        common = {n: distributed.broadcast(shift) for n, shift in shifts.items()}
+        acc = _sum_over_ranks({n: _shifted(*acc[n], shifts[n], common[n]) if acc[n] else [] for n in acc})
+        shifts = common
     result = {}
     for n, (s, gram, c) in acc.items():
         mean = s / c
