@@ -160,7 +160,6 @@ def test_spread_axes_take_the_method_colours_and_points():
     runs = pd.DataFrame([dict(method=m, subset=(i,), relative=v + 0.001 * i)
                          for m, v in (("permute", -0.013), ("cca", -0.004), ("average", -0.24)) for i in range(3)])
     ax = pa.plot_spread_bars(runs)
-    by_hand.style_spread_axes(ax)
     for axis in [ax, *ax.child_axes]:
         names = [t.get_text() for t in axis.get_xticklabels()]
         bars = [p for p in axis.patches if isinstance(p, matplotlib.patches.Rectangle)]

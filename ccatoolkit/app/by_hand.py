@@ -15,8 +15,7 @@ ridge=r)`` is four steps, each a function here, so a participant can run them on
 ``merge`` then runs REPAIR (``repair=True``, its default for CCA). The rest are what the notebook's
 prose and figures read: :func:`versus`, :func:`compared` and :func:`noise_text` (a difference within the
 spread is "≈", not a ranking), :func:`pair_endpoint_gaps`, :func:`ridge_curve` (the merge widget's
-precomputed ridges, looked up), :func:`plot_pair_accuracies`, :func:`plot_ridge_lesson` and
-:func:`style_spread_axes`.
+precomputed ridges, looked up), :func:`plot_pair_accuracies` and :func:`plot_ridge_lesson`.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from ccatoolkit.plots.style import method_color, points
 __all__ = [
     "mlp_layers", "layer_covariances", "cca_maps", "align_mlp", "average_weights", "max_weight_difference",
     "dead_neurons", "versus", "compared", "noise_text", "pair_endpoint_gaps", "ridge_curve", "plot_pair_accuracies",
-    "plot_ridge_lesson", "style_spread_axes",
+    "plot_ridge_lesson",
 ]
 
 Covariances = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # space -> (S_AA, S_BB, S_AB)
@@ -304,20 +303,3 @@ def plot_ridge_lesson(curve: Mapping[float, float], chosen: float, scores: Mappi
         side.legend(fontsize="x-small")
         side.set_title("the label-free rule's score (no labels)", fontsize="medium")
     return axes if panels == 2 else ax
-
-
-def style_spread_axes(ax: Any) -> Any:
-    """Give a :func:`~ccatoolkit.plots.analysis.plot_spread_bars` figure the shared look: each bar in its method's
-    colour (:func:`~ccatoolkit.plots.style.method_color`, read from the x tick labels) and the y axis in
-    percentage points (``-0.4`` for ``-0.004``), on ``ax`` and its inset for the methods that collapse."""
-    from matplotlib.patches import Rectangle
-
-    for axis in [ax, *ax.child_axes]:
-        names = [label.get_text() for label in axis.get_xticklabels()]
-        bars = [p for p in axis.patches if isinstance(p, Rectangle)]
-        if len(bars) == len(names):
-            for bar, name in zip(bars, names):
-                bar.set_facecolor(method_color(name))
-        axis.yaxis.set_major_formatter(lambda y, _: f"{100 * y:+.1f}")
-    ax.set_ylabel("accuracy - ensemble's (points)")
-    return ax

@@ -260,7 +260,7 @@ def _side_axis(ax: Any, title: str) -> Any:
 
 
 def _relative_label(y: str) -> str:
-    return "accuracy - ensemble's" if y == "relative" else y
+    return "accuracy - ensemble's (points)" if y == "relative" else y
 
 
 def plot_spread_bars(frame: Any, ax: Any = None, y: str = "relative", title: str | None = None,
@@ -269,7 +269,8 @@ def plot_spread_bars(frame: Any, ax: Any = None, y: str = "relative", title: str
 
     ``y="relative"`` (the default) is each merge's accuracy minus the ensemble of the same models:
     0 is the ensemble. Methods whose mean lies below ``collapse_below`` (:func:`collapsed_methods`)
-    are drawn on an axis of their own at the right, so they do not flatten the others' scale.
+    are drawn on an axis of their own at the right, so they do not flatten the others' scale. Each bar has
+    its method's colour (:mod:`ccatoolkit.plots.style`); a difference is labelled in percentage points.
     ``exclude``: rows left out (the ensemble, which is 0 by definition). Needs seaborn.
     """
     import seaborn as sns
@@ -284,13 +285,16 @@ def plot_spread_bars(frame: Any, ax: Any = None, y: str = "relative", title: str
         parts.append((_side_axis(ax, "collapsed (own scale)"), frame[frame["method"].isin(low)]))
     for axis, part in parts:
         order = list(dict.fromkeys(part["method"]))
-        sns.barplot(data=part, x="method", y=y, order=order, errorbar="sd", color="lightsteelblue", ax=axis,
-                    capsize=0.2, err_kws={"linewidth": 1.2})
+        sns.barplot(data=part, x="method", y=y, order=order, errorbar="sd", hue="method", hue_order=order,
+                    palette=method_palette(order), saturation=1.0, legend=False, ax=axis, capsize=0.2,
+                    err_kws={"linewidth": 1.2})
         sns.stripplot(data=part, x="method", y=y, order=order, color="black", size=3, ax=axis)
         axis.tick_params(axis="x", labelrotation=30)
         axis.set_xlabel("")
+        if y != "accuracy":  # a difference of accuracies: percentage points
+            axis.yaxis.set_major_formatter(lambda v, _: f"{100 * v:+.1f}")
         if y == "relative":
-            axis.axhline(0.0, color="tab:green", linestyle="--", linewidth=1)
+            axis.axhline(0.0, color=METHOD_COLORS["ensemble"], linestyle="--", linewidth=1)
     ax.set_ylabel(_relative_label(y))
     if low:
         parts[1][0].set_ylabel("")
