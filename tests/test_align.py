@@ -85,6 +85,45 @@ def test_cca_rank_deficient_and_dead_layers_are_finite() -> None:
     assert all(np.isfinite(o).all() and np.isfinite(i).all() for o, i in res)
 
 
+def _full_svd_transform(S_aa: np.ndarray, S_bb: np.ndarray, S_ab: np.ndarray, ridge: float) -> np.ndarray:
+    """CCA Merge's ``out`` written out with full matrices: ``S_aa^{1/2} polar(K) S_bb^{-1/2}``."""
+
+    def powers(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        S = S + ridge * np.trace(S) / len(S) * np.eye(len(S))
+        vals, vecs = np.linalg.eigh(S)
+        return (vecs * np.sqrt(vals)) @ vecs.T, (vecs / np.sqrt(vals)) @ vecs.T
+
+    (ra, wa), (_, wb) = powers(S_aa), powers(S_bb)
+    U, _, Vh = np.linalg.svd(wa @ S_ab @ wb)
+    return ra @ U @ Vh @ wb
+
+
+@pytest.mark.parametrize("ridge", [1e-2, 1.0])
+def test_cca_transform_with_fewer_samples_than_channels_solves_the_live_block_only(ridge: float) -> None:
+    """60 samples of 200 channels: each covariance has rank 59.
+
+    The reduced solve (an SVD of the live 59 x 59 block) must map every sample exactly as the full SVD
+    does, keep ``inp`` the inverse of ``out``, and reach the same CCA objective; only its arbitrary
+    completion on the null spaces may differ."""
+    from ccatoolkit.merging.align.cca import CCAProblem
+
+    rng = np.random.default_rng(11)
+    Z = rng.normal(size=(60, 20))
+    A = np.maximum(Z @ rng.normal(size=(20, 200)) + 0.1 * rng.normal(size=(60, 200)), 0.0)
+    B = np.maximum(Z @ rng.normal(size=(20, 200)) + 0.1 * rng.normal(size=(60, 200)), 0.0)
+    S_aa, S_bb, S_ab = _cov(A, A), _cov(B, B), _cov(A, B)
+    problem = CCAProblem(S_aa, S_bb, S_ab)
+    assert problem.reduced and problem.rank == 59
+    out, inp = (t.numpy() for t in problem.transform(ridge))
+    full = _full_svd_transform(S_aa, S_bb, S_ab, ridge)
+    Bc = B - B.mean(0)
+    np.testing.assert_allclose(Bc @ out.T, Bc @ full.T, rtol=0, atol=1e-9 * np.abs(Bc @ full.T).max())
+    np.testing.assert_allclose(inp @ out, np.eye(200), atol=1e-9)
+    full_rank = CCAProblem(*(_cov(X, Y) for X, Y in ((A[:, :40], A[:, :40]), (B[:, :40], B[:, :40]),
+                                                     (A[:, :40], B[:, :40]))))
+    assert not full_rank.reduced  # 60 samples of 40 channels: the full SVD, as before
+
+
 def test_multiview_cca_recovers_maps_for_three_views() -> None:
     A = _features(n=6, seed=6)
     rng = np.random.default_rng(7)

@@ -100,6 +100,11 @@ class RidgePath:
         self.vals, self.vecs = torch.linalg.eigh(S)
         self.degenerate = not math.isfinite(self.scale) or self.scale <= 0  # an all-zero (dead) layer
 
+    def rank(self, rtol: float = EIG_RTOL) -> int:
+        """How many eigenvalues of ``S`` lie above ``rtol`` times the largest (what a pseudo-inverse keeps)."""
+        top = float(self.vals.max()) if self.vals.numel() else 0.0
+        return int((self.vals > rtol * top).sum()) if top > 0 else 0
+
     def values(self, ridge: float) -> torch.Tensor:
         """Eigenvalues of ``regularize(S, ridge)`` (all ones for an all-zero ``S``, as :func:`regularize`)."""
         if not np.isfinite(ridge) or ridge < 0:

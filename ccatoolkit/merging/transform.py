@@ -66,6 +66,8 @@ _FLOAT64_ENTRIES = 1 << 22
 def scaled_permutation_parts(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(index, scale)`` with ``matrix[i, index[i]] = scale[i]`` the only nonzero of row ``i``, when
     ``matrix`` is a scaled permutation; None otherwise (a map that mixes channels)."""
+    if matrix.shape[0] and int((matrix[0] != 0).sum()) != 1:  # a dense map, told by its first row
+        return None
     nonzero = matrix != 0
     if not bool((nonzero.sum(1) == 1).all()):
         return None
