@@ -9,7 +9,7 @@ models are stored in that file too, so the comparison does not depend on the tra
 Add new cases with ``--add``; regenerate everything only when a change of results is intended, and say
 why in the commit::
 
-    PYTHONPATH=. python tests/golden_merges.py --add      # or --write
+    PYTHONPATH=. python tests/golden_merges.py --add      # or --write, or --update CASE ...
 """
 
 from __future__ import annotations
@@ -212,13 +212,28 @@ def add_new_cases() -> None:
     print(f"added {len(new)} cases: {', '.join(new)}")
 
 
+def update_cases(names: list[str]) -> None:
+    """Compute the named cases again on the saved models and save them (an intended change of their results)."""
+    torch.set_num_threads(1)
+    saved = torch.load(GOLDEN, weights_only=False)
+    unknown = sorted(set(names) - set(_cases()))
+    if unknown:
+        raise SystemExit(f"no such case(s): {', '.join(unknown)}")
+    saved["records"].update(compute(names))
+    torch.save(saved, GOLDEN)
+    print(f"updated {len(names)} cases: {', '.join(names)}")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write", action="store_true", help="compute every case and save them (new models too)")
     parser.add_argument("--add", action="store_true", help="compute and save only the cases not saved yet")
+    parser.add_argument("--update", nargs="+", metavar="CASE", help="compute these saved cases again (models kept)")
     args = parser.parse_args()
-    if args.write:
+    if args.update:
+        update_cases(args.update)
+    elif args.write:
         write()
     elif args.add:
         add_new_cases()

@@ -11,6 +11,7 @@ from torch import nn
 from ccatoolkit.merging.graph.trace import merge_graph
 from ccatoolkit.zoo.models import MLP, VGG11
 from ccatoolkit.merging.normalization import (
+    MomentSums,
     channel_moments,
     channel_stats,
     mapped_channel_stats,
@@ -144,6 +145,42 @@ def test_channel_moments_keep_the_variance_of_channels_with_large_means() -> Non
     torch.testing.assert_close(mean, y.mean(0))
     torch.testing.assert_close(cov, torch.cov(y.T, correction=0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mapped_channel_stats((mean, cov))[1], y.std(0, unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+def test_repair_moments_recorded_in_the_statistics_passes_equal_a_pass_of_their_own() -> None:
+    """A merge measures REPAIR's moments in its statistics passes (``RepairTargets.recorders``): split over two
+    passes (fitting and held-out batches), in micro-batches, with the one-sample probe that sizes them not
+    counted, they equal :func:`channel_moments`' own pass."""
+    from ccatoolkit.merging.normalization import RepairTargets
+    from ccatoolkit.merging.statistics import merge_statistics
+
+    torch.manual_seed(0)
+    models = [VGG11(width=0.125, in_shape=(1, 8, 8)).eval() for _ in range(2)]
+    graph = merge_graph(models[0])
+    data = [torch.randn(6, 1, 8, 8) for _ in range(4)]
+    recorded = RepairTargets(models, graph, data, None, from_moments=True)
+    merge_statistics(models, graph, data[:3], None, False, also=recorded.recorders())
+    fit_only = recorded.moments()
+    merge_statistics(models, graph, data[3:], None, False, also=recorded.recorders())
+    own = RepairTargets(models, graph, data, None, from_moments=True)
+    assert recorded.modules == own.modules and len(own.modules) >= 8
+    for got, want in zip(recorded.moments(), own.moments()):
+        for name in own.modules:
+            torch.testing.assert_close(got[name][0], want[name][0], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(got[name][1], want[name][1], rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(fit_only[0][own.modules[0]][1], recorded.moments()[0][own.modules[0]][1])
+    from ccatoolkit.analysis.stats import StatisticsCollector  # micro-batches of one sample
+    sums = [MomentSums(own.modules) for _ in models]
+    collector = StatisticsCollector(models, {s.name: list(s.capture) for s in graph.spaces}, memory_budget=1,
+                                    also=[m.hooks() for m in sums])
+    with collector.attached():
+        for x in data:
+            collector.update(x)
+    assert collector.micro_batch == 1
+    for got, want in zip(sums, own.moments()):
+        torch.testing.assert_close(got.result()[own.modules[-1]][1], want[own.modules[-1]][1], rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="has no module 'nope'"):
+        StatisticsCollector(models, ["features.conv1"], also=[{"nope": print}, {}])
 
 
 class _ResidualMLP(nn.Module):

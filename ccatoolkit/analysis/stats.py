@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -623,6 +623,9 @@ class StatisticsCollector:
     (:class:`JointStats`): the covariances of model ``r`` with each other model and every channel's
     variance, all that matching to a reference needs, in a fraction of the memory and time.
     ``memory_budget``: bytes of activations held per forward pass (default: see :meth:`micro_batch_size`).
+    ``also``: per model, ``{module name: fn(output)}``, called with the module's output in every forward
+    pass the statistics make (each sample once; never in the one-sample pass that sizes micro-batches):
+    another sum over the same data, such as REPAIR's channel moments, without a pass of its own.
     """
 
     def __init__(
@@ -633,10 +636,17 @@ class StatisticsCollector:
         same_architecture: bool = True,
         reference: int | None = None,
         memory_budget: int | None = None,
+        also: Sequence[Mapping[str, Callable[[Any], None]]] | None = None,
     ) -> None:
         models = list(models)
         if not models:
             raise ValueError("no models given")
+        if also is not None and len(also) != len(models):
+            raise ValueError(f"also needs one mapping per model ({len(models)}), got {len(also)}")
+        for i, fns in enumerate(also or ()):
+            missing = sorted(set(fns) - {name for name, _ in models[i].named_modules()})
+            if missing:
+                raise ValueError(f"also: model {i} has no module {missing[0]!r}")
         if reference is not None:
             if isinstance(reference, bool) or not isinstance(reference, int) or not 0 <= reference < len(models):
                 raise ValueError(f"reference must be a model index in [0, {len(models)}) or None, got {reference!r}")
@@ -674,8 +684,10 @@ class StatisticsCollector:
         self.points = [
             _Point(layer, self.spaces[s], k, self.scratch) for s, names in self.spaces_layers.items() for layer in names
         ]
+        self.also = [dict(fns) for fns in also] if also is not None else [{} for _ in models]
         self.batches = 0
         self._active: int | None = None
+        self._probing = False
         self.memory_budget = memory_budget
         self.micro_batch: int | None = None  # samples per forward pass, set on the first batch
         self.peak_held_bytes = 0  # the most activation bytes held at once (what micro-batches bound)
@@ -686,6 +698,13 @@ class StatisticsCollector:
                 point.hook(model, output)
 
         return fn
+
+    def _also_callback(self, model: int, fn: Callable[[Any], None]) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            if self._active == model and not self._probing:
+                fn(output)
+
+        return hook
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[StatisticsCollector]:
@@ -700,6 +719,9 @@ class StatisticsCollector:
                 stack.enter_context(eval_mode(*self.models))
                 for i, model in enumerate(self.models):
                     stack.enter_context(forward_hooks(model, {p.name: self._callback(p, i) for p in self.points}))
+                    modules = dict(model.named_modules())
+                    for name, fn in self.also[i].items():  # every call of the module, as a plain hook sees it
+                        stack.callback(modules[name].register_forward_hook(self._also_callback(i, fn)).remove)
                 torch.set_float32_matmul_precision("highest")
                 yield self
         finally:
@@ -739,7 +761,11 @@ class StatisticsCollector:
 
     def _bytes_per_sample(self, sample: torch.Tensor) -> tuple[int, int]:
         """``(bytes every capture point of every model holds for one sample, the largest single activation's)``."""
-        self._run_models(sample)
+        self._probing = True
+        try:
+            self._run_models(sample)
+        finally:
+            self._probing = False
         sizes = [o[1].numel() * o[1].element_size() for p in self.points for o in p.outs.values()]
         for p in self.points:
             p.begin()  # measured only: nothing is added
@@ -829,6 +855,7 @@ def collect_statistics(
     same_architecture: bool = True,
     reference: int | None = None,
     memory_budget: int | None = None,
+    also: Sequence[Mapping[str, Callable[[Any], None]]] | None = None,
 ) -> dict[str, JointStats]:
     """Joint activation statistics of ``models`` on the same inputs, per space.
 
@@ -841,13 +868,14 @@ def collect_statistics(
     ``RuntimeWarning`` says the statistics are rank-deficient, and one says so when every channel of a
     space is constant (:func:`warn_if_constant`; ``warn=False`` silences both).
     One pass over ``data``: a generator works. ``same_architecture=False`` and ``reference`` (cross-only
-    statistics) and ``memory_budget`` (micro-batches): see :class:`StatisticsCollector`.
+    statistics), ``memory_budget`` (micro-batches) and ``also`` (other modules' outputs for the caller's own
+    sums, from the same forward passes): see :class:`StatisticsCollector`.
     """
     max_batches = check_max_batches(max_batches)
     max_samples = check_max_batches(max_samples, "max_samples")
     check_data(data)
     collector = StatisticsCollector(models, layers, same_architecture=same_architecture, reference=reference,
-                                    memory_budget=memory_budget)
+                                    memory_budget=memory_budget, also=also)
     total = batch_count(data, max_batches)
     batches: Iterable[torch.Tensor] = _limited(data, max_batches, max_samples)
     if progress:

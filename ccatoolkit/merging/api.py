@@ -106,8 +106,10 @@ def merge(
         return with_merge_info(reference_copy, prepared, plan, None, None, {"identical_models": True}, clock.seconds)
 
     def collect(batches: Iterable[Any], show: bool, cross_only: bool = False) -> dict[str, JointStats]:
+        # REPAIR's moments ride along: every call reads part of the merge data, and all calls read it once
         return merge_statistics(models, prepared.graph, batches, max_batches, progress and show,
-                                prepared.reference if cross_only else None)
+                                prepared.reference if cross_only else None,
+                                also=targets.recorders() if plan.needs_targets else None)
 
     choice = None
     if entry.uses_ridge and ridge == "auto":
@@ -163,10 +165,10 @@ class RidgeSweep:
         self.prepared = prepare(entry, models, data, reference=reference, max_batches=max_batches, graph=graph)
         self.plan = restoration(self.prepared, reset_bn=reset_bn, repair=repair, passes=repair_passes)
         self.options, self.progress = options, progress
-        self.stats = merge_statistics(models, self.prepared.graph, self.prepared.data, max_batches, progress)
         self.targets = repair_targets_for(self.prepared)
-        if self.plan.needs_targets:  # measured now, so that no ridge pays for them
-            self.targets.moments()
+        recorders = self.targets.recorders() if self.plan.needs_targets else None  # measured now: no ridge pays
+        self.stats = merge_statistics(models, self.prepared.graph, self.prepared.data, max_batches, progress,
+                                      also=recorders)
         self._cache: dict[Any, Any] = {}
 
     def __call__(self, ridge: float) -> nn.Module:

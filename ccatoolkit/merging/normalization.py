@@ -11,6 +11,7 @@ REPAIR), folding the affine correction into BatchNorm weight/bias or Linear/Conv
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -37,6 +38,7 @@ from ccatoolkit.merging.transform import scaled_permutation_parts
 
 __all__ = [
     "reset_bn_stats", "repair", "repair_batchnorm", "repair_endpoints", "channel_stats", "channel_moments",
+    "MomentSums",
     "mapped_channel_stats", "RepairTargets",
     "use_batch_statistics", "population_bn_statistics", "MixtureRepair",
 ]
@@ -326,6 +328,62 @@ def channel_stats(
     return result
 
 
+class MomentSums:
+    """The running sums behind :func:`channel_moments` for one model's modules, fed one output at a time.
+
+    :func:`channel_moments` feeds them from a pass of its own. A merge feeds them from its statistics pass
+    instead (:class:`~ccatoolkit.analysis.stats.StatisticsCollector`'s ``also``), which runs the models over
+    the same data anyway: one forward of every model fewer. :meth:`result` may be read at any point (the
+    sums go on: a merge reads them after the fitting batches, then after all batches).
+    """
+
+    def __init__(self, modules: Sequence[str]) -> None:
+        self.modules = list(modules)
+        self.shifts: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, list[Any]] = {n: [] for n in self.modules}
+
+    def parts(self, name: str, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One batch's ``(sum, Gram matrix, count)`` of ``name``'s output, about the first batch's means."""
+        t = out.detach()
+        t = t.movedim(1, -1).reshape(-1, t.shape[1]) if t.dim() > 2 else t
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
+        if name not in self.shifts:
+            self.shifts[name] = t.mean(0)
+        t = t - self.shifts[name]
+        return t.sum(0, dtype=torch.float64), (t.T @ t).to(torch.float64), t.shape[0]
+
+    def absorb(self, sums: Mapping[str, Sequence[Any]]) -> None:
+        """Add sums of :meth:`parts` made elsewhere (one pass of :func:`_accumulate`)."""
+        for name, parts in sums.items():
+            have = self.sums[name]
+            self.sums[name] = list(parts) if not have else [x + y for x, y in zip(have, parts)]
+
+    def add(self, name: str, out: torch.Tensor) -> None:
+        """Add one output of module ``name``."""
+        self.absorb({name: self.parts(name, out)})
+
+    def hooks(self) -> dict[str, Any]:
+        """``{module: fn(output)}`` adding every output (what ``StatisticsCollector(also=...)`` calls)."""
+        return {name: (lambda out, name=name: self.add(name, out)) for name in self.modules}
+
+    def result(self) -> Moments:
+        """Per module, the channels' mean and population covariance (float64) so far, over every
+        ``torch.distributed`` rank."""
+        acc, shifts = dict(self.sums), dict(self.shifts)
+        if distributed.active():  # every rank's sums about rank 0's shift, then added
+            common = {n: distributed.broadcast(shift) for n, shift in shifts.items()}
+            acc = _sum_over_ranks({n: _shifted(*acc[n], shifts[n], common[n]) if acc[n] else [] for n in acc})
+            shifts = common
+        result = {}
+        for n, a in acc.items():
+            if not a or a[-1] == 0:
+                raise ValueError(f"module {n!r} produced no output on the data; is it used in forward()?")
+            s, gram, c = a
+            mean = s / c
+            result[n] = (shifts[n].to(torch.float64) + mean, gram / c - torch.outer(mean, mean))
+        return result
+
+
 def channel_moments(
     model: nn.Module, modules: Sequence[str], data: Iterable[Any], max_batches: int | None = None,
     progress: bool = False,
@@ -335,33 +393,15 @@ def channel_moments(
 
     The statistics :func:`channel_stats` counts, for every linear map at once: those of ``M @ y`` follow
     without another pass over the data (:func:`mapped_channel_stats`), which is how a merge's REPAIR
-    targets for CCA's dense maps cost one pass per model whatever the number of ridges tried. Each
-    batch's Gram matrix is one product in the output's precision (at least float32), of features
-    shifted by the first batch's means so that large means do not cancel the variance away; the sums
-    across batches are float64. Holds a ``C x C`` matrix per module.
+    targets for CCA's dense maps cost no pass per ridge tried. Each batch's Gram matrix is one product in
+    the output's precision (at least float32), of features shifted by the first batch's means so that
+    large means do not cancel the variance away; the sums across batches are float64
+    (:class:`MomentSums`). Holds a ``C x C`` matrix per module.
     """
-
-    def reduce(out: torch.Tensor, shift: dict[str, torch.Tensor], name: str) -> tuple[Any, ...]:
-        t = out.detach()
-        t = t.movedim(1, -1).reshape(-1, t.shape[1]) if t.dim() > 2 else t
-        t = t.to(torch.promote_types(t.dtype, torch.float32))
-        if name not in shift:
-            shift[name] = t.mean(0)
-        t = t - shift[name]
-        return t.sum(0, dtype=torch.float64), (t.T @ t).to(torch.float64), t.shape[0]
-
-    shifts: dict[str, torch.Tensor] = {}
-    acc = _accumulate(model, modules, data, {n: (lambda out, n=n: reduce(out, shifts, n)) for n in modules},
-                      max_batches, progress, reduce_ranks=False)
-    if distributed.active():  # every rank's sums about rank 0's shift, then added
-        common = {n: distributed.broadcast(shift) for n, shift in shifts.items()}
-        acc = _sum_over_ranks({n: _shifted(*acc[n], shifts[n], common[n]) if acc[n] else [] for n in acc})
-        shifts = common
-    result = {}
-    for n, (s, gram, c) in acc.items():
-        mean = s / c
-        result[n] = (shifts[n].to(torch.float64) + mean, gram / c - torch.outer(mean, mean))
-    return result
+    sums = MomentSums(modules)
+    sums.absorb(_accumulate(model, modules, data, {n: functools.partial(sums.parts, n) for n in modules},
+                            max_batches, progress, reduce_ranks=False))
+    return sums.result()
 
 
 def _shifted(s: torch.Tensor, gram: torch.Tensor, count: int, shift: torch.Tensor,
@@ -398,8 +438,9 @@ class RepairTargets:
     the original models': a folded BatchNorm computes the same outputs.
 
     ``from_moments`` (dense maps tried at many ridges, the CCA methods): each model's channel moments are
-    measured in one pass on first use, and every transform's targets then follow in closed form
-    (:func:`mapped_channel_stats`) until :meth:`release`. Otherwise each call makes one pass per model.
+    measured once, and every transform's targets then follow in closed form (:func:`mapped_channel_stats`)
+    until :meth:`release`. A merge measures them in its statistics pass (:meth:`recorders`); otherwise
+    they take one pass per model on first use. Without ``from_moments`` each call makes one pass per model.
     """
 
     def __init__(self, models: Sequence[nn.Module], graph: MergeGraph, data: Any, max_batches: int | None, *,
@@ -409,16 +450,36 @@ class RepairTargets:
         self.endpoints = repair_endpoints(self.models[0], graph)
         self.modules = [n for names in self.endpoints.values() for n in names]  # every endpoint, in space order
         self._moments: list[Moments] | None = None
+        self._recorded: list[MomentSums] | None = None
+
+    def recorders(self) -> list[dict[str, Any]] | None:
+        """Per model, ``{module: fn(output)}`` that measure the moments in a pass the merge makes anyway (its
+        statistics, ``StatisticsCollector(also=...)``); None when these targets are not made from moments.
+
+        Every pass given these hooks adds to the same sums: together they must read the merge data once
+        (the fitting batches, then the held-out ones). :meth:`moments` reads what they have seen so far.
+        """
+        if not self.from_moments:
+            return None
+        if self._recorded is None:
+            self._recorded = [MomentSums(self.modules) for _ in self.models]
+        return [sums.hooks() for sums in self._recorded]
 
     def moments(self) -> list[Moments]:
-        """Each model's :func:`channel_moments` at the endpoints (measured once; a ``C x C`` matrix per module)."""
+        """Each model's :func:`channel_moments` at the endpoints: from what :meth:`recorders` saw so far, or
+        measured by a pass per model on first use and kept (a ``C x C`` matrix per module)."""
+        return [self._model_moments(k) for k in range(len(self.models))]
+
+    def _model_moments(self, k: int) -> Moments:
+        if self._recorded is not None:  # made for this call only: the sums stay, so a wide model holds one copy
+            return self._recorded[k].result()
         if self._moments is None:
             self._moments = [channel_moments(m, self.modules, self.data, self.max_batches) for m in self.models]
-        return self._moments
+        return self._moments[k]
 
     def release(self) -> None:
         """Forget the moments (a large model's are large): a later call measures them again."""
-        self._moments = None
+        self._moments = self._recorded = None
 
     def __call__(self, transforms: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None]) -> Targets:
         """The targets for per-model transforms ``{space: (out, inp)}`` (None: a model used as it is)."""
@@ -433,7 +494,7 @@ class RepairTargets:
                     if space in t:
                         matrix.update({name: t[space][0] for name in modules})
             if self.from_moments:
-                moments = self.moments()[k]
+                moments = self._model_moments(k)
                 stats = {name: mapped_channel_stats(moments[name], matrix.get(name)) for name in names}
             else:
                 stats = channel_stats(model, names, self.data, self.max_batches, transform=matrix)

@@ -8,7 +8,7 @@ covariances with the reference and every channel's variance: a quarter of two mo
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -27,12 +27,13 @@ ILL_CONDITIONED = 1e6
 
 def merge_statistics(
     models: Sequence[nn.Module], graph: MergeGraph, data: Iterable[Any], max_batches: int | None, progress: bool,
-    reference: int | None = None,
+    reference: int | None = None, also: Sequence[Mapping[str, Callable[[Any], None]]] | None = None,
 ) -> dict[str, JointStats]:
-    """Per space, the statistics of its capture points' activations; with ``reference``, cross-only."""
+    """Per space, the statistics of its capture points' activations; with ``reference``, cross-only.
+    ``also``: per model, other modules' output hooks fed by the same passes (REPAIR's moments)."""
     layers = {s.name: list(s.capture) for s in graph.spaces}
     return collect_statistics(models, data, layers, max_batches=max_batches, progress=progress, warn=False,
-                              reference=reference)
+                              reference=reference, also=also)
 
 
 def warn_if_unreliable(stats: dict[str, JointStats], method: str, ridge: float | None) -> None:

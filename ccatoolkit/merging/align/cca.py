@@ -89,8 +89,8 @@ class CCAProblem:
     4096-wide layer: minutes less on a CPU).
 
     Fewer samples than channels (a 4096-wide classifier layer on a few hundred images) leave each
-    covariance with a null space: eigenvalues at or below ``EIG_RTOL`` (:mod:`~ccatoolkit.analysis.linalg`) times the largest, the floor
-    the pseudo-inverse uses. ``M`` is zero on those rows and columns (a direction without variance
+    covariance with a null space: eigenvalues at or below ``EIG_RTOL`` times the largest, the floor the
+    pseudo-inverse uses (:mod:`~ccatoolkit.analysis.linalg`). ``M`` is zero on those rows and columns (a direction without variance
     covaries with nothing), so the matrix whose polar factor is taken is zero outside its top
     ``r x r`` block, ``r`` the larger of the two ranks. Its polar factor there is the block's own; on
     the null spaces any orthogonal map maximises CCA's objective equally (the data say nothing about
