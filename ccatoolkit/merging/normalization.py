@@ -335,41 +335,65 @@ class MomentSums:
     instead (:class:`~ccatoolkit.analysis.stats.StatisticsCollector`'s ``also``), which runs the models over
     the same data anyway: one forward of every model fewer. :meth:`result` may be read at any point (the
     sums go on: a merge reads them after the fitting batches, then after all batches).
+
+    Outputs arrive in micro-batches there, so each is added in place: its Gram product in the output's
+    precision (at least float32) into a running matrix of that precision, moved into the float64 sums every
+    ``FLUSH_SAMPLES`` samples, as the activation statistics do; a module wider than ``RUNNING_GRAM_BYTES``
+    allows adds each product straight into its float64 sums instead (no second C x C matrix).
     """
+
+    FLUSH_SAMPLES = 1 << 17
+    RUNNING_GRAM_BYTES = 64 << 20
 
     def __init__(self, modules: Sequence[str]) -> None:
         self.modules = list(modules)
         self.shifts: dict[str, torch.Tensor] = {}
-        self.sums: dict[str, list[Any]] = {n: [] for n in self.modules}
+        # per module: [sum (float64), Gram (float64), count, running Gram or None, samples in it]
+        self.sums: dict[str, list[Any]] = {}
 
-    def parts(self, name: str, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One batch's ``(sum, Gram matrix, count)`` of ``name``'s output, about the first batch's means."""
+    def add(self, name: str, out: torch.Tensor) -> int:
+        """Add one output of module ``name`` (about the first output's channel means); returns its sample count."""
         t = out.detach()
         t = t.movedim(1, -1).reshape(-1, t.shape[1]) if t.dim() > 2 else t
         t = t.to(torch.promote_types(t.dtype, torch.float32))
         if name not in self.shifts:
             self.shifts[name] = t.mean(0)
+            c = t.shape[1]
+            running = c * c * t.element_size() <= self.RUNNING_GRAM_BYTES
+            self.sums[name] = [torch.zeros(c, dtype=torch.float64, device=t.device),
+                               torch.zeros(c, c, dtype=torch.float64, device=t.device), 0,
+                               torch.zeros(c, c, dtype=t.dtype, device=t.device) if running else None, 0]
         t = t - self.shifts[name]
-        return t.sum(0, dtype=torch.float64), (t.T @ t).to(torch.float64), t.shape[0]
+        entry = self.sums[name]
+        entry[0] += t.sum(0, dtype=torch.float64)
+        if entry[3] is None:
+            entry[1] += t.T @ t
+        else:
+            entry[3].addmm_(t.T, t)
+            entry[4] += t.shape[0]
+            if entry[4] >= self.FLUSH_SAMPLES:
+                self._flush(entry)
+        entry[2] += t.shape[0]
+        return int(t.shape[0])
 
-    def absorb(self, sums: Mapping[str, Sequence[Any]]) -> None:
-        """Add sums of :meth:`parts` made elsewhere (one pass of :func:`_accumulate`)."""
-        for name, parts in sums.items():
-            have = self.sums[name]
-            self.sums[name] = list(parts) if not have else [x + y for x, y in zip(have, parts)]
-
-    def add(self, name: str, out: torch.Tensor) -> None:
-        """Add one output of module ``name``."""
-        self.absorb({name: self.parts(name, out)})
+    @staticmethod
+    def _flush(entry: list[Any]) -> None:
+        if entry[3] is not None and entry[4]:
+            entry[1] += entry[3]
+            entry[3].zero_()
+            entry[4] = 0
 
     def hooks(self) -> dict[str, Any]:
         """``{module: fn(output)}`` adding every output (what ``StatisticsCollector(also=...)`` calls)."""
-        return {name: (lambda out, name=name: self.add(name, out)) for name in self.modules}
+        return {name: functools.partial(self.add, name) for name in self.modules}
 
     def result(self) -> Moments:
         """Per module, the channels' mean and population covariance (float64) so far, over every
         ``torch.distributed`` rank."""
-        acc, shifts = dict(self.sums), dict(self.shifts)
+        for entry in self.sums.values():
+            self._flush(entry)
+        acc = {n: self.sums[n][:3] if n in self.sums else [] for n in self.modules}
+        shifts = dict(self.shifts)
         if distributed.active():  # every rank's sums about rank 0's shift, then added
             common = {n: distributed.broadcast(shift) for n, shift in shifts.items()}
             acc = _sum_over_ranks({n: _shifted(*acc[n], shifts[n], common[n]) if acc[n] else [] for n in acc})
@@ -398,9 +422,9 @@ def channel_moments(
     large means do not cancel the variance away; the sums across batches are float64
     (:class:`MomentSums`). Holds a ``C x C`` matrix per module.
     """
-    sums = MomentSums(modules)
-    sums.absorb(_accumulate(model, modules, data, {n: functools.partial(sums.parts, n) for n in modules},
-                            max_batches, progress, reduce_ranks=False))
+    sums = MomentSums(modules)  # _accumulate counts the samples (a module that never ran raises there)
+    _accumulate(model, modules, data, {n: (lambda out, n=n: (sums.add(n, out),)) for n in modules}, max_batches,
+                progress, reduce_ranks=False)
     return sums.result()
 
 
