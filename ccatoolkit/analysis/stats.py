@@ -59,8 +59,10 @@ __all__ = [
 # A neuron whose variance is below this fraction of (its mean^2 + the largest variance of its model
 # in that space) is constant: it gets correlation 0.
 VAR_RTOL = 1e-10
-# Rows of the batch matrix per Gram chunk: the upper block triangle is computed chunk by chunk.
-_CHUNK_ROWS = 32
+# Rows of the batch matrix per Gram chunk: the upper block triangle is computed chunk by chunk. Fewer,
+# larger products beat the extra triangle they compute up to about this size (docs/results.md, "Statistics
+# capture": 32 rows cost the MLP 3.45x its forward passes, 128 rows 2.66x).
+_CHUNK_ROWS = 128
 # The running Gram (a sum over at most this many samples, of shifted data) is flushed into float64.
 _FLUSH_SAMPLES = 1 << 17
 # A space whose running Gram would be larger than this (bytes; a joint space of about 4096 channels) has
