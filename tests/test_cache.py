@@ -163,3 +163,43 @@ def test_a_seed_gives_the_same_model_whatever_ran_before(tmp_path: Path) -> None
     state = torch.random.get_rng_state()
     trained_model(**SMALL, cache_dir=tmp_path / "a")  # loading from the cache leaves the global RNG alone
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_landscape_store_reads_paths_planes_and_curves_back(tmp_path, monkeypatch) -> None:
+    """A notebook's second run reads its paths, planes and curves' paths back: equal arrays, the same result
+    classes and labels; a changed model or option computes afresh; ``progress`` is not part of the key."""
+    import numpy as np
+
+    from ccatoolkit.app.store import LandscapeStore
+    from ccatoolkit.landscape.curves import Curve
+    from ccatoolkit.zoo.models import MLP
+
+    monkeypatch.setenv("CCATOOLKIT_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    a, b, c = (MLP(depth=2, width=8, in_shape=(5,)).eval() for _ in range(3))
+    data = [(torch.randn(16, 5), torch.randint(0, 10, (16,))) for _ in range(2)]
+    curve = Curve(a, a.state_dict(), b.state_dict(), c.state_dict(), method="permute")
+    first = LandscapeStore()
+    path = first.interpolate(a, b, data, alphas=5, progress=False, label="straight line")
+    plane = first.loss_plane(a, b, c, data, resolution=4, progress=False, labels=("A", "B", "C'"))
+    bent = first.evaluate_curve(curve, data, ts=5, progress=False)
+    assert first.loaded == 0
+    second = LandscapeStore()
+    path2 = second.interpolate(a, b, data, alphas=5, progress=True, label="straight line")
+    plane2 = second.loss_plane(a, b, c, data, resolution=4, progress=False, labels=("A", "B", "C'"))
+    bent2 = second.evaluate_curve(curve, data, ts=5, progress=False)
+    assert second.loaded == 3
+    assert type(path2) is type(path) and path2.label == "straight line"
+    np.testing.assert_array_equal(path2.loss, path.loss)
+    np.testing.assert_array_equal(path2.accuracy, path.accuracy)
+    assert type(plane2) is type(plane) and tuple(plane2.labels) == ("A", "B", "C'")
+    np.testing.assert_array_equal(plane2.loss, plane.loss)
+    np.testing.assert_array_equal(plane2.coords, plane.coords)
+    assert type(bent2).__name__ == "CurveResult" and bent2.kind == "bezier" and bent2.label == bent.label
+    np.testing.assert_array_equal(bent2.loss, bent.loss)
+    second.interpolate(a, c, data, alphas=5, progress=False, label="straight line")  # another model
+    second.interpolate(a, b, data, alphas=3, progress=False, label="straight line")  # another option
+    assert second.loaded == 3
+    off = LandscapeStore(enabled=False)
+    off.interpolate(a, b, data, alphas=5, progress=False, label="straight line")
+    assert off.loaded == 0

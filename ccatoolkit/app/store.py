@@ -1,24 +1,38 @@
-"""Merged models' accuracies kept on disk, keyed by everything they depend on, the merge code included.
+"""Results the notebooks compute kept on disk, keyed by everything they depend on, the code included.
 
-A notebook's second run (or a workshop prepared with ``make prefetch``) reads the numbers back
-instead of merging again; a changed model, data set or library computes afresh.
+Merged models' accuracies (:class:`MergeResultStore`) and paths, curves' paths and loss planes
+(:class:`LandscapeStore`). A notebook's second run (or a workshop prepared with ``make prefetch``)
+reads them back instead of computing them again; a changed model, data set or library computes afresh.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from ccatoolkit._utils import model_device
 from ccatoolkit.zoo.cache import describe_data, load_or_create, state_digest
 
-__all__ = ["merge_code_digest", "MergeResultStore"]
+__all__ = ["merge_code_digest", "landscape_code_digest", "MergeResultStore", "LandscapeStore"]
+
+
+def _source_digest(*folders: str) -> str:
+    """SHA-256 of the package's sources in ``folders`` plus the evaluation code they all use."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted([*(p for f in folders for p in (root / f).rglob("*.py")), root / "zoo" / "training.py",
+                    root / "_utils.py"])
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
@@ -28,13 +42,13 @@ def merge_code_digest() -> str:
     Part of the key of every cached merge result, so a result is only read back by the code that
     computed it: any change to the merge code computes it again.
     """
-    root = Path(__file__).resolve().parents[1]
-    files = sorted([*(root / "merging").rglob("*.py"), *(root / "analysis").rglob("*.py"),
-                    root / "zoo" / "training.py", root / "_utils.py"])
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
+    return _source_digest("merging", "analysis")
+
+
+@functools.lru_cache(maxsize=1)
+def landscape_code_digest() -> str:
+    """SHA-256 of the source behind paths and planes (landscape, merging for REPAIR and alignment, analysis)."""
+    return _source_digest("landscape", "merging", "analysis")
 
 
 @dataclass
@@ -75,3 +89,106 @@ class MergeResultStore:
         value = load_or_create("merge-accuracy", key, create)
         self.loaded += not computed
         return float(value["accuracy"])
+
+
+def _option_key(name: str, value: Any, digest: Callable[[Any], str]) -> Any:
+    """A JSON-able stand-in for one keyword argument of a cached call (data sets by their digest); raises
+    ``TypeError`` for what cannot be keyed (a callable, a model)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.ndarray) or isinstance(value, torch.Tensor):
+        return np.asarray(value).tolist()
+    if isinstance(value, (tuple, list)) and all(v is None or isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    if name.endswith("data"):
+        return digest(value)
+    raise TypeError(f"{name}={type(value).__name__} cannot be part of a cache key")
+
+
+_RESULTS: dict[str, type] = {}
+
+
+def _result_classes() -> dict[str, type]:
+    if not _RESULTS:
+        from ccatoolkit.landscape.curves import CurveResult
+        from ccatoolkit.landscape.results import InterpolationResult, PlaneResult
+
+        _RESULTS.update({c.__name__: c for c in (InterpolationResult, CurveResult, PlaneResult)})
+    return _RESULTS
+
+
+def _to_record(result: Any) -> dict[str, Any]:
+    """A result data class as tensors, strings and numbers (what ``load_or_create`` stores safely)."""
+    record: dict[str, Any] = {"class": type(result).__name__}
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        record[f.name] = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+    return record
+
+
+def _from_record(record: Mapping[str, Any]) -> Any:
+    fields = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in record.items() if k != "class"}
+    return _result_classes()[record["class"]](**fields)
+
+
+@dataclass
+class LandscapeStore:
+    """Paths, curves' paths and loss planes kept on disk, as :class:`MergeResultStore` keeps accuracies.
+
+    Each method takes the arguments of the library call it stands for and returns what that call returns;
+    the key holds the models' weights, the data (digests), every other argument but ``progress``, and the
+    code behind them (:func:`landscape_code_digest`). An argument that cannot be keyed (an ``align``
+    callable) computes without the cache. ``enabled=False`` computes every time.
+    """
+
+    enabled: bool = True
+    loaded: int = 0  # results read back rather than computed
+    _digests: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def _digest(self, obj: Any, make: Callable[[Any], str]) -> str:
+        if id(obj) not in self._digests:
+            self._digests[id(obj)] = make(obj)
+        return self._digests[id(obj)]
+
+    def _cached(self, kind: str, models: Sequence[nn.Module], data: Iterable[Any], options: Mapping[str, Any],
+                compute: Callable[[], Any]) -> Any:
+        if not self.enabled:
+            return compute()
+        try:
+            keyed = {k: _option_key(k, v, lambda d: self._digest(d, describe_data))
+                     for k, v in sorted(options.items()) if k != "progress"}
+        except TypeError:
+            return compute()
+        key = {"kind": kind, "models": [state_digest(m) for m in models], "data": self._digest(data, describe_data),
+               "options": keyed, "device": str(model_device(models[0])), "code": landscape_code_digest()}
+        computed = []
+
+        def create() -> dict[str, Any]:
+            computed.append(True)
+            return _to_record(compute())
+
+        value = _from_record(load_or_create(f"landscape-{kind}", key, create))
+        self.loaded += not computed
+        return value
+
+    def interpolate(self, model_a: nn.Module, model_b: nn.Module, data: Iterable[Any], **options: Any) -> Any:
+        """:func:`ccatoolkit.landscape.paths.interpolate`, cached."""
+        from ccatoolkit.landscape.paths import interpolate
+
+        return self._cached("path", [model_a, model_b], data, options,
+                            lambda: interpolate(model_a, model_b, data, **options))
+
+    def loss_plane(self, model_a: nn.Module, model_b: nn.Module, model_c: nn.Module, data: Iterable[Any],
+                   **options: Any) -> Any:
+        """:func:`ccatoolkit.landscape.paths.loss_plane`, cached."""
+        from ccatoolkit.landscape.paths import loss_plane
+
+        return self._cached("plane", [model_a, model_b, model_c], data, options,
+                            lambda: loss_plane(model_a, model_b, model_c, data, **options))
+
+    def evaluate_curve(self, curve: Any, data: Iterable[Any], **options: Any) -> Any:
+        """``curve.evaluate(data, **options)`` (:meth:`ccatoolkit.landscape.curves.Curve.evaluate`), cached."""
+        start, end = curve.end_models()
+        keyed = {**options, "curve_method": curve.method}  # the result's label names it
+        return self._cached(f"curve-{curve.kind}", [start, curve.control_model(), end], data, keyed,
+                            lambda: curve.evaluate(data, **options))
