@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -90,6 +91,23 @@ def test_notebooks_are_committed_clean_with_a_parameters_cell(path):
     assert intro["cell_type"] == "markdown" and "Expected at default settings" in "".join(intro["source"])
     assert nb_json["metadata"]["kernelspec"]["name"] == "python3"
     assert "nb.settings(SMOKE" in "".join(code[1]["source"])
+
+
+#: A number stated in a markdown cell: a percentage, points of accuracy, or a decimal like 0.047.
+_STATED_NUMBER = re.compile(r"\d%|\bpts\b|\b0\.\d\d+|\d\.\d+ points|\d points")
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name[:2] in ("01", "02", "06", "07")],
+                         ids=lambda p: p.name[:2])
+def test_numbers_in_prose_come_from_the_run(path):
+    """Only the first cell states numbers (the expected results); every later sentence with a result is a
+    ``display(Markdown(f"..."))`` of the run's variables (hidden exercise solutions aside)."""
+    cells = json.loads(path.read_text())["cells"]
+    for cell in cells[1:]:
+        if cell["cell_type"] == "markdown":
+            text = re.sub(r"<details>.*?</details>", "", "".join(cell["source"]), flags=re.S)
+            assert not _STATED_NUMBER.search(text), text[:200]
+    assert sum("display(Markdown(" in "".join(c["source"]) for c in cells if c["cell_type"] == "code") >= 3
 
 
 def test_the_sequence_is_complete():

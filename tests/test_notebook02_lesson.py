@@ -254,13 +254,10 @@ def test_notebook_has_takeaways_solutions_and_a_check(path):
 
 
 @pytest.mark.parametrize("path", [NB01, NB02], ids=["01", "02"])
-def test_numbers_in_prose_come_from_the_run_and_the_first_cell_promises_the_checks(path):
+def test_the_first_cell_promises_the_checks(path):
+    """The intro's expected numbers are the centres the last cell checks (numbers in later prose:
+    test_notebook.py)."""
     cells = _cells(path)
-    for cell in cells[1:]:
-        if cell["cell_type"] == "markdown":
-            text = re.sub(r"<details>.*?</details>", "", _source(cell), flags=re.S)
-            assert not re.search(r"\d%|\bpts\b|\b0\.\d\d+", text), text[:200]
-    assert sum("display(Markdown(" in _source(c) for c in cells if c["cell_type"] == "code") >= 3
     first, check = _source(cells[0]), _source([c for c in cells if c["cell_type"] == "code"][-1])
     for centre, fmt in re.findall(r"around\((-?[\d.]+), [\d.]+\), \"(\{[^\"]+\})\"", check):
         written = fmt.format(float(centre)).replace("+", "").replace("-", "")
