@@ -268,7 +268,7 @@ def test_a_wide_space_adds_into_the_float64_sums_without_a_running_gram(monkeypa
     batches = _batches(4, (1, 8, 8))
     layers = {"stream": ["layer1.0.relu2", "layer1.1.relu2"], "inner": ["layer2.0.relu1"]}
     kept = collect_statistics(models, batches, layers, progress=False)
-    monkeypatch.setattr(stats_module, "_LARGE_RUNNING_GRAM", 4 * 32 * 33)  # "inner" (32 + 32 channels), not "stream" (16 + 16)
+    monkeypatch.setattr(stats_module, "LARGE_RUNNING_GRAM", 4 * 32 * 33)  # "inner" (32 + 32 channels), not "stream" (16 + 16)
     collector = StatisticsCollector(models, layers)
     with collector.attached():
         for x in batches:

@@ -63,12 +63,13 @@ VAR_RTOL = 1e-10
 # larger products beat the extra triangle they compute up to about this size (docs/results.md, "Statistics
 # capture": 32 rows cost the MLP 3.45x its forward passes, 128 rows 2.66x).
 _CHUNK_ROWS = 128
-# The running Gram (a sum over at most this many samples, of shifted data) is flushed into float64.
-_FLUSH_SAMPLES = 1 << 17
-# A space whose running Gram would be larger than this (bytes; a joint space of about 4096 channels) has
-# none: each batch's products go into the float64 sums chunk by chunk (vgg11_bn's two 4096-wide classifier
-# spaces would otherwise hold two such Grams throughout).
-_LARGE_RUNNING_GRAM = 64 << 20
+#: The running Gram (a sum over at most this many samples, of shifted data) is flushed into float64
+#: (here and in REPAIR's channel moments, ``merging.normalization.MomentSums``).
+FLUSH_SAMPLES = 1 << 17
+#: A space whose running Gram would be larger than this (bytes; a joint space of about 4096 channels) has
+#: none: each batch's products go into the float64 sums chunk by chunk (vgg11_bn's two 4096-wide classifier
+#: spaces would otherwise hold two such Grams throughout).
+LARGE_RUNNING_GRAM = 64 << 20
 #: The smallest default budget (bytes) for the activations held per forward pass, by device type: small
 #: models take whole batches; on an accelerator larger micro-batches keep its kernels busy.
 MIN_MICRO_BATCH_BYTES = {"cpu": 64 << 20, "other": 1 << 30}
@@ -331,8 +332,8 @@ class _SpaceSums:
     The joint samples of a batch are written into a matrix ``z`` (one column per sample: the
     channels minus a fixed shift, then a row of ones); its Gram matrix (upper block triangle; the
     ones row gives the sums) is added into a float32 running total that is flushed into the
-    float64 sums every ``_FLUSH_SAMPLES`` samples. A space whose running Gram would be larger than
-    ``_LARGE_RUNNING_GRAM`` bytes has none: each chunk's product of a batch is added to the float64
+    float64 sums every ``FLUSH_SAMPLES`` samples. A space whose running Gram would be larger than
+    ``LARGE_RUNNING_GRAM`` bytes has none: each chunk's product of a batch is added to the float64
     sums at once (a buffer of one chunk of rows).
 
     With ``reference`` (cross-only statistics) only the products of the reference's rows with each
@@ -416,7 +417,7 @@ class _SpaceSums:
             return
         assert self.s2 is not None
         # a wide space has no running Gram: each chunk's product goes straight into the float64 sums
-        direct = d * (d + 1) * self.dtype.itemsize > _LARGE_RUNNING_GRAM
+        direct = d * (d + 1) * self.dtype.itemsize > LARGE_RUNNING_GRAM
         if self.g is None and not direct:
             self.g = torch.zeros(d, d + 1, dtype=self.dtype, device=self.s2.device)
         z, samples = self._samples(outs, scratch, ones_row=True)
@@ -436,7 +437,7 @@ class _SpaceSums:
         for r0, r1 in self.chunks:
             self.g[r0:r1, r0:].addmm_(z[r0:r1], z[r0 : d + 1].T)
         self.unflushed += samples
-        if self.unflushed >= _FLUSH_SAMPLES:
+        if self.unflushed >= FLUSH_SAMPLES:
             self.flush()
 
     def _add_cross(self, outs: list[torch.Tensor], scratch: _Scratch) -> None:

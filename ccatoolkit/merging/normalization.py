@@ -14,6 +14,7 @@ import copy
 import functools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ccatoolkit import distributed
+from ccatoolkit.analysis.stats import FLUSH_SAMPLES, LARGE_RUNNING_GRAM
 from ccatoolkit._utils import BATCHNORM_TYPES as _BN
 from ccatoolkit._utils import LINEAR_LAYER_TYPES as _LINEAR
 from ccatoolkit._utils import (
@@ -328,6 +330,24 @@ def channel_stats(
     return result
 
 
+@dataclass
+class _ModuleSums:
+    """One module's sums about its shift: float64 ``sum`` and ``gram``, ``count`` samples, and the running Gram
+    in the outputs' precision (None for a wide module) with the samples not yet flushed from it."""
+
+    sum: torch.Tensor
+    gram: torch.Tensor
+    count: int = 0
+    running: torch.Tensor | None = None
+    unflushed: int = 0
+
+    def flush(self) -> None:
+        if self.running is not None and self.unflushed:
+            self.gram += self.running
+            self.running.zero_()
+            self.unflushed = 0
+
+
 class MomentSums:
     """The running sums behind :func:`channel_moments` for one model's modules, fed one output at a time.
 
@@ -336,20 +356,17 @@ class MomentSums:
     the same data anyway: one forward of every model fewer. :meth:`result` may be read at any point (the
     sums go on: a merge reads them after the fitting batches, then after all batches).
 
-    Outputs arrive in micro-batches there, so each is added in place: its Gram product in the output's
-    precision (at least float32) into a running matrix of that precision, moved into the float64 sums every
-    ``FLUSH_SAMPLES`` samples, as the activation statistics do; a module wider than ``RUNNING_GRAM_BYTES``
-    allows adds each product straight into its float64 sums instead (no second C x C matrix).
+    Outputs arrive in micro-batches there, so each is added in place, as the activation statistics add
+    theirs (:mod:`~ccatoolkit.analysis.stats`): its Gram product in the output's precision (at least
+    float32) into a running matrix of that precision, moved into the float64 sums every ``FLUSH_SAMPLES``
+    samples; a module whose running matrix would exceed ``LARGE_RUNNING_GRAM`` bytes adds each product
+    straight into its float64 sums.
     """
-
-    FLUSH_SAMPLES = 1 << 17
-    RUNNING_GRAM_BYTES = 64 << 20
 
     def __init__(self, modules: Sequence[str]) -> None:
         self.modules = list(modules)
         self.shifts: dict[str, torch.Tensor] = {}
-        # per module: [sum (float64), Gram (float64), count, running Gram or None, samples in it]
-        self.sums: dict[str, list[Any]] = {}
+        self.sums: dict[str, _ModuleSums] = {}
 
     def add(self, name: str, out: torch.Tensor) -> int:
         """Add one output of module ``name`` (about the first output's channel means); returns its sample count."""
@@ -359,29 +376,22 @@ class MomentSums:
         if name not in self.shifts:
             self.shifts[name] = t.mean(0)
             c = t.shape[1]
-            running = c * c * t.element_size() <= self.RUNNING_GRAM_BYTES
-            self.sums[name] = [torch.zeros(c, dtype=torch.float64, device=t.device),
-                               torch.zeros(c, c, dtype=torch.float64, device=t.device), 0,
-                               torch.zeros(c, c, dtype=t.dtype, device=t.device) if running else None, 0]
+            wide = c * c * t.element_size() > LARGE_RUNNING_GRAM
+            self.sums[name] = _ModuleSums(torch.zeros(c, dtype=torch.float64, device=t.device),
+                                          torch.zeros(c, c, dtype=torch.float64, device=t.device),
+                                          running=None if wide else torch.zeros(c, c, dtype=t.dtype, device=t.device))
         t = t - self.shifts[name]
         entry = self.sums[name]
-        entry[0] += t.sum(0, dtype=torch.float64)
-        if entry[3] is None:
-            entry[1] += t.T @ t
+        entry.sum += t.sum(0, dtype=torch.float64)
+        if entry.running is None:
+            entry.gram += t.T @ t
         else:
-            entry[3].addmm_(t.T, t)
-            entry[4] += t.shape[0]
-            if entry[4] >= self.FLUSH_SAMPLES:
-                self._flush(entry)
-        entry[2] += t.shape[0]
+            entry.running.addmm_(t.T, t)
+            entry.unflushed += t.shape[0]
+            if entry.unflushed >= FLUSH_SAMPLES:
+                entry.flush()
+        entry.count += t.shape[0]
         return int(t.shape[0])
-
-    @staticmethod
-    def _flush(entry: list[Any]) -> None:
-        if entry[3] is not None and entry[4]:
-            entry[1] += entry[3]
-            entry[3].zero_()
-            entry[4] = 0
 
     def hooks(self) -> dict[str, Any]:
         """``{module: fn(output)}`` adding every output (what ``StatisticsCollector(also=...)`` calls)."""
@@ -391,8 +401,9 @@ class MomentSums:
         """Per module, the channels' mean and population covariance (float64) so far, over every
         ``torch.distributed`` rank."""
         for entry in self.sums.values():
-            self._flush(entry)
-        acc = {n: self.sums[n][:3] if n in self.sums else [] for n in self.modules}
+            entry.flush()
+        acc = {n: [self.sums[n].sum, self.sums[n].gram, self.sums[n].count] if n in self.sums else []
+               for n in self.modules}
         shifts = dict(self.shifts)
         if distributed.active():  # every rank's sums about rank 0's shift, then added
             common = {n: distributed.broadcast(shift) for n, shift in shifts.items()}
@@ -419,8 +430,9 @@ def channel_moments(
     without another pass over the data (:func:`mapped_channel_stats`), which is how a merge's REPAIR
     targets for CCA's dense maps cost no pass per ridge tried. Each batch's Gram matrix is one product in
     the output's precision (at least float32), of features shifted by the first batch's means so that
-    large means do not cancel the variance away; the sums across batches are float64
-    (:class:`MomentSums`). Holds a ``C x C`` matrix per module.
+    large means do not cancel the variance away; a running matrix in that precision moves into float64
+    sums every ``FLUSH_SAMPLES`` samples (:class:`MomentSums`). Holds a ``C x C`` matrix per module
+    (two below ``LARGE_RUNNING_GRAM`` bytes).
     """
     sums = MomentSums(modules)  # _accumulate counts the samples (a module that never ran raises there)
     _accumulate(model, modules, data, {n: (lambda out, n=n: (sums.add(n, out),)) for n in modules}, max_batches,

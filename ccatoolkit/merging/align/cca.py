@@ -90,8 +90,9 @@ class CCAProblem:
 
     Fewer samples than channels (a 4096-wide classifier layer on a few hundred images) leave each
     covariance with a null space: eigenvalues at or below ``EIG_RTOL`` times the largest, the floor the
-    pseudo-inverse uses (:mod:`~ccatoolkit.analysis.linalg`). ``M`` is zero on those rows and columns (a direction without variance
-    covaries with nothing), so the matrix whose polar factor is taken is zero outside its top
+    pseudo-inverse uses (:mod:`~ccatoolkit.analysis.linalg`). ``M`` is zero on those rows and columns (a
+    direction without variance covaries with nothing), so the matrix whose polar factor is taken is zero
+    outside its top
     ``r x r`` block, ``r`` the larger of the two ranks. Its polar factor there is the block's own; on
     the null spaces any orthogonal map maximises CCA's objective equally (the data say nothing about
     them, and a full SVD completes them arbitrarily). :meth:`transform` takes the identity in the
