@@ -52,7 +52,33 @@ def landscape_code_digest() -> str:
 
 
 @dataclass
-class MergeResultStore:
+class _DiskStore:
+    """What both stores share: the switch, the count of results read back, and digests made once per object."""
+
+    enabled: bool = True
+    loaded: int = 0  # results read back rather than computed
+    _digests: dict[int, str] = field(default_factory=dict, repr=False)  # by id(): the caller keeps the objects
+
+    def _digest(self, obj: Any, make: Callable[[Any], str]) -> str:
+        if id(obj) not in self._digests:
+            self._digests[id(obj)] = make(obj)
+        return self._digests[id(obj)]
+
+    def _load(self, kind: str, key: dict[str, Any], create: Callable[[], Any]) -> Any:
+        """``load_or_create(kind, key, create)``, counting in :attr:`loaded` whether it was read back."""
+        computed = []
+
+        def make() -> Any:
+            computed.append(True)
+            return create()
+
+        value = load_or_create(kind, key, make)
+        self.loaded += not computed
+        return value
+
+
+@dataclass
+class MergeResultStore(_DiskStore):
     """Merged models' test accuracies kept on disk (the zoo's cache folder), so a notebook's second run reads them.
 
     The key holds everything a number depends on: each model's weights, the statistics and test data
@@ -60,15 +86,6 @@ class MergeResultStore:
     (:func:`merge_code_digest`). So ``make prefetch`` makes a workshop's run fast, and a changed
     model, data set or library computes afresh. ``enabled=False`` computes every time.
     """
-
-    enabled: bool = True
-    loaded: int = 0  # accuracies read back rather than computed
-    _digests: dict[int, str] = field(default_factory=dict, repr=False)  # by id(): the caller keeps the objects
-
-    def _digest(self, obj: Any, make: Callable[[Any], str]) -> str:
-        if id(obj) not in self._digests:
-            self._digests[id(obj)] = make(obj)
-        return self._digests[id(obj)]
 
     def accuracy(self, models: Sequence[nn.Module], data: Iterable[Any], test_data: Iterable[Any], method: str,
                  options: Mapping[str, Any], compute: Callable[[], float]) -> float:
@@ -80,14 +97,8 @@ class MergeResultStore:
             "models": [self._digest(m, state_digest) for m in models], "data": self._digest(data, describe_data),
             "test": self._digest(test_data, describe_data), "code": merge_code_digest(),
         }
-        computed = []
-
-        def create() -> dict[str, torch.Tensor]:
-            computed.append(True)
-            return {"accuracy": torch.tensor(float(compute()), dtype=torch.float64)}
-
-        value = load_or_create("merge-accuracy", key, create)
-        self.loaded += not computed
+        value = self._load("merge-accuracy", key,
+                           lambda: {"accuracy": torch.tensor(float(compute()), dtype=torch.float64)})
         return float(value["accuracy"])
 
 
@@ -132,7 +143,7 @@ def _from_record(record: Mapping[str, Any]) -> Any:
 
 
 @dataclass
-class LandscapeStore:
+class LandscapeStore(_DiskStore):
     """Paths, curves' paths and loss planes kept on disk, as :class:`MergeResultStore` keeps accuracies.
 
     Each method takes the arguments of the library call it stands for and returns what that call returns;
@@ -140,15 +151,6 @@ class LandscapeStore:
     code behind them (:func:`landscape_code_digest`). An argument that cannot be keyed (an ``align``
     callable) computes without the cache. ``enabled=False`` computes every time.
     """
-
-    enabled: bool = True
-    loaded: int = 0  # results read back rather than computed
-    _digests: dict[int, str] = field(default_factory=dict, repr=False)
-
-    def _digest(self, obj: Any, make: Callable[[Any], str]) -> str:
-        if id(obj) not in self._digests:
-            self._digests[id(obj)] = make(obj)
-        return self._digests[id(obj)]
 
     def _cached(self, kind: str, models: Sequence[nn.Module], data: Iterable[Any], options: Mapping[str, Any],
                 compute: Callable[[], Any]) -> Any:
@@ -161,15 +163,7 @@ class LandscapeStore:
             return compute()
         key = {"kind": kind, "models": [state_digest(m) for m in models], "data": self._digest(data, describe_data),
                "options": keyed, "device": str(model_device(models[0])), "code": landscape_code_digest()}
-        computed = []
-
-        def create() -> dict[str, Any]:
-            computed.append(True)
-            return _to_record(compute())
-
-        value = _from_record(load_or_create(f"landscape-{kind}", key, create))
-        self.loaded += not computed
-        return value
+        return _from_record(self._load(f"landscape-{kind}", key, lambda: _to_record(compute())))
 
     def interpolate(self, model_a: nn.Module, model_b: nn.Module, data: Iterable[Any], **options: Any) -> Any:
         """:func:`ccatoolkit.landscape.paths.interpolate`, cached."""
