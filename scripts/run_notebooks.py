@@ -4,8 +4,12 @@
     .venv/bin/python scripts/run_notebooks.py --out reports            # default settings (``make demo``)
     .venv/bin/python scripts/run_notebooks.py --out reports --smoke    # tiny sizes, a few minutes in all
     .venv/bin/python scripts/run_notebooks.py --only 02 04             # some notebooks
+    .venv/bin/python scripts/run_notebooks.py --appendix --out reports/appendix   # the appendix (notebook 7)
+    .venv/bin/python scripts/run_notebooks.py --all                    # the sequence and the appendix
 
-Each notebook in ``notebooks/`` (in name order) is executed with papermill in a kernel of *this*
+The workshop sequence is notebooks 01-06, a 3-hour session; notebook 07 (your own torchvision model) is an
+appendix, homework outside the timed sequence: ``--appendix`` runs it, ``--all`` runs both, ``--only``
+picks notebooks from both by prefix. Each notebook (in name order) is executed with papermill in a kernel of *this*
 interpreter (a ``python3`` kernelspec written to a private ``JUPYTER_PATH`` that points at
 ``sys.executable``, so the venv's packages are used whatever else is installed), with the working
 directory ``notebooks/``. Written under ``--out``:
@@ -35,6 +39,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
+APPENDIX = ("07_",)  # name prefixes of the notebooks outside the timed workshop sequence
+
+
+def select(only: list[str], appendix: bool = False, everything: bool = False) -> list[Path]:
+    """The notebooks to run: the sequence (default), the appendix, both, or those named by prefix in ``only``."""
+    notebooks = sorted(NOTEBOOKS.glob("[0-9]*.ipynb"))
+    if only:
+        return [p for p in notebooks if any(p.name.startswith(o) for o in only)]
+    if everything:
+        return notebooks
+    return [p for p in notebooks if p.name.startswith(APPENDIX) == appendix]
 
 
 def _kernel_dir() -> Path:
@@ -83,12 +98,9 @@ def _to_html(nb_path: Path, html_path: Path) -> None:
     html_path.write_text(body, encoding="utf-8")
 
 
-def run(out: Path, smoke: bool, only: list[str], cell_timeout: int, html: bool) -> int:
+def run(out: Path, smoke: bool, notebooks: list[Path], cell_timeout: int, html: bool, only: list[str] = ()) -> int:
     import papermill as pm
 
-    notebooks = sorted(NOTEBOOKS.glob("[0-9]*.ipynb"))
-    if only:
-        notebooks = [p for p in notebooks if any(p.name.startswith(o) for o in only)]
     if not notebooks:
         print(f"no notebooks matched {only or 'notebooks/[0-9]*.ipynb'}", file=sys.stderr)
         return 2
@@ -147,10 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "reports", help="report folder (default: reports/)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CCATOOLKIT_SMOKE=1): a few minutes in all")
     parser.add_argument("--only", nargs="*", default=[], metavar="PREFIX", help="run notebooks whose names start so")
+    parser.add_argument("--appendix", action="store_true", help="run the appendix (notebook 07) instead of 01-06")
+    parser.add_argument("--all", action="store_true", help="run the sequence and the appendix")
     parser.add_argument("--cell-timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
     parser.add_argument("--no-html", action="store_true", help="skip the HTML pages")
     args = parser.parse_args(argv)
-    return run(args.out, args.smoke, args.only, args.cell_timeout, not args.no_html)
+    notebooks = select(args.only, appendix=args.appendix, everything=args.all)
+    return run(args.out, args.smoke, notebooks, args.cell_timeout, not args.no_html, args.only)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,28 @@ def test_curve_cache_hits_on_second_call(pair, digits, tmp_path, monkeypatch):
         train_curve(a, b, train, epochs=1, seed=1, cache_dir=str(tmp_path), progress=False)
 
 
+def test_the_alignment_of_a_curve_is_cached_and_its_check_repeated(pair, digits, tmp_path, monkeypatch):
+    a, b = pair
+    train = digits[0]
+    checked = []
+    monkeypatch.setattr(curve_training, "warn_if_endpoint_degraded", lambda *acc, **kw: checked.append(acc))
+    first = train_curve(a, b, train, align="cca", epochs=1, cache_dir=str(tmp_path), progress=False)
+    assert len(checked) == 1 and 0.0 < checked[0][0] <= 1.0  # B's and B''s accuracy on the alignment data
+
+    def boom(*args, **kwargs):
+        raise AssertionError("B was aligned again instead of read from the cache")
+
+    monkeypatch.setattr(curve_training, "aligned_endpoint", boom)
+    second = train_curve(a, b, train, align="cca", epochs=1, cache_dir=str(tmp_path), progress=False)
+    assert all(torch.equal(v, second.end[k]) for k, v in first.end.items())
+    assert all(torch.equal(v, second.control[k]) for k, v in first.control.items())
+    assert checked == [checked[0], checked[0]]  # the degraded-end check runs on the cached accuracies too
+    # another option, other data or no cache align again
+    for kwargs in (dict(ridge=0.5), dict(align_data=digits[1]), dict(cache=False)):
+        with pytest.raises(AssertionError, match="aligned again"):
+            train_curve(a, b, train, align="cca", epochs=1, cache_dir=str(tmp_path), progress=False, **kwargs)
+
+
 def test_state_digest_tracks_weights(pair):
     a, b = pair
     assert state_digest(a) == state_digest(copy.deepcopy(a))

@@ -112,3 +112,19 @@ def test_numbers_in_prose_come_from_the_run(path):
 
 def test_the_sequence_is_complete():
     assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+
+
+def test_the_runner_times_the_sequence_and_keeps_the_appendix_apart():
+    """``make demo`` runs the workshop (01-06); notebook 07 runs with ``--appendix`` or ``--all`` (``make prefetch``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_notebooks", NOTEBOOKS[0].parents[1] / "scripts" / "run_notebooks.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    names = lambda paths: [p.name[:2] for p in paths]  # noqa: E731
+    assert names(runner.select([])) == ["01", "02", "03", "04", "05", "06"]
+    assert names(runner.select([], appendix=True)) == ["07"]
+    assert names(runner.select([], everything=True)) == [p.name[:2] for p in NOTEBOOKS]
+    assert names(runner.select(["07", "02"])) == ["02", "07"]
+    makefile = (NOTEBOOKS[0].parents[1] / "Makefile").read_text()
+    assert "run_notebooks.py --all --out reports/prefetch" in makefile  # a workshop's cache holds the appendix too

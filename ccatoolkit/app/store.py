@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -19,20 +17,9 @@ import torch
 from torch import nn
 
 from ccatoolkit._utils import model_device
-from ccatoolkit.zoo.cache import describe_data, load_or_create, state_digest
+from ccatoolkit.zoo.cache import describe_data, load_or_create, source_digest, state_digest
 
 __all__ = ["merge_code_digest", "landscape_code_digest", "MergeResultStore", "LandscapeStore"]
-
-
-def _source_digest(*folders: str) -> str:
-    """SHA-256 of the package's sources in ``folders`` plus the evaluation code they all use."""
-    root = Path(__file__).resolve().parents[1]
-    files = sorted([*(p for f in folders for p in (root / f).rglob("*.py")), root / "zoo" / "training.py",
-                    root / "_utils.py"])
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,13 +29,13 @@ def merge_code_digest() -> str:
     Part of the key of every cached merge result, so a result is only read back by the code that
     computed it: any change to the merge code computes it again.
     """
-    return _source_digest("merging", "analysis")
+    return source_digest("merging", "analysis")
 
 
 @functools.lru_cache(maxsize=1)
 def landscape_code_digest() -> str:
     """SHA-256 of the source behind paths and planes (landscape, merging for REPAIR and alignment, analysis)."""
-    return _source_digest("landscape", "merging", "analysis")
+    return source_digest("landscape", "merging", "analysis")
 
 
 @dataclass

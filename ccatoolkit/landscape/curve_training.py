@@ -7,7 +7,9 @@ of A and B and is trained by sampling ``t ~ U(0, 1)`` for every batch and descen
 paper) is available too.
 
 Trained curves are cached (:mod:`ccatoolkit.zoo.cache`) keyed by both end points' weights, the curve
-kind, alignment, epochs, learning rate, seed and the training data, so a second call loads instantly.
+kind, alignment, epochs, learning rate, seed and the training data; so is the alignment of B to A
+(keyed by both models, the method, its data and options, and the alignment code), so a second call
+loads both instantly.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ from ccatoolkit.landscape.curves import CURVE_KINDS, Curve, training_copy
 from ccatoolkit.landscape.paths import aligned_endpoint, method_name, mixes_channels, warn_if_endpoint_degraded
 from ccatoolkit.landscape.points import float_state, frozen_copy
 from ccatoolkit.zoo.adversarial import PGD
-from ccatoolkit.zoo.cache import UnkeyableDataError, describe_data, load_or_create, state_digest
+from ccatoolkit.zoo.cache import (
+    UnkeyableDataError,
+    describe_data,
+    key_digest,
+    load_or_create,
+    source_digest,
+    state_digest,
+)
 from ccatoolkit.zoo.training import evaluate
 
 __all__ = ["train_curve", "train_control"]
@@ -116,20 +125,48 @@ def _check_arguments(
 
 def _aligned_end(
     model_a: nn.Module, model_b: nn.Module, align: Any, align_data: Iterable[Any], progress: bool,
-    align_options: dict[str, Any],
+    align_options: dict[str, Any], cache: bool, cache_dir: str | None,
 ) -> dict[str, torch.Tensor]:
     """The curve's end: ``model_b`` aligned to ``model_a`` as ``align`` says, a floating state on A's device.
 
-    A map that mixes channels (CCA) leaves a B' that is not B: a warning says so when its accuracy on
-    ``align_data`` is well below B's (:func:`~ccatoolkit.landscape.paths.warn_if_endpoint_degraded`)."""
-    if isinstance(align, str):
-        align_options.setdefault("progress", progress)
-    b_prime = aligned_endpoint(model_a, model_b, align, align_data, **align_options)
-    check_same_architecture([model_a, b_prime], ["model_a", "aligned model_b"])
-    if mixes_channels(align):
-        accuracies = [float(evaluate(m, align_data)["accuracy"]) for m in (model_b, b_prime)]
-        warn_if_endpoint_degraded(*accuracies, method=str(align), where="train_curve")
-    return {k: v.to(model_device(model_a)).clone() for k, v in float_state(b_prime).items()}
+    An alignment by name is cached like the curve (:func:`_alignment_key`), so a second call reads B' instead
+    of aligning again. A map that mixes channels (CCA) leaves a B' that is not B: a warning says so, on every
+    call, when its accuracy on ``align_data`` is well below B's
+    (:func:`~ccatoolkit.landscape.paths.warn_if_endpoint_degraded`)."""
+
+    def create() -> dict[str, torch.Tensor]:
+        options = {"progress": progress, **align_options} if isinstance(align, str) else align_options
+        b_prime = aligned_endpoint(model_a, model_b, align, align_data, **options)
+        check_same_architecture([model_a, b_prime], ["model_a", "aligned model_b"])
+        accuracies = ([float(evaluate(m, align_data)["accuracy"]) for m in (model_b, b_prime)]
+                      if mixes_channels(align) else [])
+        return {"end": {k: v.detach().cpu().clone() for k, v in float_state(b_prime).items()},
+                "accuracies": torch.tensor(accuracies, dtype=torch.float64)}
+
+    key = _alignment_key(model_a, model_b, align, align_data, align_options) if cache else None
+    stored = load_or_create("aligned-end", key, create, cache_dir=cache_dir) if key is not None else create()
+    if len(stored["accuracies"]):
+        warn_if_endpoint_degraded(*stored["accuracies"].tolist(), method=str(align), where="train_curve")
+    return {k: v.to(model_device(model_a)).clone() for k, v in stored["end"].items()}
+
+
+def _alignment_key(
+    model_a: nn.Module, model_b: nn.Module, align: Any, align_data: Iterable[Any], align_options: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The cache key of an alignment by name: both models' weights, the method, its data and options, the
+    device, and the code that aligns (:func:`~ccatoolkit.zoo.cache.source_digest`); None (align every time)
+    for no alignment, a callable, or data or options that cannot be keyed."""
+    if not isinstance(align, str):
+        return None
+    try:
+        key = {"align": align, "model_a": state_digest(model_a), "model_b": state_digest(model_b),
+               "data": describe_data(align_data), "device": str(model_device(model_a)),
+               "options": {k: v for k, v in align_options.items() if k != "progress"},
+               "code": source_digest("merging", "analysis", "landscape")}
+        key_digest(key)  # raises TypeError for options that are not JSON-able
+    except (UnkeyableDataError, TypeError):
+        return None
+    return key
 
 
 def _cache_key(
@@ -185,8 +222,8 @@ def train_curve(
     a :func:`ccatoolkit.merging.api.align_to` method name (``"permute"``, ``"cca"``, ...; activations on
     ``align_data``, default ``data``) or a callable ``(A, B) -> B'``. SGD with momentum and a cosine
     learning-rate decay, one ``t ~ U(0, 1)`` per batch (:func:`train_control`). With ``cache=True`` the
-    trained control point and aligned end point are stored under ``cache_dir`` and a second call with
-    the same inputs loads them. The input models are not modified. ``adversarial``: train on the robust
+    aligned end point (an alignment by name) and the trained control point are stored under ``cache_dir``,
+    and a second call with the same inputs loads them without aligning or training. The input models are not modified. ``adversarial``: train on the robust
     loss, the cross-entropy on PGD adversarial examples against ``theta(t)`` (for curves between
     adversarially trained models). The returned curve's ``history`` is the mean training loss of each epoch.
     """
@@ -197,7 +234,7 @@ def train_curve(
     start = {k: v.clone() for k, v in float_state(model_a).items()}
 
     end = _aligned_end(model_a, model_b, align, align_data if align_data is not None else data, progress,
-                       align_options)
+                       align_options, cache, cache_dir)
 
     def create() -> dict[str, Any]:
         control, history = train_control(template, start, end, kind, data, epochs, lr, momentum, weight_decay,

@@ -37,7 +37,7 @@ from torch import nn
 
 __all__ = [
     "CacheError", "cache_dir", "key_digest", "cache_path", "writable_cache_path", "atomic_save", "load_or_create",
-    "state_digest", "describe_data", "UnkeyableDataError",
+    "state_digest", "describe_data", "UnkeyableDataError", "source_digest",
 ]
 
 _FORMAT = "ccatoolkit-cache-v2"
@@ -245,6 +245,21 @@ def load_or_create(
 
 class UnkeyableDataError(ValueError):
     """Data whose effect on a cached result cannot be captured in a key (e.g. a lambda transform)."""
+
+
+def source_digest(*folders: str) -> str:
+    """SHA-256 of the package's sources in ``folders`` (e.g. ``"merging"``) plus the evaluation code they all use.
+
+    Part of the key of a result that the library's own code computes (a merge, an alignment, a path), so that
+    a result is only read back by the code that computed it: any change to that code computes it again.
+    """
+    root = Path(__file__).resolve().parents[1]
+    files = sorted([*(p for f in folders for p in (root / f).rglob("*.py")), root / "zoo" / "training.py",
+                    root / "_utils.py"])
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def state_digest(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
