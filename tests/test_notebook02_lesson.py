@@ -33,6 +33,8 @@ from ccatoolkit.merging.ridge import DEFAULT_RIDGE
 from ccatoolkit.plots import analysis as pa
 from ccatoolkit.plots.style import method_color
 
+from toybox import notebook_solutions
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NB01, NB02 = NOTEBOOKS / "01_train_a_zoo.ipynb", NOTEBOOKS / "02_looking_inside.ipynb"
 
@@ -296,7 +298,6 @@ def test_notebook01_trains_under_one_bar_per_cell():
 def test_notebook02_solutions_run(digits, pair, fitted):
     train, test = digits
     a, b = pair
-    text = next(_source(c) for c in _cells(NB02) if c["cell_type"] == "markdown" and "## Your turn" in _source(c))
     st = fitted.st
     namespace = dict(cc=cc, np=np, inside=inside, cca_transform=cca_transform, match_activations=match_activations,
                      collect_statistics=collect_statistics, RIDGE=DEFAULT_RIDGE, a=a, b=b, layers=["relu1", "relu2"],
@@ -304,16 +305,15 @@ def test_notebook02_solutions_run(digits, pair, fitted):
                      S_aa=st.cov(0), S_bb=st.cov(1), S_ab=st.cov(0, 1),
                      stats=collect_statistics([a, b], train, ["relu1", "relu2"], progress=False))
     out = io.StringIO()
-    for solution in re.findall(r"<details><summary>Solution</summary>(.*?)</details>", text, flags=re.S):
+    for code in notebook_solutions(NB02):
         with contextlib.redirect_stdout(out):
-            exec(re.findall(r"```python\n(.*?)```", solution, flags=re.S)[0], namespace)  # noqa: S102
+            exec(code, namespace)  # noqa: S102
     printed = out.getvalue()
     assert printed.count("ridge ") == 3 and "relu1:" in printed and "relu2:" in printed
 
 
 def test_notebook01_solutions_run(digits, pair):
     _, test = digits
-    text = next(_source(c) for c in _cells(NB01) if c["cell_type"] == "markdown" and "## Your turn" in _source(c))
     mix = np.full((2, 10), 0.02)
     mix[0, :5], mix[1, 5:] = 0.18, 0.18
     namespace = dict(
@@ -323,8 +323,8 @@ def test_notebook01_solutions_run(digits, pair):
         n_train={"disjoint": 350}, group={"disjoint": pd.Series([0.8, 0.9])},
     )
     out = io.StringIO()
-    for solution in re.findall(r"<details><summary>Solution</summary>(.*?)</details>", text, flags=re.S):
+    for code in notebook_solutions(NB01):
         with contextlib.redirect_stdout(out):
-            exec(re.findall(r"```python\n(.*?)```", solution, flags=re.S)[0], namespace)  # noqa: S102
+            exec(code, namespace)  # noqa: S102
     printed = out.getvalue()
     assert "skewed part 1" in printed and "random 350 images" in printed

@@ -21,6 +21,8 @@ import ccatoolkit as cc
 from ccatoolkit.app import by_hand
 from ccatoolkit.plots.style import method_color
 
+from toybox import notebook_solutions
+
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "03_merging_two_models.ipynb"
 
 
@@ -220,13 +222,11 @@ def test_your_turn_solutions_are_hidden_and_run(digits, pair):
     cells = _notebook()["cells"]
     text = next(_source(c) for c in cells if c["cell_type"] == "markdown" and "## Your turn" in _source(c))
     solutions = re.findall(r"<details><summary>Solution</summary>(.*?)</details>", text, flags=re.S)
-    assert 1 <= len(solutions) <= 2
+    assert 1 <= len(solutions) <= 2 and len(notebook_solutions(NOTEBOOK)) == len(solutions)  # one code block each
     a, b = pair
     namespace = dict(cc=cc, by_hand=by_hand, mlp_a=a, mlp_b=b, data={"stats": train},
                      ctx=SimpleNamespace(test_data=test), hand={"merged by hand (REPAIR off)": 0.5})
-    for solution in solutions:
-        code = re.findall(r"```python\n(.*?)```", solution, flags=re.S)
-        assert len(code) == 1
+    for code in notebook_solutions(NOTEBOOK):
         with contextlib.redirect_stdout(io.StringIO()):
-            exec(code[0], namespace)  # noqa: S102 - the notebook's own solution code
+            exec(code, namespace)  # noqa: S102 - the notebook's own solution code
     assert cc.output_gap(b, namespace["mlp_b_permuted"], test) < 1e-4  # solution 1: the permuted B is B

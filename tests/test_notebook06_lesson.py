@@ -23,6 +23,8 @@ from ccatoolkit.app import experiments
 from ccatoolkit.plots import analysis as pa
 from ccatoolkit.plots.style import method_color
 
+from toybox import notebook_solutions
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NB06 = NOTEBOOKS / "06_n_models.ipynb"
 NB07 = NOTEBOOKS / "07_bring_your_own_model.ipynb"
@@ -225,9 +227,7 @@ def test_notebook06_first_solution_runs_on_a_runs_table():
     import contextlib
     import io
 
-    turn = next(_source(c) for c in _cells(NB06) if _source(c).startswith("## Your turn"))
-    first = re.findall(r"<details><summary>Solution</summary>(.*?)</details>", turn, flags=re.S)[0]
-    (code,) = re.findall(r"```python\n(.*?)```", first, flags=re.S)
+    code = notebook_solutions(NB06)[0]
     rows = [dict(split="skewed", n=n, subset=(k, k + 1), method=m, accuracy=0.75 + 0.01 * k + (0.005 if m == "cca" else 0))
             for n in (2, 3) for k in range(3) for m in ("cca", "zipit", "ensemble")]
     out = io.StringIO()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ccatoolkit.data import dataset_info
+from ccatoolkit.plots.style import method_color
 from ccatoolkit.plots.analysis import (
     collapsed_methods,
     confusion_matrix,
@@ -68,8 +69,11 @@ def test_accuracy_bars_heights_highlight_and_reference(ax):
     plot_accuracy_bars(accs, ax=ax, highlight="cca", reference={"model A": 0.85})
     heights = [p.get_height() for p in ax.patches]
     np.testing.assert_allclose(heights, [0.2, 0.7, 0.8])
-    colors = [p.get_facecolor() for p in ax.patches]
-    assert colors[2] != colors[0] and colors[0] == colors[1]
+    colors = [matplotlib.colors.to_hex(p.get_facecolor(), keep_alpha=False) for p in ax.patches]
+    assert colors == [method_color(m) for m in accs]  # one colour per method, as in every other figure
+    assert [p.get_alpha() for p in ax.patches] == [0.35, 0.35, 1.0] and ax.patches[2].get_linewidth() == 2.0
+    reference = [line for line in ax.get_lines() if line.get_label() == "model A"][0]
+    assert reference.get_color() == method_color("A")
     assert any(abs(line.get_ydata()[0] - 0.85) < 1e-12 for line in ax.get_lines())
     assert {t.get_text() for t in ax.texts} >= {"20.0%", "80.0%"}
     with pytest.raises(ValueError, match="highlight"):
@@ -84,6 +88,7 @@ def test_accuracy_vs_n_lines_and_highlight(ax):
     np.testing.assert_allclose(lines[1].get_xdata(), [2, 3])
     np.testing.assert_allclose(lines[1].get_ydata(), [0.8, 0.7])
     np.testing.assert_allclose(lines[2].get_ydata(), [0.7])
+    assert [lines[0].get_color(), lines[1].get_color()] == [method_color("average"), method_color("cca")]
     with pytest.raises(ValueError, match="not a point"):
         plot_accuracy_vs_n(results, ax=ax, highlight=("cca", 4))
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -135,3 +139,12 @@ class TinyResNeXt(nn.Module):
         y = self.relu(self.bn_b(self.b(self.relu(self.bn_a(self.a(x))))))
         x = self.relu(self.bn_c(self.c(y)) + x)
         return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def notebook_solutions(path: str | Path) -> list[str]:
+    """The Python code of each hidden solution in a notebook's "Your turn" cell (``<details>`` blocks), in order."""
+    cells = json.loads(Path(path).read_text())["cells"]
+    turn = next("".join(c["source"]) for c in cells
+                if c["cell_type"] == "markdown" and "## Your turn" in "".join(c["source"]))
+    blocks = re.findall(r"<details><summary>Solution</summary>(.*?)</details>", turn, flags=re.S)
+    return [code for block in blocks for code in re.findall(r"```python\n(.*?)```", block, flags=re.S)]

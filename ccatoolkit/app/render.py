@@ -45,6 +45,7 @@ from ccatoolkit.plots.analysis import (
     update_confusion,
 )
 from ccatoolkit.plots.landscape import path_end_label, plot_curve_paths, plot_plane, plot_plane_path
+from ccatoolkit.plots.style import method_color
 
 __all__ = [
     "render_correlation", "render_merge", "render_alpha", "render_curve_point", "render_n_models", "new_figure",
@@ -184,7 +185,8 @@ class AlphaView(LiveFigure):
         self.lines = {}
         for curve in ctx.curves:
             (self.lines[curve.label],) = ax_curve.plot(curve.alphas, curve.accuracy, marker="o", markersize=3,
-                                                       alpha=0.5, label=curve.label)
+                                                       alpha=0.5, label=curve.label,
+                                                       color=method_color(str(getattr(curve, "method", "none"))))
         (self.chosen,) = ax_curve.plot([], [], linewidth=3, marker="o", markersize=4)
         self.vline = ax_curve.axvline(0.0, color="black", linestyle=":", linewidth=1)
         (self.star,) = ax_curve.plot([], [], marker="*", markersize=14, color="black", linestyle="none")

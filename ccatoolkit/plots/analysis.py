@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ccatoolkit.plots.style import METHOD_COLORS, method_palette
+from ccatoolkit.plots.style import METHOD_COLORS, method_color, method_palette
 
 __all__ = [
     "plot_correlation",
@@ -100,8 +100,9 @@ def plot_accuracy_bars(accuracies: Mapping[str, float], ax: Any = None, title: s
                        ylabel: str = "test accuracy") -> Any:
     """Bar chart of accuracy per method (a dict name -> accuracy in [0, 1]), each bar labelled with its value.
 
-    ``highlight`` draws one bar in a strong colour (the widget's current choice); ``reference``
-    draws horizontal lines (e.g. the two end models' accuracies).
+    Each bar has its method's colour. ``highlight`` outlines one bar and fades the others (the widget's
+    current choice); ``reference`` draws horizontal lines (e.g. the two end models' accuracies), a model's
+    line in that model's colour where the label ends with its name (``"model A"``).
     """
     if not accuracies:
         raise ValueError("accuracies is empty; pass a dict method name -> accuracy")
@@ -116,7 +117,9 @@ def plot_accuracy_bars(accuracies: Mapping[str, float], ax: Any = None, title: s
     update_accuracy_bars(ax, accuracies, highlight)
     values = np.array([float(accuracies[n]) for n in names])
     for i, (label, value) in enumerate((reference or {}).items()):
-        ax.axhline(float(value), color=f"C{i + 2}", linestyle="--", linewidth=1, label=label)
+        known = method_color(label.split()[-1]) if label.split() else "#000000"
+        ax.axhline(float(value), color=known if known != "#000000" else f"C{i + 2}", linestyle="--", linewidth=1,
+                   label=label)
     if reference:
         ax.legend(fontsize="small", loc="lower right")
     ax.set_ylim(0.0, min(1.05, max(1e-3, float(np.nanmax(values))) * 1.15 + 0.02))
@@ -125,6 +128,12 @@ def plot_accuracy_bars(accuracies: Mapping[str, float], ax: Any = None, title: s
     if title:
         ax.set_title(title)
     return ax
+
+
+def _bar_colour(name: str) -> str:
+    """A bar's colour: its method's (:func:`~ccatoolkit.plots.style.method_color`), a plain blue for other names."""
+    colour = method_color(name)
+    return colour if colour != "#000000" else "#4c72b0"
 
 
 def update_accuracy_bars(ax: Any, accuracies: Mapping[str, float], highlight: str | None = None) -> Any:
@@ -138,7 +147,11 @@ def update_accuracy_bars(ax: Any, accuracies: Mapping[str, float], highlight: st
     for name, bar, label in zip(names, bars, labels):
         value = float(accuracies[name])
         bar.set_height(value)
-        bar.set_color("tab:orange" if name == highlight else ("tab:blue" if highlight is None else "lightsteelblue"))
+        chosen = highlight is None or name == highlight  # the chosen bar at full strength, outlined; the others faded
+        bar.set_facecolor(_bar_colour(name))
+        bar.set_alpha(1.0 if chosen else 0.35)
+        bar.set_edgecolor("black" if name == highlight else "none")
+        bar.set_linewidth(2.0 if name == highlight else 0.0)
         label.xy = (bar.get_x() + bar.get_width() / 2, value)
         label.set_text(f"{value:.1%}")
     return ax
@@ -155,7 +168,7 @@ def plot_accuracy_vs_n(results: Mapping[str, Mapping[int, float]], ax: Any = Non
     ax = _axis(ax, (5.5, 3.5))
     for method, curve in results.items():
         ns = sorted(int(n) for n in curve)
-        ax.plot(ns, [float(curve[n]) for n in ns], marker="o", label=method)
+        ax.plot(ns, [float(curve[n]) for n in ns], marker="o", label=method, color=_bar_colour(method))
     if highlight is not None:
         method, n = highlight
         if method not in results or n not in results[method]:

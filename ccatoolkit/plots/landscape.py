@@ -211,7 +211,7 @@ def plot_barriers_against(results: Sequence[InterpolationResult] | Interpolation
     for r in _as_list(results):
         method = str(getattr(r, "method", "none"))
         label = str(getattr(r, "label", method))
-        colour = method_color("naive" if method == "none" else method)
+        colour = method_color(method)
         if colour == "#000000":
             colour = method_color(label)
         bars.append((f"{label}\nvs B", barrier(r, metric=metric, against=reference), colour, False))

@@ -19,6 +19,7 @@ _BLUE, _ORANGE, _GREEN, _RED, _PURPLE, _BROWN, _PINK, _GREY, _OLIVE, _CYAN = (
 METHOD_COLORS: dict[str, str] = {
     "cca": _RED, "cca_multiview": _RED, "cca_unrepaired": "#f4a582",
     "permute": _BLUE, "permute_weight": _CYAN, "identity": _GREY, "naive": _GREY,
+    "none": _GREY,  # a path's method when B is not aligned: the straight line to B
     "zipit": _PURPLE, "c2m3": _BROWN,
     "average": _GREY, "ensemble": _GREEN,
     "A": "#333333", "B": "#777777",
