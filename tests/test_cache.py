@@ -203,3 +203,24 @@ def test_landscape_store_reads_paths_planes_and_curves_back(tmp_path, monkeypatc
     off = LandscapeStore(enabled=False)
     off.interpolate(a, b, data, alphas=5, progress=False, label="straight line")
     assert off.loaded == 0
+
+
+def test_landscape_store_keys_an_attack_by_its_settings(tmp_path, monkeypatch) -> None:
+    """Robust paths (notebook 5) are read back for the same PGD settings and computed afresh for others."""
+    import numpy as np
+
+    from ccatoolkit.app.store import LandscapeStore
+    from ccatoolkit.zoo.adversarial import PGD
+    from ccatoolkit.zoo.models import MLP
+
+    monkeypatch.setenv("CCATOOLKIT_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    a, b = (MLP(depth=1, width=8, in_shape=(5,)).eval() for _ in range(2))
+    data = [(torch.rand(16, 5), torch.randint(0, 10, (16,)))]
+    first = LandscapeStore().interpolate(a, b, data, alphas=3, attack=PGD(eps=0.1, steps=2), progress=False)
+    store = LandscapeStore()
+    again = store.interpolate(a, b, data, alphas=3, attack=PGD(eps=0.1, steps=2), progress=False)
+    assert store.loaded == 1
+    np.testing.assert_array_equal(again.loss, first.loss)
+    stronger = store.interpolate(a, b, data, alphas=3, attack=PGD(eps=0.3, steps=2), progress=False)
+    assert store.loaded == 1 and not np.array_equal(stronger.loss, first.loss)  # computed afresh

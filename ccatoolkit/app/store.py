@@ -90,8 +90,8 @@ class MergeResultStore(_DiskStore):
 
 
 def _option_key(name: str, value: Any, digest: Callable[[Any], str]) -> Any:
-    """A JSON-able stand-in for one keyword argument of a cached call (data sets by their digest); raises
-    ``TypeError`` for what cannot be keyed (a callable, a model)."""
+    """A JSON-able stand-in for one keyword argument of a cached call (data sets by their digest, an attack by
+    its settings); raises ``TypeError`` for what cannot be keyed (a callable, a model)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, np.ndarray) or isinstance(value, torch.Tensor):
@@ -100,6 +100,8 @@ def _option_key(name: str, value: Any, digest: Callable[[Any], str]) -> Any:
         return list(value)
     if name.endswith("data"):
         return digest(value)
+    if name == "attack" and callable(getattr(value, "key", None)):  # a PGD attack: its settings (zoo.adversarial)
+        return value.key()
     raise TypeError(f"{name}={type(value).__name__} cannot be part of a cache key")
 
 
