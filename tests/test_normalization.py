@@ -160,15 +160,19 @@ def test_repair_moments_recorded_in_the_statistics_passes_equal_a_pass_of_their_
     data = [torch.randn(6, 1, 8, 8) for _ in range(4)]
     recorded = RepairTargets(models, graph, data, None, from_moments=True)
     merge_statistics(models, graph, data[:3], None, False, also=recorded.recorders())
-    fit_only = recorded.moments()
+    own_first = recorded.modules[0]
+    fit_only = recorded.moments()[0][own_first].cov()  # a copy: the moments are the running sums
     merge_statistics(models, graph, data[3:], None, False, also=recorded.recorders())
     own = RepairTargets(models, graph, data, None, from_moments=True)
     assert recorded.modules == own.modules and len(own.modules) >= 8
     for got, want in zip(recorded.moments(), own.moments()):
         for name in own.modules:
-            torch.testing.assert_close(got[name][0], want[name][0], rtol=1e-6, atol=1e-8)
-            torch.testing.assert_close(got[name][1], want[name][1], rtol=1e-6, atol=1e-8)
-    assert not torch.allclose(fit_only[0][own.modules[0]][1], recorded.moments()[0][own.modules[0]][1])
+            torch.testing.assert_close(got[name].mean(), want[name].mean(), rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(got[name].cov(), want[name].cov(), rtol=1e-6, atol=1e-8)
+            mix = torch.randn(got[name].sum.shape[0], got[name].sum.shape[0], dtype=torch.float64)
+            for a, b in zip(got[name].mapped(mix), want[name].mapped(mix)):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(fit_only, recorded.moments()[0][own_first].cov())
     from ccatoolkit.analysis.stats import StatisticsCollector  # micro-batches of one sample
     sums = [MomentSums(own.modules) for _ in models]
     collector = StatisticsCollector(models, {s.name: list(s.capture) for s in graph.spaces}, memory_budget=1,
@@ -178,7 +182,8 @@ def test_repair_moments_recorded_in_the_statistics_passes_equal_a_pass_of_their_
             collector.update(x)
     assert collector.micro_batch == 1
     for got, want in zip(sums, own.moments()):
-        torch.testing.assert_close(got.result()[own.modules[-1]][1], want[own.modules[-1]][1], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(got.result()[own.modules[-1]].cov(), want[own.modules[-1]].cov(), rtol=1e-6,
+                                   atol=1e-8)
     with pytest.raises(ValueError, match="has no module 'nope'"):
         StatisticsCollector(models, ["features.conv1"], also=[{"nope": print}, {}])
 

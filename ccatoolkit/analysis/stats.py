@@ -47,6 +47,8 @@ from ccatoolkit.analysis.linalg import EIG_RTOL, canonical_correlations_from_cov
 
 __all__ = [
     "JointStats",
+    "SpaceSums",
+    "Scratch",
     "StatisticsCollector",
     "collect_statistics",
     "warn_if_constant",
@@ -84,7 +86,7 @@ def _offsets(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-class _Scratch:
+class Scratch:
     """A reusable scratch matrix, shared by the spaces of one collector (processed one at a time)."""
 
     def __init__(self) -> None:
@@ -326,7 +328,7 @@ def _normalise_layers(layers: Mapping[str, Sequence[str]] | Sequence[str] | str)
     return spaces
 
 
-class _SpaceSums:
+class SpaceSums:
     """The running sums of one activation space (all models' channels of its capture layers).
 
     The joint samples of a batch are written into a matrix ``z`` (one column per sample: the
@@ -365,7 +367,7 @@ class _SpaceSums:
         """Start of each model's channels in the joint vector (and one past the end)."""
         return _offsets(self.sizes or [])
 
-    def _samples(self, outs: list[torch.Tensor], scratch: _Scratch, ones_row: bool) -> tuple[torch.Tensor, int]:
+    def _samples(self, outs: list[torch.Tensor], scratch: Scratch, ones_row: bool) -> tuple[torch.Tensor, int]:
         """The batch as a ``(channels [+ 1], samples)`` matrix in ``scratch``: each model's channels minus the
         fixed shift, then (``ones_row``) a row of ones whose products give the sums. Returns it and the samples."""
         assert self.sizes is not None and self.shift is not None
@@ -408,7 +410,7 @@ class _SpaceSums:
             bounds += [start + (size * (p + 1)) // pieces for p in range(pieces)]
         self.chunks = [(r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:]) if r1 > r0]
 
-    def add(self, outs: list[torch.Tensor], scratch: _Scratch) -> None:
+    def add(self, outs: list[torch.Tensor], scratch: Scratch) -> None:
         """Add one capture point's outputs of all models on one batch (each ``(N, C_i, *spatial)``)."""
         assert self.sizes is not None and self.shift is not None and self.s1 is not None, "statistics were released"
         d = self.dim
@@ -440,7 +442,7 @@ class _SpaceSums:
         if self.unflushed >= FLUSH_SAMPLES:
             self.flush()
 
-    def _add_cross(self, outs: list[torch.Tensor], scratch: _Scratch) -> None:
+    def _add_cross(self, outs: list[torch.Tensor], scratch: Scratch) -> None:
         """Cross-only: the reference's products with each other model, every channel's sum and square."""
         assert self.s1 is not None and self.squares is not None and self.bad is not None
         z, samples = self._samples(outs, scratch, ones_row=False)
@@ -489,6 +491,17 @@ class _SpaceSums:
                     f"in {where} of model {model} (channel {first - off}); check the model's weights and inputs"
                 )
             off += size
+
+    def shifted_sums(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(count, shift, sum, gram)`` so far, about the shift and without a copy (float64; the Gram's lower
+        block triangle filled in place, which adds never touch): the tensors go on changing with every
+        :meth:`add`. What REPAIR's channel moments read (:class:`~ccatoolkit.merging.normalization.MomentSums`)."""
+        assert self.reference is None, "cross-only statistics hold no full Gram matrix"
+        self.flush()
+        assert self.s1 is not None and self.s2 is not None and self.shift is not None
+        for r0, r1 in self.chunks:
+            self.s2[r1:, r0:r1] = self.s2[r0:r1, r1:].T
+        return self.count, self.shift.to(torch.float64), self.s1, self.s2
 
     def result(self, release: bool = False) -> JointStats:
         """The statistics so far. ``release``: hand the float64 sums over to the result instead of
@@ -551,7 +564,7 @@ class _Point:
     (e.g. ``nn.ReLU(inplace=True)`` after a captured BatchNorm) is cloned on every batch.
     """
 
-    def __init__(self, name: str, space: _SpaceSums, num_models: int, scratch: _Scratch) -> None:
+    def __init__(self, name: str, space: SpaceSums, num_models: int, scratch: Scratch) -> None:
         self.name, self.space, self.num_models, self.scratch = name, space, num_models, scratch
         self.outs: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # model -> (data, original, version)
         self.first = True
@@ -682,8 +695,8 @@ class StatisticsCollector:
             for model in models if not same_architecture else models[:1]:
                 resolve_layers(model, names)
         k = len(models)
-        self.spaces = {name: _SpaceSums(name, names, k, reference) for name, names in self.spaces_layers.items()}
-        self.scratch = _Scratch()
+        self.spaces = {name: SpaceSums(name, names, k, reference) for name, names in self.spaces_layers.items()}
+        self.scratch = Scratch()
         self.points = [
             _Point(layer, self.spaces[s], k, self.scratch) for s, names in self.spaces_layers.items() for layer in names
         ]

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ccatoolkit import distributed
-from ccatoolkit.analysis.stats import FLUSH_SAMPLES, LARGE_RUNNING_GRAM
+from ccatoolkit.analysis.stats import Scratch, SpaceSums
 from ccatoolkit._utils import BATCHNORM_TYPES as _BN
 from ccatoolkit._utils import LINEAR_LAYER_TYPES as _LINEAR
 from ccatoolkit._utils import (
@@ -40,7 +40,7 @@ from ccatoolkit.merging.transform import scaled_permutation_parts
 
 __all__ = [
     "reset_bn_stats", "repair", "repair_batchnorm", "repair_endpoints", "channel_stats", "channel_moments",
-    "MomentSums",
+    "MomentSums", "ChannelMoments",
     "mapped_channel_stats", "RepairTargets",
     "use_batch_statistics", "population_bn_statistics", "MixtureRepair",
 ]
@@ -331,21 +331,43 @@ def channel_stats(
 
 
 @dataclass
-class _ModuleSums:
-    """One module's sums about its shift: float64 ``sum`` and ``gram``, ``count`` samples, and the running Gram
-    in the outputs' precision (None for a wide module) with the samples not yet flushed from it."""
+class ChannelMoments:
+    """One module's channel moments as sums about a fixed ``shift`` (float64): ``count`` samples, ``sum`` of
+    ``y - shift`` and ``gram``, the sum of its outer products. The mean, the covariance and the statistics
+    of any linear map of ``y`` follow (:meth:`mapped`); the covariance is never formed unless asked for.
 
+    From :class:`MomentSums` the tensors are its running sums, not copies: read them before more data is added.
+    """
+
+    count: int
+    shift: torch.Tensor
     sum: torch.Tensor
     gram: torch.Tensor
-    count: int = 0
-    running: torch.Tensor | None = None
-    unflushed: int = 0
 
-    def flush(self) -> None:
-        if self.running is not None and self.unflushed:
-            self.gram += self.running
-            self.running.zero_()
-            self.unflushed = 0
+    @classmethod
+    def of(cls, mean: torch.Tensor, cov: torch.Tensor) -> "ChannelMoments":
+        """The moments of a known mean and (population) covariance: one "sample" about the mean."""
+        return cls(1, mean.to(torch.float64), torch.zeros_like(mean, dtype=torch.float64), cov.to(torch.float64))
+
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.sum / self.count
+
+    def cov(self) -> torch.Tensor:
+        """The population covariance (a new ``C x C`` matrix)."""
+        m = self.sum / self.count
+        return (self.gram / self.count).addr_(m, m, alpha=-1.0)
+
+    def mapped(self, matrix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and population std of ``matrix @ y`` (``y`` itself when None): ``M mean`` and the root of
+        ``diag(M C M^T) = diag(M G M^T) / n - (M m)^2``, with ``m`` the mean about the shift (small, so the
+        difference loses nothing)."""
+        m = self.sum / self.count
+        if matrix is None:
+            return self.shift + m, (torch.diagonal(self.gram) / self.count - m * m).clamp_min(0.0).sqrt()
+        M = torch.as_tensor(matrix, device=m.device).to(torch.float64)
+        mapped_m = M @ m
+        var = ((M @ self.gram) * M).sum(1) / self.count - mapped_m * mapped_m
+        return M @ self.shift + mapped_m, var.clamp_min(0.0).sqrt()
 
 
 class MomentSums:
@@ -356,66 +378,45 @@ class MomentSums:
     the same data anyway: one forward of every model fewer. :meth:`result` may be read at any point (the
     sums go on: a merge reads them after the fitting batches, then after all batches).
 
-    Outputs arrive in micro-batches there, so each is added in place, as the activation statistics add
-    theirs (:mod:`~ccatoolkit.analysis.stats`): its Gram product in the output's precision (at least
-    float32) into a running matrix of that precision, moved into the float64 sums every ``FLUSH_SAMPLES``
-    samples; a module whose running matrix would exceed ``LARGE_RUNNING_GRAM`` bytes adds each product
-    straight into its float64 sums.
+    Each module's sums are a one-model :class:`~ccatoolkit.analysis.stats.SpaceSums`, the accumulator of
+    the activation statistics: outputs shifted by the first batch's channel means into one scratch matrix,
+    the upper triangle of their Gram in the outputs' precision (at least float32), moved into float64 sums
+    every ``FLUSH_SAMPLES`` samples (straight into them for a module wider than ``LARGE_RUNNING_GRAM``).
     """
 
     def __init__(self, modules: Sequence[str]) -> None:
         self.modules = list(modules)
-        self.shifts: dict[str, torch.Tensor] = {}
-        self.sums: dict[str, _ModuleSums] = {}
+        self.sums: dict[str, SpaceSums] = {}
+        self.scratch = Scratch()
 
     def add(self, name: str, out: torch.Tensor) -> int:
-        """Add one output of module ``name`` (about the first output's channel means); returns its sample count."""
+        """Add one output of module ``name`` (channels on dimension 1); returns its sample count."""
         t = out.detach()
-        t = t.movedim(1, -1).reshape(-1, t.shape[1]) if t.dim() > 2 else t
-        t = t.to(torch.promote_types(t.dtype, torch.float32))
-        if name not in self.shifts:
-            self.shifts[name] = t.mean(0)
-            c = t.shape[1]
-            wide = c * c * t.element_size() > LARGE_RUNNING_GRAM
-            self.sums[name] = _ModuleSums(torch.zeros(c, dtype=torch.float64, device=t.device),
-                                          torch.zeros(c, c, dtype=torch.float64, device=t.device),
-                                          running=None if wide else torch.zeros(c, c, dtype=t.dtype, device=t.device))
-        t = t - self.shifts[name]
-        entry = self.sums[name]
-        entry.sum += t.sum(0, dtype=torch.float64)
-        if entry.running is None:
-            entry.gram += t.T @ t
-        else:
-            entry.running.addmm_(t.T, t)
-            entry.unflushed += t.shape[0]
-            if entry.unflushed >= FLUSH_SAMPLES:
-                entry.flush()
-        entry.count += t.shape[0]
-        return int(t.shape[0])
+        if name not in self.sums:
+            self.sums[name] = SpaceSums(name, [name], 1)
+            self.sums[name].setup([int(t.shape[1])], [t], t.device)
+        sums = self.sums[name]
+        before = sums.count
+        sums.add([t], self.scratch)
+        return sums.count - before
 
     def hooks(self) -> dict[str, Any]:
         """``{module: fn(output)}`` adding every output (what ``StatisticsCollector(also=...)`` calls)."""
         return {name: functools.partial(self.add, name) for name in self.modules}
 
-    def result(self) -> Moments:
-        """Per module, the channels' mean and population covariance (float64) so far, over every
-        ``torch.distributed`` rank."""
-        for entry in self.sums.values():
-            entry.flush()
-        acc = {n: [self.sums[n].sum, self.sums[n].gram, self.sums[n].count] if n in self.sums else []
-               for n in self.modules}
-        shifts = dict(self.shifts)
+    def result(self) -> dict[str, ChannelMoments]:
+        """Per module, the moments so far: the running sums themselves (no copy), or under ``torch.distributed``
+        their sums over every rank (about rank 0's shift)."""
+        parts = {n: list(self.sums[n].shifted_sums()) if n in self.sums else [] for n in self.modules}
         if distributed.active():  # every rank's sums about rank 0's shift, then added
-            common = {n: distributed.broadcast(shift) for n, shift in shifts.items()}
-            acc = _sum_over_ranks({n: _shifted(*acc[n], shifts[n], common[n]) if acc[n] else [] for n in acc})
-            shifts = common
+            common = {n: distributed.broadcast(p[1]) for n, p in parts.items() if p}
+            acc = _sum_over_ranks({n: _shifted(p[2], p[3], p[0], p[1], common[n]) if p else [] for n, p in parts.items()})
+            parts = {n: [a[-1], common[n], a[0], a[1]] if a else [] for n, a in acc.items()}
         result = {}
-        for n, a in acc.items():
-            if not a or a[-1] == 0:
+        for n, p in parts.items():
+            if not p or p[0] == 0:
                 raise ValueError(f"module {n!r} produced no output on the data; is it used in forward()?")
-            s, gram, c = a
-            mean = s / c
-            result[n] = (shifts[n].to(torch.float64) + mean, gram / c - torch.outer(mean, mean))
+            result[n] = ChannelMoments(*p)
         return result
 
 
@@ -434,10 +435,16 @@ def channel_moments(
     sums every ``FLUSH_SAMPLES`` samples (:class:`MomentSums`). Holds a ``C x C`` matrix per module
     (two below ``LARGE_RUNNING_GRAM`` bytes).
     """
+    return {n: (m.mean(), m.cov()) for n, m in _moment_sums(model, modules, data, max_batches, progress).result().items()}
+
+
+def _moment_sums(model: nn.Module, modules: Sequence[str], data: Iterable[Any], max_batches: int | None,
+                 progress: bool = False) -> MomentSums:
+    """:class:`MomentSums` of ``model``'s ``modules`` over one pass of its own over ``data``."""
     sums = MomentSums(modules)  # _accumulate counts the samples (a module that never ran raises there)
     _accumulate(model, modules, data, {n: (lambda out, n=n: (sums.add(n, out),)) for n in modules}, max_batches,
                 progress, reduce_ranks=False)
-    return sums.result()
+    return sums
 
 
 def _shifted(s: torch.Tensor, gram: torch.Tensor, count: int, shift: torch.Tensor,
@@ -449,18 +456,17 @@ def _shifted(s: torch.Tensor, gram: torch.Tensor, count: int, shift: torch.Tenso
 
 
 def mapped_channel_stats(
-    moments: tuple[torch.Tensor, torch.Tensor], matrix: torch.Tensor | None = None
+    moments: ChannelMoments | tuple[torch.Tensor, torch.Tensor], matrix: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (population) std of ``matrix @ y`` from ``y``'s :func:`channel_moments` (``y`` itself when None):
-    ``M mean`` and ``sqrt(diag(M C M^T))``, what :func:`channel_stats` with ``transform`` counts."""
-    mean, cov = moments
-    if matrix is None:
-        return mean, torch.diagonal(cov).clamp_min(0.0).sqrt()
-    M = torch.as_tensor(matrix, device=mean.device).to(torch.float64)
-    return M @ mean, ((M @ cov) * M).sum(1).clamp_min(0.0).sqrt()
+    """Mean and (population) std of ``matrix @ y`` from ``y``'s moments (``y`` itself when None): ``M mean`` and
+    ``sqrt(diag(M C M^T))``, what :func:`channel_stats` with ``transform`` counts. ``moments``: a
+    :class:`ChannelMoments`, or a ``(mean, cov)`` pair as :func:`channel_moments` gives."""
+    if not isinstance(moments, ChannelMoments):
+        moments = ChannelMoments.of(*moments)
+    return moments.mapped(matrix)
 
 
-Moments = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (channel mean, covariance), see channel_moments
+Moments = dict[str, ChannelMoments]  # module -> its channel moments (see MomentSums.result)
 Targets = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (target channel mean, target std)
 
 
@@ -502,15 +508,16 @@ class RepairTargets:
         return [sums.hooks() for sums in self._recorded]
 
     def moments(self) -> list[Moments]:
-        """Each model's :func:`channel_moments` at the endpoints: from what :meth:`recorders` saw so far, or
-        measured by a pass per model on first use and kept (a ``C x C`` matrix per module)."""
+        """Each model's :class:`ChannelMoments` at the endpoints: what :meth:`recorders` saw so far (their running
+        sums, so read before more data goes in), or measured by a pass per model on first use and kept (a
+        ``C x C`` matrix per module)."""
         return [self._model_moments(k) for k in range(len(self.models))]
 
     def _model_moments(self, k: int) -> Moments:
-        if self._recorded is not None:  # made for this call only: the sums stay, so a wide model holds one copy
+        if self._recorded is not None:  # the running sums themselves: a wide model holds one copy
             return self._recorded[k].result()
         if self._moments is None:
-            self._moments = [channel_moments(m, self.modules, self.data, self.max_batches) for m in self.models]
+            self._moments = [_moment_sums(m, self.modules, self.data, self.max_batches).result() for m in self.models]
         return self._moments[k]
 
     def release(self) -> None:
