@@ -291,9 +291,10 @@ def label_levels(colorbar_ax: Any, levels: Sequence[float]) -> Any:
 def threads(n: int = 1) -> Iterator[None]:
     """Run the block with ``n`` torch CPU threads, then restore the number before.
 
-    The digits nets are tiny: one thread runs them fastest, and on a busy CPU several threads spend their time
-    waiting for each other (measured: the four Conv-BN paths of notebook 4 took 2.7 s on one thread and 91 s on
-    two, on two shared cores).
+    The digits nets are tiny: on a busy CPU several threads spend their time waiting for each other, and on idle
+    cores a second thread gains little. Measured, notebook 4's Conv-BN cell (two alignments and four paths): on
+    two shared cores 2.7 s on one thread and 91 s on two; on two idle cores 3.4 s on one and 3.2 s on two
+    (``docs/results.md``, notebook run times).
     """
     before = torch.get_num_threads()
     torch.set_num_threads(int(n))
