@@ -187,7 +187,8 @@ def test_notebook_keeps_its_parameter_lines_widget_and_check():
     code = [c for c in cells if c["cell_type"] == "code"]  # clean, parameters, intro: test_notebook.py
     assert _source(code[0]).splitlines()[2:] == ["SMOKE = None", 'MODEL = None   # None: "mlp"',
                                                  'DEVICE = None  # None: CUDA, then MPS, then CPU']
-    assert any(_source(c).strip() == 'controls.merge_widget(ctx, method="cca")' for c in code)
+    assert any(_source(c).startswith('controls.merge_widget(ctx, method="cca", ridge=merged.merge_info["ridge"])')
+               for c in code)  # the widget opens on the merge of section 1
     assert "expect_results(" in _source(code[-1])
 
 

@@ -170,6 +170,9 @@ def test_spread_bars_show_mean_and_sd_and_put_collapsed_methods_aside(ax):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["permute", "cca"]  # the ensemble is the 0 line
     whiskers = [np.nanmax(l.get_ydata()) - np.nanmin(l.get_ydata()) for l in ax.lines[:2]]  # one per bar, capped
     np.testing.assert_allclose(whiskers, 2 * main.std().to_numpy(), rtol=1e-6)  # mean +/- one sd
+    for axis in (ax, side):  # the ensemble's line at 0 lies inside the frame, not on its edge
+        low, high = axis.get_ylim()
+        assert low < 0.0 < high and high >= 0.05 * (high - low)
 
 
 def test_spread_vs_n_draws_one_band_per_method(ax):

@@ -308,6 +308,8 @@ def plot_spread_bars(frame: Any, ax: Any = None, y: str = "relative", title: str
             axis.yaxis.set_major_formatter(lambda v, _: f"{100 * v:+.1f}")
         if y == "relative":
             axis.axhline(0.0, color=METHOD_COLORS["ensemble"], linestyle="--", linewidth=1)
+            low_y, high_y = axis.get_ylim()  # bars below 0 end at the frame: lift it so the line shows
+            axis.set_ylim(low_y, max(high_y, 0.0) + 0.08 * (max(high_y, 0.0) - low_y))
     ax.set_ylabel(_relative_label(y))
     if low:
         parts[1][0].set_ylabel("")
