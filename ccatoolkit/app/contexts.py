@@ -188,7 +188,7 @@ def precompute_ridges(ctx: MergeContext, ridges: Sequence[float], progress: bool
     todo = [(m, float(r)) for m in ctx.methods if m in CCA_METHODS for r in ridges
             if _merge_key(m, float(r)) not in ctx.cache]
     before = ctx.store.loaded
-    for method, ridge in progress_bar(todo, progress, desc="CCA merges for the ridge slider"):
+    for method, ridge in progress_bar(todo, progress and bool(todo), desc="CCA merges for the ridge slider"):  # no empty bar
         merge_accuracy(ctx, method, ridge)
     return len(todo) - (ctx.store.loaded - before)
 

@@ -20,9 +20,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from ccatoolkit._utils import default_device
+from ccatoolkit._utils import default_device, progress_bar
 
 __all__ = ["Settings", "settings", "prepare", "smoke_from_env", "save_figure", "figures_dir", "SMOKE_ENV", "FIGURES_ENV"]
 
@@ -72,6 +72,12 @@ class Settings:
     seed: int = 0
     progress: bool = True           # tqdm progress bars in long loops
     threads: int | None = None      # torch CPU threads (None: torch's default; $CCATOOLKIT_THREADS overrides)
+
+    def steps(self, items: Iterable[Any], desc: str) -> Any:
+        """``items`` under one progress bar (``tqdm.auto``; none when ``progress`` is off): a cell that makes
+        several long calls iterates over them with this bar and passes ``progress=False`` to each call, so it
+        shows one bar instead of one per call."""
+        return progress_bar(list(items), self.progress, desc=desc)
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with some fields changed (unknown names raise)."""
