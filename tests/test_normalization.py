@@ -220,3 +220,26 @@ def test_repair_in_forward_order_is_exact_on_a_residual_network_and_stops_each_p
     for n in endpoints:
         torch.testing.assert_close(stats[n][0], targets[n][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(stats[n][1], targets[n][1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_reference_model_records_only_its_channels_variances() -> None:
+    """A merge's reference is never mapped, so REPAIR needs only its channels' means and stds: its moments keep
+    each channel's sum of squares instead of a C x C Gram, and give the same statistics (a map raises)."""
+    from ccatoolkit.merging.normalization import RepairTargets
+    from ccatoolkit.merging.statistics import merge_statistics
+
+    torch.manual_seed(0)
+    models = [VGG11(width=0.125, in_shape=(1, 8, 8)).eval() for _ in range(2)]
+    graph = merge_graph(models[0])
+    data = [torch.randn(6, 1, 8, 8) + 3.0 for _ in range(3)]  # large means: the shift matters
+    lean = RepairTargets(models, graph, data, None, from_moments=True, reference=0)
+    merge_statistics(models, graph, data, None, False, also=lean.recorders())
+    full = RepairTargets(models, graph, data, None, from_moments=True)
+    for name in full.modules:
+        got, want = lean.moments()[0][name], full.moments()[0][name]
+        assert got.gram.dim() == 1 and want.gram.dim() == 2  # C sums of squares against a C x C Gram
+        for a, b in zip(got.mapped(), want.mapped()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+        assert lean.moments()[1][name].gram.dim() == 2  # the other model is mapped: its full moments
+    with pytest.raises(ValueError, match="only their variances were recorded"):
+        lean.moments()[0][full.modules[0]].mapped(torch.eye(lean.moments()[0][full.modules[0]].sum.shape[0]))

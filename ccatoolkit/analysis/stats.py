@@ -495,10 +495,14 @@ class SpaceSums:
     def shifted_sums(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(count, shift, sum, gram)`` so far, about the shift and without a copy (float64; the Gram's lower
         block triangle filled in place, which adds never touch): the tensors go on changing with every
-        :meth:`add`. What REPAIR's channel moments read (:class:`~ccatoolkit.merging.normalization.MomentSums`)."""
-        assert self.reference is None, "cross-only statistics hold no full Gram matrix"
+        :meth:`add`. For cross-only statistics ``gram`` is its diagonal, each channel's sum of squares. What
+        REPAIR's channel moments read (:class:`~ccatoolkit.merging.normalization.MomentSums`)."""
         self.flush()
-        assert self.s1 is not None and self.s2 is not None and self.shift is not None
+        assert self.s1 is not None and self.shift is not None
+        if self.reference is not None:
+            assert self.squares is not None
+            return self.count, self.shift.to(torch.float64), self.s1, self.squares
+        assert self.s2 is not None
         for r0, r1 in self.chunks:
             self.s2[r1:, r0:r1] = self.s2[r0:r1, r1:].T
         return self.count, self.shift.to(torch.float64), self.s1, self.s2

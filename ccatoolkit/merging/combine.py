@@ -171,7 +171,8 @@ def repair_targets_for(prepared: Prepared) -> RepairTargets:
     pass per model otherwise; ZipIt!'s merged channels average their groups' statistics."""
     method = prepared.method
     return RepairTargets(prepared.models, prepared.graph, prepared.data, prepared.max_batches,
-                         from_moments=method.uses_ridge, channel_groups=not method.to_reference)
+                         from_moments=method.uses_ridge, channel_groups=not method.to_reference,
+                         reference=prepared.reference if method.to_reference else None)
 
 
 def candidate_builder(prepared: Prepared, plan: Restoration, targets: RepairTargets) -> Builder:

@@ -342,7 +342,13 @@ class ChannelMoments:
     count: int
     shift: torch.Tensor
     sum: torch.Tensor
-    gram: torch.Tensor
+    gram: torch.Tensor  # C x C, or its diagonal alone (C) where only the channels' own statistics are needed
+
+    def _full_gram(self, what: str) -> torch.Tensor:
+        if self.gram.dim() != 2:
+            raise ValueError(f"{what} needs the channels' covariances, but only their variances were recorded "
+                             "(MomentSums(diagonal=True), the reference model of a merge, which no map moves)")
+        return self.gram
 
     @classmethod
     def of(cls, mean: torch.Tensor, cov: torch.Tensor) -> "ChannelMoments":
@@ -355,7 +361,7 @@ class ChannelMoments:
     def cov(self) -> torch.Tensor:
         """The population covariance (a new ``C x C`` matrix)."""
         m = self.sum / self.count
-        return (self.gram / self.count).addr_(m, m, alpha=-1.0)
+        return (self._full_gram("the covariance") / self.count).addr_(m, m, alpha=-1.0)
 
     def mapped(self, matrix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and population std of ``matrix @ y`` (``y`` itself when None): ``M mean`` and the root of
@@ -363,10 +369,11 @@ class ChannelMoments:
         difference loses nothing)."""
         m = self.sum / self.count
         if matrix is None:
-            return self.shift + m, (torch.diagonal(self.gram) / self.count - m * m).clamp_min(0.0).sqrt()
+            squares = self.gram if self.gram.dim() == 1 else torch.diagonal(self.gram)
+            return self.shift + m, (squares / self.count - m * m).clamp_min(0.0).sqrt()
         M = torch.as_tensor(matrix, device=m.device).to(torch.float64)
         mapped_m = M @ m
-        var = ((M @ self.gram) * M).sum(1) / self.count - mapped_m * mapped_m
+        var = ((M @ self._full_gram("a mapped channel's std")) * M).sum(1) / self.count - mapped_m * mapped_m
         return M @ self.shift + mapped_m, var.clamp_min(0.0).sqrt()
 
 
@@ -382,10 +389,13 @@ class MomentSums:
     the activation statistics: outputs shifted by the first batch's channel means into one scratch matrix,
     the upper triangle of their Gram in the outputs' precision (at least float32), moved into float64 sums
     every ``FLUSH_SAMPLES`` samples (straight into them for a module wider than ``LARGE_RUNNING_GRAM``).
+    ``diagonal``: only each channel's sum of squares, not the Gram (the reference model of a merge, whose
+    channels no map moves: its targets need their means and stds alone).
     """
 
-    def __init__(self, modules: Sequence[str]) -> None:
+    def __init__(self, modules: Sequence[str], diagonal: bool = False) -> None:
         self.modules = list(modules)
+        self.diagonal = diagonal  # only each channel's sum of squares: enough for a model no map moves
         self.sums: dict[str, SpaceSums] = {}
         self.scratch = Scratch()
 
@@ -393,7 +403,7 @@ class MomentSums:
         """Add one output of module ``name`` (channels on dimension 1); returns its sample count."""
         t = out.detach()
         if name not in self.sums:
-            self.sums[name] = SpaceSums(name, [name], 1)
+            self.sums[name] = SpaceSums(name, [name], 1, reference=0 if self.diagonal else None)
             self.sums[name].setup([int(t.shape[1])], [t], t.device)
         sums = self.sums[name]
         before = sums.count
@@ -439,9 +449,9 @@ def channel_moments(
 
 
 def _moment_sums(model: nn.Module, modules: Sequence[str], data: Iterable[Any], max_batches: int | None,
-                 progress: bool = False) -> MomentSums:
+                 progress: bool = False, diagonal: bool = False) -> MomentSums:
     """:class:`MomentSums` of ``model``'s ``modules`` over one pass of its own over ``data``."""
-    sums = MomentSums(modules)  # _accumulate counts the samples (a module that never ran raises there)
+    sums = MomentSums(modules, diagonal)  # _accumulate counts the samples (a module that never ran raises there)
     _accumulate(model, modules, data, {n: (lambda out, n=n: (sums.add(n, out),)) for n in modules}, max_batches,
                 progress, reduce_ranks=False)
     return sums
@@ -452,6 +462,8 @@ def _shifted(s: torch.Tensor, gram: torch.Tensor, count: int, shift: torch.Tenso
     """Sums of ``y - shift`` re-expressed as sums of ``y - new_shift`` (every rank then sums about rank 0's
     shift): with ``d = shift - new_shift``, ``S' = S + n d`` and ``G' = G + d S^T + S d^T + n d d^T``."""
     d = (shift - new_shift).to(torch.float64)
+    if gram.dim() == 1:  # the diagonal alone: sums of squares
+        return [s + count * d, gram + 2 * d * s + count * d * d, count]
     return [s + count * d, gram + torch.outer(d, s) + torch.outer(s, d) + count * torch.outer(d, d), count]
 
 
@@ -483,12 +495,15 @@ class RepairTargets:
     measured once, and every transform's targets then follow in closed form (:func:`mapped_channel_stats`)
     until :meth:`release`. A merge measures them in its statistics pass (:meth:`recorders`); otherwise
     they take one pass per model on first use. Without ``from_moments`` each call makes one pass per model.
+    ``reference``: the model every other one is mapped onto, whose transform is always None; only its
+    channels' variances are measured (no ``C x C`` matrix: half of a two-model merge's moment arithmetic).
     """
 
     def __init__(self, models: Sequence[nn.Module], graph: MergeGraph, data: Any, max_batches: int | None, *,
-                 from_moments: bool = False, channel_groups: bool = False) -> None:
+                 from_moments: bool = False, channel_groups: bool = False, reference: int | None = None) -> None:
         self.models, self.graph, self.data, self.max_batches = list(models), graph, data, max_batches
         self.from_moments, self.channel_groups = from_moments, channel_groups
+        self.reference = reference  # a model no transform moves: its moments are its channels' variances alone
         self.endpoints = repair_endpoints(self.models[0], graph)
         self.modules = [n for names in self.endpoints.values() for n in names]  # every endpoint, in space order
         self._moments: list[Moments] | None = None
@@ -504,7 +519,7 @@ class RepairTargets:
         if not self.from_moments:
             return None
         if self._recorded is None:
-            self._recorded = [MomentSums(self.modules) for _ in self.models]
+            self._recorded = [MomentSums(self.modules, diagonal=k == self.reference) for k in range(len(self.models))]
         return [sums.hooks() for sums in self._recorded]
 
     def moments(self) -> list[Moments]:
@@ -517,7 +532,8 @@ class RepairTargets:
         if self._recorded is not None:  # the running sums themselves: a wide model holds one copy
             return self._recorded[k].result()
         if self._moments is None:
-            self._moments = [_moment_sums(m, self.modules, self.data, self.max_batches).result() for m in self.models]
+            self._moments = [_moment_sums(m, self.modules, self.data, self.max_batches, diagonal=k == self.reference)
+                             .result() for k, m in enumerate(self.models)]
         return self._moments[k]
 
     def release(self) -> None:
