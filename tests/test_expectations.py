@@ -29,6 +29,8 @@ def test_values_in_range_are_ok(capsys):
     assert "NOT OK" not in out
     assert "88.5% ± 1.0%" in out  # around() of a percentage is written in percent
     assert "0.100 to 0.500" in out and "<= 1.0e-05" in out and ">= 0.900" in out
+    # the column is a tolerance, not the spread over seeds the first cell's "±" gives: named so
+    assert "accepted range" in out and "<th>accepted range</th>" in result._repr_html_()
 
 
 def test_values_out_of_range_are_reported_not_raised(capsys):

@@ -34,6 +34,11 @@ def between(low: float, high: float) -> _Range:
     return _Range(float(low), float(high))
 
 
+#: The heading of the ranges' column. A range is the value the first cell states with a tolerance for another
+#: machine's arithmetic and another run's rounding; the "±" of the first cell is the spread over seeds or pairs.
+ACCEPTED = "accepted range"
+
+
 def around(target: float, tol: float) -> _Range:
     """Expect ``target ± tol`` (as REPAIR's notebooks say: "should reach 84.9% (+/-1%)")."""
     if tol < 0:
@@ -162,7 +167,7 @@ class Expectations:
     def text(self) -> str:
         """A plain-text table: check, measured, expected, ok / NOT OK, and the summary line."""
         rows = self.rows()
-        head = dict(check="check", measured="measured", expected="expected", status="status")
+        head = dict(check="check", measured="measured", expected=ACCEPTED, status="status")
         width = {k: max(len(head[k]), *(len(r[k]) for r in rows)) if rows else len(head[k]) for k in head}
         line = lambda r: "  ".join([r["check"].ljust(width["check"]), r["measured"].rjust(width["measured"]),
                                     r["expected"].rjust(width["expected"]), r["status"]])
@@ -185,7 +190,7 @@ class Expectations:
                          f"<td>{escape(r['expected'])}</td><td{style}>{escape(r['status'])}</td></tr>")
         note_style = "font-weight:bold" if self.smoke else (red if self.failures else "color:#006000;font-weight:bold")
         return (f"<p><b>{escape(self.title)}</b></p><table><thead><tr><th style='text-align:left'>check</th>"
-                f"<th>measured</th><th>expected</th><th>status</th></tr></thead><tbody>{''.join(cells)}</tbody>"
+                f"<th>measured</th><th>{ACCEPTED}</th><th>status</th></tr></thead><tbody>{''.join(cells)}</tbody>"
                 f"</table><p style=\"{note_style}\">{escape(self.summary())}</p>")
 
     def to_frame(self) -> Any:
