@@ -188,3 +188,11 @@ def test_spread_vs_n_draws_one_band_per_method(ax):
     plot_spread_vs_n(no_collapse, ax=ax2)
     assert not ax2.child_axes
     plt.close(fig)
+
+
+def test_points_are_percentage_points_and_never_minus_zero():
+    from ccatoolkit.plots.style import points
+
+    assert points(-0.004) == "-0.4 pts" and points(0.012) == "+1.2 pts"
+    assert points(-0.0001) == "+0.0 pts" and points(-0.0001, signed=False) == "0.0 pts"  # rounds to zero: no sign
+    assert points(0.0014, signed=False, decimals=2) == "0.14 pts"

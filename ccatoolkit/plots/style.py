@@ -38,6 +38,8 @@ def method_palette(names: Iterable[str]) -> dict[str, str]:
     return {name: method_color(name) for name in names}
 
 
-def points(fraction: float, signed: bool = True) -> str:
-    """A difference of accuracies in percentage points: ``-0.004`` -> ``"-0.4 pts"``."""
-    return f"{100 * fraction:+.1f} pts" if signed else f"{100 * fraction:.1f} pts"
+def points(fraction: float, signed: bool = True, decimals: int = 1) -> str:
+    """A difference of accuracies in percentage points: ``-0.004`` -> ``"-0.4 pts"``; a difference that rounds
+    to zero is ``"+0.0 pts"``, never ``"-0.0 pts"``."""
+    value = round(100 * fraction, decimals) + 0.0  # + 0.0: -0.0 becomes 0.0
+    return f"{value:+.{decimals}f} pts" if signed else f"{value:.{decimals}f} pts"
