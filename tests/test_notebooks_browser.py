@@ -242,24 +242,30 @@ def test_landscape_notebook_runs_and_the_alpha_slider_redraws(lab: str) -> None:
 
 
 def test_merging_notebook_runs_and_the_ridge_slider_redraws_at_once(lab: str) -> None:
-    """Notebook 3's CCA ridge slider: its 11 ridges are merged before the widget shows, so a move is a look-up."""
+    """Notebook 3's CCA ridge slider: its 11 ridges are merged before the widget shows, so a move is a look-up.
+    The widget opens on the ridge the notebook's merge chose; one step moves it by half a decade."""
     from playwright.sync_api import sync_playwright
 
+    from ccatoolkit.app.controls import RIDGE_EXPONENTS
+
+    _, highest, step = RIDGE_EXPONENTS
     with sync_playwright() as p:
         browser = _browser(p)
         try:
             page = _open_and_run(browser, lab, "03_merging_two_models.ipynb")
             page.wait_for_function(
-                "() => [...document.querySelectorAll('.widget-html-content b')].some(b => b.innerText.includes('(ridge 0.1)'))",
+                "() => [...document.querySelectorAll('.widget-html-content b')].some(b => b.innerText.startsWith('cca (ridge '))",
                 timeout=60_000,
             )
             before = _widget_title(page)
+            start = float(re.match(r"cca \(ridge ([0-9.e+-]+)\): accuracy", before).group(1))
+            key, factor = ("ArrowLeft", 10 ** -step) if start >= 10 ** highest * 0.999 else ("ArrowRight", 10 ** step)
             handle = page.query_selector_all(".widget-slider .noUi-handle")[-1]
-            seconds, after = _press_and_time(page, handle, "ArrowRight")  # 10^-1 -> 10^-0.5
+            seconds, after = _press_and_time(page, handle, key)
             _screenshot(page, "03_merging_two_models.png")
-            print(f"ridge slider: 0.1 -> {after!r} redrawn in the browser in {seconds:.3f} s")
-            assert before.startswith("cca (ridge 0.1): accuracy"), before
-            assert re.fullmatch(r"cca \(ridge 0\.316\d*\): accuracy \d+\.\d+%", after), after
+            print(f"ridge slider: {start:g} -> {after!r} redrawn in the browser in {seconds:.3f} s")
+            moved = re.fullmatch(r"cca \(ridge ([0-9.e+-]+)\): accuracy \d+\.\d+%", after)
+            assert moved and float(moved.group(1)) == pytest.approx(start * factor, rel=1e-3), (before, after)
             assert seconds < REDRAW_BOUND_S, f"the ridge slider took {seconds:.2f} s to redraw"
             assert not _errors(page)
         finally:
