@@ -98,12 +98,9 @@ def _to_html(nb_path: Path, html_path: Path) -> None:
     html_path.write_text(body, encoding="utf-8")
 
 
-def run(out: Path, smoke: bool, notebooks: list[Path], cell_timeout: int, html: bool, only: list[str] = ()) -> int:
+def run(out: Path, smoke: bool, notebooks: list[Path], cell_timeout: int, html: bool) -> int:
     import papermill as pm
 
-    if not notebooks:
-        print(f"no notebooks matched {only or 'notebooks/[0-9]*.ipynb'}", file=sys.stderr)
-        return 2
     out.mkdir(parents=True, exist_ok=True)
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
@@ -165,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-html", action="store_true", help="skip the HTML pages")
     args = parser.parse_args(argv)
     notebooks = select(args.only, appendix=args.appendix, everything=args.all)
-    return run(args.out, args.smoke, notebooks, args.cell_timeout, not args.no_html, args.only)
+    if not notebooks:
+        print(f"no notebooks matched {args.only or 'notebooks/[0-9]*.ipynb'}", file=sys.stderr)
+        return 2
+    return run(args.out, args.smoke, notebooks, args.cell_timeout, not args.no_html)
 
 
 if __name__ == "__main__":

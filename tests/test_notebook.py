@@ -116,11 +116,9 @@ def test_the_sequence_is_complete():
 
 def test_the_runner_times_the_sequence_and_keeps_the_appendix_apart():
     """``make demo`` runs the workshop (01-06); notebook 07 runs with ``--appendix`` or ``--all`` (``make prefetch``)."""
-    import importlib.util
+    from toybox import notebook_runner
 
-    spec = importlib.util.spec_from_file_location("run_notebooks", NOTEBOOKS[0].parents[1] / "scripts" / "run_notebooks.py")
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
+    runner = notebook_runner()
     names = lambda paths: [p.name[:2] for p in paths]  # noqa: E731
     assert names(runner.select([])) == ["01", "02", "03", "04", "05", "06"]
     assert names(runner.select([], appendix=True)) == ["07"]

@@ -317,12 +317,11 @@ def test_a_widget_shows_its_figure_where_no_kernel_runs_it(tmp_path) -> None:
     """Issue 27: the HTML report showed bare controls. A widget's output carries its current figure as a PNG,
     and the report's pages show that PNG instead of the (dead) widget view."""
     import base64
-    import importlib.util
-    from pathlib import Path
 
     import ipywidgets as W
     import matplotlib.pyplot as plt
     import nbformat
+    from toybox import notebook_runner
 
     from ccatoolkit.app.controls import InteractiveFigure
 
@@ -341,9 +340,7 @@ def test_a_widget_shows_its_figure_where_no_kernel_runs_it(tmp_path) -> None:
     widget.box.children[0].children[0].value = 5  # a redraw changes the picture the bundle carries
     assert base64.b64decode(widget._repr_mimebundle_()["image/png"]) != png
 
-    spec = importlib.util.spec_from_file_location("run_notebooks", Path(__file__).parents[1] / "scripts" / "run_notebooks.py")
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
+    runner = notebook_runner()
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("widget")
     cell.outputs = [nbformat.v4.new_output("display_data", data=bundle)]

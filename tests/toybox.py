@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -139,6 +141,14 @@ class TinyResNeXt(nn.Module):
         y = self.relu(self.bn_b(self.b(self.relu(self.bn_a(self.a(x))))))
         x = self.relu(self.bn_c(self.c(y)) + x)
         return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def notebook_runner() -> ModuleType:
+    """``scripts/run_notebooks.py`` imported as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("run_notebooks", Path(__file__).parents[1] / "scripts" / "run_notebooks.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    return runner
 
 
 def notebook_solutions(path: str | Path) -> list[str]:

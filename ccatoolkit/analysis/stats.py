@@ -502,10 +502,15 @@ class SpaceSums:
         if self.reference is not None:
             assert self.squares is not None
             return self.count, self.shift.to(torch.float64), self.s1, self.squares
+        return self.count, self.shift.to(torch.float64), self.s1, self._full_gram()
+
+    def _full_gram(self) -> torch.Tensor:
+        """The float64 Gram with its lower block triangle filled from the upper one, in place (flushes add only
+        above the diagonal blocks)."""
         assert self.s2 is not None
         for r0, r1 in self.chunks:
             self.s2[r1:, r0:r1] = self.s2[r0:r1, r1:].T
-        return self.count, self.shift.to(torch.float64), self.s1, self.s2
+        return self.s2
 
     def result(self, release: bool = False) -> JointStats:
         """The statistics so far. ``release``: hand the float64 sums over to the result instead of
@@ -516,8 +521,7 @@ class SpaceSums:
         if self.reference is not None:
             return self._cross_result(release)
         assert self.s1 is not None and self.s2 is not None and self.shift is not None and self.sizes is not None
-        for r0, r1 in self.chunks:  # fill the lower block triangle from the upper one (flushes add only above)
-            self.s2[r1:, r0:r1] = self.s2[r0:r1, r1:].T
+        self._full_gram()
         # undo the shift k: sum x = s1 + n k;  sum x x^T = s2 + k s1^T + s1 k^T + n k k^T
         k = self.shift.to(torch.float64)
         n = float(self.count)

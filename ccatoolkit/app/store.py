@@ -8,7 +8,6 @@ reads them back instead of computing them again; a changed model, data set or li
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -22,7 +21,6 @@ from ccatoolkit.zoo.cache import describe_data, load_or_create, source_digest, s
 __all__ = ["merge_code_digest", "landscape_code_digest", "MergeResultStore", "LandscapeStore"]
 
 
-@functools.lru_cache(maxsize=1)
 def merge_code_digest() -> str:
     """SHA-256 of the source that computes a merged model's accuracy (merging, analysis, evaluation).
 
@@ -32,7 +30,6 @@ def merge_code_digest() -> str:
     return source_digest("merging", "analysis")
 
 
-@functools.lru_cache(maxsize=1)
 def landscape_code_digest() -> str:
     """SHA-256 of the source behind paths and planes (landscape, merging for REPAIR and alignment, analysis)."""
     return source_digest("landscape", "merging", "analysis")

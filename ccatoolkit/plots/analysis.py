@@ -117,9 +117,8 @@ def plot_accuracy_bars(accuracies: Mapping[str, float], ax: Any = None, title: s
     update_accuracy_bars(ax, accuracies, highlight)
     values = np.array([float(accuracies[n]) for n in names])
     for i, (label, value) in enumerate((reference or {}).items()):
-        known = method_color(label.split()[-1]) if label.split() else "#000000"
-        ax.axhline(float(value), color=known if known != "#000000" else f"C{i + 2}", linestyle="--", linewidth=1,
-                   label=label)
+        ax.axhline(float(value), color=method_color(label.split()[-1] if label.split() else "", default=f"C{i + 2}"),
+                   linestyle="--", linewidth=1, label=label)
     if reference:
         ax.legend(fontsize="small", loc="lower right")
     ax.set_ylim(0.0, min(1.05, max(1e-3, float(np.nanmax(values))) * 1.15 + 0.02))
@@ -130,10 +129,8 @@ def plot_accuracy_bars(accuracies: Mapping[str, float], ax: Any = None, title: s
     return ax
 
 
-def _bar_colour(name: str) -> str:
-    """A bar's colour: its method's (:func:`~ccatoolkit.plots.style.method_color`), a plain blue for other names."""
-    colour = method_color(name)
-    return colour if colour != "#000000" else "#4c72b0"
+#: The colour of a bar or line whose name is not a method's (:func:`~ccatoolkit.plots.style.method_color`).
+_OTHER = "#4c72b0"
 
 
 def update_accuracy_bars(ax: Any, accuracies: Mapping[str, float], highlight: str | None = None) -> Any:
@@ -148,7 +145,7 @@ def update_accuracy_bars(ax: Any, accuracies: Mapping[str, float], highlight: st
         value = float(accuracies[name])
         bar.set_height(value)
         chosen = highlight is None or name == highlight  # the chosen bar at full strength, outlined; the others faded
-        bar.set_facecolor(_bar_colour(name))
+        bar.set_facecolor(method_color(name, default=_OTHER))
         bar.set_alpha(1.0 if chosen else 0.35)
         bar.set_edgecolor("black" if name == highlight else "none")
         bar.set_linewidth(2.0 if name == highlight else 0.0)
@@ -168,7 +165,7 @@ def plot_accuracy_vs_n(results: Mapping[str, Mapping[int, float]], ax: Any = Non
     ax = _axis(ax, (5.5, 3.5))
     for method, curve in results.items():
         ns = sorted(int(n) for n in curve)
-        ax.plot(ns, [float(curve[n]) for n in ns], marker="o", label=method, color=_bar_colour(method))
+        ax.plot(ns, [float(curve[n]) for n in ns], marker="o", label=method, color=method_color(method, default=_OTHER))
     if highlight is not None:
         method, n = highlight
         if method not in results or n not in results[method]:

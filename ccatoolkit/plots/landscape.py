@@ -211,9 +211,7 @@ def plot_barriers_against(results: Sequence[InterpolationResult] | Interpolation
     for r in _as_list(results):
         method = str(getattr(r, "method", "none"))
         label = str(getattr(r, "label", method))
-        colour = method_color(method)
-        if colour == "#000000":
-            colour = method_color(label)
+        colour = method_color(method, default=method_color(label))
         bars.append((f"{label}\nvs B", barrier(r, metric=metric, against=reference), colour, False))
         if not np.isclose(r.ends(metric)[1], b_end, rtol=1e-4, atol=1e-6):
             bars.append((f"{label}\nvs its own end B'", barrier(r, metric=metric), colour, True))

@@ -27,10 +27,10 @@ METHOD_COLORS: dict[str, str] = {
 }
 
 
-def method_color(name: str) -> str:
-    """``name``'s colour (``"cca@0.1"`` and ``"cca (repaired)"`` are CCA's); black for an unknown name."""
+def method_color(name: str, default: str = "#000000") -> str:
+    """``name``'s colour (``"cca@0.1"`` and ``"cca (repaired)"`` are CCA's); ``default`` (black) for an unknown name."""
     key = name.split("@")[0].split(" (")[0].strip()
-    return METHOD_COLORS.get(key, METHOD_COLORS.get(key.lower(), "#000000"))
+    return METHOD_COLORS.get(key, METHOD_COLORS.get(key.lower(), default))
 
 
 def method_palette(names: Iterable[str]) -> dict[str, str]:

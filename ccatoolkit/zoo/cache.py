@@ -21,6 +21,7 @@ temporary folder instead, with a warning naming both paths.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -247,11 +248,13 @@ class UnkeyableDataError(ValueError):
     """Data whose effect on a cached result cannot be captured in a key (e.g. a lambda transform)."""
 
 
+@functools.lru_cache(maxsize=None)
 def source_digest(*folders: str) -> str:
     """SHA-256 of the package's sources in ``folders`` (e.g. ``"merging"``) plus the evaluation code they all use.
 
     Part of the key of a result that the library's own code computes (a merge, an alignment, a path), so that
     a result is only read back by the code that computed it: any change to that code computes it again.
+    Read once per process (the files are the ones this process imported).
     """
     root = Path(__file__).resolve().parents[1]
     files = sorted([*(p for f in folders for p in (root / f).rglob("*.py")), root / "zoo" / "training.py",

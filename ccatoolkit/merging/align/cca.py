@@ -92,8 +92,7 @@ class CCAProblem:
     covariance with a null space: eigenvalues at or below ``EIG_RTOL`` times the largest, the floor the
     pseudo-inverse uses (:mod:`~ccatoolkit.analysis.linalg`). ``M`` is zero on those rows and columns (a
     direction without variance covaries with nothing), so the matrix whose polar factor is taken is zero
-    outside its top
-    ``r x r`` block, ``r`` the larger of the two ranks. Its polar factor there is the block's own; on
+    outside its top ``r x r`` block, ``r`` the larger of the two ranks. Its polar factor there is the block's own; on
     the null spaces any orthogonal map maximises CCA's objective equally (the data say nothing about
     them, and a full SVD completes them arbitrarily). :meth:`transform` takes the identity in the
     eigenbases there, so a ridge costs an ``r x r`` SVD and products of rank ``r`` and ``n - r``
