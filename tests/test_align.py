@@ -103,8 +103,8 @@ def test_cca_transform_with_fewer_samples_than_channels_solves_the_live_block_on
     """60 samples of 200 channels: each covariance has rank 59.
 
     The reduced solve (an SVD of the live 59 x 59 block) must map every sample exactly as the full SVD
-    does, keep ``inp`` the inverse of ``out``, and reach the same CCA objective; only its arbitrary
-    completion on the null spaces may differ."""
+    does, keep ``inp`` the inverse of ``out``, and reach the same CCA objective; only the completion on
+    the null spaces, which the data leave free, may differ."""
     from ccatoolkit.merging.align.cca import CCAProblem
 
     rng = np.random.default_rng(11)
@@ -122,6 +122,101 @@ def test_cca_transform_with_fewer_samples_than_channels_solves_the_live_block_on
     full_rank = CCAProblem(*(_cov(X, Y) for X, Y in ((A[:, :40], A[:, :40]), (B[:, :40], B[:, :40]),
                                                      (A[:, :40], B[:, :40]))))
     assert not full_rank.reduced  # 60 samples of 40 channels: the full SVD, as before
+
+
+def _sample_poor_problem(samples: int = 60, width: int = 300, dead: int | None = None):
+    rng = np.random.default_rng(3)
+    Z = rng.normal(size=(samples, 20))
+    A = np.maximum(Z @ rng.normal(size=(20, width)) + 0.1 * rng.normal(size=(samples, width)), 0.0)
+    B = np.maximum(Z @ rng.normal(size=(20, width)) + 0.1 * rng.normal(size=(samples, width)), 0.0)
+    if dead is not None:
+        A[:, dead] = 0.0
+    return A, B, (_cov(A, A), _cov(B, B), _cov(A, B))
+
+
+def test_ridge_path_with_a_rank_bound_finds_the_nonzero_eigenpairs_only() -> None:
+    """60 samples of 200 channels: the range finder's 60 eigenpairs are the full eigh's top 60."""
+    from ccatoolkit.analysis.linalg import RidgePath
+
+    A, _, (S, _, _) = _sample_poor_problem()
+    full, partial = RidgePath(S), RidgePath(S, rank_bound=60)
+    assert partial.partial and not full.partial and partial.vecs.shape == (300, 60)
+    assert partial.rank() == full.rank() == 59
+    np.testing.assert_allclose(partial.vals[-59:], full.vals[-59:], rtol=1e-10, atol=1e-12 * float(full.vals[-1]))
+    live = partial.vecs[:, -59:]
+    np.testing.assert_allclose((live @ live.T).numpy(), (full.vecs[:, -59:] @ full.vecs[:, -59:].T).numpy(),
+                               atol=1e-9)
+    for ridge in (0.0, 0.1):
+        for p in (0.5, -0.5):
+            np.testing.assert_allclose(partial.powers(ridge, p)[0].numpy(), full.powers(ridge, p)[0].numpy(),
+                                       atol=1e-7 * float(full.powers(ridge, p)[0].abs().max()))
+    assert not RidgePath(S, rank_bound=151).partial  # more than half the width: the full eigh
+
+
+@pytest.mark.parametrize("ridge", [1e-2, 1.0])
+def test_cca_maps_null_spaces_by_the_direct_rotation_in_factors(ridge: float) -> None:
+    """A space seen on fewer samples than its width: the map is c I + rank <= 2r, computed without an
+    n x n eigendecomposition (``samples``), equal to the one from the full decomposition; B's null space goes
+    isometrically onto A's, every direction outside both live subspaces stays put, ``inp`` inverts ``out``."""
+    from ccatoolkit.analysis.linalg import DiagonalPlusLowRank
+    from ccatoolkit.merging.align.cca import CCAProblem
+
+    A, B, covs = _sample_poor_problem()
+    problem = CCAProblem(*covs, samples=60)
+    assert problem.a.partial and problem.reduced and problem.rank == 59
+    out, inp = problem.transform(ridge, compact=True)
+    assert isinstance(out, DiagonalPlusLowRank) and out.left.shape[1] <= 2 * 59
+    dense_out, dense_inp = CCAProblem(*covs).transform(ridge)  # the full eigendecomposition
+    np.testing.assert_allclose(out.dense().numpy(), dense_out.numpy(), atol=1e-8 * float(dense_out.abs().max()))
+    np.testing.assert_allclose((inp.dense() @ out.dense()).numpy(), np.eye(300), atol=1e-9)
+    Bc = torch.as_tensor(B - B.mean(0))
+    full = torch.as_tensor(_full_svd_transform(*covs, ridge))
+    np.testing.assert_allclose((out @ Bc.T).numpy(), (full @ Bc.T).numpy(), atol=1e-9 * float((full @ Bc.T).abs().max()))
+    qa, qb, c = problem.qa, problem.qb, float(out.diagonal[0])
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.cat([qa, qb], 1)).Q
+    outside = torch.randn(300, 5, dtype=torch.float64, generator=g)
+    outside -= basis @ (basis.T @ outside)
+    np.testing.assert_allclose((out @ outside).numpy(), c * outside.numpy(), atol=1e-12)
+    null_b = torch.randn(300, 30, dtype=torch.float64, generator=g)
+    null_b -= qb @ (qb.T @ null_b)
+    moved = (out @ null_b) / c
+    np.testing.assert_allclose((moved.T @ moved).numpy(), (null_b.T @ null_b).numpy(), atol=1e-10)  # an isometry
+    assert float((qa.T @ moved).abs().max()) < 1e-12  # into A's null space
+
+
+def test_compact_cca_maps_zero_constant_channels_and_stay_dense_when_wide() -> None:
+    from ccatoolkit.merging.align.cca import CCAProblem
+
+    _, _, covs = _sample_poor_problem(dead=7)
+    problem = CCAProblem(*covs, samples=60)
+    out, inp = problem.transform(0.1, compact=True)
+    assert float(out.dense()[7].abs().max()) == 0.0 and float(inp.dense()[:, 7].abs().max()) == 0.0
+    np.testing.assert_allclose(out.dense().numpy(), CCAProblem(*covs).transform(0.1)[0].numpy(), atol=1e-9)
+    _, _, covs = _sample_poor_problem(samples=150)  # rank 149 of 300: factors would cost more than the matrix
+    out, _ = CCAProblem(*covs, samples=150).transform(0.1, compact=True)
+    assert isinstance(out, torch.Tensor)
+
+
+def test_diagonal_plus_low_rank_products_equal_the_dense_matrix() -> None:
+    from ccatoolkit.analysis.linalg import DiagonalPlusLowRank
+
+    g = torch.Generator().manual_seed(1)
+    d, L, R = (torch.randn(*shape, dtype=torch.float64, generator=g) for shape in ((30,), (30, 4), (30, 4)))
+    M = DiagonalPlusLowRank(d, L, R)
+    dense = torch.diag(d) + L @ R.T
+    x = torch.randn(30, 7, dtype=torch.float64, generator=g)
+    X = torch.randn(30, 50, dtype=torch.float64, generator=g)
+    G = X @ X.T
+    np.testing.assert_allclose(M.dense().numpy(), dense.numpy())
+    np.testing.assert_allclose((M @ x).numpy(), (dense @ x).numpy(), atol=1e-12)
+    np.testing.assert_allclose((M @ x[:, 0]).numpy(), (dense @ x[:, 0]).numpy(), atol=1e-12)
+    np.testing.assert_allclose((M.T @ x).numpy(), (dense.T @ x).numpy(), atol=1e-12)
+    np.testing.assert_allclose(M.diagonal_of_congruence(G).numpy(), torch.diagonal(dense @ G @ dense.T).numpy(),
+                               rtol=1e-10)
+    assert (M @ x.float()).dtype == torch.float32
+    with pytest.raises(ValueError, match="n x n"):
+        DiagonalPlusLowRank(d, L, R[:, :3])
 
 
 def test_multiview_cca_recovers_maps_for_three_views() -> None:

@@ -390,3 +390,38 @@ def test_refitted_input_maps_invert_the_map_where_no_relu_bends_it() -> None:
     x = torch.cat(data)
     with torch.no_grad():  # B' closer to B's function (0.069 against 0.101 mean |difference| here)
         assert (repaired(x) - relu[1](x)).abs().mean() < 0.8 * (plain(x) - relu[1](x)).abs().mean()
+
+
+@pytest.mark.parametrize("ridge", [0.1, "auto"])
+def test_a_wide_space_on_few_samples_merges_with_its_maps_in_factors(monkeypatch, ridge) -> None:
+    """A 512-wide MLP merged on 64 samples: CCA's maps of its hidden spaces stay in factors
+    (DiagonalPlusLowRank) through the weight products and REPAIR's targets, and the merge equals the
+    one made with the same maps multiplied out."""
+    from ccatoolkit.analysis.linalg import DiagonalPlusLowRank
+    from ccatoolkit.merging.align.cca import CCAProblem
+
+    torch.manual_seed(0)
+    models = [MLP(depth=2, width=512, in_shape=(1, 8, 8)) for _ in range(2)]
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 1, 8, 8, generator=gen) for _ in range(4)]
+    compact = CCAProblem.transform
+    made: list[bool] = []
+
+    def spy(self, r, drop_constant=True, compact_maps=False):
+        pair = compact(self, r, drop_constant, compact_maps)
+        made.append(isinstance(pair[0], DiagonalPlusLowRank))
+        return pair
+
+    monkeypatch.setattr(CCAProblem, "transform", lambda self, r, drop_constant=True, compact=False:
+                        spy(self, r, drop_constant, compact))
+    in_factors = merge(models, "cca", data, ridge=ridge, progress=False)
+    assert made and all(made)
+    monkeypatch.setattr(CCAProblem, "transform", lambda self, r, drop_constant=True, compact=False:
+                        spy(self, r, drop_constant, False))
+    multiplied = merge(models, "cca", data, ridge=ridge, progress=False)
+    assert not made[-1]
+    assert in_factors.merge_info["ridge"] == multiplied.merge_info["ridge"]
+    x = torch.randn(64, 1, 8, 8, generator=gen)
+    with torch.no_grad():
+        a, b = in_factors(x), multiplied(x)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))

@@ -28,6 +28,8 @@ __all__ = [
     "regularize",
     "sym_powers",
     "RidgePath",
+    "DiagonalPlusLowRank",
+    "as_dense",
     "condition_number",
     "inverse_sqrt",
     "whitened_cross_covariance",
@@ -91,13 +93,25 @@ class RidgePath:
     ``ridge * trace(S)/n``, so trying several ridges (``merge(ridge="auto")``) costs one ``eigh``
     instead of one per ridge: on a 4096-wide layer that is most of the time. :meth:`values` gives
     the regularised eigenvalues, :meth:`powers` the matrices :func:`sym_powers` would.
+
+    ``rank_bound``: an upper bound on ``S``'s rank, such as the number of samples it was estimated
+    from. When it is at most half the width (a 4096-wide layer seen on a few hundred images), only the
+    eigenpairs that can be nonzero are computed (:func:`_range_eigenpairs`): ``vals`` and ``vecs``
+    then hold ``rank_bound`` of them (ascending, as ``eigh`` gives them) and every other eigenvalue is
+    zero (``partial``). That costs products of ``n x n`` by ``n x k`` instead of an ``n x n`` ``eigh``:
+    about a tenth of the time for 4096 channels and 512 samples.
     """
 
-    def __init__(self, S: Any) -> None:
+    def __init__(self, S: Any, rank_bound: int | None = None) -> None:
         S = symmetrize(S)
         n = S.shape[0]
+        self.size = n
         self.scale = float(torch.trace(S)) / max(n, 1)
-        self.vals, self.vecs = torch.linalg.eigh(S)
+        self.partial = rank_bound is not None and 0 < 2 * int(rank_bound) <= n
+        if self.partial:
+            self.vals, self.vecs = _range_eigenpairs(S, int(rank_bound))
+        else:
+            self.vals, self.vecs = torch.linalg.eigh(S)
         self.degenerate = not math.isfinite(self.scale) or self.scale <= 0  # an all-zero (dead) layer
 
     def rank(self, rtol: float = EIG_RTOL) -> int:
@@ -105,10 +119,14 @@ class RidgePath:
         top = float(self.vals.max()) if self.vals.numel() else 0.0
         return int((self.vals > rtol * top).sum()) if top > 0 else 0
 
-    def values(self, ridge: float) -> torch.Tensor:
-        """Eigenvalues of ``regularize(S, ridge)`` (all ones for an all-zero ``S``, as :func:`regularize`)."""
+    def _check(self, ridge: float) -> None:
         if not np.isfinite(ridge) or ridge < 0:
             raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+
+    def values(self, ridge: float) -> torch.Tensor:
+        """Eigenvalues of ``regularize(S, ridge)`` (all ones for an all-zero ``S``, as :func:`regularize`);
+        the computed ones only when ``partial``."""
+        self._check(ridge)
         if self.degenerate:
             return torch.ones_like(self.vals)
         return self.vals + ridge * self.scale if ridge else self.vals
@@ -117,9 +135,107 @@ class RidgePath:
         """The eigenvalues of ``regularize(S, ridge)**p`` (pseudo-inverse floor for ``p < 0``)."""
         return _scaled_eigenvalues(self.values(ridge), p, rtol)
 
+    def scaled_null(self, ridge: float, p: float, rtol: float = EIG_RTOL) -> float:
+        """What :meth:`scaled` gives a zero eigenvalue of ``S``: the regularised null space's ``value**p``."""
+        self._check(ridge)
+        if self.degenerate:
+            return 1.0
+        value = ridge * self.scale
+        top = max(float(self.values(ridge).max()) if self.vals.numel() else 0.0, value)
+        if p >= 0:
+            return value**p
+        return value**p if top > 0 and value > rtol * top else 0.0
+
     def powers(self, ridge: float, *powers: float, rtol: float = EIG_RTOL) -> list[torch.Tensor]:
         """``regularize(S, ridge)**p`` for each ``p``, without a new decomposition."""
-        return [(self.vecs * self.scaled(ridge, p, rtol)) @ self.vecs.T for p in powers]
+        result = []
+        for p in powers:
+            matrix = (self.vecs * self.scaled(ridge, p, rtol)) @ self.vecs.T
+            if self.partial:  # the null space's value times the projection onto it
+                null = self.scaled_null(ridge, p, rtol)
+                matrix += null * (torch.eye(self.size, dtype=matrix.dtype, device=matrix.device)
+                                  - self.vecs @ self.vecs.T)
+            result.append(matrix)
+        return result
+
+
+def _range_eigenpairs(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` eigenpairs of the symmetric PSD ``S`` that span its range when its rank is at most ``k``
+    (ascending), by a randomized range finder (Halko, Martinsson and Tropp 2011) that is exact here.
+
+    ``Y = S G`` for a Gaussian ``n x k`` matrix ``G`` spans ``S``'s range when ``rank(S) <= k`` (almost surely:
+    ``V^T G`` is invertible), so with ``Q`` an orthonormal basis of ``Y`` the eigenpairs of ``Q^T S Q`` are
+    ``S``'s nonzero ones. Directions whose eigenvalue is a small fraction of the largest still reach ``Y`` in
+    proportion to it, which float64 resolves far below the pseudo-inverse floor ``EIG_RTOL``. The matrix
+    ``G`` comes from a fixed seed, so a merge is repeatable.
+    """
+    n = S.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(n, k, generator=gen, dtype=torch.float64).to(S.device)
+    Q = torch.linalg.qr(S @ G).Q
+    vals, W = torch.linalg.eigh(symmetrize(Q.T @ (S @ Q)))
+    return vals, Q @ W
+
+
+class DiagonalPlusLowRank:
+    """The ``n x n`` matrix ``diag(diagonal) + left @ right.T`` kept as its factors (``left``, ``right``:
+    ``n x k``, float64).
+
+    CCA Merge's map for a space seen on fewer samples than it has channels is the identity (scaled) outside
+    the span of the two models' live subspaces (:class:`~ccatoolkit.merging.align.cca.CCAProblem`), so it is
+    this with ``k`` at most twice the samples: a 4096-wide map on 384 samples holds 25 MB instead of 134 MB,
+    and maps VGG's 4096 x 25088 classifier in ``2k/4096`` of a dense product's arithmetic. :meth:`dense`
+    gives the matrix; a merge's consumers (its weight products, REPAIR's targets) use the factors.
+    """
+
+    def __init__(self, diagonal: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+        if left.shape != right.shape or left.dim() != 2 or diagonal.shape != (left.shape[0],):
+            raise ValueError(f"diagonal {tuple(diagonal.shape)}, left {tuple(left.shape)} and right "
+                             f"{tuple(right.shape)} do not make an n x n matrix")
+        self.diagonal, self.left, self.right = diagonal, left, right
+
+    @property
+    def shape(self) -> torch.Size:
+        n = self.diagonal.shape[0]
+        return torch.Size((n, n))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.left.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.left.device
+
+    @property
+    def T(self) -> DiagonalPlusLowRank:  # noqa: N802 (as torch.Tensor.T)
+        return DiagonalPlusLowRank(self.diagonal, self.right, self.left)
+
+    def to(self, *args: Any, **kwargs: Any) -> DiagonalPlusLowRank:
+        """The factors moved or cast as ``torch.Tensor.to`` does."""
+        return DiagonalPlusLowRank(*(t.to(*args, **kwargs) for t in (self.diagonal, self.left, self.right)))
+
+    def dense(self) -> torch.Tensor:
+        return torch.diag(self.diagonal).addmm_(self.left, self.right.T)
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        """``self @ x`` for a vector or a matrix ``x`` of ``n`` rows, in ``x``'s dtype."""
+        d, left, right = (t.to(x.dtype) for t in (self.diagonal, self.left, self.right))
+        if x.dim() == 1:
+            return d * x + left @ (right.T @ x)
+        return (d[:, None] * x).addmm_(left, right.T @ x)
+
+    def diagonal_of_congruence(self, G: torch.Tensor) -> torch.Tensor:
+        """``diag(M G M^T)`` for a symmetric ``G`` without forming ``M``: a mapped channel's variance
+        (``d_i^2 G_ii + 2 d_i (G R)_i . L_i + L_i . (R^T G R) L_i``)."""
+        d, L, R = self.diagonal, self.left, self.right
+        GR = G @ R
+        return d * d * torch.diagonal(G) + 2 * d * (GR * L).sum(1) + ((L @ (R.T @ GR)) * L).sum(1)
+
+
+def as_dense(matrix: Any) -> torch.Tensor:
+    """A map as a dense tensor (a :class:`DiagonalPlusLowRank` multiplied out)."""
+    return matrix.dense() if isinstance(matrix, DiagonalPlusLowRank) else torch.as_tensor(matrix)
 
 
 def condition_number(S: Any) -> float:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ccatoolkit._utils import PhaseClock, check_data, check_max_batches, has_batchnorm
+from ccatoolkit.analysis.linalg import as_dense
 from ccatoolkit.analysis.stats import JointStats
 from ccatoolkit.merging.combine import candidate_builder, merged_model, repair_targets_for, restoration, with_merge_info
 from ccatoolkit.merging.ensembling import Ensemble, ensemble
@@ -225,7 +226,7 @@ def alignment_transforms(
     if transforms is None:
         eye = {s.name: torch.eye(s.size, dtype=torch.float64) for s in graph.spaces}
         return {name: (e, e.clone()) for name, e in eye.items()}
-    return transforms
+    return {name: (as_dense(out), as_dense(inp)) for name, (out, inp) in transforms.items()}
 
 
 class AlignedFrom:

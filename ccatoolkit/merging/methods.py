@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ccatoolkit._utils import BATCHNORM_TYPES, has_batchnorm
-from ccatoolkit.analysis.linalg import RidgePath
+from ccatoolkit.analysis.linalg import DiagonalPlusLowRank, RidgePath
 from ccatoolkit.analysis.stats import JointStats
 from ccatoolkit.merging.align.cca import CCAProblem, multiview_cca_transforms
 from ccatoolkit.merging.align.cycle import cycle_consistent_matching
@@ -40,7 +40,8 @@ from ccatoolkit.merging.graph import MergeGraph, Space
 
 __all__ = ["Transforms", "Alignment", "AlignmentProblem", "Method", "REGISTRY", "get_method", "aligning_method"]
 
-Transform = tuple[torch.Tensor, torch.Tensor]  # (out, inp) of one space
+# (out, inp) of one space: tensors, or CCA's maps of a space seen on fewer samples than its width in factors
+Transform = tuple[torch.Tensor, torch.Tensor] | tuple[DiagonalPlusLowRank, DiagonalPlusLowRank]
 Transforms = dict[str, Transform]  # space -> (out, inp), in graph order
 
 
@@ -232,8 +233,9 @@ def _cca_space(problem: AlignmentProblem, space: Space, st: JointStats) -> list[
             continue
         key = ("cca", space.name, ref, k)
         if key not in problem.cache:
-            problem.cache[key] = CCAProblem(st.cov(ref, ref), st.cov(k, k), st.cov(ref, k))  # on the stats' device
-        pairs.append(problem.cache[key].transform(problem.ridge))
+            # on the stats' device; a space seen on fewer samples than its width keeps its maps in factors
+            problem.cache[key] = CCAProblem(st.cov(ref, ref), st.cov(k, k), st.cov(ref, k), samples=st.count)
+        pairs.append(problem.cache[key].transform(problem.ridge, compact=True))
     return pairs
 
 

@@ -23,6 +23,7 @@ from torch.func import functional_call, vmap
 
 from ccatoolkit import distributed
 from ccatoolkit.analysis.stats import Scratch, SpaceSums
+from ccatoolkit.analysis.linalg import DiagonalPlusLowRank, as_dense
 from ccatoolkit._utils import BATCHNORM_TYPES as _BN
 from ccatoolkit._utils import LINEAR_LAYER_TYPES as _LINEAR
 from ccatoolkit._utils import (
@@ -315,9 +316,9 @@ def channel_stats(
     (a ``C x C`` matrix) maps a module's channels ``y`` to ``transform @ y`` before they are counted
     (the statistics of a model's features seen in another model's space).
     """
-    transform = transform or {}
+    transform = {n: as_dense(m) for n, m in (transform or {}).items()}  # (a map in factors multiplied out)
     # a (scaled) permutation maps the sums themselves: no per-sample product (permute, weight matching, C2M3)
-    sparse = {n: scaled_permutation_parts(torch.as_tensor(m)) for n, m in transform.items() if n in modules}
+    sparse = {n: scaled_permutation_parts(m) for n, m in transform.items() if n in modules}
     reduce = {n: (lambda out, m=None if sparse.get(n) else transform.get(n): _reduce_channels(out, m))
               for n in modules}
     acc = _accumulate(model, modules, data, reduce, max_batches, progress, stop_after)
@@ -363,17 +364,23 @@ class ChannelMoments:
         m = self.sum / self.count
         return (self._full_gram("the covariance") / self.count).addr_(m, m, alpha=-1.0)
 
-    def mapped(self, matrix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def mapped(self, matrix: torch.Tensor | DiagonalPlusLowRank | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and population std of ``matrix @ y`` (``y`` itself when None): ``M mean`` and the root of
         ``diag(M C M^T) = diag(M G M^T) / n - (M m)^2``, with ``m`` the mean about the shift (small, so the
-        difference loses nothing)."""
+        difference loses nothing). A map in factors is never multiplied out."""
         m = self.sum / self.count
         if matrix is None:
             squares = self.gram if self.gram.dim() == 1 else torch.diagonal(self.gram)
             return self.shift + m, (squares / self.count - m * m).clamp_min(0.0).sqrt()
-        M = torch.as_tensor(matrix, device=m.device).to(torch.float64)
+        gram = self._full_gram("a mapped channel's std")
+        if isinstance(matrix, DiagonalPlusLowRank):
+            M = matrix.to(device=m.device, dtype=torch.float64)
+            squares = M.diagonal_of_congruence(gram)
+        else:
+            M = torch.as_tensor(matrix, device=m.device).to(torch.float64)
+            squares = ((M @ gram) * M).sum(1)
         mapped_m = M @ m
-        var = ((M @ self._full_gram("a mapped channel's std")) * M).sum(1) / self.count - mapped_m * mapped_m
+        var = squares / self.count - mapped_m * mapped_m
         return M @ self.shift + mapped_m, var.clamp_min(0.0).sqrt()
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ccatoolkit import distributed
 from ccatoolkit._utils import batch_inputs, check_logits, eval_mode, to_model
+from ccatoolkit.analysis.linalg import as_dense
 from ccatoolkit.analysis.stats import JointStats
 from ccatoolkit.merging.graph import MergeGraph
 from ccatoolkit.merging.methods import AlignmentProblem, Transforms
@@ -114,7 +115,7 @@ def held_out_correlation(
             if space.permutation_only or space.name not in t:
                 continue
             st = held[space.name]
-            T = t[space.name][0].to(st.cov(ref, ref).device, torch.float64)
+            T = as_dense(t[space.name][0]).to(st.cov(ref, ref).device, torch.float64)
             cross = (st.cov(ref, k) * T).sum(1)  # diag(S_rk T^T)
             var_t = ((T @ st.cov(k, k)) * T).sum(1)  # diag(T S_kk T^T)
             denom = torch.sqrt(st.var(ref).clamp_min(0) * var_t.clamp_min(0))
