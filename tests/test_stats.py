@@ -214,6 +214,33 @@ def test_sums_combine_across_data_splits_and_limits() -> None:
         collect_statistics(models, batches, ["head"], max_batches=0)
 
 
+def test_statistics_go_on_from_earlier_ones_in_their_own_sums() -> None:
+    """``start``: the second half's statistics added into the first half's sums (their Gram matrix taken
+    over, not copied) equal one pass over all the data; cross-only statistics cannot go on."""
+    models = _resnets()
+    batches = _batches(4, (1, 8, 8))
+    layers = {"stream": ["layer2.1.relu2"], "head": ["head"]}
+    full = collect_statistics(models, batches, layers, progress=False, warn=False)
+    second = collect_statistics(models, batches[2:], layers, progress=False, warn=False)
+    first = collect_statistics(models, batches[:2], layers, progress=False, warn=False)
+    added = {name: first[name] + second[name] for name in layers}
+    gram = first["stream"].gram
+    both = collect_statistics(models, batches[2:], layers, progress=False, warn=False, start=first)
+    assert both["stream"].gram.data_ptr() == gram.data_ptr() and first["stream"].gram is None  # taken over
+    for name in layers:
+        assert both[name].count == full[name].count
+        # the same float32 batch products as adding two sets of statistics: equal to float64 rounding
+        torch.testing.assert_close(both[name].sum, added[name].sum, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(both[name].gram, added[name].gram, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(both[name].cov(0, 1), full[name].cov(0, 1), rtol=1e-5, atol=1e-7)
+    cross = collect_statistics(models, batches[:2], layers, progress=False, warn=False, reference=0)
+    with pytest.raises(ValueError, match="only full statistics"):
+        collect_statistics(models, batches[2:], layers, progress=False, warn=False, start=cross)
+    with pytest.raises(ValueError, match="no space 'other'"):
+        collect_statistics(models, batches[2:], layers, progress=False, warn=False,
+                           start={"other": full["head"]})
+
+
 def test_models_unchanged_eval_during_collection_modes_restored() -> None:
     seen: list[bool] = []
 

@@ -340,11 +340,19 @@ class SpaceSums:
 
     With ``reference`` (cross-only statistics) only the products of the reference's rows with each
     other model's rows (one float64 block per model) and each channel's sum of squares are kept.
+
+    ``start``: full statistics of other samples to go on from. Their tensors become these sums (re-expressed
+    about the shift in place, so a wide space holds one Gram matrix, not two): a merge adds its held-out
+    batches to the fitting batches' sums this way.
     """
 
-    def __init__(self, name: str, layers: list[str], num_models: int, reference: int | None = None) -> None:
+    def __init__(self, name: str, layers: list[str], num_models: int, reference: int | None = None,
+                 start: JointStats | None = None) -> None:
+        if start is not None and (reference is not None or start.gram is None):
+            raise ValueError("only full statistics (no reference) can go on from earlier ones")
         self.name, self.layers, self.num_models = name, layers, num_models
         self.reference = reference
+        self.start = start
         self.cross: dict[int, torch.Tensor] = {}  # cross-only: model k -> float64 sum of (x_ref - k)(x_k - k)^T
         self.squares: torch.Tensor | None = None  # cross-only: float64 sum of (x - shift)^2 per channel
         self.sizes: list[int] | None = None
@@ -392,7 +400,10 @@ class SpaceSums:
         shift = torch.cat([_channels_mean(t) for t in first]).to(self.dtype)
         self.shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         self.s1 = torch.zeros(d, dtype=torch.float64, device=device)
-        if self.reference is None:
+        if self.start is not None:
+            self._go_on(self.start, device)
+            self.start = None
+        elif self.reference is None:
             self.s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
         else:
             r = self.reference
@@ -409,6 +420,22 @@ class SpaceSums:
             start = bounds[-1]
             bounds += [start + (size * (p + 1)) // pieces for p in range(pieces)]
         self.chunks = [(r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:]) if r1 > r0]
+
+    def _go_on(self, start: JointStats, device: torch.device) -> None:
+        """Take over ``start``'s sums, about the shift: ``S' = S - n k`` and ``G' = G - k u^T - u k^T`` with
+        ``u = S - (n / 2) k`` (what :meth:`result` undoes), in place on its Gram matrix."""
+        assert self.sizes is not None and self.shift is not None and start.gram is not None
+        if list(start.sizes) != list(self.sizes):
+            raise ValueError(f"space {self.name!r}: cannot go on from statistics with channel sizes {start.sizes} "
+                             f"(these have {self.sizes})")
+        k = self.shift.to(device=device, dtype=torch.float64)
+        n = float(start.count)
+        total = start.sum.to(device=device, dtype=torch.float64)
+        u = total - (n / 2) * k
+        self.s2 = start.gram.to(device=device, dtype=torch.float64).addr_(k, u, alpha=-1.0).addr_(u, k, alpha=-1.0)
+        self.s1 = total - n * k
+        self.count = start.count
+        start.gram = None  # handed over (the caller's statistics are consumed)
 
     def add(self, outs: list[torch.Tensor], scratch: Scratch) -> None:
         """Add one capture point's outputs of all models on one batch (each ``(N, C_i, *spatial)``)."""
@@ -650,6 +677,8 @@ class StatisticsCollector:
     ``also``: per model, ``{module name: fn(output)}``, called with the module's output in every forward
     pass the statistics make (each sample once; never in the one-sample pass that sizes micro-batches):
     another sum over the same data, such as REPAIR's channel moments, without a pass of its own.
+    ``start``: per space, full statistics of other samples to go on from; they are consumed (their sums
+    become the collector's, so a wide space holds one Gram matrix). The result covers both sample sets.
     """
 
     def __init__(
@@ -661,6 +690,7 @@ class StatisticsCollector:
         reference: int | None = None,
         memory_budget: int | None = None,
         also: Sequence[Mapping[str, Callable[[Any], None]]] | None = None,
+        start: Mapping[str, JointStats] | None = None,
     ) -> None:
         models = list(models)
         if not models:
@@ -703,7 +733,12 @@ class StatisticsCollector:
             for model in models if not same_architecture else models[:1]:
                 resolve_layers(model, names)
         k = len(models)
-        self.spaces = {name: SpaceSums(name, names, k, reference) for name, names in self.spaces_layers.items()}
+        start = dict(start or {})
+        unknown = sorted(set(start) - set(self.spaces_layers))
+        if unknown:
+            raise ValueError(f"start: no space {unknown[0]!r} among {sorted(self.spaces_layers)}")
+        self.spaces = {name: SpaceSums(name, names, k, reference, start.get(name))
+                       for name, names in self.spaces_layers.items()}
         self.scratch = Scratch()
         self.points = [
             _Point(layer, self.spaces[s], k, self.scratch) for s, names in self.spaces_layers.items() for layer in names
@@ -880,6 +915,7 @@ def collect_statistics(
     reference: int | None = None,
     memory_budget: int | None = None,
     also: Sequence[Mapping[str, Callable[[Any], None]]] | None = None,
+    start: Mapping[str, JointStats] | None = None,
 ) -> dict[str, JointStats]:
     """Joint activation statistics of ``models`` on the same inputs, per space.
 
@@ -892,14 +928,15 @@ def collect_statistics(
     ``RuntimeWarning`` says the statistics are rank-deficient, and one says so when every channel of a
     space is constant (:func:`warn_if_constant`; ``warn=False`` silences both).
     One pass over ``data``: a generator works. ``same_architecture=False`` and ``reference`` (cross-only
-    statistics), ``memory_budget`` (micro-batches) and ``also`` (other modules' outputs for the caller's own
-    sums, from the same forward passes): see :class:`StatisticsCollector`.
+    statistics), ``memory_budget`` (micro-batches), ``also`` (other modules' outputs for the caller's own
+    sums, from the same forward passes) and ``start`` (statistics to go on from, consumed): see
+    :class:`StatisticsCollector`.
     """
     max_batches = check_max_batches(max_batches)
     max_samples = check_max_batches(max_samples, "max_samples")
     check_data(data)
     collector = StatisticsCollector(models, layers, same_architecture=same_architecture, reference=reference,
-                                    memory_budget=memory_budget, also=also)
+                                    memory_budget=memory_budget, also=also, start=start)
     total = batch_count(data, max_batches)
     batches: Iterable[torch.Tensor] = _limited(data, max_batches, max_samples)
     if progress:

@@ -106,11 +106,12 @@ def merge(
         reference_copy = copy.deepcopy(models[prepared.reference])
         return with_merge_info(reference_copy, prepared, plan, None, None, {"identical_models": True}, clock.seconds)
 
-    def collect(batches: Iterable[Any], show: bool, cross_only: bool = False) -> dict[str, JointStats]:
+    def collect(batches: Iterable[Any], show: bool, cross_only: bool = False,
+                start: dict[str, JointStats] | None = None) -> dict[str, JointStats]:
         # REPAIR's moments ride along: every call reads part of the merge data, and all calls read it once
         return merge_statistics(models, prepared.graph, batches, max_batches, progress and show,
                                 prepared.reference if cross_only else None,
-                                also=targets.recorders() if plan.needs_targets else None)
+                                also=targets.recorders() if plan.needs_targets else None, start=start)
 
     choice = None
     if entry.uses_ridge and ridge == "auto":

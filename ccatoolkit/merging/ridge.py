@@ -45,8 +45,8 @@ HOLD_OUT_EVERY = 4
 Builder = Callable[[list[Transforms | None], int | None], nn.Module]
 # computes transforms at a ridge from given statistics, reusing ``cache`` across ridges
 Solver = Callable[[dict[str, JointStats], float, dict[Any, Any]], list[Transforms | None]]
-# collects a merge's joint statistics over the given batches
-Collector = Callable[[Iterable[Any], bool], dict[str, JointStats]]
+# collects a merge's joint statistics over the given batches: (batches, show progress[, cross_only, start])
+Collector = Callable[..., dict[str, JointStats]]
 
 
 @dataclass
@@ -190,12 +190,21 @@ def choose_ridge(
             scores[r] = score(build(transforms, len(held_out)))
         del transforms  # before the next candidate's are made (dense maps of every space)
     cache.clear()  # the eigendecompositions of the fitting statistics
-    if held_stats is None:
-        held_stats = collect(held_out, False)
-    stats = {name: fit_stats.pop(name) + held_stats.pop(name) for name in list(fit_stats)}
+    if held_stats is None:  # the held-out batches go into the fitting sums: one Gram matrix per space, not three
+        stats = collect(held_out, False, start=_continued(fit_stats))
+    else:
+        stats = {name: fit_stats.pop(name) + held_stats.pop(name) for name in list(fit_stats)}
     described = ("agreement with the ensemble on held-out batches" if rule == "agreement"
                  else "correlation of the aligned features on held-out batches")
     return RidgeChoice(max(scores, key=scores.__getitem__), described, scores, stats)
+
+
+def _continued(fit_stats: dict[str, JointStats]) -> dict[str, JointStats]:
+    """What the held-out statistics go on from: the fitting statistics (all-reduced already, so under
+    ``torch.distributed`` rank 0 alone carries them and the final all-reduce counts them once), emptied out
+    of ``fit_stats``."""
+    taken = {name: fit_stats.pop(name) for name in list(fit_stats)}
+    return taken if distributed.rank() == 0 else {}
 
 
 def check_ridge_setting(ridge: float | str, grid: Sequence[float], rule: str) -> tuple[float | str, tuple[float, ...]]:

@@ -28,12 +28,14 @@ ILL_CONDITIONED = 1e6
 def merge_statistics(
     models: Sequence[nn.Module], graph: MergeGraph, data: Iterable[Any], max_batches: int | None, progress: bool,
     reference: int | None = None, also: Sequence[Mapping[str, Callable[[Any], None]]] | None = None,
+    start: Mapping[str, JointStats] | None = None,
 ) -> dict[str, JointStats]:
     """Per space, the statistics of its capture points' activations; with ``reference``, cross-only.
-    ``also``: per model, other modules' output hooks fed by the same passes (REPAIR's moments)."""
+    ``also``: per model, other modules' output hooks fed by the same passes (REPAIR's moments). ``start``:
+    statistics of other batches to add these to (consumed)."""
     layers = {s.name: list(s.capture) for s in graph.spaces}
     return collect_statistics(models, data, layers, max_batches=max_batches, progress=progress, warn=False,
-                              reference=reference, also=also)
+                              reference=reference, also=also, start=start)
 
 
 def warn_if_unreliable(stats: dict[str, JointStats], method: str, ridge: float | None) -> None:
