@@ -98,8 +98,8 @@ class RidgePath:
     from. When it is at most half the width (a 4096-wide layer seen on a few hundred images), only the
     eigenpairs that can be nonzero are computed (:func:`_range_eigenpairs`): ``vals`` and ``vecs``
     then hold ``rank_bound`` of them (ascending, as ``eigh`` gives them) and every other eigenvalue is
-    zero (``partial``). That costs products of ``n x n`` by ``n x k`` instead of an ``n x n`` ``eigh``:
-    about a tenth of the time for 4096 channels and 512 samples.
+    zero (``partial``). That costs products of ``n x n`` by ``n x k`` instead of an ``n x n`` ``eigh``
+    (docs/results.md, "Wide models on a CPU").
     """
 
     def __init__(self, S: Any, rank_bound: int | None = None) -> None:

@@ -159,8 +159,8 @@ class CCAProblem:
         r, n = self.rank, self.a.size
         keep = compact and 2 * (r + p.shape[1]) < n  # the factors' width: r + the turned angles
 
-        def finish(matrix: DiagonalPlusLowRank, rows: torch.Tensor, cols: torch.Tensor) -> Any:
-            matrix = _masked(matrix, ~rows, ~cols) if drop_constant else matrix
+        def finish(matrix: DiagonalPlusLowRank, dead_rows: torch.Tensor, dead_cols: torch.Tensor) -> Any:
+            matrix = _masked(matrix, ~dead_rows, ~dead_cols) if drop_constant else matrix
             return matrix if keep else matrix.dense()
 
         fa, fb = self.a.scaled(ridge, -0.5)[-r:], self.b.scaled(ridge, -0.5)[-r:]
@@ -203,7 +203,8 @@ def _null_map(qa: torch.Tensor, qb: torch.Tensor, tol: float = 1e-7) -> tuple[to
 
 
 def _masked(matrix: DiagonalPlusLowRank, rows: torch.Tensor, cols: torch.Tensor) -> DiagonalPlusLowRank:
-    """``diag(rows) matrix diag(cols)`` for boolean masks: the rows and columns of constant channels zeroed."""
+    """``diag(rows) matrix diag(cols)`` for boolean masks of the live channels: what :func:`_drop_constant`
+    does to a dense map, on the factors."""
     if bool(rows.all() and cols.all()):
         return matrix
     r, c = rows.to(matrix.dtype), cols.to(matrix.dtype)
