@@ -425,3 +425,29 @@ def test_a_wide_space_on_few_samples_merges_with_its_maps_in_factors(monkeypatch
     with torch.no_grad():
         a, b = in_factors(x), multiplied(x)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+def test_a_merge_that_keeps_a_wide_space_as_samples_equals_the_one_from_its_gram(monkeypatch) -> None:
+    """The 512-wide MLP's spaces, seen on 64 samples, kept as samples (as vgg11_bn's 4096-wide ones are)
+    through the ridge choice, its held-out statistics and the final merge: the same merge as from Gram sums.
+    In float64: float32 Gram products would leave the covariances' null spaces at rounding level (1e-7 of
+    the largest eigenvalue, above the pseudo-inverse floor), which the kept samples do not."""
+    import ccatoolkit.analysis.stats as stats_module
+
+    torch.manual_seed(0)
+    models = [MLP(depth=2, width=512, in_shape=(1, 8, 8)).double() for _ in range(2)]
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 1, 8, 8, generator=gen, dtype=torch.float64) for _ in range(4)]
+    from_gram = merge(models, "cca", data, progress=False)
+    kept: list[bool] = []
+    result = stats_module.SpaceSums.result
+    monkeypatch.setattr(stats_module.SpaceSums, "result",
+                        lambda self, release=False: kept.append(self.sampling) or result(self, release))
+    monkeypatch.setattr(stats_module, "LARGE_RUNNING_GRAM", 1 << 20)  # 2 x 512 channels are "wide" now
+    from_samples = merge(models, "cca", data, progress=False)
+    assert kept and all(kept)
+    assert from_samples.merge_info["ridge"] == from_gram.merge_info["ridge"]
+    x = torch.randn(64, 1, 8, 8, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        a, b = from_samples(x), from_gram(x)
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-8 * float(b.abs().max()))

@@ -313,6 +313,50 @@ def test_a_wide_space_adds_into_the_float64_sums_without_a_running_gram(monkeypa
         collect_statistics([models[0], broken], batches, layers, progress=False)
 
 
+def test_a_wide_space_on_few_samples_keeps_them_instead_of_their_gram(monkeypatch) -> None:
+    """A wide space seen on at most half as many samples as it has channels keeps the samples (an MLP's
+    2 x 64 hidden channels on 24 inputs): its covariances, correlations and variances equal numpy's on all
+    activations; past half the width the kept samples go into the Gram matrix and it goes on; statistics
+    that go on from kept samples, and two such sets added, stay samples."""
+    import ccatoolkit.analysis.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "LARGE_RUNNING_GRAM", 4 * 128 * 129 - 1)  # 2 x 64 channels: "wide"
+    torch.manual_seed(0)
+    models = [MLP(depth=2, width=64, in_shape=(1, 8, 8)) for _ in range(2)]
+    batches = _batches(9, (1, 8, 8), size=8)
+    few, more = batches[:3], batches  # 24 samples (<= 64: kept), 72 (> 64 at the 9th batch: a Gram matrix)
+    for data in (few, more):
+        st = collect_statistics(models, data, ["relu1"], progress=False, warn=False)["relu1"]
+        X = _all_activations(models, data, ["relu1"])
+        assert (st.samples is not None) == (data is few) and (st.gram is None) == (data is few)
+        np.testing.assert_allclose(st.cov(0, 1).numpy(), np.cov(X.T)[:64, 64:], atol=1e-6)
+        np.testing.assert_allclose(st.joint_cov().numpy(), np.cov(X.T), atol=1e-6)
+        np.testing.assert_allclose(st.var(1).numpy(), X[:, 64:].var(0, ddof=1), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(st.mean(0).numpy(), X[:, :64].mean(0), rtol=1e-6, atol=1e-7)
+    collector = StatisticsCollector(models, ["relu1"])
+    with collector.attached():
+        for x in few:
+            collector.update(x)
+    sums = collector.spaces["relu1"]
+    assert sums.sampling and sums.s2 is None and sums.nbytes() < 128 * 128 * 8 / 4
+    first = collect_statistics(models, batches[:2], ["relu1"], progress=False, warn=False)
+    assert first["relu1"].samples is not None
+    both = collect_statistics(models, batches[2:3], ["relu1"], progress=False, warn=False, start=first)["relu1"]
+    assert both.samples is not None and both.count == 24 and first["relu1"].samples is None  # consumed
+    np.testing.assert_allclose(both.cov(0, 1).numpy(), np.cov(_all_activations(models, few, ["relu1"]).T)[:64, 64:],
+                               atol=1e-6)
+    a, b = (collect_statistics(models, part, ["relu1"], progress=False, warn=False)["relu1"]
+            for part in (batches[:2], batches[2:3]))
+    added = a + b
+    assert added.samples is not None and added.count == 24
+    torch.testing.assert_close(added.cov(1), both.cov(1))
+    past = collect_statistics(models, batches[3:], ["relu1"], progress=False, warn=False,
+                              start={"relu1": added})["relu1"]  # 24 + 48 samples: into the Gram matrix
+    assert past.gram is not None and past.samples is None and past.count == 72
+    np.testing.assert_allclose(past.cov(0, 1).numpy(), np.cov(_all_activations(models, more, ["relu1"]).T)[:64, 64:],
+                               atol=1e-5)
+
+
 def test_errors_for_bad_inputs() -> None:
     models = _resnets()
     batches = _batches(1, (1, 8, 8))

@@ -119,6 +119,10 @@ class JointStats:
     to one reference needs: ``cross[k]``, the sum of ``x_ref x_k^T`` for each other model ``k``, and
     ``square_sum``, each channel's sum of squares (its variance). For two 4096-wide models that is a
     quarter of the joint Gram matrix. :meth:`cov` of any other pair of models raises.
+
+    ``samples`` (full statistics of a wide space seen on few samples, ``gram`` None): the samples
+    themselves, ``sum(sizes) x count`` float64; every block of the Gram matrix is made from them when
+    asked for (see :class:`SpaceSums`' ``keep_samples``).
     """
 
     count: int
@@ -129,10 +133,13 @@ class JointStats:
     reference: int | None = None
     cross: dict[int, torch.Tensor] = field(default_factory=dict)
     square_sum: torch.Tensor | None = None
+    samples: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if (self.gram is None) == (self.reference is None):
-            raise ValueError("JointStats needs either a joint gram (full statistics) or a reference (cross-only)")
+        full = self.gram is not None or self.samples is not None
+        if full == (self.reference is not None) or (self.gram is not None and self.samples is not None):
+            raise ValueError("JointStats needs either a joint gram or the samples (full statistics) or a reference "
+                             "(cross-only)")
         if self.reference is not None:
             missing = [k for k in range(len(self.sizes)) if k != self.reference and k not in self.cross]
             if missing or self.square_sum is None:
@@ -157,10 +164,12 @@ class JointStats:
         return slice(off[i], off[i + 1])
 
     def _gram_block(self, i: int, j: int) -> torch.Tensor:
-        """The sum of ``x_i x_j^T`` (a view, not a copy)."""
+        """The sum of ``x_i x_j^T`` (a view, not a copy; a new matrix when the samples are kept)."""
         bi, bj = self.block(i), self.block(j)
         if self.gram is not None:
             return self.gram[bi, bj]
+        if self.samples is not None:
+            return self.samples[bi] @ self.samples[bj].T
         i, j = i % self.num_models, j % self.num_models
         if i == self.reference and j in self.cross:
             return self.cross[j]
@@ -184,10 +193,11 @@ class JointStats:
         """Unbiased covariance of all models' channels concatenated (``sum(sizes)`` square)."""
         if self.count < 2:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
-        if self.gram is None:
+        if self.gram is None and self.samples is None:
             raise ValueError("cross-only statistics have no joint covariance; collect them with reference=None")
         m = self.sum / self.count
-        cov = (self.gram - self.count * torch.outer(m, m)) / (self.count - 1)
+        gram = self.gram if self.gram is not None else self.samples @ self.samples.T
+        cov = (gram - self.count * torch.outer(m, m)) / (self.count - 1)
         return (cov + cov.T) / 2
 
     def cov(self, i: int, j: int | None = None) -> torch.Tensor:
@@ -197,6 +207,8 @@ class JointStats:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
         bi, bj = self.block(i), self.block(j)
         m = self.sum / self.count
+        if self.samples is not None:  # the centred samples' products: no sum of squares cancels
+            return ((self.samples[bi] - m[bi, None]) @ (self.samples[bj] - m[bj, None]).T).div_(self.count - 1)
         # in place on one copy of the block: a wide layer's float64 block is large
         out = self._gram_block(i, j).clone().addr_(m[bi], m[bj], alpha=-self.count)
         return out.div_(self.count - 1)
@@ -207,6 +219,8 @@ class JointStats:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
         b = self.block(i)
         m = self.sum[b] / self.count
+        if self.samples is not None:
+            return ((self.samples[b] - m[:, None]).square().sum(1) / (self.count - 1)).clamp_min(0.0)
         squares = torch.diagonal(self.gram[b, b]) if self.gram is not None else self.square_sum[b]  # type: ignore[index]
         return ((squares - self.count * m * m) / (self.count - 1)).clamp_min(0.0)
 
@@ -264,14 +278,17 @@ class JointStats:
 
     # ---- combining ------------------------------------------------------------------------
     def _tensors(self) -> list[torch.Tensor]:
-        """The sums, in a fixed order (what adding, moving and all-reducing act on)."""
+        """The sums, in a fixed order (what adding, moving and all-reducing act on); kept samples become their
+        Gram matrix."""
+        if self.samples is not None:
+            return [self.sum, self.samples @ self.samples.T]
         if self.gram is not None:
             return [self.sum, self.gram]
         assert self.square_sum is not None
         return [self.sum, self.square_sum] + [self.cross[k] for k in sorted(self.cross)]
 
     def _with(self, count: int, tensors: list[torch.Tensor]) -> JointStats:
-        if self.gram is not None:
+        if self.reference is None:
             return JointStats(count, tensors[0], tensors[1], list(self.sizes), list(self.layers))
         keys = sorted(self.cross)
         return JointStats(count, tensors[0], None, list(self.sizes), list(self.layers), reference=self.reference,
@@ -284,9 +301,15 @@ class JointStats:
         if self.reference != other.reference:
             raise ValueError(f"cannot add statistics of different kinds (reference {self.reference} and "
                              f"{other.reference}; None: full)")
+        if self.samples is not None and other.samples is not None:  # still samples: side by side
+            return JointStats(self.count + other.count, self.sum + other.sum, None, list(self.sizes),
+                              list(self.layers), samples=torch.cat([self.samples, other.samples.to(self.samples)], 1))
         return self._with(self.count + other.count, [a + b for a, b in zip(self._tensors(), other._tensors())])
 
     def to(self, device: torch.device | str) -> JointStats:
+        if self.samples is not None:
+            return JointStats(self.count, self.sum.to(device), None, list(self.sizes), list(self.layers),
+                              samples=self.samples.to(device))
         return self._with(self.count, [t.to(device) for t in self._tensors()])
 
     def all_reduce(self) -> JointStats:
@@ -294,7 +317,7 @@ class JointStats:
         count, *reduced = distributed.all_reduce_sum(
             [torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)] + self._tensors())
         new = self._with(int(round(count.item())), reduced)
-        self.count, self.sum, self.gram = new.count, new.sum, new.gram
+        self.count, self.sum, self.gram, self.samples = new.count, new.sum, new.gram, None
         self.cross, self.square_sum = new.cross, new.square_sum
         return self
 
@@ -344,15 +367,24 @@ class SpaceSums:
     ``start``: full statistics of other samples to go on from. Their tensors become these sums (re-expressed
     about the shift in place, so a wide space holds one Gram matrix, not two): a merge adds its held-out
     batches to the fitting batches' sums this way.
+
+    ``keep_samples``: a wide space (one with no running Gram) keeps its samples themselves, not their Gram
+    matrix, while it has seen at most half as many samples as it has channels: vgg11_bn's two 4096-wide
+    classifier spaces on 512 images hold 2 x 17 MB of samples instead of 2 x 512 MB of Gram. Past that
+    count the kept samples go into the Gram matrix and it goes on as above. The statistics then carry
+    the samples (:attr:`JointStats.samples`).
     """
 
     def __init__(self, name: str, layers: list[str], num_models: int, reference: int | None = None,
-                 start: JointStats | None = None) -> None:
-        if start is not None and (reference is not None or start.gram is None):
+                 start: JointStats | None = None, keep_samples: bool = False) -> None:
+        if start is not None and reference is not None:
             raise ValueError("only full statistics (no reference) can go on from earlier ones")
         self.name, self.layers, self.num_models = name, layers, num_models
         self.reference = reference
         self.start = start
+        self.keep_samples = keep_samples and reference is None
+        self.sampling = False  # keeping samples now (set up for a wide space with keep_samples)
+        self.kept: list[torch.Tensor] = []  # while sampling: the shifted samples, (dim, m) blocks in self.dtype
         self.cross: dict[int, torch.Tensor] = {}  # cross-only: model k -> float64 sum of (x_ref - k)(x_k - k)^T
         self.squares: torch.Tensor | None = None  # cross-only: float64 sum of (x - shift)^2 per channel
         self.sizes: list[int] | None = None
@@ -400,11 +432,13 @@ class SpaceSums:
         shift = torch.cat([_channels_mean(t) for t in first]).to(self.dtype)
         self.shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         self.s1 = torch.zeros(d, dtype=torch.float64, device=device)
+        self.sampling = self.keep_samples and self._wide()
         if self.start is not None:
             self._go_on(self.start, device)
             self.start = None
         elif self.reference is None:
-            self.s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
+            if not self.sampling:  # (a sampling space makes its Gram matrix when it stops sampling)
+                self.s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
         else:
             r = self.reference
             self.cross = {k: torch.zeros(sizes[r], size, dtype=torch.float64, device=device)
@@ -424,18 +458,54 @@ class SpaceSums:
     def _go_on(self, start: JointStats, device: torch.device) -> None:
         """Take over ``start``'s sums, about the shift: ``S' = S - n k`` and ``G' = G - k u^T - u k^T`` with
         ``u = S - (n / 2) k`` (what :meth:`result` undoes), in place on its Gram matrix."""
-        assert self.sizes is not None and self.shift is not None and start.gram is not None
+        assert self.sizes is not None and self.shift is not None
         if list(start.sizes) != list(self.sizes):
             raise ValueError(f"space {self.name!r}: cannot go on from statistics with channel sizes {start.sizes} "
                              f"(these have {self.sizes})")
+        self.count = start.count
+        if start.samples is not None:  # samples go on as samples (or into the Gram, past half the width)
+            self.kept = [(start.samples.to(device) - self.shift.to(device, torch.float64)[:, None]).to(self.dtype)]
+            start.samples = None
+            if not self.sampling or self.count > self.dim // 2:
+                self._to_gram(Scratch())
+            return
+        if start.gram is None:
+            raise ValueError("only full statistics (no reference) can go on from earlier ones")
+        self.sampling = False  # the Gram matrix is there already
         k = self.shift.to(device=device, dtype=torch.float64)
         n = float(start.count)
         total = start.sum.to(device=device, dtype=torch.float64)
         u = total - (n / 2) * k
         self.s2 = start.gram.to(device=device, dtype=torch.float64).addr_(k, u, alpha=-1.0).addr_(u, k, alpha=-1.0)
         self.s1 = total - n * k
-        self.count = start.count
         start.gram = None  # handed over (the caller's statistics are consumed)
+
+    def _wide(self) -> bool:
+        """Whether the running Gram would exceed ``LARGE_RUNNING_GRAM``: products then go straight into the sums."""
+        d = self.dim
+        return d * (d + 1) * self.dtype.itemsize > LARGE_RUNNING_GRAM
+
+    def _keep(self, outs: list[torch.Tensor], scratch: Scratch) -> None:
+        """Keep a batch's shifted samples (sampling, see the class doc)."""
+        assert self.bad is not None
+        z, samples = self._samples(outs, scratch, ones_row=False)
+        block = z[:, :samples].clone()
+        self.kept.append(block)
+        self.count += samples
+        self.bad |= ~torch.isfinite((block * block).sum(1))
+
+    def _to_gram(self, scratch: Scratch) -> None:
+        """Stop sampling: the kept samples' products go into new float64 sums."""
+        assert self.shift is not None
+        d, device = self.dim, self.shift.device
+        self.sampling = False
+        self.s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
+        kept, self.kept = self.kept, []
+        for block in kept:
+            z = scratch.get(d + 1, block.shape[1], self.dtype, device)
+            z[:d].copy_(block)
+            z[d].fill_(1.0)
+            self._add_direct(z)
 
     def add(self, outs: list[torch.Tensor], scratch: Scratch) -> None:
         """Add one capture point's outputs of all models on one batch (each ``(N, C_i, *spatial)``)."""
@@ -444,23 +514,21 @@ class SpaceSums:
         if self.reference is not None:
             self._add_cross(outs, scratch)
             return
+        if self.sampling:
+            batch = outs[0].shape[0] * (outs[0][:1].numel() // max(1, outs[0].shape[1]))
+            if self.count + batch <= d // 2:
+                self._keep(outs, scratch)
+                return
+            self._to_gram(scratch)
         assert self.s2 is not None
         # a wide space has no running Gram: each chunk's product goes straight into the float64 sums
-        direct = d * (d + 1) * self.dtype.itemsize > LARGE_RUNNING_GRAM
+        direct = self._wide()
         if self.g is None and not direct:
             self.g = torch.zeros(d, d + 1, dtype=self.dtype, device=self.s2.device)
         z, samples = self._samples(outs, scratch, ones_row=True)
         self.count += samples
         if direct:
-            assert self.s1 is not None and self.bad is not None
-            rows = max(r1 - r0 for r0, r1 in self.chunks)
-            buffer = torch.empty(rows * (d + 1), dtype=self.dtype, device=self.s2.device)
-            for r0, r1 in self.chunks:
-                block = buffer[: (r1 - r0) * (d + 1 - r0)].view(r1 - r0, d + 1 - r0)
-                torch.mm(z[r0:r1], z[r0 : d + 1].T, out=block)
-                self.s2[r0:r1, r0:] += block[:, : d - r0]
-                self.s1[r0:r1] += block[:, d - r0]
-                self.bad[r0:r1] |= ~torch.isfinite(torch.diagonal(block[:, : r1 - r0]))
+            self._add_direct(z)
             return
         assert self.g is not None
         for r0, r1 in self.chunks:
@@ -468,6 +536,20 @@ class SpaceSums:
         self.unflushed += samples
         if self.unflushed >= FLUSH_SAMPLES:
             self.flush()
+
+    def _add_direct(self, z: torch.Tensor) -> None:
+        """Add the products of ``z`` (shifted samples and a row of ones) into the float64 sums, a chunk of rows
+        at a time (a wide space's way: no running Gram)."""
+        assert self.s1 is not None and self.s2 is not None and self.bad is not None
+        d = self.dim
+        rows = max(r1 - r0 for r0, r1 in self.chunks)
+        buffer = torch.empty(rows * (d + 1), dtype=self.dtype, device=self.s2.device)
+        for r0, r1 in self.chunks:
+            block = buffer[: (r1 - r0) * (d + 1 - r0)].view(r1 - r0, d + 1 - r0)
+            torch.mm(z[r0:r1], z[r0 : d + 1].T, out=block)
+            self.s2[r0:r1, r0:] += block[:, : d - r0]
+            self.s1[r0:r1] += block[:, d - r0]
+            self.bad[r0:r1] |= ~torch.isfinite(torch.diagonal(block[:, : r1 - r0]))
 
     def _add_cross(self, outs: list[torch.Tensor], scratch: Scratch) -> None:
         """Cross-only: the reference's products with each other model, every channel's sum and square."""
@@ -525,7 +607,7 @@ class SpaceSums:
         :meth:`add`. For cross-only statistics ``gram`` is its diagonal, each channel's sum of squares. What
         REPAIR's channel moments read (:class:`~ccatoolkit.merging.normalization.MomentSums`)."""
         self.flush()
-        assert self.s1 is not None and self.shift is not None
+        assert self.s1 is not None and self.shift is not None and not self.sampling
         if self.reference is not None:
             assert self.squares is not None
             return self.count, self.shift.to(torch.float64), self.s1, self.squares
@@ -547,6 +629,8 @@ class SpaceSums:
         self.g = None  # re-created by the next add(); a wide space holds much less memory meanwhile
         if self.reference is not None:
             return self._cross_result(release)
+        if self.sampling:
+            return self._samples_result(release)
         assert self.s1 is not None and self.s2 is not None and self.shift is not None and self.sizes is not None
         self._full_gram()
         # undo the shift k: sum x = s1 + n k;  sum x x^T = s2 + k s1^T + s1 k^T + n k k^T
@@ -558,6 +642,14 @@ class SpaceSums:
         else:
             gram = torch.addr(self.s2, k, u).addr_(u, k)
         return JointStats(self.count, self.s1 + n * k, gram, list(self.sizes), list(self.layers))
+
+    def _samples_result(self, release: bool) -> JointStats:
+        """The kept samples themselves, shift undone, as float64 (see the class doc)."""
+        assert self.shift is not None and self.sizes is not None
+        samples = torch.cat(self.kept, 1).to(torch.float64).add_(self.shift.to(torch.float64)[:, None])
+        if release:
+            self.kept = []
+        return JointStats(self.count, samples.sum(1), None, list(self.sizes), list(self.layers), samples=samples)
 
     def _cross_result(self, release: bool) -> JointStats:
         """Cross-only statistics with the shift undone (see :meth:`result`)."""
@@ -582,7 +674,7 @@ class SpaceSums:
 
     def nbytes(self) -> int:
         """Bytes held by the sums (independent of the amount of data; the batch matrix is shared)."""
-        tensors = [self.s1, self.s2, self.shift, self.bad, self.g, self.squares, *self.cross.values()]
+        tensors = [self.s1, self.s2, self.shift, self.bad, self.g, self.squares, *self.cross.values(), *self.kept]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -737,7 +829,7 @@ class StatisticsCollector:
         unknown = sorted(set(start) - set(self.spaces_layers))
         if unknown:
             raise ValueError(f"start: no space {unknown[0]!r} among {sorted(self.spaces_layers)}")
-        self.spaces = {name: SpaceSums(name, names, k, reference, start.get(name))
+        self.spaces = {name: SpaceSums(name, names, k, reference, start.get(name), keep_samples=True)
                        for name, names in self.spaces_layers.items()}
         self.scratch = Scratch()
         self.points = [
