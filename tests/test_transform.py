@@ -219,6 +219,41 @@ def test_mixed_ops_graph() -> None:
     assert graph.space("r3").inputs == [ParamRef("fc.weight", 1, 64), ParamRef("fc3.weight", 1)]
 
 
+def test_large_tensors_take_the_low_memory_products_with_the_same_result(monkeypatch) -> None:
+    """Above ``_FLOAT64_ENTRIES`` a Flatten's or a conv's input side is mapped as a batch of products on a view,
+    and a map in factors works in place on the tensor an earlier step made: the same tensors as the products
+    on channel-major copies, with maps given dense or in factors."""
+    import ccatoolkit.merging.transform as transform_module
+    from ccatoolkit.analysis.linalg import DiagonalPlusLowRank
+    from ccatoolkit.merging.transform import transformed_state
+
+    torch.manual_seed(0)
+    model = user_cnn()
+    graph = merge_graph(model)
+    gen = torch.Generator().manual_seed(3)
+    factored = {}
+    for space in graph.spaces:
+        n = space.size
+        d = 1.0 + torch.rand(n, dtype=torch.float64, generator=gen)
+        left, right = (0.3 * torch.randn(n, 2, dtype=torch.float64, generator=gen) for _ in range(2))
+        out = DiagonalPlusLowRank(d, left, right)
+        factored[space.name] = (out, torch.linalg.inv(out.dense()))
+    dense = {name: (out.dense(), inp) for name, (out, inp) in factored.items()}
+    reference = transformed_state(model, graph, dense)  # every tensor below 4M entries: float64 products
+    monkeypatch.setattr(transform_module, "_FLOAT64_ENTRIES", 0)  # every tensor "large" now
+    calls = {"batched": 0, "in_place": 0}
+    matmul, in_place = torch.matmul, DiagonalPlusLowRank.multiply_in_place
+    monkeypatch.setattr(DiagonalPlusLowRank, "multiply_in_place",
+                        lambda self, x: calls.__setitem__("in_place", calls["in_place"] + 1) or in_place(self, x))
+    monkeypatch.setattr(transform_module.torch, "matmul",
+                        lambda a, b: calls.__setitem__("batched", calls["batched"] + (b.dim() == 3)) or matmul(a, b))
+    for transforms in (dense, factored):
+        state = transformed_state(model, graph, transforms)
+        for name, value in reference.items():
+            torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6)
+    assert calls["batched"] >= 2 and calls["in_place"] >= 1  # the Flatten's and conv2's inputs; a weight's rows
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_transforms_on_cuda() -> None:
     model, x, graph = _setup("resnet20")

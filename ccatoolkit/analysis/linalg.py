@@ -225,6 +225,13 @@ class DiagonalPlusLowRank:
             return d * x + left @ (right.T @ x)
         return (d[:, None] * x).addmm_(left, right.T @ x)
 
+    def multiply_in_place(self, x: torch.Tensor) -> torch.Tensor:
+        """``self @ x`` written into the matrix ``x`` (returned), with one ``k x m`` temporary: a large product
+        without a second tensor of its size."""
+        d, left, right = (t.to(x.dtype) for t in (self.diagonal, self.left, self.right))
+        low = right.T @ x
+        return x.mul_(d[:, None]).addmm_(left, low)
+
     def diagonal_of_congruence(self, G: torch.Tensor) -> torch.Tensor:
         """``diag(M G M^T)`` for a symmetric ``G`` without forming ``M``: a mapped channel's variance
         (``d_i^2 G_ii + 2 d_i (G R)_i . L_i + L_i . (R^T G R) L_i``)."""
