@@ -111,6 +111,38 @@ def test_channel_moments_give_the_statistics_of_any_linear_map_without_a_pass() 
         torch.testing.assert_close(got, want)
 
 
+def test_a_wide_module_on_few_samples_keeps_its_samples_for_its_moments(monkeypatch) -> None:
+    """A 64-wide layer seen on 24 samples, "wide" here: its moments carry the samples (no 64 x 64 Gram), and
+    give the same means, covariance and mapped statistics (dense maps and maps in factors) as a pass that
+    measures them directly; past half the width the samples go into the Gram matrix."""
+    import ccatoolkit.analysis.stats as stats_module
+    from ccatoolkit.analysis.linalg import DiagonalPlusLowRank
+
+    monkeypatch.setattr(stats_module, "LARGE_RUNNING_GRAM", 4 * 64 * 65 - 1)
+    torch.manual_seed(0)
+    model = MLP(depth=2, width=64, in_shape=(1, 8, 8)).eval()
+    data = [torch.randn(8, 1, 8, 8) for _ in range(3)]
+    sums = MomentSums(["fc1"])
+    for x in data:
+        with torch.no_grad():
+            sums.add("fc1", model.fc1(x.flatten(1)))
+    moments = sums.result()["fc1"]
+    assert moments.gram is None and moments.samples is not None and moments.samples.shape == (64, 24)
+    g = torch.Generator().manual_seed(1)
+    dense = torch.randn(64, 64, dtype=torch.float64, generator=g)
+    factors = DiagonalPlusLowRank(torch.rand(64, dtype=torch.float64, generator=g),
+                                  *(torch.randn(64, 3, dtype=torch.float64, generator=g) for _ in range(2)))
+    for matrix in (None, dense, factors):
+        measured = channel_stats(model, ["fc1"], data, transform={} if matrix is None else
+                                 {"fc1": matrix if isinstance(matrix, torch.Tensor) else matrix.dense()})["fc1"]
+        for got, want in zip(mapped_channel_stats(moments, matrix), measured):  # (float32 outputs)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    outputs = torch.cat([model.fc1(x.flatten(1)) for x in data]).detach().double()
+    torch.testing.assert_close(moments.cov(), torch.cov(outputs.T, correction=0))
+    sums.add("fc1", model.fc1(torch.randn(16, 64)).detach())  # 40 samples: past half the width
+    assert sums.result()["fc1"].gram is not None
+
+
 def test_channel_stats_of_a_scaled_permutation_equal_those_of_the_product() -> None:
     """A (scaled) permutation maps the sums instead of every sample: the same statistics as the dense product."""
     from ccatoolkit.merging.normalization import channel_stats

@@ -607,11 +607,20 @@ class SpaceSums:
         :meth:`add`. For cross-only statistics ``gram`` is its diagonal, each channel's sum of squares. What
         REPAIR's channel moments read (:class:`~ccatoolkit.merging.normalization.MomentSums`)."""
         self.flush()
-        assert self.s1 is not None and self.shift is not None and not self.sampling
+        if self.sampling:  # the Gram matrix asked for: made from the kept samples, and gone on with
+            self._to_gram(Scratch())
+        assert self.s1 is not None and self.shift is not None
         if self.reference is not None:
             assert self.squares is not None
             return self.count, self.shift.to(torch.float64), self.s1, self.squares
         return self.count, self.shift.to(torch.float64), self.s1, self._full_gram()
+
+    def shifted_samples(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(count, shift, sum, samples)`` of a sampling space (:attr:`sampling`): the kept samples minus the shift,
+        ``dim x count`` in the outputs' precision (a new matrix), and their float64 sum."""
+        assert self.sampling and self.shift is not None
+        samples = torch.cat(self.kept, 1)
+        return self.count, self.shift.to(torch.float64), samples.sum(1, dtype=torch.float64), samples
 
     def _full_gram(self) -> torch.Tensor:
         """The float64 Gram with its lower block triangle filled from the upper one, in place (flushes add only

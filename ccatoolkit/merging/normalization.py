@@ -343,9 +343,14 @@ class ChannelMoments:
     count: int
     shift: torch.Tensor
     sum: torch.Tensor
-    gram: torch.Tensor  # C x C, or its diagonal alone (C) where only the channels' own statistics are needed
+    gram: torch.Tensor | None  # C x C, or its diagonal alone (C) where only the channels' own statistics are needed
+    samples: torch.Tensor | None = None  # or (a wide module on few samples) the samples minus the shift, C x count
 
     def _full_gram(self, what: str) -> torch.Tensor:
+        if self.gram is None:
+            assert self.samples is not None
+            samples = self.samples.to(torch.float64)
+            return samples @ samples.T
         if self.gram.dim() != 2:
             raise ValueError(f"{what} needs the channels' covariances, but only their variances were recorded "
                              "(MomentSums(diagonal=True), the reference model of a merge, which no map moves)")
@@ -369,6 +374,16 @@ class ChannelMoments:
         ``diag(M C M^T) = diag(M G M^T) / n - (M m)^2``, with ``m`` the mean about the shift (small, so the
         difference loses nothing). A map in factors is never multiplied out."""
         m = self.sum / self.count
+        if self.samples is not None:  # products of the samples: no C x C matrix
+            samples = self.samples.to(torch.float64)
+            if matrix is None:
+                return self.shift + m, ((samples * samples).sum(1) / self.count - m * m).clamp_min(0.0).sqrt()
+            M = matrix.to(device=m.device, dtype=torch.float64) if isinstance(matrix, DiagonalPlusLowRank) else \
+                torch.as_tensor(matrix, device=m.device).to(torch.float64)
+            mapped_samples, mapped_m = M @ samples, M @ m
+            var = (mapped_samples * mapped_samples).sum(1) / self.count - mapped_m * mapped_m
+            return M @ self.shift + mapped_m, var.clamp_min(0.0).sqrt()
+        assert self.gram is not None
         if matrix is None:
             squares = self.gram if self.gram.dim() == 1 else torch.diagonal(self.gram)
             return self.shift + m, (squares / self.count - m * m).clamp_min(0.0).sqrt()
@@ -395,8 +410,9 @@ class MomentSums:
     Each module's sums are a one-model :class:`~ccatoolkit.analysis.stats.SpaceSums`, the accumulator of
     the activation statistics: outputs shifted by the first batch's channel means into one scratch matrix,
     the upper triangle of their Gram in the outputs' precision (at least float32), moved into float64 sums
-    every ``FLUSH_SAMPLES`` samples (straight into them for a module wider than ``LARGE_RUNNING_GRAM``).
-    ``diagonal``: only each channel's sum of squares, not the Gram (the reference model of a merge, whose
+    every ``FLUSH_SAMPLES`` samples (straight into them for a module wider than ``LARGE_RUNNING_GRAM``; such a
+    module seen on at most half as many samples as it has channels keeps the samples instead, and its
+    :class:`ChannelMoments` carry them). ``diagonal``: only each channel's sum of squares, not the Gram (the reference model of a merge, whose
     channels no map moves: its targets need their means and stds alone).
     """
 
@@ -409,8 +425,9 @@ class MomentSums:
     def add(self, name: str, out: torch.Tensor) -> int:
         """Add one output of module ``name`` (channels on dimension 1); returns its sample count."""
         t = out.detach()
-        if name not in self.sums:
-            self.sums[name] = SpaceSums(name, [name], 1, reference=0 if self.diagonal else None)
+        if name not in self.sums:  # a wide module seen on few samples keeps them (SpaceSums' keep_samples)
+            self.sums[name] = SpaceSums(name, [name], 1, reference=0 if self.diagonal else None,
+                                        keep_samples=not self.diagonal)
             self.sums[name].setup([int(t.shape[1])], [t], t.device)
         sums = self.sums[name]
         before = sums.count
@@ -424,13 +441,21 @@ class MomentSums:
     def result(self) -> dict[str, ChannelMoments]:
         """Per module, the moments so far: the running sums themselves (no copy), or under ``torch.distributed``
         their sums over every rank (about rank 0's shift)."""
-        parts = {n: list(self.sums[n].shifted_sums()) if n in self.sums else [] for n in self.modules}
+        if not distributed.active():  # a wide module still keeping its samples gives them (no C x C matrix)
+            kept = {n: s.shifted_samples() for n, s in self.sums.items() if s.sampling}
+        else:  # every rank's sums are added: a Gram matrix each
+            kept = {}
+        parts = {n: list(self.sums[n].shifted_sums()) if n in self.sums and n not in kept else [] for n in self.modules}
         if distributed.active():  # every rank's sums about rank 0's shift, then added
             common = {n: distributed.broadcast(p[1]) for n, p in parts.items() if p}
             acc = _sum_over_ranks({n: _shifted(p[2], p[3], p[0], p[1], common[n]) if p else [] for n, p in parts.items()})
             parts = {n: [a[-1], common[n], a[0], a[1]] if a else [] for n, a in acc.items()}
         result = {}
         for n, p in parts.items():
+            if n in kept:
+                count, shift, total, samples = kept[n]
+                result[n] = ChannelMoments(count, shift, total, None, samples)
+                continue
             if not p or p[0] == 0:
                 raise ValueError(f"module {n!r} produced no output on the data; is it used in forward()?")
             result[n] = ChannelMoments(*p)
