@@ -325,3 +325,19 @@ def test_polar_factor_uses_the_eigendecomposition_only_where_it_is_accurate() ->
         A = Q1 @ torch.diag(torch.linspace(1.0, low, 60, dtype=torch.float64)) @ Q2.T
         assert torch.equal(polar_factor(A), svd_polar(A))
         assert (polar_factor(A).T @ polar_factor(A) - eye).abs().max() < 1e-12
+
+
+def test_cca_from_samples_equals_cca_from_their_covariances() -> None:
+    """``CCAProblem.of_samples`` (thin SVDs of the centred samples, no n x n matrix) gives the maps that the
+    covariances give, dead channels included."""
+    from ccatoolkit.merging.align.cca import CCAProblem
+
+    A, B, covs = _sample_poor_problem(dead=5)
+    from_samples = CCAProblem.of_samples(torch.as_tensor(A.T), torch.as_tensor(B.T))
+    from_covs = CCAProblem(*covs, samples=60)
+    assert from_samples.rank == from_covs.rank == 59 and from_samples.a.partial
+    for ridge in (0.0, 0.1):
+        for got, want in zip(from_samples.transform(ridge), from_covs.transform(ridge)):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-8 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="half as many samples"):
+        CCAProblem.of_samples(torch.as_tensor(A[:, :100].T), torch.as_tensor(B[:, :100].T))

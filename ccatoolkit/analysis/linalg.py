@@ -114,6 +114,23 @@ class RidgePath:
             self.vals, self.vecs = torch.linalg.eigh(S)
         self.degenerate = not math.isfinite(self.scale) or self.scale <= 0  # an all-zero (dead) layer
 
+    @classmethod
+    def of_samples(cls, centred: torch.Tensor) -> RidgePath:
+        """The path of ``S = X X^T / (m - 1)`` for ``m`` centred samples ``X`` (``n x m``, at most half as many as
+        channels) from the thin SVD of ``X``, without the ``n x n`` matrix: its ``m`` eigenpairs that can be
+        nonzero (``partial``)."""
+        n, m = centred.shape
+        if not 0 < 2 * m <= n:
+            raise ValueError(f"of_samples needs at most half as many samples as channels, got {m} of {n}")
+        path = cls.__new__(cls)
+        X = centred.to(torch.float64)
+        U, sv, _ = torch.linalg.svd(X, full_matrices=False)
+        path.size, path.partial = n, True
+        path.scale = float((X * X).sum()) / max(m - 1, 1) / n
+        path.vals, path.vecs = (sv * sv / max(m - 1, 1)).flip(0), U.flip(1)
+        path.degenerate = not math.isfinite(path.scale) or path.scale <= 0
+        return path
+
     def rank(self, rtol: float = EIG_RTOL) -> int:
         """How many eigenvalues of ``S`` lie above ``rtol`` times the largest (what a pseudo-inverse keeps)."""
         top = float(self.vals.max()) if self.vals.numel() else 0.0

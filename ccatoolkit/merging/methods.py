@@ -233,8 +233,12 @@ def _cca_space(problem: AlignmentProblem, space: Space, st: JointStats) -> list[
             continue
         key = ("cca", space.name, ref, k)
         if key not in problem.cache:
-            # on the stats' device; a space seen on fewer samples than its width keeps its maps in factors
-            problem.cache[key] = CCAProblem(st.cov(ref, ref), st.cov(k, k), st.cov(ref, k), samples=st.count)
+            # on the stats' device; a space seen on fewer samples than its width keeps its maps in factors, and
+            # one whose statistics kept the samples never forms a covariance
+            if st.samples is not None and 2 * st.count <= st.sizes[ref]:
+                problem.cache[key] = CCAProblem.of_samples(st.samples[st.block(ref)], st.samples[st.block(k)])
+            else:
+                problem.cache[key] = CCAProblem(st.cov(ref, ref), st.cov(k, k), st.cov(ref, k), samples=st.count)
         pairs.append(problem.cache[key].transform(problem.ridge, compact=True))
     return pairs
 

@@ -50,8 +50,9 @@ _DEAD_RTOL = 1e-10  # a channel whose variance is below this fraction of the lar
 
 
 def constant_channels(S: torch.Tensor) -> torch.Tensor:
-    """Mask of channels with (numerically) zero variance: dead ReLUs on the data."""
-    var = torch.diagonal(S).clamp_min(0.0)
+    """Mask of channels with (numerically) zero variance: dead ReLUs on the data (``S``: a covariance, or
+    the variances alone)."""
+    var = (torch.diagonal(S) if S.dim() == 2 else S).clamp_min(0.0)
     top = float(var.max()) if var.numel() else 0.0
     return var <= _DEAD_RTOL * top if top > 0 else torch.ones_like(var, dtype=torch.bool)
 
@@ -110,27 +111,48 @@ class CCAProblem:
     def __init__(self, S_aa: Any, S_bb: Any, S_ab: Any, samples: int | None = None) -> None:
         S_ab = as_float64(S_ab)
         bound = samples if S_ab.dim() == 2 and S_ab.shape[0] == S_ab.shape[1] else None  # (one space: square)
-        self.a, self.b = RidgePath(S_aa, rank_bound=bound), RidgePath(S_bb, rank_bound=bound)
-        S_ab = S_ab.to(self.a.vecs.device)
-        n = self.a.size
-        if tuple(S_ab.shape) != (n, self.b.size):
+        a, b = RidgePath(S_aa, rank_bound=bound), RidgePath(S_bb, rank_bound=bound)
+        S_ab = S_ab.to(a.vecs.device)
+        if tuple(S_ab.shape) != (a.size, b.size):
             raise ValueError(
-                f"shape mismatch: S_aa {(n, n)}, S_bb {(self.b.size, self.b.size)}, S_ab {tuple(S_ab.shape)}"
+                f"shape mismatch: S_aa {(a.size, a.size)}, S_bb {(b.size, b.size)}, S_ab {tuple(S_ab.shape)}"
             )
+        self._setup(a, b, lambda left, right: left.T @ S_ab @ right, as_float64(S_aa, S_ab.device),
+                    as_float64(S_bb, S_ab.device))
+
+    @classmethod
+    def of_samples(cls, X_a: torch.Tensor, X_b: torch.Tensor) -> CCAProblem:
+        """The problem of two models' samples of one space (``n x m`` each, the same ``m`` inputs; at most half as
+        many as channels), without any ``n x n`` matrix: each covariance's eigenpairs from the thin SVD of its
+        centred samples (:meth:`RidgePath.of_samples`), the cross-covariance only as ``Q_a^T S_ab Q_b``."""
+        m = X_a.shape[1]
+        Xa = X_a.to(torch.float64)
+        Xb = X_b.to(device=Xa.device, dtype=torch.float64)
+        Xa, Xb = Xa - Xa.mean(1, keepdim=True), Xb - Xb.mean(1, keepdim=True)
+        problem = cls.__new__(cls)
+        problem._setup(RidgePath.of_samples(Xa), RidgePath.of_samples(Xb),
+                       lambda left, right: (left.T @ Xa) @ (Xb.T @ right) / max(m - 1, 1),
+                       (Xa * Xa).sum(1) / max(m - 1, 1), (Xb * Xb).sum(1) / max(m - 1, 1))
+        return problem
+
+    def _setup(self, a: RidgePath, b: RidgePath, cross: Any, S_aa: torch.Tensor, S_bb: torch.Tensor) -> None:
+        """From the two ridge paths, ``cross(L, R) = L^T S_ab R`` and the covariances (or variances) for the
+        constant channels."""
+        self.a, self.b = a, b
+        n = a.size
         #: the size of the block outside which M is zero: the larger rank (eigenvalues ascend, so the last ones)
-        self.rank = max(self.a.rank(), self.b.rank())
-        self.reduced = self.rank < n and S_ab.shape[0] == S_ab.shape[1]
+        self.rank = max(a.rank(), b.rank())
+        self.reduced = self.rank < n and n == b.size
         if self.reduced:  # the live eigenvectors: the last `rank` of each basis
-            self.qa, self.qb = self.a.vecs[:, -self.rank:], self.b.vecs[:, -self.rank:].to(S_ab.device)
+            self.qa, self.qb = a.vecs[:, -self.rank:], b.vecs[:, -self.rank:].to(a.vecs.device)
             #: the cross-covariance in the live eigenbases, ``Q_a^T S_ab Q_b``
-            self.M = self.qa.T @ S_ab @ self.qb
+            self.M = cross(self.qa, self.qb)
             self._null = _null_map(self.qa, self.qb)
         else:
             #: the cross-covariance in the eigenbases, ``V_a^T S_ab V_b``
-            self.M = self.a.vecs.T @ S_ab @ self.b.vecs.to(S_ab.device)
+            self.M = cross(a.vecs, b.vecs.to(a.vecs.device))
         # only the diagonals are read (RidgePath has checked the matrices)
-        self.dead_a = constant_channels(as_float64(S_aa, S_ab.device))
-        self.dead_b = constant_channels(as_float64(S_bb, S_ab.device))
+        self.dead_a, self.dead_b = constant_channels(S_aa), constant_channels(S_bb.to(S_aa.device))
 
     def transform(self, ridge: float, drop_constant: bool = True,
                   compact: bool = False) -> tuple[torch.Tensor, torch.Tensor] | tuple[DiagonalPlusLowRank, DiagonalPlusLowRank]:
