@@ -11,6 +11,7 @@ from ccatoolkit.merging.graph.trace import merge_graph
 from toybox import SmallRes, user_cnn
 
 from ccatoolkit.zoo.models import MLP, VGG11, ResNet20
+from ccatoolkit.analysis.linalg import as_dense
 from ccatoolkit.merging.align.permutation import permutation_matrix
 from ccatoolkit.merging.transform import (
     apply_permutations,
@@ -252,6 +253,54 @@ def test_large_tensors_take_the_low_memory_products_with_the_same_result(monkeyp
         for name, value in reference.items():
             torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6)
     assert calls["batched"] >= 2 and calls["in_place"] >= 1  # the Flatten's and conv2's inputs; a weight's rows
+
+
+@pytest.mark.parametrize("rows", ["permuted", "factors", "dense"])
+def test_a_large_weight_is_added_into_the_merged_model_a_block_of_rows_at_a_time(monkeypatch, rows: str) -> None:
+    """``add_transformed`` (what a merge's averaging calls) maps a large weight block by block where its rows
+    move by a permutation or a map in factors, and whole where a dense map moves them: the same tensors as
+    ``transformed_state``, copied in, then added."""
+    import ccatoolkit.merging.transform as transform_module
+    from ccatoolkit.analysis.linalg import DiagonalPlusLowRank
+    from ccatoolkit.merging.transform import add_transformed, transformed_state
+
+    torch.manual_seed(0)
+    model = user_cnn()
+    graph = merge_graph(model)
+    gen = torch.Generator().manual_seed(4)
+    transforms = {}
+    for space in graph.spaces:
+        n = space.size
+        if rows == "permuted":
+            out = permutation_matrix(torch.randperm(n, generator=gen)).to(torch.float64)
+            out = out * (0.5 + torch.rand(n, 1, dtype=torch.float64, generator=gen))
+        else:
+            d = 1.0 + torch.rand(n, dtype=torch.float64, generator=gen)
+            factors = [0.3 * torch.randn(n, 2, dtype=torch.float64, generator=gen) for _ in range(2)]
+            out = DiagonalPlusLowRank(d, *factors)
+            out = out if rows == "factors" else out.dense()
+        transforms[space.name] = (out, torch.linalg.inv(as_dense(out)))
+    reference = transformed_state(model, graph, transforms)
+    monkeypatch.setattr(transform_module, "_FLOAT64_ENTRIES", 0)  # every weight "large"
+    monkeypatch.setattr(transform_module, "_BLOCK_ENTRIES", 200)  # blocks of a few rows
+    blocked = []
+    by_rows = transform_module._add_by_rows
+    def spy(tensor, steps, target, first):  # a weight's (whether its rows move, whether it went by blocks)
+        went = by_rows(tensor, steps, target, first)
+        if tensor.dim() > 1:
+            blocked.append((any(ref.axis == 0 for ref, *_ in steps), went))
+        return went
+
+    monkeypatch.setattr(transform_module, "_add_by_rows", spy)
+    into = {name: torch.zeros_like(value) for name, value in reference.items()}
+    changed = add_transformed(model, graph, transforms, into, first=True)
+    add_transformed(model, graph, transforms, into, first=False)
+    assert changed == {n for n, v in reference.items() if not torch.equal(v, model.state_dict()[n])} | changed
+    for name in changed:
+        torch.testing.assert_close(into[name], 2 * reference[name], rtol=1e-5, atol=1e-5)
+    rows_moved_by_blocks = [went for moves_rows, went in blocked if moves_rows]
+    assert rows_moved_by_blocks and all(rows_moved_by_blocks) == (rows != "dense")
+    assert any(went for moves_rows, went in blocked if not moves_rows)  # the last layer: its columns alone
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

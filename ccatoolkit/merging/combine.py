@@ -32,7 +32,7 @@ from ccatoolkit.merging.normalization import (
 )
 from ccatoolkit.merging.prepare import Prepared, require_data
 from ccatoolkit.merging.ridge import Builder, RidgeChoice
-from ccatoolkit.merging.transform import transformed_tensors
+from ccatoolkit.merging.transform import add_transformed
 
 __all__ = ["Restoration", "restoration", "average_into", "merged_model", "repair_targets_for", "candidate_builder",
            "with_merge_info"]
@@ -103,10 +103,10 @@ def average_into(
 ) -> None:
     """Set ``merged``'s floating-point state to the mean of the models' states after their transforms.
 
-    Accumulates into ``merged``'s own tensors, one model and one tensor at a time
-    (:func:`~ccatoolkit.merging.transform.transformed_tensors`): memory holds ``merged`` and one
-    transformed tensor, never a transformed model. Integer buffers (BatchNorm's batch counter) stay as
-    ``merged`` has them.
+    Accumulates into ``merged``'s own tensors, one model and one tensor at a time, a large weight a block
+    of rows at a time (:func:`~ccatoolkit.merging.transform.add_transformed`): memory holds ``merged`` and at
+    most one transformed tensor, never a transformed model. Integer buffers (BatchNorm's batch counter)
+    stay as ``merged`` has them.
     """
     target = merged.state_dict()
 
@@ -119,11 +119,7 @@ def average_into(
 
     with torch.no_grad():
         for k, (model, t) in enumerate(zip(models, transforms)):
-            changed = set()
-            for key, value in transformed_tensors(model, graph, t) if t is not None else ():
-                accumulate(k == 0, key, value)
-                changed.add(key)
-                del value  # dropped before the next transformed tensor is made
+            changed = add_transformed(model, graph, t, target, first=k == 0) if t is not None else set()
             for key, value in model.state_dict().items():
                 if key not in changed:
                     accumulate(k == 0, key, value)

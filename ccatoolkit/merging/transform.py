@@ -39,6 +39,7 @@ from ccatoolkit.merging.align.permutation import (
 from ccatoolkit.merging.graph import MergeGraph, ParamRef, Space
 
 __all__ = [
+    "add_transformed",
     "apply_transforms",
     "transformed_state",
     "transformed_tensors",
@@ -86,7 +87,8 @@ def scaled_permutation_parts(matrix: Map) -> tuple[torch.Tensor, torch.Tensor] |
 _Parts = tuple[torch.Tensor, torch.Tensor] | None  # scaled_permutation_parts of a map (None: it mixes channels)
 
 
-def _left(tensor: torch.Tensor, ref: ParamRef, matrix: Map, sparse: _Parts, owned: bool = False) -> torch.Tensor:
+def _left(tensor: torch.Tensor, ref: ParamRef, matrix: Map, sparse: _Parts, owned: bool = False,
+          dtype: torch.dtype | None = None) -> torch.Tensor:
     """``matrix @ tensor`` along ``ref.axis``; channel-major blocks of ``ref.block`` entries move together.
 
     ``sparse`` is ``scaled_permutation_parts(matrix)``, found once per map by the caller (a map moves
@@ -102,6 +104,7 @@ def _left(tensor: torch.Tensor, ref: ParamRef, matrix: Map, sparse: _Parts, owne
     Memory: a large tensor's input side (a channel axis after the first, with entries behind each channel,
     such as VGG's 25088 = 512 x 7 x 7 classifier inputs) is mapped as a batch of products on a view of it,
     not on a channel-major copy: one new tensor instead of two (0.4 GB less for that classifier).
+    ``dtype``: the products' precision, when a block of a larger tensor is mapped (see :func:`add_transformed`).
     """
     if sparse is not None and ref.groups > 1:  # a grouped convolution's input: index within each group of rows
         index, scale = sparse
@@ -120,7 +123,7 @@ def _left(tensor: torch.Tensor, ref: ParamRef, matrix: Map, sparse: _Parts, owne
         return _scale_axis(out, ref, scale)
     n = matrix.shape[1]
     part = segment(tensor, ref, n)
-    dtype = torch.float64 if part.numel() <= _FLOAT64_ENTRIES else torch.promote_types(tensor.dtype, torch.float32)
+    dtype = dtype or _precision(part)
     outer = math.prod(part.shape[: ref.axis])
     inner = part.numel() // max(1, outer * n)
     if dtype != torch.float64 and ref.axis > 0 and inner > 1 and part.is_contiguous() \
@@ -135,6 +138,11 @@ def _left(tensor: torch.Tensor, ref: ParamRef, matrix: Map, sparse: _Parts, owne
     else:
         out = (matrix.to(dtype) @ flat.to(dtype)).to(tensor.dtype)
     return replace_segment(tensor, ref, out.reshape(shape).movedim(0, ref.axis))
+
+
+def _precision(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a dense map of ``tensor`` is computed in (see :func:`_left`)."""
+    return torch.float64 if tensor.numel() <= _FLOAT64_ENTRIES else torch.promote_types(tensor.dtype, torch.float32)
 
 
 def _scale_axis(out: torch.Tensor, ref: ParamRef, scale: torch.Tensor) -> torch.Tensor:
@@ -255,6 +263,14 @@ def transformed_tensors(
     holds one transformed tensor (and its predecessor while it is made), not a transformed model: a
     merge averages a torchvision VGG11 (0.5 GB) without a second copy of it.
     """
+    state, steps = _steps(model, graph, transforms)
+    for name in [n for n in state if n in steps]:
+        yield name, _transformed(model, state[name].detach(), steps[name], name)
+
+
+def _steps(model: nn.Module, graph: MergeGraph,
+           transforms: Mapping[str, tuple[Map, Map]]) -> tuple[dict[str, torch.Tensor], dict[str, list[_Step]]]:
+    """The model's state and, per state tensor the transforms change, the steps that change it (checked)."""
     device = model_device(model)
     state = model.state_dict()
     steps: dict[str, list[_Step]] = {}
@@ -276,24 +292,115 @@ def transformed_tensors(
     missing = [n for n in steps if n not in state]
     if missing:
         raise KeyError(f"merge graph refers to {missing[0]!r}, which is not in the model's state_dict")
+    return state, steps
+
+
+def _transformed(model: nn.Module, tensor: torch.Tensor, steps: list[_Step], name: str) -> torch.Tensor:
+    """``tensor`` (the state entry ``name``) with every step applied (see :func:`transformed_tensors`)."""
+    both = _permuted_both_axes(tensor, steps)
+    if both is not None:
+        return both
+    dtype = tensor.dtype
+    order = _grouped_input_last(name, [(ref, None if sparse is None else sparse[0]) for ref, _, sparse, _ in steps])
+    for step, (ref, matrix, sparse, is_output) in enumerate(steps[i] for i in order):
+        eps = _variance_eps(model, ref) if is_output else None
+        if eps is None:  # after the first step the tensor is this function's own
+            tensor = _left(tensor, ref, matrix, sparse, owned=step > 0)
+        else:  # a running variance: the diagonal of out C out^T, with BatchNorm's eps kept
+            squared = None if sparse is None else (sparse[0], sparse[1] * sparse[1])
+            dense = as_dense(matrix)
+            var = _left(tensor.to(torch.float64) + eps, ref, dense * dense, squared) - eps
+            tensor = var.clamp_min(0.0).to(dtype)
+    return tensor
+
+
+#: Entries of one block of rows when a large weight is mapped into a merged model block by block.
+_BLOCK_ENTRIES = 1 << 22
+
+
+def add_transformed(model: nn.Module, graph: MergeGraph, transforms: Mapping[str, tuple[Map, Map]],
+                    into: Mapping[str, torch.Tensor], first: bool) -> set[str]:
+    """Copy (``first``) or add each state tensor the transforms change into ``into[name]``; returns their names.
+
+    What a merge's averaging does with :func:`transformed_tensors`, without holding a transformed copy of a
+    large weight: one whose rows are moved by a (scaled) permutation or a map in factors, or not at all, is
+    mapped and added a block of rows at a time (:func:`_add_by_rows`). Others go whole, one at a time.
+    """
+    state, steps = _steps(model, graph, transforms)
+    changed = set()
     for name in [n for n in state if n in steps]:
-        tensor = state[name].detach()
-        both = _permuted_both_axes(tensor, steps[name])
-        if both is not None:
-            yield name, both
+        tensor, target = state[name].detach(), into[name]
+        changed.add(name)
+        if _add_by_rows(tensor, steps[name], target, first):
             continue
-        order = _grouped_input_last(name, [(ref, None if sparse is None else sparse[0])
-                                           for ref, _, sparse, _ in steps[name]])
-        for step, (ref, matrix, sparse, is_output) in enumerate(steps[name][i] for i in order):
-            eps = _variance_eps(model, ref) if is_output else None
-            if eps is None:  # after the first step the tensor is this function's own
-                tensor = _left(tensor, ref, matrix, sparse, owned=step > 0)
-            else:  # a running variance: the diagonal of out C out^T, with BatchNorm's eps kept
-                squared = None if sparse is None else (sparse[0], sparse[1] * sparse[1])
-                dense = as_dense(matrix)
-                var = _left(tensor.to(torch.float64) + eps, ref, dense * dense, squared) - eps
-                tensor = var.clamp_min(0.0).to(state[name].dtype)
-        yield name, tensor
+        value = _transformed(model, tensor, steps[name], name)
+        if first:
+            target.copy_(value)
+        else:
+            target.add_(value.to(target.dtype))
+        del value  # before the next tensor is made
+    return changed
+
+
+def _add_by_rows(tensor: torch.Tensor, steps: list[_Step], target: torch.Tensor, first: bool) -> bool:
+    """Map a large weight and copy or add it into ``target`` a block of rows at a time; False (nothing done)
+    where that does not apply: a small or 1-D tensor, grouped or segmented steps, rows moved in blocks or by a
+    dense map (whose every output row needs every input row mapped).
+
+    The columns' maps act on each block of rows alone. Rows moved by a (scaled) permutation are gathered per
+    block; a map in factors ``diag(d) + L R^T`` takes two passes over the blocks: ``R^T X`` summed over them,
+    then each block's ``d X + L (R^T X)``.
+    """
+    if tensor.numel() <= _FLOAT64_ENTRIES or tensor.dim() < 2 or not torch.is_floating_point(target):
+        return False
+    if any(ref.groups > 1 or ref.is_segment for ref, *_ in steps):
+        return False
+    rows = [s for s in steps if s[0].axis == 0]
+    cols = [s for s in steps if s[0].axis != 0]
+    if len(rows) > 1 or (rows and rows[0][0].block != 1):
+        return False
+    row = rows[0] if rows else None
+    if row is not None and row[2] is None and not isinstance(row[1], DiagonalPlusLowRank):
+        return False
+    dtype = _precision(tensor)
+    per = max(1, _BLOCK_ENTRIES // max(1, tensor[0].numel()))
+    blocks = [slice(r, min(r + per, tensor.shape[0])) for r in range(0, tensor.shape[0], per)]
+
+    def mapped(rows_of: slice) -> torch.Tensor:  # the block's rows (gathered when permuted), columns mapped
+        part = tensor[rows_of]
+        gathered = row is not None and row[2] is not None
+        if gathered:
+            part = tensor.index_select(0, row[2][0][rows_of].to(tensor.device))
+        for step, (ref, matrix, sparse, _) in enumerate(cols):
+            part = _left(part, ref, matrix, sparse, owned=gathered or step > 0, dtype=dtype)
+        if gathered and not bool((row[2][1] == 1).all()):
+            scale = row[2][1][rows_of].to(part)
+            part = part * scale.view(-1, *([1] * (part.dim() - 1)))
+        return part
+
+    def put(rows_of: slice, value: torch.Tensor) -> None:
+        if first:
+            target[rows_of].copy_(value)
+        else:
+            target[rows_of].add_(value.to(target.dtype))
+
+    if row is None or row[2] is not None:
+        for block in blocks:
+            put(block, mapped(block))
+        return True
+    factors = row[1].to(dtype=dtype)
+    low = None  # R^T X, summed over the blocks
+    for block in blocks:
+        part = mapped(block).to(dtype).reshape(block.stop - block.start, -1)
+        term = factors.right[block].T @ part
+        low = term if low is None else low.add_(term)
+    assert low is not None
+    for block in blocks:
+        part = mapped(block).to(dtype)
+        flat = part.reshape(block.stop - block.start, -1)
+        value = (factors.diagonal[block, None] * flat).addmm_(factors.left[block], low)
+        put(block, value.view(part.shape))
+    return True
 
 
 def permutation_transforms(perms: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
