@@ -167,7 +167,7 @@ def run_config(config: Config, device: torch.device, out: list[dict]) -> None:
     prepared = prepare(get_method("cca"), models, data)
     stats_s, stats_peak, stats = meter.measure(lambda: merge_statistics(prepared.models, prepared.graph, data,
                                                                         None, False))
-    sums_gb = sum(t.numel() * t.element_size() for s in stats.values() for t in s._tensors()) / 2**30
+    sums_gb = sum(s.nbytes() for s in stats.values()) / 2**30
     del stats, prepared
     precision = statistics_precision(models, data)
     row.update(statistics_s=stats_s, statistics_peak_gb=stats_peak, sums_gb=sums_gb, precision=precision)

@@ -339,6 +339,7 @@ def test_a_wide_space_on_few_samples_keeps_them_instead_of_their_gram(monkeypatc
             collector.update(x)
     sums = collector.spaces["relu1"]
     assert sums.sampling and sums.s2 is None and sums.nbytes() < 128 * 128 * 8 / 4
+    assert collector.result()["relu1"].nbytes() == 128 * 24 * 8 + 128 * 8  # the samples and their sum
     first = collect_statistics(models, batches[:2], ["relu1"], progress=False, warn=False)
     assert first["relu1"].samples is not None
     both = collect_statistics(models, batches[2:3], ["relu1"], progress=False, warn=False, start=first)["relu1"]

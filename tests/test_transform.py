@@ -220,6 +220,20 @@ def test_mixed_ops_graph() -> None:
     assert graph.space("r3").inputs == [ParamRef("fc.weight", 1, 64), ParamRef("fc3.weight", 1)]
 
 
+def _user_cnn_and_graph() -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    model = user_cnn()
+    return model, merge_graph(model)
+
+
+def _factored_map(n: int, gen: torch.Generator):
+    """A well-conditioned ``diag(d) + L R^T`` of rank 2, in factors."""
+    from ccatoolkit.analysis.linalg import DiagonalPlusLowRank
+
+    d = 1.0 + torch.rand(n, dtype=torch.float64, generator=gen)
+    return DiagonalPlusLowRank(d, *(0.3 * torch.randn(n, 2, dtype=torch.float64, generator=gen) for _ in range(2)))
+
+
 def test_large_tensors_take_the_low_memory_products_with_the_same_result(monkeypatch) -> None:
     """Above ``_FLOAT64_ENTRIES`` a Flatten's or a conv's input side is mapped as a batch of products on a view,
     and a map in factors works in place on the tensor an earlier step made: the same tensors as the products
@@ -228,16 +242,10 @@ def test_large_tensors_take_the_low_memory_products_with_the_same_result(monkeyp
     from ccatoolkit.analysis.linalg import DiagonalPlusLowRank
     from ccatoolkit.merging.transform import transformed_state
 
-    torch.manual_seed(0)
-    model = user_cnn()
-    graph = merge_graph(model)
-    gen = torch.Generator().manual_seed(3)
+    model, graph, gen = *_user_cnn_and_graph(), torch.Generator().manual_seed(3)
     factored = {}
     for space in graph.spaces:
-        n = space.size
-        d = 1.0 + torch.rand(n, dtype=torch.float64, generator=gen)
-        left, right = (0.3 * torch.randn(n, 2, dtype=torch.float64, generator=gen) for _ in range(2))
-        out = DiagonalPlusLowRank(d, left, right)
+        out = _factored_map(space.size, gen)
         factored[space.name] = (out, torch.linalg.inv(out.dense()))
     dense = {name: (out.dense(), inp) for name, (out, inp) in factored.items()}
     reference = transformed_state(model, graph, dense)  # every tensor below 4M entries: float64 products
@@ -261,13 +269,9 @@ def test_a_large_weight_is_added_into_the_merged_model_a_block_of_rows_at_a_time
     move by a permutation or a map in factors, and whole where a dense map moves them: the same tensors as
     ``transformed_state``, copied in, then added."""
     import ccatoolkit.merging.transform as transform_module
-    from ccatoolkit.analysis.linalg import DiagonalPlusLowRank
     from ccatoolkit.merging.transform import add_transformed, transformed_state
 
-    torch.manual_seed(0)
-    model = user_cnn()
-    graph = merge_graph(model)
-    gen = torch.Generator().manual_seed(4)
+    model, graph, gen = *_user_cnn_and_graph(), torch.Generator().manual_seed(4)
     transforms = {}
     for space in graph.spaces:
         n = space.size
@@ -275,9 +279,7 @@ def test_a_large_weight_is_added_into_the_merged_model_a_block_of_rows_at_a_time
             out = permutation_matrix(torch.randperm(n, generator=gen)).to(torch.float64)
             out = out * (0.5 + torch.rand(n, 1, dtype=torch.float64, generator=gen))
         else:
-            d = 1.0 + torch.rand(n, dtype=torch.float64, generator=gen)
-            factors = [0.3 * torch.randn(n, 2, dtype=torch.float64, generator=gen) for _ in range(2)]
-            out = DiagonalPlusLowRank(d, *factors)
+            out = _factored_map(n, gen)
             out = out if rows == "factors" else out.dense()
         transforms[space.name] = (out, torch.linalg.inv(as_dense(out)))
     reference = transformed_state(model, graph, transforms)

@@ -276,6 +276,11 @@ class JointStats:
         )
         return True
 
+    def nbytes(self) -> int:
+        """Bytes these statistics hold: their sums, or the kept samples."""
+        held = [self.sum, self.gram, self.samples, self.square_sum, *self.cross.values()]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
     # ---- combining ------------------------------------------------------------------------
     def _tensors(self) -> list[torch.Tensor]:
         """The sums, in a fixed order (what adding, moving and all-reducing act on); kept samples become their
