@@ -416,8 +416,7 @@ class SpaceSums:
         """The batch as a ``(channels [+ 1], samples)`` matrix in ``scratch``: each model's channels minus the
         fixed shift, then (``ones_row``) a row of ones whose products give the sums. Returns it and the samples."""
         assert self.sizes is not None and self.shift is not None
-        n = outs[0].shape[0]
-        samples = n * (outs[0][:1].numel() // max(1, outs[0].shape[1]))  # spatial positions are samples
+        samples = _sample_count(outs[0])
         d = self.dim
         z = scratch.get(d + int(ones_row), samples, self.dtype, self.shift.device)
         off = self.offsets
@@ -520,8 +519,7 @@ class SpaceSums:
             self._add_cross(outs, scratch)
             return
         if self.sampling:
-            batch = outs[0].shape[0] * (outs[0][:1].numel() // max(1, outs[0].shape[1]))
-            if self.count + batch <= d // 2:
+            if self.count + _sample_count(outs[0]) <= d // 2:
                 self._keep(outs, scratch)
                 return
             self._to_gram(scratch)
@@ -690,6 +688,11 @@ class SpaceSums:
         """Bytes held by the sums (independent of the amount of data; the batch matrix is shared)."""
         tensors = [self.s1, self.s2, self.shift, self.bad, self.g, self.squares, *self.cross.values(), *self.kept]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _sample_count(out: torch.Tensor) -> int:
+    """How many samples an ``(N, C, *spatial)`` output holds: every spatial position is one."""
+    return out.shape[0] * (out[:1].numel() // max(1, out.shape[1]))
 
 
 def _channels_mean(t: torch.Tensor) -> torch.Tensor:

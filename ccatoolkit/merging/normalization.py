@@ -374,29 +374,28 @@ class ChannelMoments:
         ``diag(M C M^T) = diag(M G M^T) / n - (M m)^2``, with ``m`` the mean about the shift (small, so the
         difference loses nothing). A map in factors is never multiplied out."""
         m = self.sum / self.count
-        if self.samples is not None:  # products of the samples: no C x C matrix
-            samples = self.samples.to(torch.float64)
-            if matrix is None:
-                return self.shift + m, ((samples * samples).sum(1) / self.count - m * m).clamp_min(0.0).sqrt()
-            M = matrix.to(device=m.device, dtype=torch.float64) if isinstance(matrix, DiagonalPlusLowRank) else \
-                torch.as_tensor(matrix, device=m.device).to(torch.float64)
-            mapped_samples, mapped_m = M @ samples, M @ m
-            var = (mapped_samples * mapped_samples).sum(1) / self.count - mapped_m * mapped_m
-            return M @ self.shift + mapped_m, var.clamp_min(0.0).sqrt()
-        assert self.gram is not None
         if matrix is None:
-            squares = self.gram if self.gram.dim() == 1 else torch.diagonal(self.gram)
-            return self.shift + m, (squares / self.count - m * m).clamp_min(0.0).sqrt()
-        gram = self._full_gram("a mapped channel's std")
-        if isinstance(matrix, DiagonalPlusLowRank):
-            M = matrix.to(device=m.device, dtype=torch.float64)
-            squares = M.diagonal_of_congruence(gram)
-        else:
-            M = torch.as_tensor(matrix, device=m.device).to(torch.float64)
-            squares = ((M @ gram) * M).sum(1)
+            return self.shift + m, (self._squares(None) / self.count - m * m).clamp_min(0.0).sqrt()
+        M = matrix.to(device=m.device, dtype=torch.float64) if isinstance(matrix, DiagonalPlusLowRank) else \
+            torch.as_tensor(matrix, device=m.device).to(torch.float64)
         mapped_m = M @ m
-        var = squares / self.count - mapped_m * mapped_m
+        var = self._squares(M) / self.count - mapped_m * mapped_m
         return M @ self.shift + mapped_m, var.clamp_min(0.0).sqrt()
+
+    def _squares(self, M: torch.Tensor | DiagonalPlusLowRank | None) -> torch.Tensor:
+        """``diag(M G M^T)``, each mapped channel's sum of squares about the shift (``diag(G)`` for None): from
+        the kept samples' products, or the Gram matrix (a map in factors never multiplied out)."""
+        if self.samples is not None:  # no C x C matrix
+            samples = self.samples.to(torch.float64)
+            mapped = samples if M is None else M @ samples
+            return (mapped * mapped).sum(1)
+        assert self.gram is not None
+        if M is None:
+            return self.gram if self.gram.dim() == 1 else torch.diagonal(self.gram)
+        gram = self._full_gram("a mapped channel's std")
+        if isinstance(M, DiagonalPlusLowRank):
+            return M.diagonal_of_congruence(gram)
+        return ((M @ gram) * M).sum(1)
 
 
 class MomentSums:
