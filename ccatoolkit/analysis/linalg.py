@@ -105,14 +105,14 @@ class RidgePath:
     def __init__(self, S: Any, rank_bound: int | None = None) -> None:
         S = symmetrize(S)
         n = S.shape[0]
-        self.size = n
-        self.scale = float(torch.trace(S)) / max(n, 1)
-        self.partial = rank_bound is not None and 0 < 2 * int(rank_bound) <= n
-        if self.partial:
-            self.vals, self.vecs = _range_eigenpairs(S, int(rank_bound))
-        else:
-            self.vals, self.vecs = torch.linalg.eigh(S)
-        self.degenerate = not math.isfinite(self.scale) or self.scale <= 0  # an all-zero (dead) layer
+        partial = rank_bound is not None and 0 < 2 * int(rank_bound) <= n
+        vals, vecs = _range_eigenpairs(S, int(rank_bound)) if partial else torch.linalg.eigh(S)  # type: ignore[arg-type]
+        self._set(float(torch.trace(S)) / max(n, 1), vals, vecs, partial)
+
+    def _set(self, scale: float, vals: torch.Tensor, vecs: torch.Tensor, partial: bool) -> None:
+        """The path's state: ``trace(S)/n``, the computed eigenpairs (ascending) and whether they are all of them."""
+        self.size, self.scale, self.vals, self.vecs, self.partial = vecs.shape[0], scale, vals, vecs, partial
+        self.degenerate = not math.isfinite(scale) or scale <= 0  # an all-zero (dead) layer
 
     @classmethod
     def of_samples(cls, centred: torch.Tensor) -> RidgePath:
@@ -122,13 +122,10 @@ class RidgePath:
         n, m = centred.shape
         if not 0 < 2 * m <= n:
             raise ValueError(f"of_samples needs at most half as many samples as channels, got {m} of {n}")
-        path = cls.__new__(cls)
         X = centred.to(torch.float64)
         U, sv, _ = torch.linalg.svd(X, full_matrices=False)
-        path.size, path.partial = n, True
-        path.scale = float((X * X).sum()) / max(m - 1, 1) / n
-        path.vals, path.vecs = (sv * sv / max(m - 1, 1)).flip(0), U.flip(1)
-        path.degenerate = not math.isfinite(path.scale) or path.scale <= 0
+        path = cls.__new__(cls)
+        path._set(float((X * X).sum()) / max(m - 1, 1) / n, (sv * sv / max(m - 1, 1)).flip(0), U.flip(1), True)
         return path
 
     def rank(self, rtol: float = EIG_RTOL) -> int:
@@ -236,11 +233,10 @@ class DiagonalPlusLowRank:
         return torch.diag(self.diagonal).addmm_(self.left, self.right.T)
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
-        """``self @ x`` for a vector or a matrix ``x`` of ``n`` rows, in ``x``'s dtype."""
-        d, left, right = (t.to(x.dtype) for t in (self.diagonal, self.left, self.right))
+        """``self @ x`` for a vector or a matrix ``x`` of ``n`` rows, in ``x``'s dtype (a new tensor)."""
         if x.dim() == 1:
-            return d * x + left @ (right.T @ x)
-        return (d[:, None] * x).addmm_(left, right.T @ x)
+            return self.multiply_in_place(x[:, None].clone())[:, 0]
+        return self.multiply_in_place(x.clone())
 
     def multiply_in_place(self, x: torch.Tensor) -> torch.Tensor:
         """``self @ x`` written into the matrix ``x`` (returned), with one ``k x m`` temporary: a large product

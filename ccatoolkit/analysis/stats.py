@@ -460,8 +460,8 @@ class SpaceSums:
         self.chunks = [(r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:]) if r1 > r0]
 
     def _go_on(self, start: JointStats, device: torch.device) -> None:
-        """Take over ``start``'s sums, about the shift: ``S' = S - n k`` and ``G' = G - k u^T - u k^T`` with
-        ``u = S - (n / 2) k`` (what :meth:`result` undoes), in place on its Gram matrix."""
+        """Take over ``start``'s sums, re-expressed about the shift in place on its Gram matrix (what
+        :meth:`result` undoes)."""
         assert self.sizes is not None and self.shift is not None
         if list(start.sizes) != list(self.sizes):
             raise ValueError(f"space {self.name!r}: cannot go on from statistics with channel sizes {start.sizes} "
@@ -476,12 +476,9 @@ class SpaceSums:
         if start.gram is None:
             raise ValueError("only full statistics (no reference) can go on from earlier ones")
         self.sampling = False  # the Gram matrix is there already
-        k = self.shift.to(device=device, dtype=torch.float64)
-        n = float(start.count)
-        total = start.sum.to(device=device, dtype=torch.float64)
-        u = total - (n / 2) * k
-        self.s2 = start.gram.to(device=device, dtype=torch.float64).addr_(k, u, alpha=-1.0).addr_(u, k, alpha=-1.0)
-        self.s1 = total - n * k
+        self.s1, self.s2 = reshift_sums(start.count, start.sum.to(device=device, dtype=torch.float64),
+                                        start.gram.to(device=device, dtype=torch.float64),
+                                        -self.shift.to(device=device, dtype=torch.float64), in_place=True)
         start.gram = None  # handed over (the caller's statistics are consumed)
 
     def _wide(self) -> bool:
@@ -645,15 +642,11 @@ class SpaceSums:
             return self._samples_result(release)
         assert self.s1 is not None and self.s2 is not None and self.shift is not None and self.sizes is not None
         self._full_gram()
-        # undo the shift k: sum x = s1 + n k;  sum x x^T = s2 + k s1^T + s1 k^T + n k k^T
-        k = self.shift.to(torch.float64)
-        n = float(self.count)
-        u = self.s1 + (n / 2) * k
+        # undo the shift k: sums about k become sums about 0
+        total, gram = reshift_sums(self.count, self.s1, self.s2, self.shift.to(torch.float64), in_place=release)
         if release:
-            gram, self.s2 = self.s2.addr_(k, u).addr_(u, k), None
-        else:
-            gram = torch.addr(self.s2, k, u).addr_(u, k)
-        return JointStats(self.count, self.s1 + n * k, gram, list(self.sizes), list(self.layers))
+            self.s2 = None
+        return JointStats(self.count, total, gram, list(self.sizes), list(self.layers))
 
     def _samples_result(self, release: bool) -> JointStats:
         """The kept samples themselves, shift undone, as float64 (see the class doc)."""
@@ -688,6 +681,19 @@ class SpaceSums:
         """Bytes held by the sums (independent of the amount of data; the batch matrix is shared)."""
         tensors = [self.s1, self.s2, self.shift, self.bad, self.g, self.squares, *self.cross.values(), *self.kept]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def reshift_sums(count: int, total: torch.Tensor, gram: torch.Tensor, delta: torch.Tensor,
+                 in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of ``y - a`` re-expressed as sums of ``y - b``, with ``delta = a - b`` (float64): ``S' = S + n delta``
+    and ``G' = G + delta u^T + u delta^T`` with ``u = S + (n / 2) delta``; ``gram`` may be its diagonal alone
+    (``G' = G + 2 delta u``). ``in_place``: ``gram`` is changed, no second matrix of its size is made."""
+    u = total + (count / 2) * delta
+    if gram.dim() == 1:
+        gram = gram.add_(2 * delta * u) if in_place else gram + 2 * delta * u
+    else:
+        gram = gram.addr_(delta, u).addr_(u, delta) if in_place else torch.addr(gram, delta, u).addr_(u, delta)
+    return total + count * delta, gram
 
 
 def _sample_count(out: torch.Tensor) -> int:

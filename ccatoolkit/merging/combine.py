@@ -32,7 +32,7 @@ from ccatoolkit.merging.normalization import (
 )
 from ccatoolkit.merging.prepare import Prepared, require_data
 from ccatoolkit.merging.ridge import Builder, RidgeChoice
-from ccatoolkit.merging.transform import add_transformed
+from ccatoolkit.merging.transform import add_into, add_transformed
 
 __all__ = ["Restoration", "restoration", "average_into", "merged_model", "repair_targets_for", "candidate_builder",
            "with_merge_info"]
@@ -109,20 +109,12 @@ def average_into(
     stay as ``merged`` has them.
     """
     target = merged.state_dict()
-
-    def accumulate(first: bool, key: str, value: torch.Tensor) -> None:
-        if torch.is_floating_point(value):
-            if first:
-                target[key].copy_(value)
-            else:
-                target[key].add_(value.to(target[key].dtype))
-
     with torch.no_grad():
         for k, (model, t) in enumerate(zip(models, transforms)):
             changed = add_transformed(model, graph, t, target, first=k == 0) if t is not None else set()
             for key, value in model.state_dict().items():
-                if key not in changed:
-                    accumulate(k == 0, key, value)
+                if key not in changed and torch.is_floating_point(value):
+                    add_into(target[key], value, first=k == 0)
         for value in target.values():
             if torch.is_floating_point(value):
                 value.div_(len(models))

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ccatoolkit import distributed
-from ccatoolkit.analysis.stats import Scratch, SpaceSums
+from ccatoolkit.analysis.stats import Scratch, SpaceSums, reshift_sums
 from ccatoolkit.analysis.linalg import DiagonalPlusLowRank, as_dense
 from ccatoolkit._utils import BATCHNORM_TYPES as _BN
 from ccatoolkit._utils import LINEAR_LAYER_TYPES as _LINEAR
@@ -447,7 +447,8 @@ class MomentSums:
         parts = {n: list(self.sums[n].shifted_sums()) if n in self.sums and n not in kept else [] for n in self.modules}
         if distributed.active():  # every rank's sums about rank 0's shift, then added
             common = {n: distributed.broadcast(p[1]) for n, p in parts.items() if p}
-            acc = _sum_over_ranks({n: _shifted(p[2], p[3], p[0], p[1], common[n]) if p else [] for n, p in parts.items()})
+            acc = _sum_over_ranks({n: [*reshift_sums(p[0], p[2], p[3], (p[1] - common[n]).to(torch.float64)), p[0]]
+                                   if p else [] for n, p in parts.items()})
             parts = {n: [a[-1], common[n], a[0], a[1]] if a else [] for n, a in acc.items()}
         result = {}
         for n, p in parts.items():
@@ -486,16 +487,6 @@ def _moment_sums(model: nn.Module, modules: Sequence[str], data: Iterable[Any], 
     _accumulate(model, modules, data, {n: (lambda out, n=n: (sums.add(n, out),)) for n in modules}, max_batches,
                 progress, reduce_ranks=False)
     return sums
-
-
-def _shifted(s: torch.Tensor, gram: torch.Tensor, count: int, shift: torch.Tensor,
-             new_shift: torch.Tensor) -> list[Any]:
-    """Sums of ``y - shift`` re-expressed as sums of ``y - new_shift`` (every rank then sums about rank 0's
-    shift): with ``d = shift - new_shift``, ``S' = S + n d`` and ``G' = G + d S^T + S d^T + n d d^T``."""
-    d = (shift - new_shift).to(torch.float64)
-    if gram.dim() == 1:  # the diagonal alone: sums of squares
-        return [s + count * d, gram + 2 * d * s + count * d * d, count]
-    return [s + count * d, gram + torch.outer(d, s) + torch.outer(s, d) + count * torch.outer(d, d), count]
 
 
 def mapped_channel_stats(

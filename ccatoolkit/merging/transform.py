@@ -39,6 +39,7 @@ from ccatoolkit.merging.align.permutation import (
 from ccatoolkit.merging.graph import MergeGraph, ParamRef, Space
 
 __all__ = [
+    "add_into",
     "add_transformed",
     "apply_transforms",
     "transformed_state",
@@ -333,13 +334,16 @@ def add_transformed(model: nn.Module, graph: MergeGraph, transforms: Mapping[str
         changed.add(name)
         if _add_by_rows(tensor, steps[name], target, first):
             continue
-        value = _transformed(model, tensor, steps[name], name)
-        if first:
-            target.copy_(value)
-        else:
-            target.add_(value.to(target.dtype))
-        del value  # before the next tensor is made
+        add_into(target, _transformed(model, tensor, steps[name], name), first)  # freed before the next is made
     return changed
+
+
+def add_into(target: torch.Tensor, value: torch.Tensor, first: bool) -> None:
+    """Copy (``first``) or add ``value`` into ``target``, in ``target``'s dtype: one model's share of an average."""
+    if first:
+        target.copy_(value)
+    else:
+        target.add_(value.to(target.dtype))
 
 
 def _add_by_rows(tensor: torch.Tensor, steps: list[_Step], target: torch.Tensor, first: bool) -> bool:
@@ -366,11 +370,10 @@ def _add_by_rows(tensor: torch.Tensor, steps: list[_Step], target: torch.Tensor,
     per = max(1, _BLOCK_ENTRIES // max(1, tensor[0].numel()))
     blocks = [slice(r, min(r + per, tensor.shape[0])) for r in range(0, tensor.shape[0], per)]
 
+    gathered = row is not None and row[2] is not None  # rows moved by a (scaled) permutation
+
     def mapped(rows_of: slice) -> torch.Tensor:  # the block's rows (gathered when permuted), columns mapped
-        part = tensor[rows_of]
-        gathered = row is not None and row[2] is not None
-        if gathered:
-            part = tensor.index_select(0, row[2][0][rows_of].to(tensor.device))
+        part = tensor.index_select(0, row[2][0][rows_of].to(tensor.device)) if gathered else tensor[rows_of]
         for step, (ref, matrix, sparse, _) in enumerate(cols):
             part = _left(part, ref, matrix, sparse, owned=gathered or step > 0, dtype=dtype)
         if gathered and not bool((row[2][1] == 1).all()):
@@ -378,15 +381,9 @@ def _add_by_rows(tensor: torch.Tensor, steps: list[_Step], target: torch.Tensor,
             part = part * scale.view(-1, *([1] * (part.dim() - 1)))
         return part
 
-    def put(rows_of: slice, value: torch.Tensor) -> None:
-        if first:
-            target[rows_of].copy_(value)
-        else:
-            target[rows_of].add_(value.to(target.dtype))
-
-    if row is None or row[2] is not None:
+    if row is None or gathered:  # no two passes: each block of rows is its own
         for block in blocks:
-            put(block, mapped(block))
+            add_into(target[block], mapped(block), first)
         return True
     factors = row[1].to(dtype=dtype)
     low = None  # R^T X, summed over the blocks
@@ -399,7 +396,7 @@ def _add_by_rows(tensor: torch.Tensor, steps: list[_Step], target: torch.Tensor,
         part = mapped(block).to(dtype)
         flat = part.reshape(block.stop - block.start, -1)
         value = (factors.diagonal[block, None] * flat).addmm_(factors.left[block], low)
-        put(block, value.view(part.shape))
+        add_into(target[block], value.view(part.shape), first)
     return True
 
 
