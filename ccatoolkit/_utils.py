@@ -7,6 +7,9 @@ may import it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import itertools
 import operator
 import time
@@ -26,6 +29,7 @@ __all__ = [
     "resolve_device",
     "model_device",
     "model_dtype",
+    "release_free_memory",
     "to_model",
     "check_data",
     "check_passes",
@@ -98,6 +102,30 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
         if tensor.is_floating_point():
             return tensor.dtype
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library is another."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory(device: torch.device) -> None:
+    """Give the memory of freed CPU tensors back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    The C allocator keeps freed blocks below its mmap threshold (which grows to 32 MB as large blocks are freed)
+    for reuse, so after a phase that made and freed many such tensors (a ridge candidate's merge: maps, blocks
+    of a classifier, a merged model) the process stays that much larger. A merge calls this before it builds a
+    merged model: vgg11_bn's peak drops by 0.2-0.5 GB (docs/results.md, "Wide models on a CPU"). Nothing is
+    done for an accelerator's memory, whose caching allocator is torch's own.
+    """
+    trim = _malloc_trim() if device.type == "cpu" else None
+    if trim is not None:
+        trim(0)
 
 
 def to_model(x: torch.Tensor, model: nn.Module, non_blocking: bool = False) -> torch.Tensor:

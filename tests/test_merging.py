@@ -451,3 +451,29 @@ def test_a_merge_that_keeps_a_wide_space_as_samples_equals_the_one_from_its_gram
     with torch.no_grad():
         a, b = from_samples(x), from_gram(x)
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-8 * float(b.abs().max()))
+
+
+def test_freed_cpu_memory_is_handed_back_before_each_merged_model_is_built(monkeypatch) -> None:
+    """Before a merged model's copy is made (each ridge candidate's and the final one) the memory that the
+    previous phase freed is returned to the system on a CPU (glibc's malloc_trim), never for another device."""
+    import ccatoolkit._utils as utils
+    import ccatoolkit.merging.combine as combine
+
+    trims: list[int] = []
+    monkeypatch.setattr(utils, "_malloc_trim", lambda: lambda pad: trims.append(pad))
+    utils.release_free_memory(torch.device("meta"))
+    assert trims == []
+    utils.release_free_memory(torch.device("cpu"))
+    assert trims == [0]
+
+    events: list[str] = []
+    monkeypatch.setattr(combine, "release_free_memory", lambda device: events.append(f"release {device.type}"))
+    deepcopy = combine.copy.deepcopy
+    monkeypatch.setattr(combine.copy, "deepcopy", lambda obj, *a: events.append("copy") or deepcopy(obj, *a))
+    torch.manual_seed(0)
+    model, other = MLP(depth=2, width=12, in_shape=(6,)).eval(), MLP(depth=2, width=12, in_shape=(6,)).eval()
+    data = [torch.randn(32, 6, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    merge([model, other], "cca", data, progress=False, ridge_grid=(1e-2, 1.0))
+    built = [i for i, e in enumerate(events) if e == "release cpu"]
+    assert len(built) == 3  # two candidates and the final merge
+    assert all(events[i + 1] == "copy" for i in built)  # each right before its model is copied

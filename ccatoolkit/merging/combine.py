@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccatoolkit._utils import BATCHNORM_TYPES, has_batchnorm
+from ccatoolkit._utils import BATCHNORM_TYPES, has_batchnorm, model_device, release_free_memory
 from ccatoolkit.merging.graph import MergeGraph
 from ccatoolkit.merging.methods import Transforms
 from ccatoolkit.merging.normalization import (
@@ -132,7 +132,9 @@ def merged_model(
     BatchNorm statistics come from that many batches and get no correction pass (docs/design.md, "Measured").
     The merged model is corrected in place: a large model is never held twice.
     """
-    merged = copy.deepcopy(prepared.models[prepared.reference])
+    reference = prepared.models[prepared.reference]
+    release_free_memory(model_device(reference))  # what the previous phase freed, before a model's worth is made
+    merged = copy.deepcopy(reference)
     average_into(merged, prepared.sources, prepared.transform_graph, transforms)
     data, max_batches = prepared.data, prepared.max_batches
     if plan.reset_bn and plan.has_batchnorm:

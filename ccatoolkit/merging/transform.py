@@ -352,8 +352,8 @@ def _add_by_rows(tensor: torch.Tensor, steps: list[_Step], target: torch.Tensor,
     dense map (whose every output row needs every input row mapped).
 
     The columns' maps act on each block of rows alone. Rows moved by a (scaled) permutation are gathered per
-    block; a map in factors ``diag(d) + L R^T`` takes two passes over the blocks: ``R^T X`` summed over them,
-    then each block's ``d X + L (R^T X)``.
+    block; a map in factors ``diag(d) + L R^T`` takes two passes over the source's blocks: ``R^T X`` summed over
+    them, then each block's ``d X + L (R^T X)``, whose columns are then mapped.
     """
     if tensor.numel() <= _FLOAT64_ENTRIES or tensor.dim() < 2 or not torch.is_floating_point(target):
         return False
@@ -372,31 +372,34 @@ def _add_by_rows(tensor: torch.Tensor, steps: list[_Step], target: torch.Tensor,
 
     gathered = row is not None and row[2] is not None  # rows moved by a (scaled) permutation
 
-    def mapped(rows_of: slice) -> torch.Tensor:  # the block's rows (gathered when permuted), columns mapped
-        part = tensor.index_select(0, row[2][0][rows_of].to(tensor.device)) if gathered else tensor[rows_of]
+    def mapped(part: torch.Tensor, owned: bool) -> torch.Tensor:  # a block of rows with its columns mapped
         for step, (ref, matrix, sparse, _) in enumerate(cols):
-            part = _left(part, ref, matrix, sparse, owned=gathered or step > 0, dtype=dtype)
-        if gathered and not bool((row[2][1] == 1).all()):
-            scale = row[2][1][rows_of].to(part)
-            part = part * scale.view(-1, *([1] * (part.dim() - 1)))
+            part = _left(part, ref, matrix, sparse, owned=owned or step > 0, dtype=dtype)
         return part
 
-    if row is None or gathered:  # no two passes: each block of rows is its own
+    if row is None or gathered:  # each block of rows is its own
         for block in blocks:
-            add_into(target[block], mapped(block), first)
+            if gathered:
+                part = mapped(tensor.index_select(0, row[2][0][block].to(tensor.device)), owned=True)
+                if not bool((row[2][1] == 1).all()):
+                    part = part * row[2][1][block].to(part).view(-1, *([1] * (part.dim() - 1)))
+            else:
+                part = mapped(tensor[block], owned=False)
+            add_into(target[block], part, first)
         return True
+    # rows and columns map independently (M X C^T = (M X) C^T): the rows first, on the source's own blocks, so
+    # the columns are mapped once per block
     factors = row[1].to(dtype=dtype)
     low = None  # R^T X, summed over the blocks
     for block in blocks:
-        part = mapped(block).to(dtype).reshape(block.stop - block.start, -1)
-        term = factors.right[block].T @ part
-        low = term if low is None else low.add_(term)
+        source, right = tensor[block].to(dtype).reshape(block.stop - block.start, -1), factors.right[block].T
+        low = right @ source if low is None else low.addmm_(right, source)
     assert low is not None
     for block in blocks:
-        part = mapped(block).to(dtype)
-        flat = part.reshape(block.stop - block.start, -1)
-        value = (factors.diagonal[block, None] * flat).addmm_(factors.left[block], low)
-        add_into(target[block], value.view(part.shape), first)
+        source = tensor[block]
+        rows_mapped = (factors.diagonal[block, None] * source.to(dtype).reshape(block.stop - block.start, -1))
+        rows_mapped = rows_mapped.addmm_(factors.left[block], low).view(source.shape)
+        add_into(target[block], mapped(rows_mapped, owned=True), first)
     return True
 
 

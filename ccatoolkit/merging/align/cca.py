@@ -180,11 +180,6 @@ class CCAProblem:
         p, w = self._null  # N = I - Q_a Q_a^T + p w^T (see _null_map)
         r, n = self.rank, self.a.size
         keep = compact and 2 * (r + p.shape[1]) < n  # the factors' width: r + the turned angles
-
-        def finish(matrix: DiagonalPlusLowRank, dead_rows: torch.Tensor, dead_cols: torch.Tensor) -> Any:
-            matrix = _masked(matrix, ~dead_rows, ~dead_cols) if drop_constant else matrix
-            return matrix if keep else matrix.dense()
-
         fa, fb = self.a.scaled(ridge, -0.5)[-r:], self.b.scaled(ridge, -0.5)[-r:]
         ga, gb = self.a.scaled(ridge, 0.5)[-r:], self.b.scaled(ridge, 0.5)[-r:]
         c_out = self.a.scaled_null(ridge, 0.5) * self.b.scaled_null(ridge, -0.5)
@@ -193,13 +188,18 @@ class CCAProblem:
         live_out = ga[:, None] * P * fb[None, :]  # out's live block: Q_a live_out Q_b^T
         live_inp = gb[:, None] * P.T * fa[None, :]  # inp's: Q_b live_inp Q_a^T
         qa, qb = self.qa, self.qb
-        ones = torch.ones(n, dtype=torch.float64, device=qa.device)
-        out = finish(DiagonalPlusLowRank(c_out * ones, torch.cat([qa, p], 1),
-                                         torch.cat([qb @ live_out.T - c_out * qa, c_out * w], 1)),
-                     self.dead_a, self.dead_b)
-        inp = finish(DiagonalPlusLowRank(c_inp * ones, torch.cat([qb @ live_inp - c_inp * qa, c_inp * w], 1),
-                                         torch.cat([qa, p], 1)), self.dead_b, self.dead_a)
-        return out, inp
+        # what maps to or from a constant channel is dropped: out's rows and inp's columns of A's, out's
+        # columns and inp's rows of B's (see _drop_constant)
+        live_a = (~self.dead_a if drop_constant else torch.ones_like(self.dead_a)).to(qa.dtype)
+        live_b = (~self.dead_b if drop_constant else torch.ones_like(self.dead_b)).to(qa.dtype)
+        basis = torch.cat([qa, p], 1) * live_a[:, None]  # out's left factor and inp's right one: one tensor
+        out = DiagonalPlusLowRank(c_out * live_a * live_b, basis,
+                                  torch.cat([qb @ live_out.T - c_out * qa, c_out * w], 1) * live_b[:, None])
+        if not keep:
+            out = out.dense()
+        inp = DiagonalPlusLowRank(c_inp * live_b * live_a,
+                                  torch.cat([qb @ live_inp - c_inp * qa, c_inp * w], 1) * live_b[:, None], basis)
+        return (out, inp) if keep else (out, inp.dense())
 
 
 def _null_map(qa: torch.Tensor, qb: torch.Tensor, tol: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,15 +222,6 @@ def _null_map(qa: torch.Tensor, qb: torch.Tensor, tol: float = 1e-7) -> tuple[to
     a = (qa @ Y)[:, turned]
     p = ((qb @ Zh.T)[:, turned] - a * cos) / sin
     return p, p * (cos - 1.0) - a * sin
-
-
-def _masked(matrix: DiagonalPlusLowRank, rows: torch.Tensor, cols: torch.Tensor) -> DiagonalPlusLowRank:
-    """``diag(rows) matrix diag(cols)`` for boolean masks of the live channels: what :func:`_drop_constant`
-    does to a dense map, on the factors."""
-    if bool(rows.all() and cols.all()):
-        return matrix
-    r, c = rows.to(matrix.dtype), cols.to(matrix.dtype)
-    return DiagonalPlusLowRank(matrix.diagonal * r * c, matrix.left * r[:, None], matrix.right * c[:, None])
 
 
 def cca_transform(
