@@ -454,7 +454,7 @@ def test_a_merge_that_keeps_a_wide_space_as_samples_equals_the_one_from_its_gram
 
 
 def test_freed_cpu_memory_is_handed_back_before_each_merged_model_is_built(monkeypatch) -> None:
-    """Before a merged model's copy is made (each ridge candidate's and the final one) the memory that the
+    """Before a large merged model's copy is made (each ridge candidate's and the final one) the memory that the
     previous phase freed is returned to the system on a CPU (glibc's malloc_trim), never for another device."""
     import ccatoolkit._utils as utils
     import ccatoolkit.merging.combine as combine
@@ -468,11 +468,14 @@ def test_freed_cpu_memory_is_handed_back_before_each_merged_model_is_built(monke
 
     events: list[str] = []
     monkeypatch.setattr(combine, "release_free_memory", lambda device: events.append(f"release {device.type}"))
-    deepcopy = combine.copy.deepcopy
-    monkeypatch.setattr(combine.copy, "deepcopy", lambda obj, *a: events.append("copy") or deepcopy(obj, *a))
     torch.manual_seed(0)
     model, other = MLP(depth=2, width=12, in_shape=(6,)).eval(), MLP(depth=2, width=12, in_shape=(6,)).eval()
     data = [torch.randn(32, 6, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    merge([model, other], "cca", data, progress=False, ridge_grid=(1e-2, 1.0))
+    assert events == []  # a small model's merge holds too little to be worth it
+    monkeypatch.setattr(combine, "RELEASE_BEFORE_BYTES", 0)
+    deepcopy = combine.copy.deepcopy
+    monkeypatch.setattr(combine.copy, "deepcopy", lambda obj, *a: events.append("copy") or deepcopy(obj, *a))
     merge([model, other], "cca", data, progress=False, ridge_grid=(1e-2, 1.0))
     built = [i for i, e in enumerate(events) if e == "release cpu"]
     assert len(built) == 3  # two candidates and the final merge

@@ -120,6 +120,12 @@ def average_into(
                 value.div_(len(models))
 
 
+#: A merged model of at least this many bytes of state is built after the memory freed by the phase before is
+#: handed back to the system (:func:`~ccatoolkit._utils.release_free_memory`; a few ms per call, which a small
+#: model's merge, holding little, does not pay).
+RELEASE_BEFORE_BYTES = 64 << 20
+
+
 def merged_model(
     prepared: Prepared, transforms: Sequence[Transforms | None], plan: Restoration, targets: Targets | None, *,
     progress: bool, candidate_batches: int | None = None,
@@ -133,7 +139,8 @@ def merged_model(
     The merged model is corrected in place: a large model is never held twice.
     """
     reference = prepared.models[prepared.reference]
-    release_free_memory(model_device(reference))  # what the previous phase freed, before a model's worth is made
+    if sum(t.numel() * t.element_size() for t in reference.state_dict().values()) >= RELEASE_BEFORE_BYTES:
+        release_free_memory(model_device(reference))  # what the previous phase freed, before a model's worth is made
     merged = copy.deepcopy(reference)
     average_into(merged, prepared.sources, prepared.transform_graph, transforms)
     data, max_batches = prepared.data, prepared.max_batches
