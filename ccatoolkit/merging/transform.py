@@ -381,8 +381,7 @@ def _add_by_rows(tensor: torch.Tensor, steps: list[_Step], target: torch.Tensor,
         for block in blocks:
             if gathered:
                 part = mapped(tensor.index_select(0, row[2][0][block].to(tensor.device)), owned=True)
-                if not bool((row[2][1] == 1).all()):
-                    part = part * row[2][1][block].to(part).view(-1, *([1] * (part.dim() - 1)))
+                part = _scale_axis(part, row[0], row[2][1][block])  # (the block's own rows: a segment never comes here)
             else:
                 part = mapped(tensor[block], owned=False)
             add_into(target[block], part, first)
